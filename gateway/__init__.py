@@ -1,0 +1,3 @@
+"""MCP authorization gateway."""
+
+__version__ = "0.1.0"
