@@ -1,0 +1,245 @@
+"""Pytest-side launcher for the real MCP upstream in :mod:`tests.support.upstream_server`.
+
+Usage (a plain, synchronous context manager — works from sync or async tests and fixtures)::
+
+    with start_upstream("streamable-sse") as upstream:
+        upstream.mcp_url        # http://127.0.0.1:PORT/mcp  (or .../sse for the legacy transport)
+        upstream.reset(); upstream.recorded(); upstream.release("gate-1")
+
+``start_upstream`` launches the process and returns once it is listening; leaving the ``with`` block (or
+calling :meth:`RunningUpstream.stop`) terminates it.  For a session-scoped fixture, ``yield`` inside the
+``with``.
+
+Why synchronous: the upstream lives in another process, so the short blocking HTTP calls made by the
+helpers cannot deadlock an event loop that hosts the gateway or the MCP client.  Startup blocks for the
+time the child needs to print its ``LISTENING`` line (well under a second normally, 20 s at most).
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+from urllib.parse import quote
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+STARTUP_TIMEOUT_SECONDS = 20.0
+STOP_TIMEOUT_SECONDS = 5.0
+HTTP_TIMEOUT_SECONDS = 10.0
+_LISTENING = "LISTENING "
+# Loopback test hooks must never go through an environment-configured HTTP proxy.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class UpstreamStartError(RuntimeError):
+    """The upstream process exited or stayed silent instead of announcing its URL."""
+
+
+class RunningUpstream:
+    """A started upstream MCP server process and helpers for its ``/_test`` hooks.
+
+    Also a context manager: ``__exit__`` stops the process.
+    """
+
+    def __init__(
+        self,
+        transport: str,
+        process: subprocess.Popen[str],
+        base_url: str,
+        stderr_file: IO[bytes],
+        stdout_drain: threading.Thread,
+    ) -> None:
+        self.transport = transport
+        self.process = process
+        self.base_url = base_url
+        self._stderr_file = stderr_file
+        self._stdout_drain = stdout_drain
+
+    @property
+    def mcp_url(self) -> str:
+        """The URL an MCP client connects to: ``/mcp`` for Streamable HTTP, ``/sse`` for legacy SSE."""
+        return self.base_url + ("/sse" if self.transport == "sse" else "/mcp")
+
+    @property
+    def host_port(self) -> str:
+        """``host:port`` as the upstream expects to see it in the ``Host`` header."""
+        return self.base_url.split("://", 1)[1]
+
+    def recorded(self) -> list[dict[str, Any]]:
+        """Every JSON-RPC message the MCP endpoints received since the last reset, in arrival order.
+
+        Each entry is ``{"method": str | None, "name": str | None, "kind": "request" | "notification" |
+        "response" | "unparseable", "path": str}``; ``name`` is the tool/prompt name or the resource URI.
+        """
+        result = self._request("GET", "/_test/recorded")
+        assert isinstance(result, list)
+        return result
+
+    def recorded_methods(self) -> list[str]:
+        """Shorthand: just the method names of :meth:`recorded` (responses omitted)."""
+        return [entry["method"] for entry in self.recorded() if entry["method"] is not None]
+
+    def reset(self) -> None:
+        """Forget everything recorded so far."""
+        self._request("POST", "/_test/reset")
+
+    def release(self, gate: str) -> None:
+        """Let a ``gated_stream(gate=...)`` call finish (safe before the call starts waiting)."""
+        self._request("POST", "/_test/release/" + quote(gate, safe=""))
+
+    def stderr_text(self) -> str:
+        """What the upstream has logged so far — for assertion messages."""
+        return _read_all(self._stderr_file)
+
+    def stop(self) -> None:
+        """Terminate the process (SIGTERM, then SIGKILL after a bounded wait); idempotent."""
+        _stop_process(self.process)
+        self._stdout_drain.join(timeout=STOP_TIMEOUT_SECONDS)
+        self._stderr_file.close()
+
+    def __enter__(self) -> RunningUpstream:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _request(self, method: str, path: str) -> Any:
+        request = urllib.request.Request(
+            self.base_url + path, method=method, data=b"" if method == "POST" else None
+        )
+        with _OPENER.open(request, timeout=HTTP_TIMEOUT_SECONDS) as response:
+            body = response.read()
+        return json.loads(body) if body else None
+
+
+def start_upstream(
+    transport: str,
+    *,
+    host: str = "127.0.0.1",
+    stateless: bool = False,
+    startup_timeout: float = STARTUP_TIMEOUT_SECONDS,
+) -> RunningUpstream:
+    """Launch ``python -m tests.support.upstream_server`` and wait until it announces its URL.
+
+    Raises :class:`UpstreamStartError` (with the child's stderr) if it exits or does not announce
+    within ``startup_timeout`` seconds; the child is killed in that case.
+    """
+    command = [
+        sys.executable,
+        "-m",
+        "tests.support.upstream_server",
+        "--transport",
+        transport,
+        "--host",
+        host,
+    ]
+    command.append("--exit-on-stdin-eof")
+    if stateless:
+        command.append("--stateless")
+    # stderr goes to a file, not a pipe: nobody reads it while tests run, and a full pipe would block
+    # the upstream mid-request.
+    stderr_file = tempfile.TemporaryFile()
+    process = subprocess.Popen(
+        command,
+        cwd=REPO_ROOT,
+        stdin=subprocess.PIPE,  # closed by us (or by the OS if we die) -> the child exits
+        stdout=subprocess.PIPE,
+        stderr=stderr_file,
+        text=True,
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+    assert process.stdout is not None
+    drain = threading.Thread(target=_drain_lines, args=(process.stdout, lines), daemon=True)
+    drain.start()
+    try:
+        base_url = _wait_for_announcement(process, lines, stderr_file, startup_timeout)
+    except BaseException:
+        _stop_process(process)
+        drain.join(timeout=STOP_TIMEOUT_SECONDS)
+        stderr_file.close()
+        raise
+    return RunningUpstream(transport, process, base_url, stderr_file, drain)
+
+
+def _wait_for_announcement(
+    process: subprocess.Popen[str], lines: queue.Queue[str | None], stderr_file: IO[bytes], timeout: float
+) -> str:
+    """Return the URL from the child's ``LISTENING`` line, failing on exit, EOF or deadline."""
+    deadline = time.monotonic() + timeout
+    seen: list[str] = []
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise UpstreamStartError(
+                _describe(process, f"printed no LISTENING line within {timeout} s", seen, stderr_file)
+            )
+        try:
+            line = lines.get(timeout=remaining)
+        except queue.Empty:
+            continue  # the deadline check above reports it
+        if line is None:
+            process.wait(timeout=STOP_TIMEOUT_SECONDS)
+            raise UpstreamStartError(
+                _describe(process, f"exited with status {process.returncode}", seen, stderr_file)
+            )
+        if line.startswith(_LISTENING):
+            return line[len(_LISTENING) :].strip()
+        seen.append(line)
+
+
+def _drain_lines(stream: IO[str], lines: queue.Queue[str | None]) -> None:
+    """Forward stdout lines to the queue for the whole life of the child, then signal EOF with None.
+
+    Draining after the announcement too keeps a chatty child from ever blocking on a full pipe.
+    """
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+    stream.close()
+
+
+def _describe(
+    process: subprocess.Popen[str], what: str, stdout_lines: list[str], stderr_file: IO[bytes]
+) -> str:
+    return (
+        f"upstream {' '.join(map(str, process.args))!r} {what}\n"
+        f"--- stdout ---\n{''.join(stdout_lines)}--- stderr ---\n{_read_all(stderr_file)}"
+    )
+
+
+def _read_all(file: IO[bytes]) -> str:
+    file.flush()
+    position = file.tell()
+    file.seek(0)
+    data = file.read()
+    file.seek(position)
+    return data.decode(errors="replace")
+
+
+def _stop_process(process: subprocess.Popen[str]) -> None:
+    """SIGTERM, wait, then SIGKILL; closes our end of the child's stdin so it also exits on its own."""
+    if process.stdin is not None and not process.stdin.closed:
+        try:
+            process.stdin.close()
+        except OSError:
+            pass
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=STOP_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=STOP_TIMEOUT_SECONDS)
