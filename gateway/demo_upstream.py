@@ -153,9 +153,7 @@ def _call_add(arguments: JsonObject, _request: web.Request) -> JsonObject:
 def _call_whoami(_arguments: JsonObject, request: web.Request) -> JsonObject:
     report = describe_headers(request.headers)
     lines = [f"Authorization header: {report['authorization']}"]
-    lines += [f"{name}: {value}" for name, value in report["forwarded"].items()] or [
-        "no X-Forwarded-* headers"
-    ]
+    lines += [f"{name}: {value}" for name, value in report["forwarded"].items()] or ["no X-Forwarded-* headers"]
     return _text_result("\n".join(lines), report)
 
 
@@ -212,9 +210,7 @@ def _rpc_error(request_id: RequestId | None, code: int, message: str, *, status:
     return web.json_response(body, status=status)
 
 
-def _rpc_result(
-    request_id: RequestId, result: JsonObject, headers: Mapping[str, str] | None = None
-) -> web.Response:
+def _rpc_result(request_id: RequestId, result: JsonObject, headers: Mapping[str, str] | None = None) -> web.Response:
     return web.json_response({"jsonrpc": "2.0", "id": request_id, "result": result}, headers=headers)
 
 
@@ -247,18 +243,14 @@ async def _handle_post(request: web.Request) -> web.Response:
         return _rpc_error(None, PARSE_ERROR, "Parse error: body is not valid JSON", status=400)
     if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
         # Batches were removed in 2025-06-18; this server never accepted them.
-        return _rpc_error(
-            None, INVALID_REQUEST, "Invalid Request: expected one JSON-RPC 2.0 object", status=400
-        )
+        return _rpc_error(None, INVALID_REQUEST, "Invalid Request: expected one JSON-RPC 2.0 object", status=400)
 
     method = message.get("method")
     has_id = "id" in message
     if isinstance(method, str):
         is_request = has_id
         if is_request and not _valid_id(message["id"]):
-            return _rpc_error(
-                None, INVALID_REQUEST, "Invalid Request: id must be a string or integer", status=400
-            )
+            return _rpc_error(None, INVALID_REQUEST, "Invalid Request: id must be a string or integer", status=400)
     elif has_id and ("result" in message or "error" in message):
         is_request = False  # a response to a server request (this server sends none, but accept it)
     else:
@@ -268,9 +260,7 @@ async def _handle_post(request: web.Request) -> web.Response:
     request_id: RequestId | None = message["id"] if is_request else None
     params = message.get("params", {})
     if not isinstance(params, dict):
-        return _rpc_error(
-            request_id, INVALID_PARAMS, "params must be an object", status=400 if not is_request else 200
-        )
+        return _rpc_error(request_id, INVALID_PARAMS, "params must be an object", status=400 if not is_request else 200)
 
     if is_request and method == "initialize":
         assert request_id is not None
@@ -288,9 +278,7 @@ async def _handle_post(request: web.Request) -> web.Response:
 
     version = request.headers.get(PROTOCOL_VERSION_HEADER)
     if version is not None and version not in SUPPORTED_PROTOCOL_VERSIONS:
-        return _rpc_error(
-            None, INVALID_REQUEST, f"Bad Request: unsupported protocol version {version}", status=400
-        )
+        return _rpc_error(None, INVALID_REQUEST, f"Bad Request: unsupported protocol version {version}", status=400)
 
     if not is_request:
         return web.Response(status=202)  # notifications and responses: accepted, no body

@@ -457,9 +457,7 @@ class DevIdentityProvider:
         except Exception:
             # Never leak a traceback to the caller; the log gets the stack (no token values are in it,
             # since tokens are only ever held in local variables, not exception messages we build).
-            logger.exception(
-                "dev-idp: unexpected error handling %s %s", request.method, request.rel_url.raw_path
-            )
+            logger.exception("dev-idp: unexpected error handling %s %s", request.method, request.rel_url.raw_path)
             response = _error_response(_OAuthError("server_error", "internal error", status=500))
         # The raw (still percent-encoded) path cannot carry control characters to forge log lines.
         logger.info("dev-idp %s %s -> %d", request.method, request.rel_url.raw_path, response.status)
@@ -724,9 +722,7 @@ class DevIdentityProvider:
             ) from None
         aud = claims["aud"]
         if aud != client.client_id and aud != [client.client_id]:
-            raise _OAuthError(
-                "invalid_grant", "subject token audience does not match the authenticated client"
-            )
+            raise _OAuthError("invalid_grant", "subject token audience does not match the authenticated client")
         user = self._users_by_sub.get(claims["sub"]) if isinstance(claims["sub"], str) else None
         if user is None:
             raise _OAuthError("invalid_grant", "subject is not a known user")

@@ -1,0 +1,133 @@
+"""The ``mcp-gateway`` command: serve | check | demo | dev-idp.
+
+User errors (bad config, unusable key, busy port) end with one line on stderr and a non-zero exit
+status; tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from gateway import __version__
+from gateway.config import ConfigError, describe, load_config
+from gateway.oauth.keys import SigningKeyError
+
+log = logging.getLogger("gateway")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mcp-gateway", description="Enterprise-managed (ID-JAG) authorization gateway for MCP servers."
+    )
+    parser.add_argument("--version", action="version", version=f"mcp-gateway {__version__}")
+    parser.add_argument(
+        "--log-level", default=None, choices=["debug", "info", "warning", "error"], help="default info (demo: warning)"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", required=True, help="path to the YAML config")
+
+    check = commands.add_parser("check", help="validate a config and print the effective route table")
+    check.add_argument("--config", required=True, help="path to the YAML config")
+
+    demo = commands.add_parser("demo", help="run upstream + development IdP + gateway and the whole flow")
+    demo.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    demo.add_argument("--port", type=int, default=8080, help="gateway port (default 8080; 0 = any free port)")
+    demo.add_argument("--once", action="store_true", help="exit after the flow instead of serving")
+
+    idp = commands.add_parser("dev-idp", help="run the development IdP alone (NOT for production)")
+    idp.add_argument("--host", default="127.0.0.1")
+    idp.add_argument("--port", type=int, default=9000)
+    idp.add_argument("--issuer", default=None, help="issuer URL (default http://HOST:PORT)")
+    idp.add_argument("--algorithm", default="ES256", choices=["ES256", "RS256"])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    level = args.log_level or ("warning" if args.command == "demo" else "info")
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        if args.command == "check":
+            return _check(args.config)
+        if args.command == "serve":
+            return asyncio.run(_serve(args.config))
+        if args.command == "demo":
+            return asyncio.run(_demo(args.host, args.port, args.once))
+        return asyncio.run(_dev_idp(args.host, args.port, args.issuer, args.algorithm))
+    except (ConfigError, SigningKeyError) as exc:
+        print(f"mcp-gateway: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _check(path: str) -> int:
+    config = load_config(path)
+    describe(config, emit=print)
+    return 0
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def _serve(path: str) -> int:
+    from gateway.app import Gateway, start_gateway
+
+    config = load_config(path)
+    gateway = Gateway(config)
+    try:
+        runner, url = await start_gateway(gateway)
+    except OSError as exc:
+        print(
+            f"mcp-gateway: cannot listen on {config.listen_host}:{config.listen_port}: {exc.strerror}", file=sys.stderr
+        )
+        return 1
+    log.info("listening on %s; public URL %s; %d routes", url, config.public_url, len(config.routes))
+    try:
+        await _wait_for_signal()
+    finally:
+        log.info("shutting down")
+        await runner.cleanup()
+    return 0
+
+
+async def _demo(host: str, port: int, once: bool) -> int:
+    from gateway.demo import DemoFailed, run_demo
+
+    try:
+        await run_demo(host, port, once=once)
+    except DemoFailed as exc:
+        print(f"mcp-gateway demo: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _dev_idp(host: str, port: int, issuer: str | None, algorithm: str) -> int:
+    from gateway.devidp import DevIdentityProvider
+
+    idp = DevIdentityProvider(issuer=issuer, algorithm=algorithm)
+    try:
+        url = await idp.start(host, port)
+    except OSError as exc:
+        print(f"mcp-gateway: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
+        return 1
+    print(f"development IdP (NOT FOR PRODUCTION) at {url}; users alice, bob, carol; client demo-agent")
+    try:
+        await _wait_for_signal()
+    finally:
+        await idp.stop()
+    return 0

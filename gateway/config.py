@@ -1,0 +1,476 @@
+"""Typed gateway configuration, loaded from YAML and validated with key paths.
+
+The YAML key set is a public contract (see README "Configuration reference"). Every problem is
+reported as ``<file>: <key path>: <problem>`` so an operator can fix it without reading code, and
+unknown keys are errors: a typo such as ``alow_groups`` must never silently open a route to everyone.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from gateway.urls import canonical_url, origin_of
+
+TRANSPORTS = ("streamable-http", "sse")
+# python-jose implements these asymmetric JWS algorithms. HMAC is never accepted for IdP
+# assertions: an HS* header verified against a public JWKS is the classic key-confusion attack
+# (RFC 8725 §2.1, §3.1), and `none` is refused by EMA §7.4.1.
+ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512")
+DEFAULT_IDP_ALGORITHMS = ASYMMETRIC_ALGORITHMS
+# Paths the gateway serves itself; a route may not shadow them.
+RESERVED_PREFIXES = ("/.well-known", "/oauth2", "/healthz", "/readyz", "/metrics")
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_ROUTE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# Headers the proxy owns; letting config set them would defeat token stripping or forwarding rules.
+_FORBIDDEN_UPSTREAM_HEADERS = frozenset(
+    {"host", "authorization", "content-length", "transfer-encoding", "connection", "mcp-session-id"}
+)
+
+
+class ConfigError(Exception):
+    """A configuration problem, rendered as one line naming the file, key path and problem."""
+
+    def __init__(self, source: str, key: str, problem: str) -> None:
+        self.source = source
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{source}: {key}: {problem}" if key else f"{source}: {problem}")
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A secret string whose repr never shows the value, so it cannot leak through logs or ``check``."""
+
+    value: str = field(repr=False)
+
+    def __repr__(self) -> str:
+        return "Secret(***)"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    client_id: str
+    client_secret: Secret
+
+
+@dataclass(frozen=True)
+class IdentityProviderConfig:
+    issuer: str
+    jwks_uri: str | None = None
+    groups_claim: str = "groups"
+    algorithms: tuple[str, ...] = DEFAULT_IDP_ALGORITHMS
+    tenant: str | None = None
+
+
+@dataclass(frozen=True)
+class AuthorizationConfig:
+    issuer: str
+    identity_providers: tuple[IdentityProviderConfig, ...]
+    clients: tuple[ClientConfig, ...]
+    signing_key_file: str | None = None
+    access_token_ttl_seconds: int = 300
+    clock_skew_seconds: int = 60
+    max_assertion_lifetime_seconds: int = 600
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    name: str
+    path: str
+    upstream: str
+    resource: str
+    transport: str = "streamable-http"
+    allow_groups: tuple[str, ...] | None = None
+    scopes: tuple[str, ...] = ("mcp",)
+    upstream_headers: tuple[tuple[str, Secret], ...] = ()
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_request_bytes: int = 4 * 1024 * 1024
+    upstream_connect_timeout_seconds: float = 5.0
+    upstream_timeout_seconds: float = 300.0
+    stream_keepalive_seconds: float = 15.0
+    stream_idle_timeout_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    source: str
+    listen_host: str
+    listen_port: int
+    public_url: str
+    authorization: AuthorizationConfig
+    routes: tuple[RouteConfig, ...]
+    allowed_origins: tuple[str, ...]
+    limits: LimitsConfig = LimitsConfig()
+
+
+class _Node:
+    """A mapping being read, which remembers its key path and which keys were consumed."""
+
+    def __init__(self, source: str, path: str, data: Any) -> None:
+        if not isinstance(data, Mapping):
+            raise ConfigError(source, path or "(top level)", f"must be a mapping, got {_kind(data)}")
+        self.source = source
+        self.path = path
+        self.data = data
+        self.seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def error(self, name: str, problem: str) -> ConfigError:
+        return ConfigError(self.source, self.key(name), problem)
+
+    def raw(self, name: str) -> Any:
+        self.seen.add(name)
+        return self.data.get(name)
+
+    def string(self, name: str, default: str | None = None, *, required: bool = False) -> str | None:
+        value = self.raw(name)
+        if value is None:
+            if required:
+                raise self.error(name, "is required")
+            return default
+        if not isinstance(value, str) or not value.strip():
+            raise self.error(name, f"must be a non-empty string, got {_kind(value)}")
+        return self.expand(name, value)
+
+    def number(self, name: str, default: float, *, minimum: float, maximum: float, integer: bool = True) -> Any:
+        value = self.raw(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float) or (integer and not isinstance(value, int)):
+            raise self.error(name, f"must be {'an integer' if integer else 'a number'}, got {_kind(value)}")
+        if not minimum <= value <= maximum:
+            raise self.error(name, f"must be between {minimum:g} and {maximum:g}, got {value}")
+        return value
+
+    def string_list(self, name: str) -> tuple[str, ...] | None:
+        value = self.raw(name)
+        if value is None:
+            return None
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise self.error(name, "must be a list of non-empty strings")
+        return tuple(self.expand(name, v) for v in value)
+
+    def children(self, name: str, *, required: bool = False) -> list[_Node]:
+        value = self.raw(name)
+        if value is None:
+            if required:
+                raise self.error(name, "is required (a non-empty list)")
+            return []
+        if not isinstance(value, list) or (required and not value):
+            raise self.error(name, "must be a non-empty list")
+        return [_Node(self.source, f"{self.key(name)}[{i}]", item) for i, item in enumerate(value)]
+
+    def child(self, name: str) -> _Node:
+        value = self.raw(name)
+        return _Node(self.source, self.key(name), {} if value is None else value)
+
+    def expand(self, name: str, value: str) -> str:
+        """Expand ``${VAR}`` from the environment; an unset variable is an error, not an empty string."""
+
+        def substitute(match: re.Match[str]) -> str:
+            var = match.group(1)
+            if var not in os.environ:
+                raise self.error(name, f"environment variable {var} is not set")
+            return os.environ[var]
+
+        return _ENV_REF.sub(substitute, value)
+
+    def finish(self) -> None:
+        unknown = sorted(str(k) for k in self.data if k not in self.seen)
+        if unknown:
+            raise self.error(unknown[0], "unknown key (check the spelling; see the configuration reference)")
+
+
+def _kind(value: Any) -> str:
+    return "nothing" if value is None else type(value).__name__
+
+
+def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
+    """Read and validate a config file; raises ConfigError for every user-facing problem."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(source, "", f"cannot read file: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(source, "", f"invalid YAML: {where}{getattr(exc, 'problem', exc)}") from None
+    return parse_config(data, source=source, base_dir=Path(path).resolve().parent)
+
+
+def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None = None) -> GatewayConfig:
+    """Validate an already-parsed YAML document (used by tests and the demo)."""
+    root = _Node(source, "", data)
+    host, port = _parse_listen(root)
+    public_url = _url(root, "public_url", required=True)
+    assert public_url is not None
+    public_url = public_url.rstrip("/")
+    if urlsplit(public_url).path or urlsplit(public_url).query or urlsplit(public_url).fragment:
+        # Route resources, metadata and the token endpoint all hang off the origin.
+        raise root.error("public_url", "must be an origin like https://mcp.example.com (no path, query or fragment)")
+    origins = root.string_list("allowed_origins")
+    allowed_origins = tuple(_origin(root, o) for o in origins) if origins is not None else (origin_of(public_url),)
+    limits = _parse_limits(root.child("limits"))
+    authorization = _parse_authorization(root.child("authorization"), public_url, base_dir)
+    routes = _parse_routes(root, public_url)
+    root.finish()
+    return GatewayConfig(
+        source=source,
+        listen_host=host,
+        listen_port=port,
+        public_url=public_url,
+        authorization=authorization,
+        routes=routes,
+        allowed_origins=allowed_origins,
+        limits=limits,
+    )
+
+
+def _parse_listen(root: _Node) -> tuple[str, int]:
+    listen = root.string("listen", "0.0.0.0:8080")
+    assert listen is not None
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise root.error("listen", f"must be host:port, got {listen!r}")
+    return host.strip("[]"), int(port_text)
+
+
+def _url(node: _Node, name: str, *, required: bool = False) -> str | None:
+    value = node.string(name, required=required)
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise node.error(name, f"must be an absolute http(s) URL, got {value!r}")
+    return value
+
+
+def _origin(node: _Node, value: str) -> str:
+    parts = urlsplit(value)
+    if value == "*":
+        raise node.error("allowed_origins", "'*' is not allowed: list the origins of your MCP web clients")
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+        raise node.error("allowed_origins", f"must contain origins like https://app.example.com, got {value!r}")
+    return origin_of(value)
+
+
+def _parse_limits(node: _Node) -> LimitsConfig:
+    limits = LimitsConfig(
+        max_request_bytes=node.number("max_request_bytes", 4 * 1024 * 1024, minimum=1024, maximum=1 << 30),
+        upstream_connect_timeout_seconds=node.number(
+            "upstream_connect_timeout_seconds", 5.0, minimum=0.1, maximum=300, integer=False
+        ),
+        upstream_timeout_seconds=node.number(
+            "upstream_timeout_seconds", 300.0, minimum=1, maximum=86400, integer=False
+        ),
+        stream_keepalive_seconds=node.number("stream_keepalive_seconds", 15.0, minimum=0, maximum=3600, integer=False),
+        stream_idle_timeout_seconds=node.number(
+            "stream_idle_timeout_seconds", 0.0, minimum=0, maximum=86400, integer=False
+        ),
+    )
+    node.finish()
+    return limits
+
+
+def _parse_authorization(node: _Node, public_url: str, base_dir: Path | None) -> AuthorizationConfig:
+    issuer = (_url(node, "issuer") or public_url).rstrip("/")
+    if origin_of(issuer) != origin_of(public_url):
+        # The token endpoint lives on public_url, and MCP SDK clients refuse a token endpoint
+        # whose origin differs from the issuer's (mcp client identity_assertion.py).
+        raise node.error("issuer", "must have the same origin (scheme, host, port) as public_url")
+    signing_key_file = node.string("signing_key_file")
+    if signing_key_file is not None:
+        signing_key_file = str(_resolve(base_dir, signing_key_file))
+        if not Path(signing_key_file).is_file():
+            raise node.error("signing_key_file", f"file not found: {signing_key_file}")
+    config = AuthorizationConfig(
+        issuer=issuer,
+        signing_key_file=signing_key_file,
+        access_token_ttl_seconds=node.number("access_token_ttl_seconds", 300, minimum=30, maximum=3600),
+        clock_skew_seconds=node.number("clock_skew_seconds", 60, minimum=0, maximum=300),
+        max_assertion_lifetime_seconds=node.number("max_assertion_lifetime_seconds", 600, minimum=30, maximum=3600),
+        clients=_parse_clients(node, base_dir),
+        identity_providers=_parse_idps(node, issuer),
+    )
+    node.finish()
+    return config
+
+
+def _parse_clients(node: _Node, base_dir: Path | None) -> tuple[ClientConfig, ...]:
+    clients: list[ClientConfig] = []
+    for item in node.children("clients", required=True):
+        client_id = item.string("client_id", required=True)
+        assert client_id is not None
+        secret = item.string("client_secret")
+        secret_file = item.string("client_secret_file")
+        if (secret is None) == (secret_file is None):
+            raise item.error("client_secret", "set exactly one of client_secret or client_secret_file")
+        if secret_file is not None:
+            try:
+                secret = _resolve(base_dir, secret_file).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise item.error("client_secret_file", f"cannot read: {exc.strerror or exc}") from None
+        assert secret is not None
+        if len(secret) < 16:
+            raise item.error("client_secret", "must be at least 16 characters")
+        if any(c.client_id == client_id for c in clients):
+            raise item.error("client_id", f"duplicate client_id {client_id!r}")
+        item.finish()
+        clients.append(ClientConfig(client_id=client_id, client_secret=Secret(secret)))
+    return tuple(clients)
+
+
+def _parse_idps(node: _Node, own_issuer: str) -> tuple[IdentityProviderConfig, ...]:
+    idps: list[IdentityProviderConfig] = []
+    for item in node.children("identity_providers", required=True):
+        issuer = _url(item, "issuer", required=True)
+        assert issuer is not None
+        if issuer.rstrip("/") == own_issuer:
+            # ID-JAG draft "Cross-Domain Use": an AS must not redeem assertions it issued itself.
+            raise item.error("issuer", "must not be the gateway's own issuer")
+        if any(i.issuer == issuer for i in idps):
+            raise item.error("issuer", f"duplicate identity provider {issuer!r}")
+        algorithms = item.string_list("algorithms") or DEFAULT_IDP_ALGORITHMS
+        for alg in algorithms:
+            if alg not in ASYMMETRIC_ALGORITHMS:
+                raise item.error(
+                    "algorithms", f"{alg!r} is not allowed; choose from {', '.join(ASYMMETRIC_ALGORITHMS)}"
+                )
+        groups_claim = item.string("groups_claim", "groups")
+        assert groups_claim is not None
+        idps.append(
+            IdentityProviderConfig(
+                issuer=issuer,
+                jwks_uri=_url(item, "jwks_uri"),
+                groups_claim=groups_claim,
+                algorithms=algorithms,
+                tenant=item.string("tenant"),
+            )
+        )
+        item.finish()
+    return tuple(idps)
+
+
+def _parse_routes(root: _Node, public_url: str) -> tuple[RouteConfig, ...]:
+    routes: list[RouteConfig] = []
+    for item in root.children("routes", required=True):
+        routes.append(_parse_route(item, public_url, routes))
+    return tuple(routes)
+
+
+def _parse_route(item: _Node, public_url: str, earlier: list[RouteConfig]) -> RouteConfig:
+    name = item.string("name", required=True)
+    assert name is not None
+    if not _ROUTE_NAME.match(name):
+        raise item.error("name", "must be lowercase letters, digits, '-' or '_' (it is used as a metric label)")
+    path = item.string("path", required=True)
+    assert path is not None
+    _check_path(item, path)
+    upstream = _url(item, "upstream", required=True)
+    assert upstream is not None
+    if urlsplit(upstream).query or urlsplit(upstream).fragment:
+        raise item.error("upstream", "must not have a query or fragment")
+    transport = item.string("transport", "streamable-http")
+    if transport not in TRANSPORTS:
+        raise item.error("transport", f"must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
+    scopes = item.string_list("scopes") or ("mcp",)
+    for scope in scopes:
+        if " " in scope or '"' in scope or "\\" in scope:
+            raise item.error("scopes", f"invalid scope token {scope!r} (RFC 6749 §3.3)")
+    for other in earlier:
+        if other.name == name:
+            raise item.error("name", f"duplicate route name {name!r}")
+        if _overlaps(other.path, path):
+            raise item.error("path", f"{path!r} overlaps route {other.name!r} ({other.path!r})")
+    route = RouteConfig(
+        name=name,
+        path=path,
+        upstream=upstream.rstrip("/"),
+        resource=canonical_url(public_url + path),
+        transport=transport,
+        allow_groups=item.string_list("allow_groups"),
+        scopes=scopes,
+        upstream_headers=_parse_upstream_headers(item.child("upstream_headers")),
+    )
+    item.finish()
+    return route
+
+
+def _check_path(item: _Node, path: str) -> None:
+    if not path.startswith("/") or path == "/" or path.endswith("/"):
+        raise item.error("path", f"must start with '/', not end with '/', and not be '/', got {path!r}")
+    if any(c in path for c in "?#%") or "//" in path or "/../" in path + "/" or "/./" in path + "/":
+        raise item.error("path", f"must be a plain path without '?', '#', '%', '//' or dot segments, got {path!r}")
+    for reserved in RESERVED_PREFIXES:
+        if _overlaps(reserved, path):
+            raise item.error("path", f"{path!r} collides with the gateway's own {reserved} endpoints")
+
+
+def _overlaps(a: str, b: str) -> bool:
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+
+def _parse_upstream_headers(node: _Node) -> tuple[tuple[str, Secret], ...]:
+    headers: list[tuple[str, Secret]] = []
+    for name in list(node.data):
+        if not isinstance(name, str) or not _HEADER_NAME.match(name):
+            raise node.error(str(name), "is not a valid HTTP header name")
+        if name.lower() in _FORBIDDEN_UPSTREAM_HEADERS:
+            raise node.error(name, "is managed by the gateway and cannot be set")
+        value = node.string(name, required=True)
+        assert value is not None
+        if "\r" in value or "\n" in value:
+            raise node.error(name, "must not contain line breaks")
+        headers.append((name, Secret(value)))
+    node.finish()
+    return tuple(headers)
+
+
+def _resolve(base_dir: Path | None, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() or base_dir is None else base_dir / path
+
+
+def describe(config: GatewayConfig, *, emit: Callable[[str], None]) -> None:
+    """Print the effective configuration for ``mcp-gateway check``; secrets are never shown."""
+    auth = config.authorization
+    emit(f"config: {config.source} (valid)")
+    emit(f"listen: {config.listen_host}:{config.listen_port}")
+    emit(f"public_url: {config.public_url}")
+    emit(f"issuer: {auth.issuer}")
+    emit(f"signing key: {auth.signing_key_file or 'EPHEMERAL (tokens die with the process; set signing_key_file)'}")
+    emit(f"access token ttl: {auth.access_token_ttl_seconds}s")
+    emit("clients: " + ", ".join(c.client_id for c in auth.clients))
+    for idp in auth.identity_providers:
+        emit(
+            f"identity provider: {idp.issuer} jwks={idp.jwks_uri or '(discovered)'} "
+            f"groups_claim={idp.groups_claim} algorithms={','.join(idp.algorithms)}"
+        )
+    emit(f"allowed origins: {', '.join(config.allowed_origins)}")
+    emit("routes:")
+    for route in config.routes:
+        groups = ", ".join(route.allow_groups) if route.allow_groups is not None else "any authenticated user"
+        extra = f" headers={','.join(n for n, _ in route.upstream_headers)}" if route.upstream_headers else ""
+        emit(
+            f"  {route.name}: {route.path} -> {route.upstream} [{route.transport}] "
+            f"resource={route.resource} scopes={' '.join(route.scopes)} groups={groups}{extra}"
+        )

@@ -1,0 +1,134 @@
+"""Gateway-issued access tokens (RFC 9068 JWT profile) and their validation on every request.
+
+EMA §5.1: the token "MUST be audience-restricted to the MCP Server identified by the resource claim";
+MCP authorization "Token Handling": servers MUST validate that tokens were issued for them (RFC 8707
+§2). Valid results are cached by a hash of the token until they expire, so the hot path does a
+dictionary lookup instead of a signature check; the audience is compared on every hit, so a token
+for one route is refused on every other route even when cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cachetools import TTLCache
+from jose import jws
+from jose.exceptions import JOSEError
+
+from gateway.oauth.idjag import Grant
+from gateway.oauth.keys import SigningKey
+
+ACCESS_TOKEN_TYP = "at+jwt"
+
+
+class InvalidToken(Exception):
+    """RFC 6750 §3.1 ``invalid_token``: the description is safe to return to the client."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling, as established by a valid access token."""
+
+    subject: str
+    client_id: str
+    idp_issuer: str
+    audience: str
+    scopes: tuple[str, ...]
+    groups: tuple[str, ...]
+    expires_at: float
+    token_id: str
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    access_token: str
+    expires_in: int
+    scope: str
+    token_id: str
+
+
+class AccessTokenService:
+    def __init__(
+        self,
+        key: SigningKey,
+        issuer: str,
+        ttl_seconds: int,
+        *,
+        cache_size: int = 100_000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._key = key
+        self._issuer = issuer
+        self._ttl = ttl_seconds
+        self._clock = clock
+        self._cache: TTLCache[bytes, Principal] = TTLCache(maxsize=cache_size, ttl=ttl_seconds)
+
+    def issue(self, grant: Grant) -> IssuedToken:
+        now = int(self._clock())
+        token_id = secrets.token_urlsafe(16)
+        claims = {
+            "iss": self._issuer,
+            "sub": grant.subject,
+            "aud": grant.route.resource,
+            "client_id": grant.client_id,
+            "scope": " ".join(grant.scopes),
+            "groups": list(grant.groups),
+            "idp": grant.idp_issuer,
+            "jti": token_id,
+            "iat": now,
+            "exp": now + self._ttl,
+        }
+        token = jws.sign(
+            json.dumps(claims, separators=(",", ":")).encode(),
+            self._key.private,
+            headers={"kid": self._key.kid, "typ": ACCESS_TOKEN_TYP},
+            algorithm=self._key.algorithm,
+        )
+        return IssuedToken(token, self._ttl, claims["scope"], token_id)
+
+    def verify(self, token: str, resource: str) -> Principal:
+        digest = hashlib.sha256(token.encode()).digest()
+        principal = self._cache.get(digest)
+        if principal is None:
+            principal = self._verify_uncached(token)
+            self._cache[digest] = principal
+        if principal.expires_at <= self._clock():
+            raise InvalidToken("the access token has expired")
+        if principal.audience != resource:
+            raise InvalidToken("the access token was not issued for this resource")
+        return principal
+
+    def _verify_uncached(self, token: str) -> Principal:
+        try:
+            header = jws.get_unverified_header(token)
+        except (JOSEError, ValueError, TypeError):
+            raise InvalidToken("the access token is malformed") from None
+        # RFC 9068 §4: check typ, so an IdP's ID-JAG or ID token is never accepted as a bearer token.
+        if header.get("typ") != ACCESS_TOKEN_TYP or header.get("alg") != self._key.algorithm:
+            raise InvalidToken("the access token was not issued by this gateway")
+        if header.get("kid") != self._key.kid:
+            raise InvalidToken("the access token was signed with an unknown key")
+        try:
+            claims = json.loads(jws.verify(token, self._key.public, algorithms=[self._key.algorithm]))
+        except (JOSEError, ValueError):
+            raise InvalidToken("the access token signature is invalid") from None
+        if not isinstance(claims, dict) or claims.get("iss") != self._issuer:
+            raise InvalidToken("the access token was not issued by this gateway")
+        try:
+            return Principal(
+                subject=str(claims["sub"]),
+                client_id=str(claims["client_id"]),
+                idp_issuer=str(claims.get("idp", "")),
+                audience=str(claims["aud"]),
+                scopes=tuple(str(claims.get("scope", "")).split()),
+                groups=tuple(str(g) for g in claims.get("groups", [])),
+                expires_at=float(claims["exp"]),
+                token_id=str(claims["jti"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            raise InvalidToken("the access token is malformed") from None

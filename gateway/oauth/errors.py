@@ -1,0 +1,80 @@
+"""OAuth 2.0 error responses (RFC 6749 §5.2), one class per registered error code.
+
+Every refusal at the token endpoint is one of these; ``reason`` is a short, bounded code (never
+attacker-controlled text) used for metrics and the audit trail, while ``description`` is the
+human-readable ``error_description`` returned to the authenticated client.
+"""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+
+class OAuthError(Exception):
+    error = "invalid_request"
+    status = 400
+
+    def __init__(self, description: str, *, reason: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(description)
+        self.description = description
+        self.reason = reason or self.error
+        self.headers = headers or {}
+
+    def to_response(self) -> web.Response:
+        body = {"error": self.error, "error_description": self.description}
+        return web.Response(
+            status=self.status,
+            text=json.dumps(body),
+            content_type="application/json",
+            headers={**NO_STORE, **self.headers},
+        )
+
+
+class InvalidRequest(OAuthError):
+    error = "invalid_request"
+
+
+class InvalidClient(OAuthError):
+    """RFC 6749 §5.2: 401, with ``WWW-Authenticate`` naming the scheme the client used (or Basic)."""
+
+    error = "invalid_client"
+    status = 401
+
+    def __init__(self, description: str, *, reason: str | None = None) -> None:
+        super().__init__(description, reason=reason, headers={"WWW-Authenticate": 'Basic realm="token"'})
+
+
+class InvalidGrant(OAuthError):
+    error = "invalid_grant"
+
+
+class UnauthorizedClient(OAuthError):
+    error = "unauthorized_client"
+
+
+class UnsupportedGrantType(OAuthError):
+    error = "unsupported_grant_type"
+
+
+class InvalidScope(OAuthError):
+    error = "invalid_scope"
+
+
+class InvalidTarget(OAuthError):
+    """RFC 8707 §2: the requested resource is unknown or not allowed for this grant."""
+
+    error = "invalid_target"
+
+
+class TemporarilyUnavailable(OAuthError):
+    """The IdP's keys cannot be had right now; 503 tells clients to retry rather than give up."""
+
+    error = "temporarily_unavailable"
+    status = 503
+
+    def __init__(self, description: str, *, reason: str | None = None) -> None:
+        super().__init__(description, reason=reason, headers={"Retry-After": "5"})

@@ -1,0 +1,301 @@
+"""Validation of Identity Assertion JWT Authorization Grants (ID-JAGs) at the resource AS.
+
+Sources: draft-ietf-oauth-identity-assertion-authz-grant "Access Token Request -> Processing Rules"
+(which applies RFC 7521 §5.2 and RFC 7523 §3), and the MCP Enterprise-Managed Authorization profile
+(EMA §5.1, §7.2.1, §7.4, §7.6.2), digested rule by rule in SPEC.md §2.2. Each rule is one method
+named after it, so "where is the jti checked?" is answered by searching ``_check_jti``.
+Every assertion failure is ``invalid_grant`` (RFC 7523 §3.1); a bad ``resource`` *parameter* is
+``invalid_target`` (RFC 8707 §2) and an unsatisfiable ``scope`` parameter ``invalid_scope``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from jose import jws
+from jose.exceptions import JOSEError
+
+from gateway.config import ASYMMETRIC_ALGORITHMS, AuthorizationConfig, IdentityProviderConfig, RouteConfig
+from gateway.oauth.errors import InvalidGrant, InvalidScope, InvalidTarget, TemporarilyUnavailable
+from gateway.oauth.jwks import KeyRing, KeyUnavailable
+from gateway.oauth.replay import ReplayStore
+from gateway.routes import RouteTable
+from gateway.urls import canonical_url
+
+ID_JAG_TYP = "oauth-id-jag+jwt"
+_MAX_ASSERTION_BYTES = 16 * 1024
+_MAX_JTI_LENGTH = 256
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What a valid ID-JAG entitles its client to: one route, some scopes, as one user."""
+
+    subject: str
+    idp_issuer: str
+    client_id: str
+    route: RouteConfig
+    scopes: tuple[str, ...]
+    groups: tuple[str, ...]
+    assertion_jti: str
+    email: str | None = None
+
+
+class IdJagValidator:
+    def __init__(
+        self,
+        config: AuthorizationConfig,
+        routes: RouteTable,
+        keys: KeyRing,
+        replay: ReplayStore,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._config = config
+        self._routes = routes
+        self._keys = keys
+        self._replay = replay
+        self._clock = clock
+        self._idps = {idp.issuer: idp for idp in config.identity_providers}
+
+    async def validate(self, assertion: str, *, client_id: str, resource: str | None, scope: str | None) -> Grant:
+        header = self._parse_header(assertion)
+        self._check_typ(header)
+        alg = self._check_algorithm(header, ASYMMETRIC_ALGORITHMS)
+        idp = self._check_trusted_issuer(self._unverified_claims(assertion))
+        self._check_algorithm(header, idp.algorithms)
+        claims = await self._check_signature(assertion, header, alg, idp)
+        now = self._clock()
+        self._check_audience(claims)
+        self._check_client_id(claims, client_id)
+        subject = self._check_subject(claims)
+        self._check_times(claims, now)
+        jti = self._check_jti(claims)
+        self._check_no_confirmation(claims)
+        self._check_tenant(claims, idp)
+        route = self._check_resource(claims, resource)
+        groups = self._groups(claims, idp)
+        self._check_groups(route, groups)
+        scopes = self._check_scope(claims, route, scope)
+        # Last: an assertion that fails any other rule must not consume its jti.
+        await self._check_replay(idp, jti, float(claims["exp"]))
+        email = claims.get("email") if isinstance(claims.get("email"), str) else None
+        return Grant(subject, idp.issuer, client_id, route, scopes, groups, jti, email)
+
+    # -- structure ------------------------------------------------------------------------
+
+    def _parse_header(self, assertion: str) -> dict[str, Any]:
+        """RFC 7523 §2.1: exactly one JWT. A JWE (5 parts) is refused: we hold no decryption key
+        (EMA §7.4.3 allows encryption only *to* the AS, which we do not configure)."""
+        if len(assertion) > _MAX_ASSERTION_BYTES:
+            raise InvalidGrant("assertion is too large", reason="malformed")
+        parts = assertion.count(".")
+        if parts == 4:
+            raise InvalidGrant("encrypted assertions (JWE) are not supported", reason="malformed")
+        if parts != 2:
+            raise InvalidGrant("assertion is not a compact JWS", reason="malformed")
+        try:
+            header = jws.get_unverified_header(assertion)
+        except (JOSEError, ValueError, TypeError):
+            raise InvalidGrant("assertion header is malformed", reason="malformed") from None
+        if not isinstance(header, dict):
+            raise InvalidGrant("assertion header is malformed", reason="malformed")
+        if "crit" in header:
+            # RFC 7515 §4.1.11: unknown critical extensions must make the JWS invalid.
+            raise InvalidGrant("critical header extensions are not supported", reason="malformed")
+        return header
+
+    def _unverified_claims(self, assertion: str) -> dict[str, Any]:
+        try:
+            claims = json.loads(jws.get_unverified_claims(assertion))
+        except (JOSEError, ValueError, TypeError):
+            raise InvalidGrant("assertion claims are not a JSON object", reason="malformed") from None
+        if not isinstance(claims, dict):
+            raise InvalidGrant("assertion claims are not a JSON object", reason="malformed")
+        return claims
+
+    def _check_typ(self, header: dict[str, Any]) -> None:
+        """Draft "Processing Rules" + RFC 8725 §3.11: explicit typing stops an ID token or an
+        access token from being replayed as an ID-JAG."""
+        if header.get("typ") != ID_JAG_TYP:
+            raise InvalidGrant(f"assertion typ must be {ID_JAG_TYP}", reason="typ")
+
+    def _check_algorithm(self, header: dict[str, Any], allowed: tuple[str, ...]) -> str:
+        """EMA §7.4.1: an explicit allow-list, never ``none``; HMAC is never in it (RFC 8725 §3.1)."""
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in allowed:
+            raise InvalidGrant("assertion algorithm is not allowed", reason="algorithm")
+        return alg
+
+    # -- issuer and signature --------------------------------------------------------------
+
+    def _check_trusted_issuer(self, claims: dict[str, Any]) -> IdentityProviderConfig:
+        """Draft: the AS "MUST be configured to recognize" each trusted issuer."""
+        iss = claims.get("iss")
+        idp = self._idps.get(iss) if isinstance(iss, str) else None
+        if idp is None:
+            raise InvalidGrant("assertion issuer is not a trusted identity provider", reason="issuer")
+        return idp
+
+    async def _check_signature(
+        self, assertion: str, header: dict[str, Any], alg: str, idp: IdentityProviderConfig
+    ) -> dict[str, Any]:
+        """EMA §7.4.1: verify with a trusted key of the issuing IdP, found by ``kid``."""
+        key_set = self._keys.for_issuer(idp.issuer)
+        assert key_set is not None
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise InvalidGrant("assertion kid is malformed", reason="malformed")
+        try:
+            key = await key_set.get_key(kid, alg)
+        except KeyUnavailable as exc:
+            if exc.unreachable:
+                raise TemporarilyUnavailable(
+                    "the identity provider's keys are unavailable; retry later", reason="jwks_unavailable"
+                ) from None
+            raise InvalidGrant("assertion is signed with an unknown key", reason="signature") from None
+        try:
+            payload = jws.verify(assertion, key, algorithms=[alg])
+        except JOSEError:
+            raise InvalidGrant("assertion signature is invalid", reason="signature") from None
+        claims = json.loads(payload)
+        if claims.get("iss") != idp.issuer:
+            raise InvalidGrant("assertion issuer is not a trusted identity provider", reason="issuer")
+        return claims
+
+    # -- claims ----------------------------------------------------------------------------
+
+    def _check_audience(self, claims: dict[str, Any]) -> None:
+        """Draft: ``aud`` is our issuer, as a string or a one-element array; EMA §7.6.2. One
+        trailing slash is tolerated for interop (SPEC §9.4)."""
+        aud = claims.get("aud")
+        if isinstance(aud, list):
+            if len(aud) != 1:
+                raise InvalidGrant("assertion aud must name exactly one audience", reason="audience")
+            aud = aud[0]
+        issuer = self._config.issuer
+        if not isinstance(aud, str) or aud not in (issuer, issuer + "/"):
+            raise InvalidGrant("assertion aud is not this authorization server", reason="audience")
+
+    def _check_client_id(self, claims: dict[str, Any], client_id: str) -> None:
+        """Draft: the ``client_id`` claim must equal the authenticated client, else invalid_grant."""
+        if claims.get("client_id") != client_id:
+            raise InvalidGrant("assertion client_id does not match the authenticated client", reason="client_id")
+
+    def _check_subject(self, claims: dict[str, Any]) -> str:
+        """RFC 7523 §3 item 2; EMA §7.4.1."""
+        sub = claims.get("sub")
+        if not isinstance(sub, str) or not sub:
+            raise InvalidGrant("assertion has no subject", reason="subject")
+        return sub
+
+    def _check_times(self, claims: dict[str, Any], now: float) -> None:
+        """EMA §7.4.2 validity window with minimal skew; RFC 7523 §3 items 4-6; ID-JAGs "MUST be
+        short-lived", so a lifetime above ``max_assertion_lifetime_seconds`` is refused."""
+        skew = self._config.clock_skew_seconds
+        exp, iat, nbf = claims.get("exp"), claims.get("iat"), claims.get("nbf")
+        if not _is_number(exp):
+            raise InvalidGrant("assertion has no valid exp", reason="expired")
+        if not _is_number(iat):
+            raise InvalidGrant("assertion has no valid iat", reason="issued_at")
+        if now > exp + skew:
+            raise InvalidGrant("assertion has expired", reason="expired")
+        if iat > now + skew:
+            raise InvalidGrant("assertion is issued in the future", reason="issued_at")
+        if nbf is not None and (not _is_number(nbf) or nbf > now + skew):
+            raise InvalidGrant("assertion is not yet valid", reason="not_before")
+        if exp - iat > self._config.max_assertion_lifetime_seconds:
+            raise InvalidGrant("assertion lifetime exceeds the allowed maximum", reason="lifetime")
+
+    def _check_jti(self, claims: dict[str, Any]) -> str:
+        """The draft makes ``jti`` REQUIRED and EMA §7.4.2 requires replay detection on it."""
+        jti = claims.get("jti")
+        if not isinstance(jti, str) or not jti or len(jti) > _MAX_JTI_LENGTH:
+            raise InvalidGrant("assertion has no valid jti", reason="jti")
+        return jti
+
+    def _check_no_confirmation(self, claims: dict[str, Any]) -> None:
+        """Draft "Sender Constraining Tokens": a ``cnf``-bound ID-JAG needs a DPoP proof. DPoP is
+        not implemented yet (SPEC §9.6), so such assertions are refused rather than unbound."""
+        if "cnf" in claims:
+            raise InvalidGrant("sender-constrained (cnf) assertions are not supported", reason="cnf")
+
+    def _check_tenant(self, claims: dict[str, Any], idp: IdentityProviderConfig) -> None:
+        """Draft "Tenant Relationships": for a multi-tenant IdP, the tenant is part of the subject."""
+        if idp.tenant is not None and claims.get("tenant") != idp.tenant:
+            raise InvalidGrant("assertion tenant is not the configured tenant", reason="tenant")
+
+    def _check_resource(self, claims: dict[str, Any], requested: str | None) -> RouteConfig:
+        """EMA §7.6.2 + RFC 8707 §2, with the binding policy of SPEC §9.1."""
+        raw = claims.get("resource")
+        if raw is None:
+            resources: list[str] = []
+        elif isinstance(raw, str):
+            resources = [raw]
+        elif isinstance(raw, list) and raw and all(isinstance(r, str) for r in raw):
+            resources = raw
+        else:
+            raise InvalidGrant("assertion resource claim is malformed", reason="resource")
+        routes = [self._routes.for_resource(r) for r in resources]
+        if any(r is None for r in routes):
+            raise InvalidGrant("assertion names a resource this gateway does not serve", reason="resource")
+        if requested is not None:
+            requested_route = self._routes.for_resource(requested)
+            if requested_route is None:
+                raise InvalidTarget("the requested resource is not served here", reason="resource")
+            if resources and canonical_url(requested) not in {canonical_url(r) for r in resources}:
+                raise InvalidTarget("the requested resource is not granted by the assertion", reason="resource")
+            return requested_route
+        distinct = {r.name: r for r in routes if r is not None}
+        if len(distinct) == 1:
+            return next(iter(distinct.values()))
+        if not resources and len(self._routes) == 1:
+            return next(iter(self._routes))
+        raise InvalidTarget("specify the resource parameter: the target route is ambiguous", reason="resource")
+
+    def _groups(self, claims: dict[str, Any], idp: IdentityProviderConfig) -> tuple[str, ...]:
+        value = claims.get(idp.groups_claim)
+        if isinstance(value, str):
+            return (value,)
+        if isinstance(value, list):
+            return tuple(g for g in value if isinstance(g, str))
+        return ()
+
+    def _check_groups(self, route: RouteConfig, groups: tuple[str, ...]) -> None:
+        """Route ``allow_groups``: access follows IdP group membership (no consent screen)."""
+        if route.allow_groups is not None and not set(route.allow_groups) & set(groups):
+            raise InvalidGrant("the user is not in a group allowed on this resource", reason="group")
+
+    def _check_scope(self, claims: dict[str, Any], route: RouteConfig, requested: str | None) -> tuple[str, ...]:
+        """SPEC §9.2: granted = ID-JAG scopes ∩ route scopes ∩ requested scopes; never more than the
+        ID-JAG (EMA §7.2.1). An ID-JAG scope with nothing valid here is a mismatch (EMA §7.6.2)."""
+        raw = claims.get("scope")
+        if raw is None:
+            base = route.scopes
+        elif isinstance(raw, str):
+            granted_by_idp = set(raw.split())
+            base = tuple(s for s in route.scopes if s in granted_by_idp)
+            if not base:
+                raise InvalidGrant("assertion scope grants nothing on this resource", reason="scope")
+        else:
+            raise InvalidGrant("assertion scope claim is malformed", reason="scope")
+        if requested is None or not requested.strip():
+            return base
+        wanted = set(requested.split())
+        narrowed = tuple(s for s in base if s in wanted)
+        if not narrowed:
+            raise InvalidScope("none of the requested scopes can be granted", reason="scope")
+        return narrowed
+
+    async def _check_replay(self, idp: IdentityProviderConfig, jti: str, exp: float) -> None:
+        """EMA §7.4.2 / SPEC §9.3: single use until exp (+ skew), keyed by (iss, jti)."""
+        if not await self._replay.first_use(f"{idp.issuer}\x00{jti}", exp + self._config.clock_skew_seconds):
+            raise InvalidGrant("assertion has already been used", reason="replay")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)

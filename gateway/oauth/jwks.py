@@ -1,0 +1,208 @@
+"""Trusted IdPs' signing keys: discovered, fetched, cached, and refreshed on rotation.
+
+EMA §7.4.1: the authorization server "MUST verify the JWS signature using a trusted key for the
+issuing IdP" and "MUST handle key rotation safely (for example, using ``kid``)". Keys are fetched
+once and reused; an unknown ``kid`` triggers at most one refetch per ``min_refresh_seconds`` (so a
+flood of forged ``kid`` values cannot turn the gateway into a traffic amplifier against the IdP);
+and keys already held keep working while the IdP is unreachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from cachetools import LRUCache
+from jose import jwk
+from jose.backends.base import Key
+from jose.exceptions import JWKError
+
+from gateway.config import IdentityProviderConfig
+
+log = logging.getLogger(__name__)
+
+# JWS "alg" family -> JWK "kty" (RFC 7518 §3.1, §6.1). Checking it stops a key of one type being
+# used with an algorithm of another (key confusion, RFC 8725 §2.1).
+_KTY_FOR_ALG = {"RS": "RSA", "PS": "RSA", "ES": "EC"}
+_MAX_DOCUMENT_BYTES = 256 * 1024
+
+
+class KeyUnavailable(Exception):
+    """No usable key: ``unreachable`` says the IdP could not be asked (retryable) rather than
+    that it answered without the key (the assertion is bad)."""
+
+    def __init__(self, message: str, *, unreachable: bool) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable
+
+
+@dataclass
+class JwksFetchResult:
+    issuer: str
+    ok: bool
+    key_count: int
+
+
+class IdpKeySet:
+    """One IdP's JWKS, held in memory and refreshed lazily."""
+
+    def __init__(
+        self,
+        idp: IdentityProviderConfig,
+        session: aiohttp.ClientSession,
+        *,
+        max_age_seconds: float = 3600,
+        min_refresh_seconds: float = 30,
+        timeout_seconds: float = 5,
+    ) -> None:
+        self.idp = idp
+        self._session = session
+        self._max_age = max_age_seconds
+        self._min_refresh = min_refresh_seconds
+        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
+        self._jwks_uri = idp.jwks_uri
+        self._keys: list[dict[str, Any]] = []
+        self._constructed: LRUCache[tuple[str | None, str], Key] = LRUCache(maxsize=64)
+        self.fetched_at: float | None = None
+        self._last_attempt = float("-inf")
+        self._lock = asyncio.Lock()
+        self.last_error: str | None = None
+
+    @property
+    def has_keys(self) -> bool:
+        return self.fetched_at is not None
+
+    async def get_key(self, kid: str | None, alg: str) -> Key:
+        """The verification key for a JWS header; refreshes when stale or the ``kid`` is unknown."""
+        stale = self.fetched_at is None or time.monotonic() - self.fetched_at > self._max_age
+        if stale:
+            await self.refresh()
+        found = self._find(kid, alg)
+        if found is None and not stale:
+            await self.refresh()
+            found = self._find(kid, alg)
+        if found is None:
+            if not self.has_keys:
+                raise KeyUnavailable(f"keys of {self.idp.issuer} could not be fetched", unreachable=True)
+            raise KeyUnavailable(f"no key {kid!r} for {alg} in the JWKS of {self.idp.issuer}", unreachable=False)
+        cache_key = (found.get("kid"), alg)
+        key = self._constructed.get(cache_key)
+        if key is None:
+            try:
+                key = jwk.construct(found, alg)
+            except (JWKError, ValueError, TypeError) as exc:
+                raise KeyUnavailable(f"unusable key {kid!r}: {exc}", unreachable=False) from None
+            self._constructed[cache_key] = key
+        return key
+
+    def _find(self, kid: str | None, alg: str) -> dict[str, Any] | None:
+        kty = _KTY_FOR_ALG.get(alg[:2])
+        candidates = [
+            k
+            for k in self._keys
+            if k.get("kty") == kty
+            and k.get("use", "sig") == "sig"
+            and k.get("alg", alg) == alg
+            and (kid is None or k.get("kid") == kid)
+        ]
+        # Without a kid the choice is only unambiguous when exactly one key fits.
+        if kid is None and len(candidates) != 1:
+            return None
+        return candidates[0] if candidates else None
+
+    async def refresh(self, *, force: bool = False) -> JwksFetchResult:
+        """Fetch the JWKS (single-flight, rate-limited); on failure keep the keys already held."""
+        async with self._lock:
+            now = time.monotonic()
+            if not force and now - self._last_attempt < self._min_refresh:
+                return JwksFetchResult(self.idp.issuer, self.has_keys, len(self._keys))
+            self._last_attempt = now
+            try:
+                if self._jwks_uri is None:
+                    self._jwks_uri = await self._discover_jwks_uri()
+                document = await self._get_json(self._jwks_uri)
+                keys = document.get("keys") if isinstance(document, dict) else None
+                if not isinstance(keys, list) or not all(isinstance(k, dict) for k in keys):
+                    raise ValueError("JWKS document has no 'keys' list")
+            except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+                self.last_error = _describe(exc)
+                log.warning(
+                    "JWKS refresh for %s failed: %s (keeping %d cached keys)",
+                    self.idp.issuer,
+                    self.last_error,
+                    len(self._keys),
+                )
+                return JwksFetchResult(self.idp.issuer, False, len(self._keys))
+            self._keys = keys
+            self._constructed.clear()
+            self.fetched_at = time.monotonic()
+            self.last_error = None
+            log.info("fetched %d keys for %s", len(keys), self.idp.issuer)
+            return JwksFetchResult(self.idp.issuer, True, len(keys))
+
+    async def _discover_jwks_uri(self) -> str:
+        """OIDC Discovery §4 (issuer + path) first, then RFC 8414 §3 (path inserted after well-known)."""
+        issuer = self.idp.issuer.rstrip("/")
+        parts = urlsplit(issuer)
+        candidates = [
+            f"{issuer}/.well-known/openid-configuration",
+            f"{parts.scheme}://{parts.netloc}/.well-known/oauth-authorization-server{parts.path}",
+        ]
+        last: Exception | None = None
+        for url in candidates:
+            try:
+                metadata = await self._get_json(url)
+            except (aiohttp.ClientResponseError, ValueError) as exc:
+                last = exc
+                continue
+            if not isinstance(metadata, dict) or metadata.get("issuer", "").rstrip("/") != issuer:
+                # RFC 8414 §3.3: metadata whose issuer differs must not be used (mix-up defence).
+                last = ValueError(f"metadata at {url} names a different issuer")
+                continue
+            jwks_uri = metadata.get("jwks_uri")
+            if isinstance(jwks_uri, str) and jwks_uri.startswith(("https://", "http://")):
+                return jwks_uri
+            last = ValueError(f"metadata at {url} has no jwks_uri")
+        raise ValueError(f"cannot discover jwks_uri: {_describe(last) if last else 'no metadata'}")
+
+    async def _get_json(self, url: str) -> Any:
+        async with self._session.get(url, timeout=self._timeout, allow_redirects=False) as response:
+            response.raise_for_status()
+            body = await response.content.read(_MAX_DOCUMENT_BYTES + 1)
+            if len(body) > _MAX_DOCUMENT_BYTES:
+                raise ValueError(f"document at {url} is too large")
+            try:
+                return json.loads(body)
+            except ValueError:
+                raise ValueError(f"document at {url} is not JSON") from None
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"HTTP {exc.status} from {exc.request_info.real_url}"
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    return str(exc) or type(exc).__name__
+
+
+class KeyRing:
+    """All trusted IdPs' key sets, by issuer."""
+
+    def __init__(self, idps: tuple[IdentityProviderConfig, ...], session: aiohttp.ClientSession) -> None:
+        self.sets = {idp.issuer: IdpKeySet(idp, session) for idp in idps}
+
+    def for_issuer(self, issuer: str) -> IdpKeySet | None:
+        return self.sets.get(issuer)
+
+    async def prefetch(self) -> list[JwksFetchResult]:
+        return await asyncio.gather(*(s.refresh(force=True) for s in self.sets.values()))
+
+    @property
+    def ready(self) -> bool:
+        return all(s.has_keys for s in self.sets.values())

@@ -1,0 +1,91 @@
+"""Discovery documents: RFC 8414 authorization-server metadata and RFC 9728 protected-resource
+metadata, plus the gateway's JWKS and the (refusing) authorization endpoint.
+
+MCP authorization requires RFC 9728 on the resource side and RFC 8414 or OIDC discovery on the AS
+side. ``authorization_endpoint``, ``response_types_supported`` and ``code_challenge_methods_supported``
+are published although no authorization-code flow exists, because both official SDKs' metadata
+parsers require them (SPEC §3.5, §9.5).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from gateway.config import GatewayConfig, RouteConfig
+from gateway.oauth.keys import SigningKey
+from gateway.oauth.token_endpoint import JWT_BEARER
+
+ID_JAG_PROFILE = "urn:ietf:params:oauth:grant-profile:id-jag"
+TOKEN_PATH = "/oauth2/token"
+AUTHORIZE_PATH = "/oauth2/authorize"
+JWKS_PATH = "/oauth2/jwks"
+PRM_PREFIX = "/.well-known/oauth-protected-resource"
+# CORS for discovery (browser-based MCP clients fetch these cross-origin; they carry no secrets).
+DISCOVERY_CORS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "GET, OPTIONS",
+    "Access-Control-Allow-Headers": "MCP-Protocol-Version, Content-Type",
+}
+
+
+def authorization_server_metadata(config: GatewayConfig) -> dict[str, Any]:
+    base = config.public_url
+    scopes = sorted({s for r in config.routes for s in r.scopes})
+    return {
+        "issuer": config.authorization.issuer,
+        "authorization_endpoint": base + AUTHORIZE_PATH,
+        "token_endpoint": base + TOKEN_PATH,
+        "jwks_uri": base + JWKS_PATH,
+        "scopes_supported": scopes,
+        "response_types_supported": ["code"],
+        "grant_types_supported": [JWT_BEARER],
+        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+        "code_challenge_methods_supported": ["S256"],
+        "authorization_grant_profiles_supported": [ID_JAG_PROFILE],
+    }
+
+
+def metadata_paths(issuer: str) -> list[str]:
+    """RFC 8414 §3 path insertion, plus the OIDC Discovery forms clients also try."""
+    path = urlsplit(issuer).path.rstrip("/")
+    paths = {
+        f"/.well-known/oauth-authorization-server{path}",
+        f"/.well-known/openid-configuration{path}",
+        f"{path}/.well-known/openid-configuration",
+    }
+    return sorted(paths)
+
+
+def protected_resource_metadata(route: RouteConfig, issuer: str) -> dict[str, Any]:
+    """RFC 9728 §2; zero-valued parameters are omitted (§3.2)."""
+    return {
+        "resource": route.resource,
+        "authorization_servers": [issuer],
+        "scopes_supported": list(route.scopes),
+        "bearer_methods_supported": ["header"],
+        "resource_name": route.name,
+    }
+
+
+def prm_url(config: GatewayConfig, route: RouteConfig) -> str:
+    return config.public_url + PRM_PREFIX + route.path
+
+
+def jwks_document(keys: list[SigningKey]) -> dict[str, Any]:
+    return {"keys": [k.public_jwk for k in keys]}
+
+
+def authorize_refusal(request: web.Request) -> web.Response:
+    """SPEC §9.5: there is no browser flow; enterprise-managed clients use the ID-JAG grant."""
+    return web.json_response(
+        {
+            "error": "unsupported_response_type",
+            "error_description": "this authorization server accepts only the ID-JAG jwt-bearer grant "
+            "(urn:ietf:params:oauth:grant-type:jwt-bearer) at its token endpoint",
+        },
+        status=400,
+        headers={"Cache-Control": "no-store"},
+    )

@@ -1,0 +1,123 @@
+"""The token endpoint: RFC 7523 jwt-bearer grant carrying an ID-JAG (SEP-990 leg 3).
+
+Order of checks: the form must parse, then the client must authenticate (so unauthenticated callers
+learn nothing about assertions, SPEC §2.3), then the grant type and the single assertion, then every
+ID-JAG rule (``IdJagValidator``). Responses follow RFC 6749 §5.1/§5.2 with ``Cache-Control: no-store``;
+no refresh token is issued (draft "Refresh Token": SHOULD NOT).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import parse_qsl
+
+from aiohttp import web
+from multidict import MultiDict, MultiDictProxy
+
+from gateway.http import BodyTooLarge, read_limited
+from gateway.oauth.access_token import AccessTokenService
+from gateway.oauth.client_auth import ClientAuthenticator
+from gateway.oauth.errors import NO_STORE, InvalidRequest, OAuthError, UnsupportedGrantType
+from gateway.oauth.idjag import Grant, IdJagValidator
+
+log = logging.getLogger(__name__)
+
+JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+_MAX_FORM_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class GrantOutcome:
+    """One decision of the token endpoint, for logs, metrics and (later) the audit trail."""
+
+    client_id: str | None
+    grant: Grant | None
+    error: OAuthError | None
+
+
+class TokenEndpoint:
+    def __init__(
+        self,
+        clients: ClientAuthenticator,
+        validator: IdJagValidator,
+        tokens: AccessTokenService,
+        *,
+        on_outcome: Callable[[GrantOutcome], None] | None = None,
+    ) -> None:
+        self._clients = clients
+        self._validator = validator
+        self._tokens = tokens
+        self._on_outcome = on_outcome
+
+    async def handle(self, request: web.Request) -> web.Response:
+        client_id: str | None = None
+        try:
+            form = await self._read_form(request)
+            client_id = self._clients.authenticate(request.headers.get("Authorization"), form)
+            assertion = self._assertion(form)
+            grant = await self._validator.validate(
+                assertion,
+                client_id=client_id,
+                resource=_optional(form, "resource"),
+                scope=_optional(form, "scope"),
+            )
+        except OAuthError as error:
+            self._report(GrantOutcome(client_id, None, error))
+            log.info("token request refused: client=%s error=%s reason=%s", client_id, error.error, error.reason)
+            return error.to_response()
+        issued = self._tokens.issue(grant)
+        self._report(GrantOutcome(client_id, grant, None))
+        log.info(
+            "access token issued: client=%s sub=%s idp=%s route=%s scope=%r token_id=%s",
+            client_id,
+            grant.subject,
+            grant.idp_issuer,
+            grant.route.name,
+            issued.scope,
+            issued.token_id,
+        )
+        body = {
+            "access_token": issued.access_token,
+            "token_type": "Bearer",
+            "expires_in": issued.expires_in,
+            "scope": issued.scope,
+            "resource": grant.route.resource,
+        }
+        return web.Response(text=json.dumps(body), content_type="application/json", headers=NO_STORE)
+
+    async def _read_form(self, request: web.Request) -> MultiDictProxy[str]:
+        if request.content_type != "application/x-www-form-urlencoded":
+            raise InvalidRequest("the body must be application/x-www-form-urlencoded")
+        try:
+            body = await read_limited(request, _MAX_FORM_BYTES)
+            pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+        except BodyTooLarge:
+            raise InvalidRequest("the request body is too large") from None
+        except UnicodeDecodeError:
+            raise InvalidRequest("the request body is not UTF-8") from None
+        return MultiDictProxy(MultiDict(pairs))
+
+    def _assertion(self, form: MultiDictProxy[str]) -> str:
+        grant_types = form.getall("grant_type", [])
+        if len(grant_types) != 1:
+            raise InvalidRequest("exactly one grant_type is required")
+        if grant_types[0] != JWT_BEARER:
+            raise UnsupportedGrantType(f"only {JWT_BEARER} is supported")
+        assertions = form.getall("assertion", [])
+        if len(assertions) != 1 or not assertions[0]:
+            raise InvalidRequest("exactly one assertion is required (RFC 7523 §2.1)")
+        return assertions[0]
+
+    def _report(self, outcome: GrantOutcome) -> None:
+        if self._on_outcome is not None:
+            self._on_outcome(outcome)
+
+
+def _optional(form: MultiDictProxy[str], name: str) -> str | None:
+    values = form.getall(name, [])
+    if len(values) > 1:
+        raise InvalidRequest(f"parameter {name} is repeated")
+    return values[0] if values and values[0] else None

@@ -1,0 +1,222 @@
+"""Forwarding one client request to its route's upstream and streaming the answer back.
+
+Streaming rules (MCP Streamable HTTP; SPEC §5.4): ``text/event-stream`` responses are relayed event by
+event as they arrive, with no total timeout; idle streams get SSE comment keep-alives so load
+balancers do not cut them, and an optional idle limit. JSON responses are relayed as they arrive too,
+except when the gateway must rewrite a result (then the bounded JSON body is read whole). A client
+that disconnects cancels the handler (aiohttp ``handler_cancellation``), which closes the upstream
+connection, so the upstream sees the cancellation the 2026-07-28 transport requires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+from aiohttp import web
+
+from gateway.config import LimitsConfig, RouteConfig
+from gateway.proxy.headers import client_response_headers, upstream_request_headers
+from gateway.proxy.jsonrpc import ResultRewriter
+from gateway.proxy.sse import EventSplitter, EventTooLarge, parse_event
+
+log = logging.getLogger(__name__)
+
+KEEPALIVE = b": keep-alive\n\n"
+_MAX_REWRITE_BYTES = 16 * 1024 * 1024
+# JSON-RPC implementation-defined server errors (JSON-RPC 2.0 §5.1, -32000..-32099).
+UPSTREAM_UNAVAILABLE = -32010
+UPSTREAM_TIMEOUT = -32011
+UPSTREAM_PROTOCOL = -32012
+
+
+def jsonrpc_error(status: int, code: int, message: str, request_id: Any = None, **headers: str) -> web.Response:
+    body = {"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}}
+    return web.Response(status=status, text=json.dumps(body), content_type="application/json", headers=headers)
+
+
+@dataclass(frozen=True)
+class ForwardRequest:
+    route: RouteConfig
+    rest: str
+    body: bytes | None
+    rewriter: ResultRewriter
+    request_id: Any = None
+    extra_headers: tuple[tuple[str, str], ...] = ()
+
+
+class Upstream:
+    """One pooled client session per route (keep-alive connections are reused across requests)."""
+
+    def __init__(self, route: RouteConfig, limits: LimitsConfig, public_scheme: str) -> None:
+        self.route = route
+        self._limits = limits
+        self._public_scheme = public_scheme
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=60),
+                auto_decompress=False,
+                # Streams have no total timeout; the header wait and body reads are bounded below.
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._limits.upstream_connect_timeout_seconds),
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def forward(self, request: web.Request, fwd: ForwardRequest) -> web.StreamResponse:
+        route = fwd.route
+        url = route.upstream + fwd.rest
+        if request.query_string:
+            url += "?" + request.query_string
+        headers = upstream_request_headers(request, route, self._public_scheme)
+        limits = self._limits
+        try:
+            upstream = await asyncio.wait_for(
+                self.session().request(request.method, url, headers=headers, data=fwd.body, allow_redirects=False),
+                timeout=limits.upstream_timeout_seconds,
+            )
+        except TimeoutError:
+            log.warning("route %s: upstream did not answer within %ss", route.name, limits.upstream_timeout_seconds)
+            return jsonrpc_error(504, UPSTREAM_TIMEOUT, f"upstream of route '{route.name}' timed out", fwd.request_id)
+        except (aiohttp.ClientError, OSError) as exc:
+            log.warning("route %s: upstream unreachable: %s", route.name, type(exc).__name__)
+            return jsonrpc_error(
+                502, UPSTREAM_UNAVAILABLE, f"upstream of route '{route.name}' is unreachable", fwd.request_id
+            )
+        try:
+            content_type = upstream.headers.get("Content-Type", "")
+            if content_type.startswith("text/event-stream"):
+                return await self._relay_events(request, upstream, fwd)
+            return await self._relay_body(request, upstream, fwd)
+        finally:
+            upstream.close()
+
+    async def _relay_body(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, fwd: ForwardRequest
+    ) -> web.StreamResponse:
+        timeout = self._limits.upstream_timeout_seconds
+        if fwd.rewriter and upstream.headers.get("Content-Type", "").startswith("application/json"):
+            try:
+                body = await asyncio.wait_for(upstream.content.read(_MAX_REWRITE_BYTES + 1), timeout)
+                while not upstream.content.at_eof() and len(body) <= _MAX_REWRITE_BYTES:
+                    body += await asyncio.wait_for(upstream.content.read(_MAX_REWRITE_BYTES + 1), timeout)
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                return self._broken(fwd, exc)
+            if len(body) <= _MAX_REWRITE_BYTES:
+                body = fwd.rewriter.rewrite_json(body)
+            headers = client_response_headers(upstream.headers, fwd.extra_headers)
+            return web.Response(status=upstream.status, body=body, headers=headers)
+        response = web.StreamResponse(
+            status=upstream.status, headers=client_response_headers(upstream.headers, fwd.extra_headers)
+        )
+        if upstream.content_length is not None and "Content-Encoding" not in upstream.headers:
+            response.content_length = upstream.content_length
+        await response.prepare(request)
+        try:
+            while True:
+                chunk = await asyncio.wait_for(upstream.content.readany(), timeout)
+                if not chunk:
+                    break
+                await response.write(chunk)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            # Headers are already sent: all we can do is end the response early.
+            log.warning("route %s: upstream body failed mid-response: %s", fwd.route.name, type(exc).__name__)
+            return response
+        await response.write_eof()
+        return response
+
+    async def _relay_events(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, fwd: ForwardRequest
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(
+            status=upstream.status,
+            headers=client_response_headers(upstream.headers, (*fwd.extra_headers, ("X-Accel-Buffering", "no"))),
+        )
+        response.headers.setdefault("Cache-Control", "no-cache")
+        await response.prepare(request)
+        splitter = EventSplitter()
+        rewrite_endpoint = fwd.route.transport == "sse"
+        keepalive = self._limits.stream_keepalive_seconds or None
+        idle_limit = self._limits.stream_idle_timeout_seconds or None
+        wait = min(t for t in (keepalive, idle_limit) if t) if (keepalive or idle_limit) else None
+        idle = 0.0
+        try:
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(upstream.content.readany(), wait)
+                except TimeoutError:
+                    assert wait is not None
+                    idle += wait
+                    if idle_limit and idle >= idle_limit:
+                        log.info("route %s: closing stream idle for %.0fs", fwd.route.name, idle)
+                        break
+                    if keepalive:
+                        await response.write(KEEPALIVE)
+                    continue
+                if not chunk:
+                    break
+                idle = 0.0
+                for event in splitter.feed(chunk):
+                    if rewrite_endpoint:
+                        event = self._rewrite_endpoint(event, request, fwd)
+                    if fwd.rewriter:
+                        event = fwd.rewriter.rewrite_event(event)
+                    await response.write(event)
+            rest = splitter.rest()
+            if rest:
+                await response.write(rest)
+        except (aiohttp.ClientError, EventTooLarge) as exc:
+            log.warning("route %s: upstream stream ended abnormally: %s", fwd.route.name, type(exc).__name__)
+            return response
+        await response.write_eof()
+        return response
+
+    def _rewrite_endpoint(self, raw: bytes, request: web.Request, fwd: ForwardRequest) -> bytes:
+        """HTTP+SSE (2024-11-05): the ``endpoint`` event tells the client where to POST. The
+        upstream names its own URL; the client must post back through the gateway instead."""
+        if b"endpoint" not in raw:
+            return raw
+        event = parse_event(raw)
+        if event.event != "endpoint":
+            return raw
+        upstream_sse_url = fwd.route.upstream + fwd.rest
+        target = urljoin(upstream_sse_url, event.data.strip())
+        base = fwd.route.upstream
+        base_path = urlsplit(base).path
+        parts = urlsplit(target)
+        if f"{parts.scheme}://{parts.netloc}" != _origin(base) or not (
+            parts.path == base_path or parts.path.startswith(base_path.rstrip("/") + "/") or not base_path
+        ):
+            log.warning("route %s: endpoint event points outside the upstream; passed unchanged", fwd.route.name)
+            return raw
+        rest = parts.path[len(base_path.rstrip("/")) :]
+        event.data = fwd.route.path + rest + (f"?{parts.query}" if parts.query else "")
+        return event.encode()
+
+    def _broken(self, fwd: ForwardRequest, exc: BaseException) -> web.Response:
+        if isinstance(exc, TimeoutError):
+            return jsonrpc_error(
+                504, UPSTREAM_TIMEOUT, f"upstream of route '{fwd.route.name}' timed out", fwd.request_id
+            )
+        return jsonrpc_error(
+            502,
+            UPSTREAM_PROTOCOL,
+            f"upstream of route '{fwd.route.name}' failed mid-response",
+            fwd.request_id,
+        )
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"

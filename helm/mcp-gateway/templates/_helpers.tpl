@@ -1,0 +1,115 @@
+{{/* Chart name, truncated to the 63-character DNS label limit. */}}
+{{- define "mcp-gateway.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Release-qualified name; the release name alone when it already contains the chart name. */}}
+{{- define "mcp-gateway.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "mcp-gateway.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels that never change for the life of a release: used in selectors. */}}
+{{- define "mcp-gateway.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "mcp-gateway.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "mcp-gateway.labels" -}}
+helm.sh/chart: {{ include "mcp-gateway.chart" . }}
+{{ include "mcp-gateway.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/component: gateway
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "mcp-gateway.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "mcp-gateway.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "mcp-gateway.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* Fixed in-container paths; the Dockerfile's CMD uses the same config path. */}}
+{{- define "mcp-gateway.configPath" -}}/etc/mcp-gateway/config.yaml{{- end }}
+{{- define "mcp-gateway.signingKeyDir" -}}/etc/mcp-gateway/signing-key{{- end }}
+{{- define "mcp-gateway.signingKeyPath" -}}/etc/mcp-gateway/signing-key/signing-key.pem{{- end }}
+
+{{/* The port serving /metrics: metrics.port, or the main HTTP port when it is unset. */}}
+{{- define "mcp-gateway.metricsPort" -}}
+{{- if .Values.metrics.port }}{{ int .Values.metrics.port }}{{ else }}{{ int .Values.containerPort }}{{ end }}
+{{- end }}
+
+{{/* "true" when metrics are served on their own port, else empty. */}}
+{{- define "mcp-gateway.separateMetricsPort" -}}
+{{- if ne (include "mcp-gateway.metricsPort" .) (toString (int .Values.containerPort)) }}true{{ end }}
+{{- end }}
+
+{{/* The named container/Service port that serves /metrics. */}}
+{{- define "mcp-gateway.metricsPortName" -}}
+{{- if include "mcp-gateway.separateMetricsPort" . }}metrics{{ else }}http{{ end }}
+{{- end }}
+
+{{/*
+The gateway configuration file. The chart owns the keys that must agree with the pod spec:
+`listen` (the container port), `metrics_listen` (only when metrics have their own port) and, when
+signingKey.existingSecret is set, authorization.signing_key_file (the mounted Secret).
+*/}}
+{{- define "mcp-gateway.config" -}}
+{{- $config := deepCopy (.Values.config | default dict) }}
+{{- $_ := set $config "listen" (printf "0.0.0.0:%d" (int .Values.containerPort)) }}
+{{- if include "mcp-gateway.separateMetricsPort" . }}
+{{- $_ := set $config "metrics_listen" (printf "0.0.0.0:%s" (include "mcp-gateway.metricsPort" .)) }}
+{{- else }}
+{{- $_ := unset $config "metrics_listen" }}
+{{- end }}
+{{- if .Values.signingKey.existingSecret }}
+{{- $authorization := deepCopy (get $config "authorization" | default dict) }}
+{{- $_ := set $authorization "signing_key_file" (include "mcp-gateway.signingKeyPath" .) }}
+{{- $_ := set $config "authorization" $authorization }}
+{{- end }}
+{{- toYaml $config }}
+{{- end }}
+
+{{/* True when tokens are signed with a key shared by every pod (chart-mounted or user-mounted). */}}
+{{- define "mcp-gateway.hasSharedSigningKey" -}}
+{{- $authorization := get (.Values.config | default dict) "authorization" | default dict }}
+{{- if or .Values.signingKey.existingSecret (get $authorization "signing_key_file") }}true{{ end }}
+{{- end }}
+
+{{/* Environment variable names the pod defines, for the NOTES check of ${VAR} references. */}}
+{{- define "mcp-gateway.envNames" -}}
+{{- range $name, $_ := .Values.clientSecrets.env }}{{ $name }} {{ end }}
+{{- range .Values.extraEnv }}{{ .name }} {{ end }}
+{{- end }}
+
+{{/* Fail rendering on combinations that would deploy a gateway that cannot work. */}}
+{{- define "mcp-gateway.validate" -}}
+{{- if and (or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1)) (not (include "mcp-gateway.hasSharedSigningKey" .)) }}
+{{- fail "signingKey.existingSecret is required with more than one replica (replicaCount > 1 or autoscaling.enabled): without a shared key each pod signs tokens the other pods reject" }}
+{{- end }}
+{{- if and .Values.clientSecrets.env (not .Values.clientSecrets.existingSecret) }}
+{{- fail "clientSecrets.existingSecret is required when clientSecrets.env is set" }}
+{{- end }}
+{{- end }}
