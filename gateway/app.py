@@ -37,6 +37,9 @@ from gateway.routes import RouteTable
 
 log = logging.getLogger("gateway")
 
+REQUEST_ID = web.RequestKey("request_id", str)
+PRINCIPAL = web.RequestKey("principal", object)
+
 FORWARDED_METHODS = frozenset({"GET", "POST", "DELETE"})
 INVALID_REQUEST = -32600
 FORBIDDEN = -32003
@@ -126,7 +129,7 @@ class Gateway:
     async def _request_id_and_errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
         """Every response carries X-Request-Id; no exception ever reaches a client as a traceback."""
         request_id = uuid.uuid4().hex
-        request["request_id"] = request_id
+        request[REQUEST_ID] = request_id
         started = time.monotonic()
         try:
             response = await handler(request)
@@ -229,14 +232,14 @@ class Gateway:
                 return jsonrpc_error(413, INVALID_REQUEST, "request body too large", **cors)
         messages = parse_body(body) if body else None
         request_id = next((m.id for m in messages or () if m.is_request), None)
-        request["principal"] = principal
+        request[PRINCIPAL] = principal
         fwd = ForwardRequest(
             route=route,
             rest=rest,
             body=body,
             rewriter=rewriter_for(messages),
             request_id=request_id,
-            extra_headers=(*cors.items(), ("X-Request-Id", request["request_id"])),
+            extra_headers=(*cors.items(), ("X-Request-Id", request[REQUEST_ID])),
         )
         response = await self.upstreams[route.name].forward(request, fwd)
         if not response.prepared:

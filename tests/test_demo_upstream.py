@@ -200,9 +200,7 @@ async def test_unknown_methods_are_method_not_found(demo_url: str, http: aiohttp
         "error": {"code": -32601, "message": "Method not found: server/discover"},
     }
     session = await open_session(http, demo_url)
-    status, _, body = await post(
-        http, demo_url, {"jsonrpc": "2.0", "id": 3, "method": "resources/list"}, session
-    )
+    status, _, body = await post(http, demo_url, {"jsonrpc": "2.0", "id": 3, "method": "resources/list"}, session)
     assert status == 200
     assert body["error"]["code"] == -32601
 

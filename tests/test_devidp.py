@@ -127,9 +127,7 @@ def assert_oauth_error(status: int, body: dict[str, Any], error: str, expected_s
 # ------------------------------------------------------------------------------------------- discovery
 
 
-@pytest.mark.parametrize(
-    "path", ["/.well-known/openid-configuration", "/.well-known/oauth-authorization-server"]
-)
+@pytest.mark.parametrize("path", ["/.well-known/openid-configuration", "/.well-known/oauth-authorization-server"])
 async def test_discovery_documents_have_fields_required_by_oidc_rfc8414_and_mcp_sdks(
     http: aiohttp.ClientSession, idp: DevIdentityProvider, path: str
 ) -> None:
@@ -221,9 +219,7 @@ async def test_password_grant_returns_id_token_audienced_to_the_authenticated_cl
     assert claims["groups"] == ["engineering", "support"]
 
 
-@pytest.mark.parametrize(
-    ("username", "password"), [("alice", "wrong"), ("alice", "bob-password"), ("mallory", "x")]
-)
+@pytest.mark.parametrize(("username", "password"), [("alice", "wrong"), ("alice", "bob-password"), ("mallory", "x")])
 async def test_password_grant_with_bad_user_credentials_is_invalid_grant(
     http: aiohttp.ClientSession, es_idp: DevIdentityProvider, username: str, password: str
 ) -> None:
@@ -349,9 +345,7 @@ async def test_full_flow_password_login_then_token_exchange(
 
 
 @pytest.mark.parametrize("auth", ["basic", "post"])
-@pytest.mark.parametrize(
-    "client", [(AGENT_ID, "wrong-secret"), ("no-such-client", AGENT_SECRET), (AGENT_ID, "")]
-)
+@pytest.mark.parametrize("client", [(AGENT_ID, "wrong-secret"), ("no-such-client", AGENT_SECRET), (AGENT_ID, "")])
 async def test_bad_client_credentials_give_401_invalid_client_with_basic_challenge(
     http: aiohttp.ClientSession, es_idp: DevIdentityProvider, auth: str, client: tuple[str, str]
 ) -> None:
@@ -374,9 +368,7 @@ async def test_client_id_without_secret_is_rejected_because_public_clients_are_n
     http: aiohttp.ClientSession, es_idp: DevIdentityProvider
 ) -> None:
     id_token = es_idp.issue_id_token("alice", AGENT_ID)
-    status, body, _ = await post_token(
-        http, es_idp, {**exchange_form(id_token), "client_id": AGENT_ID}, client=None
-    )
+    status, body, _ = await post_token(http, es_idp, {**exchange_form(id_token), "client_id": AGENT_ID}, client=None)
     assert_oauth_error(status, body, "invalid_client", 401)
 
 
@@ -430,9 +422,7 @@ async def test_id_token_issued_to_another_client_is_invalid_grant(
     assert_oauth_error(status, body, "invalid_grant")
 
 
-async def test_expired_id_token_is_invalid_grant(
-    http: aiohttp.ClientSession, es_idp: DevIdentityProvider
-) -> None:
+async def test_expired_id_token_is_invalid_grant(http: aiohttp.ClientSession, es_idp: DevIdentityProvider) -> None:
     now = int(time.time())
     expired = es_idp.sign(
         {"iss": es_idp.issuer, "sub": "alice", "aud": AGENT_ID, "iat": now - 700, "exp": now - 100},
@@ -447,18 +437,14 @@ async def test_id_token_from_another_idp_is_invalid_grant(
 ) -> None:
     # Same issuer string, different key: only the signature check can catch this.
     impostor = DevIdentityProvider(issuer=es_idp.issuer)
-    status, body, _ = await post_token(
-        http, es_idp, exchange_form(impostor.issue_id_token("alice", AGENT_ID))
-    )
+    status, body, _ = await post_token(http, es_idp, exchange_form(impostor.issue_id_token("alice", AGENT_ID)))
     assert_oauth_error(status, body, "invalid_grant")
     # Different issuer and algorithm.
     status, body, _ = await post_token(http, es_idp, exchange_form(rs_idp.issue_id_token("alice", AGENT_ID)))
     assert_oauth_error(status, body, "invalid_grant")
 
 
-async def test_id_jag_cannot_be_used_as_subject_token(
-    http: aiohttp.ClientSession, es_idp: DevIdentityProvider
-) -> None:
+async def test_id_jag_cannot_be_used_as_subject_token(http: aiohttp.ClientSession, es_idp: DevIdentityProvider) -> None:
     # Even with aud = the caller, the oauth-id-jag+jwt typ must keep it from being exchanged (RFC 8725 §3.11).
     id_jag = es_idp.issue_id_jag(username="alice", audience=AGENT_ID, client_id=AGENT_ID)
     status, body, _ = await post_token(http, es_idp, exchange_form(id_jag))
@@ -535,9 +521,7 @@ async def test_unsupported_grant_type(
     assert_oauth_error(status, body, "unsupported_grant_type")
 
 
-async def test_missing_grant_type_is_invalid_request(
-    http: aiohttp.ClientSession, es_idp: DevIdentityProvider
-) -> None:
+async def test_missing_grant_type_is_invalid_request(http: aiohttp.ClientSession, es_idp: DevIdentityProvider) -> None:
     status, body, _ = await post_token(http, es_idp, {"username": "alice"})
     assert_oauth_error(status, body, "invalid_request")
 
@@ -573,9 +557,7 @@ async def test_duplicate_token_exchange_parameter_is_invalid_request(
 ) -> None:
     id_token = es_idp.issue_id_token("alice", AGENT_ID)
     pairs = [*exchange_form(id_token).items(), ("audience", "https://other.example")]
-    async with http.post(
-        es_idp.token_endpoint, data=pairs, headers=basic_auth(AGENT_ID, AGENT_SECRET)
-    ) as resp:
+    async with http.post(es_idp.token_endpoint, data=pairs, headers=basic_auth(AGENT_ID, AGENT_SECRET)) as resp:
         assert_oauth_error(resp.status, await resp.json(), "invalid_request")
 
 
@@ -583,9 +565,7 @@ async def test_oversized_body_is_rejected_with_413_json(
     http: aiohttp.ClientSession, es_idp: DevIdentityProvider
 ) -> None:
     form = {"grant_type": "password", "username": "alice", "password": "p" * (70 * 1024)}
-    async with http.post(
-        es_idp.token_endpoint, data=form, headers=basic_auth(AGENT_ID, AGENT_SECRET)
-    ) as resp:
+    async with http.post(es_idp.token_endpoint, data=form, headers=basic_auth(AGENT_ID, AGENT_SECRET)) as resp:
         assert_oauth_error(resp.status, await resp.json(), "invalid_request", 413)
 
 

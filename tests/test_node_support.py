@@ -210,9 +210,7 @@ class XaaStub:
                 f'Bearer resource_metadata="{self.base_url}/.well-known/oauth-protected-resource/mcp", '
                 'scope="mcp:tools"'
             )
-            return web.json_response(
-                {"error": "unauthorized"}, status=401, headers={"WWW-Authenticate": challenge}
-            )
+            return web.json_response({"error": "unauthorized"}, status=401, headers={"WWW-Authenticate": challenge})
         if request.method != "POST":
             return web.Response(status=405, headers={"Allow": "POST"})
         message = await request.json()
@@ -229,9 +227,7 @@ class XaaStub:
         elif message["method"] == "tools/call":
             result = {"content": [{"type": "text", "text": json.dumps(message["params"]["arguments"])}]}
         else:
-            return web.json_response(
-                {"jsonrpc": "2.0", "id": message["id"], "error": {"code": -32601, "message": "?"}}
-            )
+            return web.json_response({"jsonrpc": "2.0", "id": message["id"], "error": {"code": -32601, "message": "?"}})
         return web.json_response({"jsonrpc": "2.0", "id": message["id"], "result": result})
 
 

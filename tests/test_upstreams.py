@@ -48,9 +48,7 @@ async def connect(
 ) -> AsyncIterator[Client]:
     """Open an SDK ``Client`` on the upstream's own transport, optionally with extra HTTP headers."""
     if upstream.transport == "sse":
-        async with Client(
-            sse_client(upstream.mcp_url, headers=headers), mode=mode, **client_kwargs
-        ) as client:
+        async with Client(sse_client(upstream.mcp_url, headers=headers), mode=mode, **client_kwargs) as client:
             yield client
         return
     async with create_mcp_http_client(headers=headers) as http_client:
@@ -89,9 +87,7 @@ async def test_resources_and_prompts(upstream: RunningUpstream) -> None:
         config = (await client.read_resource("config://app")).contents[0]
         assert isinstance(config, types.TextResourceContents)
         assert json.loads(config.text)["region"] == "test"
-        assert {"greeting", "admin_prompt"} <= {
-            prompt.name for prompt in (await client.list_prompts()).prompts
-        }
+        assert {"greeting", "admin_prompt"} <= {prompt.name for prompt in (await client.list_prompts()).prompts}
         prompt = await client.get_prompt("greeting", {"name": "Ada"})
         content = prompt.messages[0].content
         assert isinstance(content, types.TextContent)
@@ -159,9 +155,7 @@ async def test_gated_stream_notifies_before_release(streaming_upstream: RunningU
     async with connect(streaming_upstream, mode, logging_callback=on_log, log_level="info") as client:
 
         async def call() -> None:
-            outcome["result"] = await client.call_tool(
-                "gated_stream", {"gate": gate}, progress_callback=on_progress
-            )
+            outcome["result"] = await client.call_tool("gated_stream", {"gate": gate}, progress_callback=on_progress)
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(call)

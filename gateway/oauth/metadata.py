@@ -78,7 +78,7 @@ def jwks_document(keys: list[SigningKey]) -> dict[str, Any]:
     return {"keys": [k.public_jwk for k in keys]}
 
 
-def authorize_refusal(request: web.Request) -> web.Response:
+async def authorize_refusal(request: web.Request) -> web.Response:
     """SPEC §9.5: there is no browser flow; enterprise-managed clients use the ID-JAG grant."""
     return web.json_response(
         {

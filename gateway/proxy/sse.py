@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 # An event ends at an empty line; lines end in CRLF, LF or CR.
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r|\n\r\n|\r\n\n")
-_LINE = re.compile(rb"\r\n|\n|\r")
+_LINE = re.compile(r"\r\n|\n|\r")
 MAX_EVENT_BYTES = 8 * 1024 * 1024
 
 

@@ -80,16 +80,12 @@ def node_bin() -> str:
 
 def _check_node_version(executable: str) -> None:
     try:
-        completed = subprocess.run(
-            [executable, "--version"], capture_output=True, text=True, timeout=30, check=True
-        )
+        completed = subprocess.run([executable, "--version"], capture_output=True, text=True, timeout=30, check=True)
     except (OSError, subprocess.SubprocessError) as exc:
         raise NodeSupportError(f"{executable} --version failed: {exc}") from exc
     match = re.match(r"v(\d+)\.", completed.stdout.strip())
     if not match or int(match.group(1)) < MIN_NODE_MAJOR:
-        raise NodeSupportError(
-            f"{executable} is {completed.stdout.strip()!r}; Node >= {MIN_NODE_MAJOR} is required"
-        )
+        raise NodeSupportError(f"{executable} is {completed.stdout.strip()!r}; Node >= {MIN_NODE_MAJOR} is required")
 
 
 def ensure_node_modules() -> None:
@@ -282,16 +278,12 @@ def start_everything(
     return EverythingServer(transport, process, host, port, log)
 
 
-def _wait_for_listening(
-    process: subprocess.Popen[bytes], log: _LogCollector, timeout: float
-) -> tuple[str, int]:
+def _wait_for_listening(process: subprocess.Popen[bytes], log: _LogCollector, timeout: float) -> tuple[str, int]:
     deadline = time.monotonic() + timeout
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise NodeSupportError(
-                f"server-everything did not report listening within {timeout} s\n{log.text()}"
-            )
+            raise NodeSupportError(f"server-everything did not report listening within {timeout} s\n{log.text()}")
         try:
             line = log.stderr_lines.get(timeout=remaining)
         except queue.Empty:
@@ -301,9 +293,7 @@ def _wait_for_listening(
                 process.wait(timeout=STOP_TIMEOUT_SECONDS)
             except subprocess.TimeoutExpired:
                 pass
-            raise NodeSupportError(
-                f"server-everything exited ({process.returncode}) before listening\n{log.text()}"
-            )
+            raise NodeSupportError(f"server-everything exited ({process.returncode}) before listening\n{log.text()}")
         if line.startswith(_LISTENING):
             address = json.loads(line[len(_LISTENING) :])
             return str(address["host"]), int(address["port"])
@@ -336,9 +326,7 @@ class _LogCollector:
             self._stdout_file.seek(0)
             stdout = self._stdout_file.read()[-20000:].decode(errors="replace")
             self._stdout_file.seek(position)
-        return (
-            f"--- server-everything stdout (tail) ---\n{stdout}--- stderr (tail) ---\n{''.join(self._tail)}"
-        )
+        return f"--- server-everything stdout (tail) ---\n{stdout}--- stderr (tail) ---\n{''.join(self._tail)}"
 
     def close(self) -> None:
         self._thread.join(timeout=STOP_TIMEOUT_SECONDS)

@@ -118,9 +118,7 @@ class RecorderMiddleware:
                 break
         body = b"".join(chunks)
         self.hooks.record_body(body, path)
-        await self.app(
-            scope, _replay([{"type": "http.request", "body": body, "more_body": False}], receive), send
-        )
+        await self.app(scope, _replay([{"type": "http.request", "body": body, "more_body": False}], receive), send)
 
 
 def _replay(messages: list[Message], receive: Receive) -> Receive:
@@ -312,9 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 (default) picks an ephemeral port")
     parser.add_argument("--stateless", action="store_true", help="streamable transports: no Mcp-Session-Id")
-    parser.add_argument(
-        "--log-level", default="warning", choices=[level.lower() for level in get_args(LogLevel)]
-    )
+    parser.add_argument("--log-level", default="warning", choices=[level.lower() for level in get_args(LogLevel)])
     parser.add_argument(
         "--exit-on-stdin-eof",
         action="store_true",

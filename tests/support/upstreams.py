@@ -117,9 +117,7 @@ class RunningUpstream:
         self.stop()
 
     def _request(self, method: str, path: str) -> Any:
-        request = urllib.request.Request(
-            self.base_url + path, method=method, data=b"" if method == "POST" else None
-        )
+        request = urllib.request.Request(self.base_url + path, method=method, data=b"" if method == "POST" else None)
         with _OPENER.open(request, timeout=HTTP_TIMEOUT_SECONDS) as response:
             body = response.read()
         return json.loads(body) if body else None
@@ -192,9 +190,7 @@ def _wait_for_announcement(
             continue  # the deadline check above reports it
         if line is None:
             process.wait(timeout=STOP_TIMEOUT_SECONDS)
-            raise UpstreamStartError(
-                _describe(process, f"exited with status {process.returncode}", seen, stderr_file)
-            )
+            raise UpstreamStartError(_describe(process, f"exited with status {process.returncode}", seen, stderr_file))
         if line.startswith(_LISTENING):
             return line[len(_LISTENING) :].strip()
         seen.append(line)
@@ -211,9 +207,7 @@ def _drain_lines(stream: IO[str], lines: queue.Queue[str | None]) -> None:
     stream.close()
 
 
-def _describe(
-    process: subprocess.Popen[str], what: str, stdout_lines: list[str], stderr_file: IO[bytes]
-) -> str:
+def _describe(process: subprocess.Popen[str], what: str, stdout_lines: list[str], stderr_file: IO[bytes]) -> str:
     return (
         f"upstream {' '.join(map(str, process.args))!r} {what}\n"
         f"--- stdout ---\n{''.join(stdout_lines)}--- stderr ---\n{_read_all(stderr_file)}"

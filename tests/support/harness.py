@@ -1,0 +1,142 @@
+"""A real gateway on loopback, configured for tests, plus helpers to obtain tokens from it.
+
+The gateway runs in the pytest event loop on a pre-bound 127.0.0.1 socket; the IdPs are real
+``DevIdentityProvider`` HTTP servers minting real signed JWTs; upstreams are real MCP servers.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from gateway.app import Gateway, bind_socket, start_gateway
+from gateway.config import GatewayConfig, parse_config
+from gateway.devidp import DevClient, DevIdentityProvider
+
+CLIENT_ID = "test-agent"
+CLIENT_SECRET = "test-agent-secret-0123456789"
+OTHER_CLIENT_ID = "other-agent"
+OTHER_CLIENT_SECRET = "other-agent-secret-0123456789"
+IDP_CLIENT_ID = "test-idp-client"
+IDP_CLIENT_SECRET = "test-idp-client-secret"
+JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+
+# At the IdP the client has its own id; the ID-JAG carries its id at the gateway (draft
+# "Cross-Domain Client ID Handling").
+IDP_CLIENTS = (DevClient(IDP_CLIENT_ID, IDP_CLIENT_SECRET, resource_client_id=CLIENT_ID),)
+
+
+@dataclass
+class GatewayHarness:
+    gateway: Gateway
+    runner: web.AppRunner
+    url: str
+    idp: DevIdentityProvider
+    extra_idps: list[DevIdentityProvider] = field(default_factory=list)
+
+    @property
+    def config(self) -> GatewayConfig:
+        return self.gateway.config
+
+    @property
+    def issuer(self) -> str:
+        return self.config.authorization.issuer
+
+    @property
+    def token_endpoint(self) -> str:
+        return self.url + "/oauth2/token"
+
+    def route_url(self, name: str) -> str:
+        route = self.gateway.routes.by_name(name)
+        assert route is not None, name
+        return self.url + route.path
+
+    def resource(self, name: str) -> str:
+        route = self.gateway.routes.by_name(name)
+        assert route is not None, name
+        return route.resource
+
+    def id_jag_claims(self, route: str | None = "json", *, user: str = "alice", **overrides: Any) -> dict[str, Any]:
+        """Valid ID-JAG claims for ``route``; ``overrides`` replace claims (value None removes one)."""
+        now = int(time.time())
+        claims: dict[str, Any] = {
+            "iss": self.idp.issuer,
+            "sub": user,
+            "aud": self.issuer,
+            "client_id": CLIENT_ID,
+            "jti": uuid.uuid4().hex,
+            "iat": now,
+            "exp": now + 300,
+            "scope": "mcp",
+            "groups": {"alice": ["engineering", "support"], "bob": ["support"], "carol": ["contractors"]}[user],
+        }
+        if route is not None:
+            claims["resource"] = self.resource(route)
+        for key, value in overrides.items():
+            if value is None:
+                claims.pop(key, None)
+            else:
+                claims[key] = value
+        return claims
+
+    def id_jag(self, route: str | None = "json", **overrides: Any) -> str:
+        return self.idp.sign(self.id_jag_claims(route, **overrides))
+
+    async def token_request(
+        self,
+        assertion: str | None,
+        *,
+        client_id: str = CLIENT_ID,
+        client_secret: str = CLIENT_SECRET,
+        basic: bool = False,
+        extra: dict[str, str] | None = None,
+        grant_type: str = JWT_BEARER,
+    ) -> tuple[int, dict[str, Any], dict[str, str]]:
+        form: dict[str, str] = {"grant_type": grant_type}
+        if assertion is not None:
+            form["assertion"] = assertion
+        headers = {}
+        if basic:
+            headers["Authorization"] = aiohttp.encode_basic_auth(client_id, client_secret)
+        else:
+            form["client_id"] = client_id
+            form["client_secret"] = client_secret
+        form.update(extra or {})
+        async with aiohttp.ClientSession() as http:
+            async with http.post(self.token_endpoint, data=form, headers=headers) as response:
+                return response.status, await response.json(content_type=None), dict(response.headers)
+
+    async def access_token(self, route: str = "json", **overrides: Any) -> str:
+        status, body, _ = await self.token_request(self.id_jag(route, **overrides))
+        assert status == 200, body
+        return body["access_token"]
+
+
+def make_config(public_url: str, idps: list[DevIdentityProvider], routes: list[dict[str, Any]], **extra: Any):
+    authorization = {
+        "clients": [
+            {"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET},
+            {"client_id": OTHER_CLIENT_ID, "client_secret": OTHER_CLIENT_SECRET},
+        ],
+        "identity_providers": [{"issuer": idp.issuer} for idp in idps],
+        **extra.pop("authorization", {}),
+    }
+    return parse_config(
+        {"public_url": public_url, "authorization": authorization, "routes": routes, **extra}, source="<test>"
+    )
+
+
+async def start_harness(
+    idp: DevIdentityProvider, routes: list[dict[str, Any]], *, extra_idps: list[DevIdentityProvider] = (), **extra: Any
+) -> GatewayHarness:
+    sock = bind_socket("127.0.0.1", 0)
+    public_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    config = make_config(public_url, [idp, *extra_idps], routes, **extra)
+    gateway = Gateway(config)
+    runner, _ = await start_gateway(gateway, sock=sock, shutdown_timeout=1.0)
+    return GatewayHarness(gateway, runner, public_url, idp, list(extra_idps))

@@ -1,0 +1,506 @@
+"""The Helm chart in helm/mcp-gateway, linted and rendered by the real Helm v4 library.
+
+helm-python-sdk binds Helm's Go SDK (libhelm_c), so `lint` and `render` here are Helm's own, offline:
+no cluster and no helm binary. Every ci/*-values.yaml scenario is linted strictly and rendered, and
+the rendered objects are checked for what the chart promises: hardening, probes, named ports that the
+monitors and policies refer to, the config the gateway will actually read, and no inline secrets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import pytest
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+REPO = Path(__file__).resolve().parent.parent
+CHART = REPO / "helm" / "mcp-gateway"
+SCENARIOS = sorted(p.name.removesuffix("-values.yaml") for p in (CHART / "ci").glob("*-values.yaml"))
+RELEASE = "gw"
+NAMESPACE = "mcp"
+CONFIG_PATH = "/etc/mcp-gateway/config.yaml"
+SIGNING_KEY_PATH = "/etc/mcp-gateway/signing-key/signing-key.pem"
+ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+BASE_KINDS = {"ConfigMap", "Deployment", "Service", "ServiceAccount", "PodDisruptionBudget"}
+EXPECTED_KINDS = {
+    "default": BASE_KINDS,
+    "minimal": BASE_KINDS,
+    "existing-secret": BASE_KINDS,
+    "full": BASE_KINDS | {"HorizontalPodAutoscaler", "ServiceMonitor", "PodMonitor", "NetworkPolicy"},
+}
+
+
+def scenario_values(scenario: str) -> dict[str, Any]:
+    return yaml.safe_load((CHART / "ci" / f"{scenario}-values.yaml").read_text()) or {}
+
+
+@pytest.fixture(scope="module")
+def chart():
+    with helm.Chart.load(CHART) as loaded:
+        yield loaded
+
+
+@cache
+def _render_text(values_yaml: str) -> dict[str, str]:
+    with helm.Chart.load(CHART) as loaded:
+        return loaded.render(yaml.safe_load(values_yaml), name=RELEASE, namespace=NAMESPACE)
+
+
+def render(values: dict[str, Any] | None = None) -> dict[str, str]:
+    """Template path -> rendered text (cached: Helm is deterministic)."""
+    return _render_text(yaml.safe_dump(values or {}, sort_keys=True))
+
+
+def objects(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    docs = []
+    for path, text in render(values).items():
+        if path.endswith(".txt"):
+            continue
+        docs.extend(doc for doc in yaml.safe_load_all(text) if doc)
+    return docs
+
+
+def notes(values: dict[str, Any] | None = None) -> str:
+    return next(text for path, text in render(values).items() if path.endswith("NOTES.txt"))
+
+
+def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def pod_spec(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return one(docs, "Deployment")["spec"]["template"]["spec"]
+
+
+def gateway_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (container,) = pod_spec(docs)["containers"]
+    return container
+
+
+def rendered_config(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return yaml.safe_load(one(docs, "ConfigMap")["data"]["config.yaml"])
+
+
+def container_ports(docs: list[dict[str, Any]]) -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for p in gateway_container(docs)["ports"]}
+
+
+def checksum(values: dict[str, Any] | None = None) -> str:
+    return one(objects(values), "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+
+
+# --- lint -----------------------------------------------------------------------------------------
+
+
+def _problems(report: dict[str, Any]) -> list[str]:
+    """Warnings and errors (severity >= 2); infos such as "icon is recommended" are not problems."""
+    return [f"{m['path']}: {m['error']}" for m in report["messages"] if m["severity"] >= 2] + report["errors"]
+
+
+def test_lint_strict_with_chart_defaults():
+    assert _problems(helm.lint(CHART, None, strict=True)) == []
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_lint_strict(scenario):
+    assert _problems(helm.lint(CHART, scenario_values(scenario), strict=True)) == []
+
+
+def test_every_scenario_has_expectations():
+    assert set(SCENARIOS) == set(EXPECTED_KINDS)
+
+
+@pytest.mark.parametrize(
+    ("values", "bad_key"),
+    [
+        ({"replicaCont": 2}, "replicaCont"),
+        ({"service": {"prot": 8080}}, "prot"),
+        ({"metrics": {"serviceMonitor": {"enabeld": True}}}, "enabeld"),
+    ],
+)
+def test_schema_rejects_misspelled_keys(chart, values, bad_key):
+    report = helm.lint(CHART, values, strict=True)
+    assert any(bad_key in p for p in _problems(report)), report
+    with pytest.raises(helm.HelmValuesError, match=bad_key):
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"replicaCount": 2}, "signingKey.existingSecret is required"),
+        ({"autoscaling": {"enabled": True}}, "signingKey.existingSecret is required"),
+        ({"clientSecrets": {"env": {"A_SECRET": "a"}}}, "clientSecrets.existingSecret is required"),
+    ],
+)
+def test_render_refuses_unworkable_values(chart, values, message):
+    with pytest.raises(helm.HelmRenderError, match=message):
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_user_mounted_signing_key_allows_replicas():
+    values = {"replicaCount": 2, "config": {"authorization": {"signing_key_file": "/keys/k.pem"}}}
+    assert one(objects(values), "Deployment")["spec"]["replicas"] == 2
+
+
+# --- what each scenario renders -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_scenario_kinds(scenario):
+    assert {d["kind"] for d in objects(scenario_values(scenario))} == EXPECTED_KINDS[scenario]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_objects_are_named_and_namespaced(scenario):
+    for doc in objects(scenario_values(scenario)):
+        assert doc["metadata"]["name"] == f"{RELEASE}-mcp-gateway"
+        assert doc["metadata"]["namespace"] == NAMESPACE
+        assert doc["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_no_secret_is_rendered(scenario):
+    """Secrets are referenced (existingSecret), never created: no Secret, no inline secret data."""
+    docs = objects(scenario_values(scenario))
+    assert not [d for d in docs if d["kind"] == "Secret"]
+    for doc in docs:
+        assert "stringData" not in doc
+        assert doc["kind"] == "ConfigMap" or "data" not in doc
+    values = scenario_values(scenario)
+    for env in gateway_container(docs).get("env", []):
+        assert "value" not in env, f"{env['name']} is inline; it must come from a secretKeyRef"
+        if env["name"] in values.get("clientSecrets", {}).get("env", {}):
+            assert env["valueFrom"]["secretKeyRef"]["name"] == values["clientSecrets"]["existingSecret"]
+
+
+def test_default_values_hold_no_secret():
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    for client in defaults["config"]["authorization"]["clients"]:
+        assert ENV_REF.fullmatch(client["client_secret"]), "client secrets in values.yaml must be ${VAR}"
+    assert defaults["signingKey"]["existingSecret"] == ""
+    assert defaults["clientSecrets"] == {"existingSecret": "", "env": {}}
+
+
+# --- pod hardening, probes, ports -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_pod_runs_non_root_and_locked_down(scenario):
+    docs = objects(scenario_values(scenario))
+    pod = pod_spec(docs)
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 10001
+    assert pod["securityContext"]["runAsGroup"] == 10001
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["serviceAccountName"] == one(docs, "ServiceAccount")["metadata"]["name"]
+    security = gateway_container(docs)["securityContext"]
+    assert security["runAsNonRoot"] is True
+    assert security["runAsUser"] != 0
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["privileged"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_only_tmp_is_writable_and_resources_are_bounded(scenario):
+    docs = objects(scenario_values(scenario))
+    volumes = {v["name"]: v for v in pod_spec(docs)["volumes"]}
+    mounts = {m["mountPath"]: m for m in gateway_container(docs)["volumeMounts"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
+    for path, mount in mounts.items():
+        if path != "/tmp":
+            assert mount.get("readOnly") is True, f"{path} must be mounted read-only"
+    resources = gateway_container(docs)["resources"]
+    assert {"cpu", "memory"} <= resources["requests"].keys()
+    assert {"cpu", "memory"} <= resources["limits"].keys()
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_probes_hit_health_endpoints_on_the_http_port(scenario):
+    docs = objects(scenario_values(scenario))
+    container = gateway_container(docs)
+    ports = container_ports(docs)
+    expected = {"startupProbe": "/healthz", "livenessProbe": "/healthz", "readinessProbe": "/readyz"}
+    for probe, path in expected.items():
+        assert container[probe]["httpGet"] == {"path": path, "port": "http"}
+    listen_port = int(rendered_config(docs)["listen"].rpartition(":")[2])
+    assert ports["http"] == listen_port
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_config_is_mounted_where_the_container_reads_it(scenario):
+    docs = objects(scenario_values(scenario))
+    container = gateway_container(docs)
+    assert container["args"][:3] == ["serve", "--config", CONFIG_PATH]
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == CONFIG_PATH)
+    volume = next(v for v in pod_spec(docs)["volumes"] if v["name"] == mount["name"])
+    assert volume["configMap"]["name"] == one(docs, "ConfigMap")["metadata"]["name"]
+    assert mount["subPath"] == "config.yaml"
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_listen_is_forced_to_the_container_port(scenario):
+    values = scenario_values(scenario)
+    docs = objects(values)
+    assert rendered_config(docs)["listen"] == f"0.0.0.0:{values.get('containerPort', 8080)}"
+
+
+def test_listen_in_values_is_overridden():
+    values = {"containerPort": 9000, "config": {"listen": "127.0.0.1:1"}}
+    assert rendered_config(objects(values))["listen"] == "0.0.0.0:9000"
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_service_ports_match_named_container_ports(scenario):
+    values = scenario_values(scenario)
+    docs = objects(values)
+    service = one(docs, "Service")
+    ports = container_ports(docs)
+    config = rendered_config(docs)
+    service_ports = {p["name"]: p for p in service["spec"]["ports"]}
+    assert service_ports["http"]["targetPort"] == "http"
+    assert (
+        service["spec"]["selector"].items() <= one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"].items()
+    )
+    metrics_port = values.get("metrics", {}).get("port")
+    if metrics_port and metrics_port != ports["http"]:
+        assert service_ports["metrics"]["targetPort"] == "metrics"
+        assert service_ports["metrics"]["port"] == metrics_port
+        assert ports["metrics"] == metrics_port
+        assert config["metrics_listen"] == f"0.0.0.0:{metrics_port}"
+    else:
+        assert set(service_ports) == {"http"}
+        assert set(ports) == {"http"}
+        assert "metrics_listen" not in config
+
+
+def test_metrics_port_equal_to_container_port_is_not_separate():
+    docs = objects({"metrics": {"port": 8080}})
+    assert set(container_ports(docs)) == {"http"}
+    assert "metrics_listen" not in rendered_config(docs)
+
+
+# --- monitoring -----------------------------------------------------------------------------------
+
+MONITORS_ON_MAIN_PORT = {"metrics": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}}}
+
+
+@pytest.mark.parametrize(
+    ("values", "port_name"),
+    [(scenario_values("full"), "metrics"), (MONITORS_ON_MAIN_PORT, "http")],
+    ids=["separate-metrics-port", "metrics-on-http-port"],
+)
+def test_monitors_scrape_a_port_that_exists(values, port_name):
+    docs = objects(values)
+    service = one(docs, "Service")
+    pod_labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+
+    service_monitor = one(docs, "ServiceMonitor")
+    assert service_monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert service_monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    (endpoint,) = service_monitor["spec"]["endpoints"]
+    assert endpoint["port"] == port_name
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert endpoint["path"] == "/metrics"
+
+    pod_monitor = one(docs, "PodMonitor")
+    assert pod_monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    (pod_endpoint,) = pod_monitor["spec"]["podMetricsEndpoints"]
+    assert pod_endpoint["port"] == port_name
+    assert pod_endpoint["port"] in container_ports(docs)
+    assert pod_endpoint["path"] == "/metrics"
+
+
+def test_monitor_labels_let_prometheus_select_them():
+    docs = objects(scenario_values("full"))
+    for kind in ("ServiceMonitor", "PodMonitor"):
+        assert one(docs, kind)["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+# --- availability, scaling, shutdown --------------------------------------------------------------
+
+
+def test_pod_disruption_budget_is_on_by_default():
+    docs = objects()
+    pdb = one(docs, "PodDisruptionBudget")
+    assert pdb["spec"] == {
+        "maxUnavailable": 1,
+        "selector": {"matchLabels": one(docs, "Deployment")["spec"]["selector"]["matchLabels"]},
+    }
+
+
+def test_pod_disruption_budget_min_available_wins():
+    pdb = one(objects(scenario_values("full")), "PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 2
+    assert "maxUnavailable" not in pdb["spec"]
+
+
+def test_autoscaling_owns_the_replica_count():
+    docs = objects(scenario_values("full"))
+    deployment = one(docs, "Deployment")
+    hpa = one(docs, "HorizontalPodAutoscaler")
+    assert "replicas" not in deployment["spec"]
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": deployment["metadata"]["name"],
+    }
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 12)
+    assert {m["resource"]["name"] for m in hpa["spec"]["metrics"]} == {"cpu", "memory"}
+
+
+def test_rollout_never_drops_below_desired_capacity():
+    strategy = one(objects(), "Deployment")["spec"]["strategy"]
+    assert strategy == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_shutdown_timing_is_consistent(scenario):
+    values = scenario_values(scenario)
+    pre_stop = values.get("preStopSleepSeconds", 5)
+    grace = values.get("shutdownGracePeriodSeconds", 30)
+    docs = objects(values)
+    assert pod_spec(docs)["terminationGracePeriodSeconds"] == pre_stop + grace + 5
+    assert gateway_container(docs)["lifecycle"]["preStop"] == {"exec": {"command": ["sleep", str(pre_stop)]}}
+
+
+# --- configuration rollout and secrets wiring -----------------------------------------------------
+
+
+def test_checksum_changes_when_config_changes():
+    base = checksum()
+    changed = checksum({"config": {"routes": [{"name": "other", "path": "/x", "upstream": "http://x:1/mcp"}]}})
+    port_changed = checksum({"containerPort": 9000})
+    assert len({base, changed, port_changed}) == 3
+
+
+def test_checksum_ignores_everything_but_config():
+    assert checksum({"resources": {"limits": {"memory": "1Gi"}}, "podAnnotations": {"a": "b"}}) == checksum()
+
+
+def test_checksum_is_the_digest_of_the_mounted_config():
+    docs = objects()
+    config_text = one(docs, "ConfigMap")["data"]["config.yaml"]
+    assert checksum() == hashlib.sha256(config_text.rstrip("\n").encode()).hexdigest()
+
+
+@pytest.mark.parametrize("scenario", ["existing-secret", "full"])
+def test_signing_key_is_mounted_and_wired_to_the_config(scenario):
+    values = scenario_values(scenario)
+    docs = objects(values)
+    assert rendered_config(docs)["authorization"]["signing_key_file"] == SIGNING_KEY_PATH
+    mount = next(m for m in gateway_container(docs)["volumeMounts"] if m["name"] == "signing-key")
+    assert mount["mountPath"] == str(Path(SIGNING_KEY_PATH).parent)
+    assert mount["readOnly"] is True
+    volume = next(v for v in pod_spec(docs)["volumes"] if v["name"] == "signing-key")
+    assert volume["secret"]["secretName"] == values["signingKey"]["existingSecret"]
+    assert volume["secret"]["items"] == [{"key": values["signingKey"]["key"], "path": Path(SIGNING_KEY_PATH).name}]
+    assert volume["secret"]["defaultMode"] == 0o440
+
+
+@pytest.mark.parametrize("scenario", ["default", "minimal"])
+def test_no_signing_key_without_existing_secret(scenario):
+    docs = objects(scenario_values(scenario))
+    assert "signing_key_file" not in rendered_config(docs)["authorization"]
+    assert "signing-key" not in {v["name"] for v in pod_spec(docs)["volumes"]}
+    assert "WARNING: no signing key" in notes(scenario_values(scenario))
+
+
+@pytest.mark.parametrize("scenario", [s for s in SCENARIOS if s != "default"])
+def test_every_config_variable_comes_from_the_pod_env(scenario):
+    docs = objects(scenario_values(scenario))
+    referenced = set(ENV_REF.findall(one(docs, "ConfigMap")["data"]["config.yaml"]))
+    defined = {e["name"] for e in gateway_container(docs).get("env", [])}
+    assert referenced, "scenarios should exercise ${VAR} expansion"
+    assert referenced <= defined
+    assert "WARNING: the config refers to" not in notes(scenario_values(scenario))
+
+
+def test_notes_warn_about_the_unprovided_example_secret():
+    text = notes()
+    assert "WARNING: the config refers to ${MCP_CLIENT_SECRET}" in text
+    assert "example route" in text
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_network_policy_refers_to_existing_ports(scenario):
+    docs = objects(scenario_values(scenario))
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    for policy in policies:
+        assert (
+            policy["spec"]["podSelector"]["matchLabels"] == one(docs, "Deployment")["spec"]["selector"]["matchLabels"]
+        )
+        for rule in policy["spec"]["ingress"]:
+            for port in rule["ports"]:
+                assert port["port"] in container_ports(docs)
+        if "Egress" in policy["spec"]["policyTypes"]:
+            dns = policy["spec"]["egress"][0]["ports"]
+            assert {(p["port"], p["protocol"]) for p in dns} == {(53, "UDP"), (53, "TCP")}
+
+
+def test_image_and_pod_agree_with_the_dockerfile():
+    """The chart's uid and config path are the ones the image is built with."""
+    dockerfile = (REPO / "Dockerfile").read_text()
+    docs = objects()
+    assert f"USER {pod_spec(docs)['securityContext']['runAsUser']}:" in dockerfile
+    assert f'"--config", "{CONFIG_PATH}"' in dockerfile
+    assert gateway_container(docs)["image"] == "mcp-gateway:0.1.0"
+
+
+# --- the gateway accepts the config the chart renders (needs `python -m gateway check`) ---------
+
+
+def _pem_key(path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_rendered_config_passes_gateway_check(scenario, tmp_path):
+    """The ConfigMap's file, with the pod's env vars and mounted key file, is valid for the gateway.
+
+    Depends on the gateway CLI (`python -m gateway check`).
+    """
+    docs = objects(scenario_values(scenario))
+    config_text = one(docs, "ConfigMap")["data"]["config.yaml"]
+    config = yaml.safe_load(config_text)
+    signing_key_file = config["authorization"].get("signing_key_file")
+    if signing_key_file is not None:
+        # The Secret is mounted at this fixed path in the pod; here a real key stands in for it.
+        assert signing_key_file == SIGNING_KEY_PATH
+        _pem_key(tmp_path / "signing-key.pem")
+        config_text = config_text.replace(SIGNING_KEY_PATH, str(tmp_path / "signing-key.pem"))
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(config_text)
+    env = dict(os.environ)
+    for name in sorted(set(ENV_REF.findall(config_text))):
+        env[name] = f"test-value-of-{name.lower()}-0123456789"
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "check", "--config", str(config_file)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, f"check rejected the {scenario} config:\n{result.stdout}{result.stderr}"
