@@ -53,8 +53,10 @@ class Gateway:
         *,
         signing_key: SigningKey | None = None,
         replay_store: ReplayStore | None = None,
+        jwks_min_refresh_seconds: float = 30,
     ) -> None:
         self.config = config
+        self._jwks_min_refresh = jwks_min_refresh_seconds
         self.routes = RouteTable(config.routes)
         self.signing_key = signing_key or load_signing_key(config.authorization.signing_key_file)
         self.replay_store = replay_store or MemoryReplayStore()
@@ -81,7 +83,11 @@ class Gateway:
 
     async def _on_startup(self, app: web.Application) -> None:
         self._idp_session = aiohttp.ClientSession(headers={"User-Agent": "mcp-auth-gateway"})
-        self.keys = KeyRing(self.config.authorization.identity_providers, self._idp_session)
+        self.keys = KeyRing(
+            self.config.authorization.identity_providers,
+            self._idp_session,
+            min_refresh_seconds=self._jwks_min_refresh,
+        )
         validator = IdJagValidator(self.config.authorization, self.routes, self.keys, self.replay_store)
         self.token_endpoint = TokenEndpoint(
             ClientAuthenticator(self.config.authorization.clients), validator, self.tokens

@@ -194,8 +194,14 @@ def _describe(exc: BaseException) -> str:
 class KeyRing:
     """All trusted IdPs' key sets, by issuer."""
 
-    def __init__(self, idps: tuple[IdentityProviderConfig, ...], session: aiohttp.ClientSession) -> None:
-        self.sets = {idp.issuer: IdpKeySet(idp, session) for idp in idps}
+    def __init__(
+        self,
+        idps: tuple[IdentityProviderConfig, ...],
+        session: aiohttp.ClientSession,
+        *,
+        min_refresh_seconds: float = 30,
+    ) -> None:
+        self.sets = {idp.issuer: IdpKeySet(idp, session, min_refresh_seconds=min_refresh_seconds) for idp in idps}
 
     def for_issuer(self, issuer: str) -> IdpKeySet | None:
         return self.sets.get(issuer)

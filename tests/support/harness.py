@@ -92,7 +92,7 @@ class GatewayHarness:
         assertion: str | None,
         *,
         client_id: str = CLIENT_ID,
-        client_secret: str = CLIENT_SECRET,
+        client_secret: str | None = CLIENT_SECRET,
         basic: bool = False,
         extra: dict[str, str] | None = None,
         grant_type: str = JWT_BEARER,
@@ -102,10 +102,11 @@ class GatewayHarness:
             form["assertion"] = assertion
         headers = {}
         if basic:
-            headers["Authorization"] = aiohttp.encode_basic_auth(client_id, client_secret)
+            headers["Authorization"] = aiohttp.encode_basic_auth(client_id, client_secret or "")
         else:
             form["client_id"] = client_id
-            form["client_secret"] = client_secret
+            if client_secret is not None:
+                form["client_secret"] = client_secret
         form.update(extra or {})
         async with aiohttp.ClientSession() as http:
             async with http.post(self.token_endpoint, data=form, headers=headers) as response:
@@ -132,11 +133,16 @@ def make_config(public_url: str, idps: list[DevIdentityProvider], routes: list[d
 
 
 async def start_harness(
-    idp: DevIdentityProvider, routes: list[dict[str, Any]], *, extra_idps: list[DevIdentityProvider] = (), **extra: Any
+    idp: DevIdentityProvider,
+    routes: list[dict[str, Any]],
+    *,
+    extra_idps: list[DevIdentityProvider] = (),
+    jwks_min_refresh_seconds: float = 30,
+    **extra: Any,
 ) -> GatewayHarness:
     sock = bind_socket("127.0.0.1", 0)
     public_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     config = make_config(public_url, [idp, *extra_idps], routes, **extra)
-    gateway = Gateway(config)
+    gateway = Gateway(config, jwks_min_refresh_seconds=jwks_min_refresh_seconds)
     runner, _ = await start_gateway(gateway, sock=sock, shutdown_timeout=1.0)
     return GatewayHarness(gateway, runner, public_url, idp, list(extra_idps))

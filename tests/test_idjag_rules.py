@@ -1,0 +1,474 @@
+"""One test per ID-JAG validation rule (SPEC §2.2), each through the real token endpoint.
+
+Assertions are minted with the loopback IdP's real signing key (``idp.sign``), so every refusal
+below is the gateway's rule at work, not a signature accident, unless the test is about signatures.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+from jose import jwt
+
+from gateway.devidp import DevIdentityProvider
+from tests.support.harness import (
+    CLIENT_ID,
+    OTHER_CLIENT_ID,
+    OTHER_CLIENT_SECRET,
+    GatewayHarness,
+    start_harness,
+)
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def unsigned_token(header: dict[str, Any], claims: dict[str, Any], signature: bytes = b"") -> str:
+    return f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(claims).encode())}.{b64url(signature)}"
+
+
+async def expect_error(
+    gw: GatewayHarness, assertion: str | None, error: str, status: int = 400, **kwargs: Any
+) -> dict[str, Any]:
+    code, body, headers = await gw.token_request(assertion, **kwargs)
+    assert (code, body.get("error")) == (status, error), body
+    assert headers.get("Cache-Control") == "no-store"
+    assert "error_description" in body
+    return body
+
+
+async def expect_token(gw: GatewayHarness, assertion: str, **kwargs: Any) -> dict[str, Any]:
+    code, body, headers = await gw.token_request(assertion, **kwargs)
+    assert code == 200, body
+    assert headers.get("Cache-Control") == "no-store"
+    return body
+
+
+# -- 0. the happy path, for both IdPs (ES256 and RS256) --------------------------------------
+
+
+async def test_valid_id_jag_gets_an_audience_restricted_access_token(gw: GatewayHarness) -> None:
+    body = await expect_token(gw, gw.id_jag("json"))
+    assert body["token_type"] == "Bearer"
+    assert body["scope"] == "mcp"
+    assert body["expires_in"] == 300
+    assert "refresh_token" not in body
+    claims = jwt.get_unverified_claims(body["access_token"])
+    assert claims["aud"] == gw.resource("json")
+    assert claims["iss"] == gw.issuer
+    assert claims["sub"] == "alice"
+    assert claims["client_id"] == CLIENT_ID
+    assert claims["groups"] == ["engineering", "support"]
+    assert claims["exp"] - claims["iat"] == 300
+    assert jwt.get_unverified_header(body["access_token"])["typ"] == "at+jwt"
+
+
+async def test_rs256_identity_provider_is_accepted(gw: GatewayHarness, idp_rsa: DevIdentityProvider) -> None:
+    claims = gw.id_jag_claims("json", iss=idp_rsa.issuer)
+    assert jwt.get_unverified_header(idp_rsa.sign(claims))["alg"] == "RS256"
+    await expect_token(gw, idp_rsa.sign(claims))
+
+
+# -- 1. request shape ------------------------------------------------------------------------
+
+
+async def test_rule_request_shape_unknown_grant_type(gw: GatewayHarness) -> None:
+    await expect_error(gw, gw.id_jag(), "unsupported_grant_type", grant_type="authorization_code")
+
+
+async def test_rule_request_shape_missing_assertion(gw: GatewayHarness) -> None:
+    await expect_error(gw, None, "invalid_request")
+
+
+async def test_rule_request_shape_repeated_assertion(gw: GatewayHarness) -> None:
+    body = "&".join(
+        [
+            "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer",
+            f"assertion={gw.id_jag()}",
+            f"assertion={gw.id_jag()}",
+            f"client_id={CLIENT_ID}",
+            "client_secret=test-agent-secret-0123456789",
+        ]
+    )
+    async with aiohttp.ClientSession() as http:
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        async with http.post(gw.token_endpoint, data=body, headers=headers) as response:
+            assert response.status == 400
+            assert (await response.json())["error"] == "invalid_request"
+
+
+async def test_rule_request_shape_json_body_is_refused(gw: GatewayHarness) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.post(gw.token_endpoint, json={"grant_type": "x"}) as response:
+            assert response.status == 400
+            assert (await response.json())["error"] == "invalid_request"
+
+
+# -- 2. client authentication ----------------------------------------------------------------
+
+
+async def test_rule_client_auth_wrong_secret_is_invalid_client(gw: GatewayHarness) -> None:
+    _, _, headers = await gw.token_request(gw.id_jag(), client_secret="not-the-secret-0123456789")
+    await expect_error(gw, gw.id_jag(), "invalid_client", 401, client_secret="not-the-secret-0123456789")
+    assert headers["WWW-Authenticate"].startswith("Basic")
+
+
+async def test_rule_client_auth_unknown_client_is_invalid_client(gw: GatewayHarness) -> None:
+    await expect_error(gw, gw.id_jag(), "invalid_client", 401, client_id="nobody", client_secret="x" * 20)
+
+
+async def test_rule_client_auth_basic_wrong_secret_is_invalid_client(gw: GatewayHarness) -> None:
+    await expect_error(gw, gw.id_jag(), "invalid_client", 401, basic=True, client_secret="nope-0123456789abcdef")
+
+
+async def test_rule_client_auth_basic_is_accepted(gw: GatewayHarness) -> None:
+    await expect_token(gw, gw.id_jag(), basic=True)
+
+
+async def test_rule_client_auth_public_client_is_refused(gw: GatewayHarness) -> None:
+    body = await expect_error(gw, gw.id_jag(), "invalid_client", 401, client_secret=None)
+    assert "required" in body["error_description"]
+
+
+async def test_rule_client_auth_two_methods_at_once_is_invalid_request(gw: GatewayHarness) -> None:
+    await expect_error(
+        gw, gw.id_jag(), "invalid_request", basic=True, extra={"client_secret": "test-agent-secret-0123456789"}
+    )
+
+
+# -- 3. JWS compact only ---------------------------------------------------------------------
+
+
+async def test_rule_jws_encrypted_assertion_is_refused(gw: GatewayHarness) -> None:
+    jwe_shaped = ".".join(b64url(b"x") for _ in range(5))
+    await expect_error(gw, jwe_shaped, "invalid_grant")
+
+
+async def test_rule_jws_garbage_assertion_is_refused(gw: GatewayHarness) -> None:
+    await expect_error(gw, "not-a-jwt", "invalid_grant")
+    await expect_error(gw, "a.b.c", "invalid_grant")
+
+
+# -- 4. typ ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("typ", ["JWT", "at+jwt", "OAUTH-ID-JAG+JWT", None])
+async def test_rule_typ_must_be_oauth_id_jag_jwt(gw: GatewayHarness, typ: str | None) -> None:
+    assertion = gw.idp.sign(gw.id_jag_claims(), typ=typ)
+    body = await expect_error(gw, assertion, "invalid_grant")
+    assert "typ" in body["error_description"]
+
+
+async def test_rule_typ_an_id_token_is_not_an_id_jag(gw: GatewayHarness) -> None:
+    await expect_error(gw, gw.idp.issue_id_token("alice", "test-idp-client"), "invalid_grant")
+
+
+# -- 5. algorithm allow-list -----------------------------------------------------------------
+
+
+async def test_rule_algorithm_none_is_refused(gw: GatewayHarness) -> None:
+    token = unsigned_token({"alg": "none", "typ": "oauth-id-jag+jwt"}, gw.id_jag_claims())
+    body = await expect_error(gw, token, "invalid_grant")
+    assert "algorithm" in body["error_description"]
+
+
+async def test_rule_algorithm_hmac_with_the_public_key_is_refused(gw: GatewayHarness) -> None:
+    """The key-confusion attack (RFC 8725 §2.1): HS256 keyed with the IdP's public JWK."""
+    header = {"alg": "HS256", "typ": "oauth-id-jag+jwt", "kid": gw.idp.kid}
+    signing_input = f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(gw.id_jag_claims()).encode())}"
+    public = json.dumps(gw.idp.public_jwks()["keys"][0]).encode()
+    signature = hmac.new(public, signing_input.encode(), hashlib.sha256).digest()
+    body = await expect_error(gw, f"{signing_input}.{b64url(signature)}", "invalid_grant")
+    assert "algorithm" in body["error_description"]
+
+
+async def test_rule_algorithm_outside_the_idps_list_is_refused(idp: DevIdentityProvider, upstream_json) -> None:
+    h = await start_harness(
+        idp,
+        [{"name": "json", "path": "/json/mcp", "upstream": upstream_json.mcp_url}],
+        authorization={"identity_providers": [{"issuer": idp.issuer, "algorithms": ["RS256"]}]},
+    )
+    try:
+        await expect_error(h, h.id_jag(), "invalid_grant")  # the IdP signs ES256
+    finally:
+        await h.runner.cleanup()
+
+
+# -- 6. trusted issuer -----------------------------------------------------------------------
+
+
+async def test_rule_issuer_untrusted_idp_is_refused(gw: GatewayHarness) -> None:
+    stranger = DevIdentityProvider(issuer="https://evil.example.com")
+    body = await expect_error(gw, stranger.sign(gw.id_jag_claims(iss="https://evil.example.com")), "invalid_grant")
+    assert "issuer" in body["error_description"]
+
+
+# -- 7. signature ----------------------------------------------------------------------------
+
+
+async def test_rule_signature_tampered_claims_are_refused(gw: GatewayHarness) -> None:
+    header, _, signature = gw.id_jag().split(".")
+    forged = b64url(json.dumps(gw.id_jag_claims(sub="admin")).encode())
+    body = await expect_error(gw, f"{header}.{forged}.{signature}", "invalid_grant")
+    assert "signature" in body["error_description"]
+
+
+async def test_rule_signature_by_a_key_the_idp_never_published(gw: GatewayHarness) -> None:
+    impostor = DevIdentityProvider(issuer=gw.idp.issuer)  # same issuer string, its own key
+    await expect_error(gw, impostor.sign(gw.id_jag_claims(), headers={"kid": gw.idp.kid}), "invalid_grant")
+    await expect_error(gw, impostor.sign(gw.id_jag_claims()), "invalid_grant")
+
+
+# -- 8. audience -----------------------------------------------------------------------------
+
+
+async def test_rule_audience_must_be_this_issuer(gw: GatewayHarness) -> None:
+    await expect_error(gw, gw.id_jag(aud="https://other-as.example.com"), "invalid_grant")
+
+
+async def test_rule_audience_array_must_have_exactly_one_element(gw: GatewayHarness) -> None:
+    await expect_error(gw, gw.id_jag(aud=[gw.issuer, "https://other.example.com"]), "invalid_grant")
+    await expect_token(gw, gw.id_jag(aud=[gw.issuer]))
+
+
+async def test_rule_audience_trailing_slash_is_tolerated(gw: GatewayHarness) -> None:
+    await expect_token(gw, gw.id_jag(aud=gw.issuer + "/"))
+
+
+async def test_rule_audience_missing_is_refused(gw: GatewayHarness) -> None:
+    await expect_error(gw, gw.id_jag(aud=None), "invalid_grant")
+
+
+# -- 9. client_id claim ----------------------------------------------------------------------
+
+
+async def test_rule_client_id_claim_must_match_the_authenticated_client(gw: GatewayHarness) -> None:
+    body = await expect_error(
+        gw, gw.id_jag(), "invalid_grant", client_id=OTHER_CLIENT_ID, client_secret=OTHER_CLIENT_SECRET
+    )
+    assert "client_id" in body["error_description"]
+
+
+async def test_rule_client_id_claim_missing_is_refused(gw: GatewayHarness) -> None:
+    await expect_error(gw, gw.id_jag(client_id=None), "invalid_grant")
+
+
+# -- 10. subject -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sub", [None, "", 42])
+async def test_rule_subject_must_be_present(gw: GatewayHarness, sub: Any) -> None:
+    claims = gw.id_jag_claims()
+    claims.pop("sub")
+    if sub is not None:
+        claims["sub"] = sub
+    await expect_error(gw, gw.idp.sign(claims), "invalid_grant")
+
+
+# -- 11. time --------------------------------------------------------------------------------
+
+
+async def test_rule_time_expired_assertion_is_refused(gw: GatewayHarness) -> None:
+    now = int(time.time())
+    await expect_error(gw, gw.id_jag(iat=now - 400, exp=now - 61), "invalid_grant")
+
+
+async def test_rule_time_expiry_within_clock_skew_is_accepted(gw: GatewayHarness) -> None:
+    now = int(time.time())
+    await expect_token(gw, gw.id_jag(iat=now - 300, exp=now - 30))
+
+
+async def test_rule_time_missing_exp_is_refused(gw: GatewayHarness) -> None:
+    await expect_error(gw, gw.id_jag(exp=None), "invalid_grant")
+
+
+async def test_rule_time_missing_iat_is_refused(gw: GatewayHarness) -> None:
+    await expect_error(gw, gw.id_jag(iat=None), "invalid_grant")
+
+
+async def test_rule_time_issued_in_the_future_is_refused(gw: GatewayHarness) -> None:
+    now = int(time.time())
+    await expect_error(gw, gw.id_jag(iat=now + 120, exp=now + 300), "invalid_grant")
+
+
+async def test_rule_time_not_before_in_the_future_is_refused(gw: GatewayHarness) -> None:
+    await expect_error(gw, gw.id_jag(nbf=int(time.time()) + 120), "invalid_grant")
+
+
+async def test_rule_time_lifetime_above_maximum_is_refused(gw: GatewayHarness) -> None:
+    now = int(time.time())
+    body = await expect_error(gw, gw.id_jag(iat=now, exp=now + 3600), "invalid_grant")
+    assert "lifetime" in body["error_description"]
+
+
+@pytest.mark.parametrize("exp", ["tomorrow", True])
+async def test_rule_time_non_numeric_exp_is_refused(gw: GatewayHarness, exp: Any) -> None:
+    await expect_error(gw, gw.id_jag(exp=exp), "invalid_grant")
+
+
+# -- 12. jti and replay ----------------------------------------------------------------------
+
+
+async def test_rule_jti_missing_is_refused(gw: GatewayHarness) -> None:
+    body = await expect_error(gw, gw.id_jag(jti=None), "invalid_grant")
+    assert "jti" in body["error_description"]
+
+
+async def test_rule_jti_replay_is_refused(gw: GatewayHarness) -> None:
+    assertion = gw.id_jag()
+    await expect_token(gw, assertion)
+    body = await expect_error(gw, assertion, "invalid_grant")
+    assert "already been used" in body["error_description"]
+
+
+async def test_rule_jti_refused_assertion_does_not_burn_its_jti(gw: GatewayHarness) -> None:
+    claims = gw.id_jag_claims()
+    await expect_error(
+        gw, gw.idp.sign(claims), "invalid_grant", client_id=OTHER_CLIENT_ID, client_secret=OTHER_CLIENT_SECRET
+    )
+    await expect_token(gw, gw.idp.sign(claims))
+
+
+async def test_rule_jti_same_value_from_another_idp_is_independent(gw: GatewayHarness, idp_rsa) -> None:
+    jti = "shared-jti-value"
+    await expect_token(gw, gw.id_jag(jti=jti + str(time.time())))
+    claims = gw.id_jag_claims(jti=jti, iss=idp_rsa.issuer)
+    await expect_token(gw, idp_rsa.sign(claims))
+    await expect_token(gw, gw.id_jag(jti=jti))
+
+
+# -- 13. resource ----------------------------------------------------------------------------
+
+
+async def test_rule_resource_claim_must_be_a_served_resource(gw: GatewayHarness) -> None:
+    body = await expect_error(gw, gw.id_jag(resource="https://elsewhere.example.com/mcp"), "invalid_grant")
+    assert "resource" in body["error_description"]
+
+
+async def test_rule_resource_parameter_must_be_in_the_assertion(gw: GatewayHarness) -> None:
+    await expect_error(gw, gw.id_jag("json"), "invalid_target", extra={"resource": gw.resource("sse")})
+
+
+async def test_rule_resource_parameter_unknown_is_invalid_target(gw: GatewayHarness) -> None:
+    await expect_error(gw, gw.id_jag(None), "invalid_target", extra={"resource": "https://nowhere.example.com/x"})
+
+
+async def test_rule_resource_absent_binds_to_the_requested_resource(gw: GatewayHarness) -> None:
+    body = await expect_token(gw, gw.id_jag(None), extra={"resource": gw.resource("sse")})
+    assert jwt.get_unverified_claims(body["access_token"])["aud"] == gw.resource("sse")
+
+
+async def test_rule_resource_absent_everywhere_is_ambiguous_with_many_routes(gw: GatewayHarness) -> None:
+    await expect_error(gw, gw.id_jag(None), "invalid_target")
+
+
+async def test_rule_resource_absent_binds_to_the_only_route(idp: DevIdentityProvider, upstream_json) -> None:
+    h = await start_harness(idp, [{"name": "only", "path": "/only/mcp", "upstream": upstream_json.mcp_url}])
+    try:
+        body = await expect_token(h, h.id_jag(None))
+        assert jwt.get_unverified_claims(body["access_token"])["aud"] == h.resource("only")
+    finally:
+        await h.runner.cleanup()
+
+
+async def test_rule_resource_below_a_route_maps_to_that_route(gw: GatewayHarness) -> None:
+    sse_url = gw.resource("legacy") + "/sse"
+    body = await expect_token(gw, gw.id_jag(None, resource=sse_url), extra={"resource": sse_url})
+    assert jwt.get_unverified_claims(body["access_token"])["aud"] == gw.resource("legacy")
+
+
+async def test_rule_resource_array_with_request_parameter_selects_one(gw: GatewayHarness) -> None:
+    both = [gw.resource("json"), gw.resource("sse")]
+    await expect_error(gw, gw.id_jag(None, resource=both), "invalid_target")
+    body = await expect_token(gw, gw.id_jag(None, resource=both), extra={"resource": gw.resource("sse")})
+    assert jwt.get_unverified_claims(body["access_token"])["aud"] == gw.resource("sse")
+
+
+async def test_rule_resource_malformed_claim_is_refused(gw: GatewayHarness) -> None:
+    await expect_error(gw, gw.id_jag(None, resource={"url": "x"}), "invalid_grant")
+
+
+# -- 14. scope -------------------------------------------------------------------------------
+
+
+async def test_rule_scope_claim_outside_the_route_is_refused(gw: GatewayHarness) -> None:
+    await expect_error(gw, gw.id_jag(scope="payroll:write"), "invalid_grant")
+
+
+async def test_rule_scope_is_the_intersection_with_the_request(gw: GatewayHarness) -> None:
+    body = await expect_token(gw, gw.id_jag("eng", scope="mcp mcp:admin"), extra={"scope": "mcp:admin other"})
+    assert body["scope"] == "mcp:admin"
+
+
+async def test_rule_scope_never_exceeds_the_assertion(gw: GatewayHarness) -> None:
+    body = await expect_token(gw, gw.id_jag("eng", scope="mcp"), extra={"scope": "mcp mcp:admin"})
+    assert body["scope"] == "mcp"
+
+
+async def test_rule_scope_request_disjoint_from_grant_is_invalid_scope(gw: GatewayHarness) -> None:
+    await expect_error(gw, gw.id_jag("eng", scope="mcp"), "invalid_scope", extra={"scope": "mcp:admin"})
+
+
+async def test_rule_scope_absent_grants_the_route_scopes(gw: GatewayHarness) -> None:
+    body = await expect_token(gw, gw.id_jag("eng", scope=None))
+    assert body["scope"] == "mcp mcp:admin"
+
+
+# -- 15. cnf (DPoP) --------------------------------------------------------------------------
+
+
+async def test_rule_cnf_bound_assertion_is_refused(gw: GatewayHarness) -> None:
+    body = await expect_error(
+        gw, gw.id_jag(cnf={"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}), "invalid_grant"
+    )
+    assert "cnf" in body["error_description"]
+
+
+# -- 16. tenant ------------------------------------------------------------------------------
+
+
+async def test_rule_tenant_must_match_the_configured_tenant(idp: DevIdentityProvider, upstream_json) -> None:
+    h = await start_harness(
+        idp,
+        [{"name": "json", "path": "/json/mcp", "upstream": upstream_json.mcp_url}],
+        authorization={"identity_providers": [{"issuer": idp.issuer, "tenant": "acme"}]},
+    )
+    try:
+        await expect_error(h, h.id_jag(tenant="globex"), "invalid_grant")
+        await expect_error(h, h.id_jag(), "invalid_grant")
+        await expect_token(h, h.id_jag(tenant="acme"))
+    finally:
+        await h.runner.cleanup()
+
+
+# -- groups ----------------------------------------------------------------------------------
+
+
+async def test_rule_groups_user_outside_allow_groups_is_refused(gw: GatewayHarness) -> None:
+    body = await expect_error(gw, gw.id_jag("eng", user="bob"), "invalid_grant")
+    assert "group" in body["error_description"]
+    await expect_token(gw, gw.id_jag("eng", user="alice"))
+
+
+# -- 18. no tokens in logs ------------------------------------------------------------------
+
+
+async def test_rule_logging_never_contains_assertions_or_tokens(gw: GatewayHarness, caplog) -> None:
+    caplog.set_level("DEBUG")
+    assertion = gw.id_jag()
+    body = await expect_token(gw, assertion)
+    await expect_error(gw, assertion, "invalid_grant")
+    await expect_error(gw, gw.id_jag(), "invalid_client", 401, client_secret="wrong-secret-0123456789")
+    text = caplog.text
+    assert caplog.records, "expected the gateway to log its decisions"
+    for secret in (assertion, body["access_token"], "test-agent-secret-0123456789", "wrong-secret-0123456789"):
+        assert secret not in text
+    assert assertion.split(".")[2] not in text
