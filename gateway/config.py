@@ -115,6 +115,7 @@ class GatewayConfig:
     routes: tuple[RouteConfig, ...]
     allowed_origins: tuple[str, ...]
     limits: LimitsConfig = LimitsConfig()
+    metrics_listen: tuple[str, int] | None = None
 
 
 class _Node:
@@ -232,6 +233,12 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None =
     limits = _parse_limits(root.child("limits"))
     authorization = _parse_authorization(root.child("authorization"), public_url, base_dir)
     routes = _parse_routes(root, public_url)
+    # A separate, unauthenticated listener for Prometheus (keeps /metrics off the public port).
+    metrics_listen = _parse_listen(root, "metrics_listen", None) if root.data.get("metrics_listen") else None
+    if metrics_listen is None:
+        root.seen.add("metrics_listen")
+    elif metrics_listen == (host, port):
+        raise root.error("metrics_listen", "must differ from listen")
     root.finish()
     return GatewayConfig(
         source=source,
@@ -242,15 +249,16 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None =
         routes=routes,
         allowed_origins=allowed_origins,
         limits=limits,
+        metrics_listen=metrics_listen,
     )
 
 
-def _parse_listen(root: _Node) -> tuple[str, int]:
-    listen = root.string("listen", "0.0.0.0:8080")
+def _parse_listen(root: _Node, name: str = "listen", default: str | None = "0.0.0.0:8080") -> tuple[str, int]:
+    listen = root.string(name, default, required=default is None)
     assert listen is not None
     host, sep, port_text = listen.rpartition(":")
     if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise root.error("listen", f"must be host:port, got {listen!r}")
+        raise root.error(name, f"must be host:port, got {listen!r}")
     return host.strip("[]"), int(port_text)
 
 
@@ -455,6 +463,8 @@ def describe(config: GatewayConfig, *, emit: Callable[[str], None]) -> None:
     auth = config.authorization
     emit(f"config: {config.source} (valid)")
     emit(f"listen: {config.listen_host}:{config.listen_port}")
+    if config.metrics_listen:
+        emit(f"metrics listen: {config.metrics_listen[0]}:{config.metrics_listen[1]}")
     emit(f"public_url: {config.public_url}")
     emit(f"issuer: {auth.issuer}")
     emit(f"signing key: {auth.signing_key_file or 'EPHEMERAL (tokens die with the process; set signing_key_file)'}")
