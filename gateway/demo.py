@@ -44,6 +44,8 @@ class DemoServers:
     mcp_url: str
     config: GatewayConfig
     close: Callable[[], Any]
+    gateway: Gateway
+    idp: DevIdentityProvider
 
 
 def demo_config(public_url: str, idp_issuer: str, upstream_url: str) -> GatewayConfig:
@@ -80,14 +82,15 @@ async def start_demo_servers(host: str = "127.0.0.1", port: int = 8080) -> DemoS
     bound = sock.getsockname()
     public_url = f"http://{host}:{bound[1]}"
     config = demo_config(public_url, idp_issuer, upstream_url)
-    gateway_runner, _ = await start_gateway(Gateway(config), sock=sock)
+    gateway = Gateway(config)
+    gateway_runner, _ = await start_gateway(gateway, sock=sock)
 
     async def close() -> None:
         await gateway_runner.cleanup()
         await idp.stop()
         await upstream_runner.cleanup()
 
-    return DemoServers(public_url, idp_issuer, upstream_url, public_url + ROUTE_PATH, config, close)
+    return DemoServers(public_url, idp_issuer, upstream_url, public_url + ROUTE_PATH, config, close, gateway, idp)
 
 
 def _claims(token: str) -> dict[str, Any]:
