@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import signal
 import sys
 from collections.abc import Sequence
 
 from gateway import __version__
-from gateway.config import ConfigError, describe, load_config
-from gateway.oauth.keys import SigningKeyError
+from gateway.config import ConfigError, GatewayConfig, describe, load_config
+from gateway.oauth.keys import SigningKey, SigningKeyError, load_signing_key
 
 log = logging.getLogger("gateway")
+# Lines a person or a supervisor waits for (the dev IdP's address, the demo's steps) must not sit in
+# a block buffer when stdout is a pipe or a file.
+_say = functools.partial(print, flush=True)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             return asyncio.run(_demo(args.host, args.port, args.once))
         return asyncio.run(_dev_idp(args.host, args.port, args.issuer, args.algorithm))
-    except (ConfigError, SigningKeyError) as exc:
+    except ConfigError as exc:
         print(f"mcp-gateway: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -72,8 +76,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _check(path: str) -> int:
     config = load_config(path)
+    if config.authorization.signing_key_file:
+        # Load it as serve would: a file that exists but is not a usable key must fail check too.
+        _signing_key(config)
     describe(config, emit=print)
     return 0
+
+
+def _signing_key(config: GatewayConfig) -> SigningKey:
+    """The configured (or ephemeral) signing key; an unusable file is reported like any config error."""
+    try:
+        return load_signing_key(config.authorization.signing_key_file)
+    except SigningKeyError as exc:
+        raise ConfigError(config.source, "authorization.signing_key_file", str(exc)) from None
 
 
 async def _wait_for_signal() -> None:
@@ -88,7 +103,7 @@ async def _serve(path: str) -> int:
     from gateway.app import Gateway, start_gateway
 
     config = load_config(path)
-    gateway = Gateway(config)
+    gateway = Gateway(config, signing_key=_signing_key(config))
     try:
         runner, url = await start_gateway(gateway)
     except OSError as exc:
@@ -109,7 +124,7 @@ async def _demo(host: str, port: int, once: bool) -> int:
     from gateway.demo import DemoFailed, run_demo
 
     try:
-        await run_demo(host, port, once=once)
+        await run_demo(host, port, once=once, emit=_say)
     except DemoFailed as exc:
         print(f"mcp-gateway demo: {exc}", file=sys.stderr)
         return 1
@@ -125,7 +140,7 @@ async def _dev_idp(host: str, port: int, issuer: str | None, algorithm: str) -> 
     except OSError as exc:
         print(f"mcp-gateway: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
         return 1
-    print(f"development IdP (NOT FOR PRODUCTION) at {url}; users alice, bob, carol; client demo-agent")
+    _say(f"development IdP (NOT FOR PRODUCTION) at {url}; users alice, bob, carol; client demo-agent")
     try:
         await _wait_for_signal()
     finally:

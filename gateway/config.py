@@ -30,6 +30,8 @@ RESERVED_PREFIXES = ("/.well-known", "/oauth2", "/healthz", "/readyz", "/metrics
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _ROUTE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# ASCII only: str.isdigit() accepts characters such as '²' that int() then refuses.
+_PORT = re.compile(r"^[0-9]{1,5}$")
 # Headers the proxy owns; letting config set them would defeat token stripping or forwarding rules.
 _FORBIDDEN_UPSTREAM_HEADERS = frozenset(
     {"host", "authorization", "content-length", "transfer-encoding", "connection", "mcp-session-id"}
@@ -198,6 +200,28 @@ class _Node:
             raise self.error(unknown[0], "unknown key (check the spelling; see the configuration reference)")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys. PyYAML silently keeps the last one, so a second
+    ``allow_groups`` or ``public_url`` further down a file would quietly replace the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:
+                continue  # unhashable; SafeLoader reports it below
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    problem=f"duplicate key {key!r}", problem_mark=key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _kind(value: Any) -> str:
     return "nothing" if value is None else type(value).__name__
 
@@ -209,12 +233,18 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(source, "", f"cannot read file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        # Not an OSError: without this a binary or Latin-1 file ended in a traceback.
+        raise ConfigError(source, "", f"not UTF-8 text (byte {exc.start})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise ConfigError(source, "", f"invalid YAML: {where}{getattr(exc, 'problem', exc)}") from None
+    except ValueError as exc:
+        # SafeLoader builds dates itself and raises ValueError for one like 2001-02-30.
+        raise ConfigError(source, "", f"invalid YAML: {exc}") from None
     return parse_config(data, source=source, base_dir=Path(path).resolve().parent)
 
 
@@ -257,7 +287,7 @@ def _parse_listen(root: _Node, name: str = "listen", default: str | None = "0.0.
     listen = root.string(name, default, required=default is None)
     assert listen is not None
     host, sep, port_text = listen.rpartition(":")
-    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if not sep or not host or not _PORT.match(port_text) or not 0 <= int(port_text) <= 65535:
         raise root.error(name, f"must be host:port, got {listen!r}")
     return host.strip("[]"), int(port_text)
 
@@ -266,7 +296,14 @@ def _url(node: _Node, name: str, *, required: bool = False) -> str | None:
     value = node.string(name, required=required)
     if value is None:
         return None
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+        _ = parts.port  # urlsplit accepts ':abc' and ':99999'; only reading .port rejects them
+    except ValueError as exc:
+        raise node.error(name, f"is not a valid URL ({exc})") from None
+    if "@" in parts.netloc:
+        # `check` prints URLs and the proxy logs them: credentials belong in upstream_headers (a Secret).
+        raise node.error(name, "must not contain credentials (user:password@); use upstream_headers")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise node.error(name, f"must be an absolute http(s) URL, got {value!r}")
     return value
@@ -332,14 +369,18 @@ def _parse_clients(node: _Node, base_dir: Path | None) -> tuple[ClientConfig, ..
         secret_file = item.string("client_secret_file")
         if (secret is None) == (secret_file is None):
             raise item.error("client_secret", "set exactly one of client_secret or client_secret_file")
+        secret_key = "client_secret" if secret_file is None else "client_secret_file"
         if secret_file is not None:
             try:
                 secret = _resolve(base_dir, secret_file).read_text(encoding="utf-8").strip()
             except OSError as exc:
                 raise item.error("client_secret_file", f"cannot read: {exc.strerror or exc}") from None
+            except UnicodeDecodeError:
+                raise item.error("client_secret_file", "must contain UTF-8 text") from None
         assert secret is not None
         if len(secret) < 16:
-            raise item.error("client_secret", "must be at least 16 characters")
+            # Name the key the secret came from, so a short file is not reported as client_secret.
+            raise item.error(secret_key, "must be at least 16 characters")
         if any(c.client_id == client_id for c in clients):
             raise item.error("client_id", f"duplicate client_id {client_id!r}")
         item.finish()
@@ -352,10 +393,11 @@ def _parse_idps(node: _Node, own_issuer: str) -> tuple[IdentityProviderConfig, .
     for item in node.children("identity_providers", required=True):
         issuer = _url(item, "issuer", required=True)
         assert issuer is not None
-        if issuer.rstrip("/") == own_issuer:
+        # Compared canonically: "https://MCP.example.com:443/" is still the gateway's own issuer.
+        if canonical_url(issuer) == canonical_url(own_issuer):
             # ID-JAG draft "Cross-Domain Use": an AS must not redeem assertions it issued itself.
             raise item.error("issuer", "must not be the gateway's own issuer")
-        if any(i.issuer == issuer for i in idps):
+        if any(canonical_url(i.issuer) == canonical_url(issuer) for i in idps):
             raise item.error("issuer", f"duplicate identity provider {issuer!r}")
         algorithms = item.string_list("algorithms") or DEFAULT_IDP_ALGORITHMS
         for alg in algorithms:

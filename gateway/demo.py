@@ -70,15 +70,15 @@ def demo_config(public_url: str, idp_issuer: str, upstream_url: str) -> GatewayC
 
 
 async def start_demo_servers(host: str = "127.0.0.1", port: int = 8080) -> DemoServers:
-    upstream_runner, upstream_url = await start_demo_upstream(host, 0)
-    idp = DevIdentityProvider()
-    idp_issuer = await idp.start(host, 0)
+    # The gateway's port first: if it is taken, fail before the IdP and upstream start (and log),
+    # so a busy port is reported in one line.
     try:
         sock = bind_socket(host, port)
     except OSError as exc:
-        await idp.stop()
-        await upstream_runner.cleanup()
         raise DemoFailed(f"cannot listen on {host}:{port}: {exc.strerror} (try --port 0)") from None
+    upstream_runner, upstream_url = await start_demo_upstream(host, 0)
+    idp = DevIdentityProvider()
+    idp_issuer = await idp.start(host, 0)
     bound = sock.getsockname()
     public_url = f"http://{host}:{bound[1]}"
     config = demo_config(public_url, idp_issuer, upstream_url)
