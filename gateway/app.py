@@ -30,7 +30,7 @@ from gateway.oauth.jwks import KeyRing
 from gateway.oauth.keys import SigningKey, load_signing_key
 from gateway.oauth.replay import MemoryReplayStore, ReplayStore
 from gateway.oauth.token_endpoint import TokenEndpoint
-from gateway.proxy.forward import ForwardRequest, Upstream, jsonrpc_error
+from gateway.proxy.forward import ForwardRequest, Upstream, jsonrpc_error, upstream_path_remainder
 from gateway.proxy.jsonrpc import parse_body, rewriter_for
 from gateway.proxy.origin import OriginPolicy
 from gateway.routes import RouteTable
@@ -213,9 +213,10 @@ class Gateway:
 
     async def handle_route(self, request: web.Request) -> web.StreamResponse:
         match = self.routes.match_path(request.path)
-        if match is None:
+        rest = upstream_path_remainder(request.rel_url.raw_path, match[0].path) if match else None
+        if match is None or rest is None:
             return _plain_error(404, "no route for this path")
-        route, rest = match
+        route = match[0]
         origin = request.headers.get("Origin")
         if not self.origins.is_allowed(origin):
             return jsonrpc_error(403, FORBIDDEN, "Origin not allowed")

@@ -15,10 +15,11 @@ import json
 import logging
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from gateway.config import LimitsConfig, RouteConfig
 from gateway.proxy.headers import client_response_headers, upstream_request_headers
@@ -33,6 +34,27 @@ _MAX_REWRITE_BYTES = 16 * 1024 * 1024
 UPSTREAM_UNAVAILABLE = -32010
 UPSTREAM_TIMEOUT = -32011
 UPSTREAM_PROTOCOL = -32012
+
+
+def upstream_path_remainder(raw_path: str, route_path: str) -> str | None:
+    """The part of a request's raw (still percent-encoded) path below ``route_path``, or None when
+    the request must not be forwarded (answered 404 like an unknown path).
+
+    The remainder is forwarded exactly as the client sent it (SPEC §5.4). Decoding it first and
+    letting the HTTP client re-encode it would resolve dot segments after the join (RFC 3986 §5.2.4;
+    yarl also decodes '%2E' to '.'): '/json/mcp/..%2F..%2Fadmin' or '/json/mcp/%2E%2E/%2E%2E/admin'
+    would reach '/admin' on the upstream host, outside the prefix the route and its token cover. So
+    a '.' or '..' segment, raw or percent-encoded, is refused (backslashes count as separators
+    because some servers treat them so), and so is a request that percent-encodes the route prefix
+    itself.
+    """
+    if raw_path != route_path and not raw_path.startswith(route_path + "/"):
+        return None
+    rest = raw_path[len(route_path) :]
+    for form in (rest, unquote(rest)):
+        if any(segment in (".", "..") for segment in form.replace("\\", "/").split("/")):
+            return None
+    return rest
 
 
 def jsonrpc_error(status: int, code: int, message: str, request_id: Any = None, **headers: str) -> web.Response:
@@ -55,6 +77,7 @@ class Upstream:
 
     def __init__(self, route: RouteConfig, limits: LimitsConfig, public_scheme: str) -> None:
         self.route = route
+        self._base = str(URL(route.upstream))  # the upstream in encoded form, ready for raw path joins
         self._limits = limits
         self._public_scheme = public_scheme
         self._session: aiohttp.ClientSession | None = None
@@ -76,9 +99,11 @@ class Upstream:
 
     async def forward(self, request: web.Request, fwd: ForwardRequest) -> web.StreamResponse:
         route = fwd.route
-        url = route.upstream + fwd.rest
-        if request.query_string:
-            url += "?" + request.query_string
+        # Raw path remainder and raw query, sent without re-encoding (encoded=True): aiohttp's
+        # ``query_string`` is partly decoded ('%23' becomes '#', '%25' becomes '%'), which would cut
+        # or change what the upstream receives (SPEC §5.4: forward path and query byte-for-byte).
+        query = request.rel_url.raw_query_string
+        url = URL(self._base + fwd.rest + (f"?{query}" if query else ""), encoded=True)
         headers = upstream_request_headers(request, route, self._public_scheme)
         limits = self._limits
         try:
@@ -129,11 +154,12 @@ class Upstream:
                 if not chunk:
                     break
                 await response.write(chunk)
+            # Inside the try: a client that leaves after the last chunk makes write_eof raise
+            # ClientConnectionResetError, which must end the response, not become a 500.
+            await response.write_eof()
         except (TimeoutError, aiohttp.ClientError) as exc:
             # Headers are already sent: all we can do is end the response early.
-            log.warning("route %s: upstream body failed mid-response: %s", fwd.route.name, type(exc).__name__)
-            return response
-        await response.write_eof()
+            log.warning("route %s: body relay ended mid-response: %s", fwd.route.name, type(exc).__name__)
         return response
 
     async def _relay_events(
@@ -176,10 +202,9 @@ class Upstream:
             rest = splitter.rest()
             if rest:
                 await response.write(rest)
+            await response.write_eof()  # inside the try for the same reason as in _relay_body
         except (aiohttp.ClientError, EventTooLarge) as exc:
-            log.warning("route %s: upstream stream ended abnormally: %s", fwd.route.name, type(exc).__name__)
-            return response
-        await response.write_eof()
+            log.warning("route %s: event stream ended abnormally: %s", fwd.route.name, type(exc).__name__)
         return response
 
     def _rewrite_endpoint(self, raw: bytes, request: web.Request, fwd: ForwardRequest) -> bytes:

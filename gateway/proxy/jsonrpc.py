@@ -37,7 +37,9 @@ def parse_body(body: bytes) -> list[RpcMessage] | None:
     upstream owns the JSON-RPC error for a malformed body)."""
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        # RecursionError: a deeply nested body ('[[[[...') exhausts the decoder's stack; it is still
+        # the upstream's to reject, and must never become a gateway 500.
         return None
     items = data if isinstance(data, list) else [data]
     messages = []
@@ -69,7 +71,7 @@ class ResultRewriter:
     def rewrite_json(self, body: bytes) -> bytes:
         try:
             data = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             return body
         if isinstance(data, list):
             changed = [self._rewrite_message(m) for m in data]
@@ -87,7 +89,7 @@ class ResultRewriter:
             return raw
         try:
             data = json.loads(event.data)
-        except ValueError:
+        except (ValueError, RecursionError):
             return raw
         new = self._rewrite_message(data)
         if new is data:

@@ -11,8 +11,10 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-# An event ends at an empty line; lines end in CRLF, LF or CR.
-_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r|\n\r\n|\r\n\n")
+# An event ends at an empty line; lines end in CRLF, LF or CR, and a stream may mix them. A lone CR
+# after LF/CRLF ends an event only once the next byte shows it is not the first half of a CRLF, so a
+# CRLF blank line split across two chunks is never cut in the middle.
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r|\n\r\n|\r\n\n|\r\n\r(?=[^\n])|\n\r(?=[^\n])")
 _LINE = re.compile(r"\r\n|\n|\r")
 MAX_EVENT_BYTES = 8 * 1024 * 1024
 

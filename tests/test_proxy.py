@@ -1,0 +1,815 @@
+"""Behaviour of the reverse proxy (gateway/proxy/*, ``Gateway.handle_route``) through the real gateway.
+
+Raw aiohttp clients speak MCP Streamable HTTP 2025-11-25 (and sessionless 2026-07-28 POSTs) and the
+deprecated HTTP+SSE transport to real upstream MCP servers (SPEC §5). Where an SDK server cannot show
+what the proxy did (a cancelled request, a server that never answers, the raw request line), a tiny
+aiohttp upstream written here observes it. Ordering is made deterministic with gates and events, never
+with sleeps, and every wait is bounded. No test may see a gateway 500 (checked on every client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from yarl import URL
+
+from gateway.app import bind_socket
+from gateway.devidp import DevIdentityProvider
+from gateway.proxy.jsonrpc import EMA_EXTENSION
+from tests.support.harness import GatewayHarness, start_harness
+from tests.support.upstreams import RunningUpstream
+
+PROTOCOL = "2025-11-25"
+MODERN_PROTOCOL = "2026-07-28"
+ACCEPT = "application/json, text/event-stream"
+WAIT = 10.0  # upper bound on any single wait for the network; tests finish far sooner
+MAX_LINES_PER_EVENT = 1_000
+MAX_EVENTS = 100
+APP_ORIGIN = "http://app.example.test"
+FOREIGN_ORIGIN = "http://evil.example.test"
+
+# -- a raw MCP client ----------------------------------------------------------------------------
+
+
+@dataclass
+class SseEvent:
+    fields: list[tuple[str, str]] = field(default_factory=list)
+    comments: list[str] = field(default_factory=list)
+
+    def values(self, name: str) -> list[str]:
+        return [value for key, value in self.fields if key == name]
+
+    @property
+    def data(self) -> str:
+        return "\n".join(self.values("data"))
+
+
+async def read_event(content: aiohttp.StreamReader) -> SseEvent | None:
+    """The next SSE event or comment block (None when the stream ends). An independent parser, so
+    the gateway's own framing code is not used to judge itself."""
+    event = SseEvent()
+    for _ in range(MAX_LINES_PER_EVENT):
+        line = await content.readline()
+        if not line:
+            return None
+        text = line.decode().rstrip("\r\n")
+        if not text:
+            if event.fields or event.comments:
+                return event
+        elif text.startswith(":"):
+            event.comments.append(text[1:])
+        else:
+            name, _, value = text.partition(":")
+            event.fields.append((name, value.removeprefix(" ")))
+    raise AssertionError("SSE event without an end")
+
+
+async def next_message(content: aiohttp.StreamReader) -> dict[str, Any]:
+    """The next JSON-RPC message on a stream, skipping keep-alives and priming events."""
+    for _ in range(MAX_EVENTS):
+        event = await read_event(content)
+        assert event is not None, "stream ended before a message arrived"
+        if event.data:
+            return json.loads(event.data)
+    raise AssertionError(f"no message in {MAX_EVENTS} events")
+
+
+async def response_message(content: aiohttp.StreamReader, request_id: Any) -> dict[str, Any]:
+    """The JSON-RPC response to ``request_id`` on a stream (notifications before it are skipped)."""
+    for _ in range(MAX_EVENTS):
+        message = await next_message(content)
+        if message.get("id") == request_id and ("result" in message or "error" in message):
+            return message
+    raise AssertionError(f"no response to {request_id!r} in {MAX_EVENTS} messages")
+
+
+async def read_response(response: aiohttp.ClientResponse, request_id: Any) -> dict[str, Any]:
+    """The JSON-RPC response to a POST, whether the upstream answered with JSON or with SSE."""
+    if response.content_type == "text/event-stream":
+        return await response_message(response.content, request_id)
+    assert response.content_type == "application/json", response.content_type
+    return await response.json()
+
+
+def request(request_id: Any, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params or {}}
+
+
+def initialize_request(request_id: Any = 1, client_name: str = "test-proxy") -> dict[str, Any]:
+    params = {"protocolVersion": PROTOCOL, "capabilities": {}, "clientInfo": {"name": client_name, "version": "1"}}
+    return request(request_id, "initialize", params)
+
+
+def tool_call(request_id: Any, name: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
+    return request(request_id, "tools/call", {"name": name, "arguments": arguments or {}})
+
+
+INITIALIZED = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+
+
+def tool_text(message: dict[str, Any]) -> str:
+    assert "result" in message, message
+    assert not message["result"].get("isError"), message
+    return message["result"]["content"][0]["text"]
+
+
+class McpHttp:
+    """Just enough of an MCP Streamable HTTP client to drive one gateway route by hand."""
+
+    def __init__(self, http: aiohttp.ClientSession, url: str, token: str) -> None:
+        self.http = http
+        self.url = url
+        self.token = token
+        self.session_id: str | None = None
+
+    def headers(self, **extra: str) -> dict[str, str]:
+        headers = {"Authorization": f"Bearer {self.token}", "Accept": ACCEPT}
+        if self.session_id is not None:
+            headers["Mcp-Session-Id"] = self.session_id
+            headers["MCP-Protocol-Version"] = PROTOCOL
+        return {**headers, **extra}
+
+    def post(self, message: Any, **headers: str) -> Any:
+        return self.http.post(self.url, json=message, headers=self.headers(**headers))
+
+    async def initialize(self) -> dict[str, Any]:
+        async with self.post(initialize_request()) as response:
+            assert response.status == 200, await response.text()
+            self.session_id = response.headers["Mcp-Session-Id"]
+            result = await read_response(response, 1)
+        async with self.post(INITIALIZED) as response:
+            assert response.status == 202, await response.text()
+        return result
+
+    async def call(self, message: dict[str, Any], **headers: str) -> dict[str, Any]:
+        async with self.post(message, **headers) as response:
+            assert response.status == 200, await response.text()
+            return await read_response(response, message["id"])
+
+
+async def connect(gateway: GatewayHarness, http: aiohttp.ClientSession, route: str) -> McpHttp:
+    return McpHttp(http, gateway.route_url(route), await gateway.access_token(route))
+
+
+def new_gate() -> str:
+    return f"proxy-{uuid.uuid4().hex}"
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session that also checks "no 500 anywhere": every response any test gets is recorded."""
+    seen: list[tuple[str, str, int]] = []
+
+    async def on_request_end(_: Any, __: Any, params: aiohttp.TraceRequestEndParams) -> None:
+        seen.append((params.method, str(params.url), params.response.status))
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_end.append(on_request_end)
+    async with aiohttp.ClientSession(trace_configs=[trace]) as session:
+        yield session
+    assert not [s for s in seen if s[2] == 500], f"a 500 reached the client: {seen}"
+
+
+# -- extra gateways and a tiny upstream ----------------------------------------------------------
+
+
+@asynccontextmanager
+async def extra_gateway(
+    idp: DevIdentityProvider, routes: list[dict[str, Any]], **config: Any
+) -> AsyncIterator[GatewayHarness]:
+    """A second gateway with its own configuration (limits, origins, routes), stopped afterwards."""
+    harness = await start_harness(idp, routes, **config)
+    try:
+        yield harness
+    finally:
+        await harness.runner.cleanup()
+
+
+class TinyUpstream:
+    """An upstream that shows what happens on its side of the proxy: the request lines it received,
+    and whether a request it was still serving got cancelled (the gateway closed the connection)."""
+
+    def __init__(self) -> None:
+        self.received: list[str] = []
+        self.cancelled = asyncio.Event()
+        self._never = asyncio.Event()
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/stream", self.stream)
+        app.router.add_post("/silent", self.silent)
+        app.router.add_route("*", "/{tail:.*}", self.echo)
+        return app
+
+    async def stream(self, request: web.Request) -> web.StreamResponse:
+        """Streamable HTTP SSE answer that sends one notification and then never finishes."""
+        self.received.append(request.raw_path)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        note = {"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "info", "data": "working"}}
+        await response.write(f"event: message\ndata: {json.dumps(note)}\n\n".encode())
+        await self._wait_forever()
+        return response
+
+    async def silent(self, request: web.Request) -> web.StreamResponse:
+        """Accepts the request and never answers."""
+        self.received.append(request.raw_path)
+        await self._wait_forever()
+        return web.Response()
+
+    async def echo(self, request: web.Request) -> web.Response:
+        self.received.append(request.raw_path)
+        return web.json_response({"raw_path": request.raw_path, "query": dict(request.query)})
+
+    async def _wait_forever(self) -> None:
+        try:
+            await self._never.wait()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
+
+@asynccontextmanager
+async def tiny_upstream() -> AsyncIterator[tuple[TinyUpstream, str]]:
+    upstream = TinyUpstream()
+    # handler_cancellation: a closed connection cancels the handler, which is what we observe.
+    runner = web.AppRunner(upstream.app(), handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    sock = bind_socket("127.0.0.1", 0)
+    await web.SockSite(runner, sock).start()
+    try:
+        yield upstream, f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        await runner.cleanup()
+
+
+# -- streaming ----------------------------------------------------------------------------------
+
+
+async def test_sse_route_relays_events_before_the_upstream_response_completes(
+    gw: GatewayHarness, http: aiohttp.ClientSession, upstream_sse: RunningUpstream
+) -> None:
+    client = await connect(gw, http, "sse")
+    await client.initialize()
+    gate = new_gate()
+    async with client.post(tool_call(2, "gated_stream", {"gate": gate})) as response:
+        assert response.status == 200
+        assert response.content_type == "text/event-stream"
+        async with asyncio.timeout(WAIT):
+            first = await next_message(response.content)
+        # The upstream is still blocked on the gate: this event cannot have come from a buffered body.
+        assert first["method"] == "notifications/message"
+        upstream_sse.release(gate)
+        async with asyncio.timeout(WAIT):
+            final = await response_message(response.content, 2)
+    assert tool_text(final) == f"gate {gate} released"
+
+
+async def open_legacy_stream(
+    gw: GatewayHarness, http: aiohttp.ClientSession, token: str
+) -> tuple[aiohttp.ClientResponse, str]:
+    """GET /legacy/sse; returns the open stream and the endpoint it announced (already rewritten)."""
+    response = await http.get(
+        gw.url + "/legacy/sse", headers={"Authorization": f"Bearer {token}", "Accept": "text/event-stream"}
+    )
+    assert response.status == 200, await response.text()
+    async with asyncio.timeout(WAIT):
+        event = await read_event(response.content)
+    assert event is not None
+    assert event.values("event") == ["endpoint"]
+    return response, event.data
+
+
+async def legacy_handshake(
+    http: aiohttp.ClientSession, stream: aiohttp.ClientResponse, post_url: str, headers: dict[str, str]
+) -> dict[str, Any]:
+    async with http.post(post_url, json=initialize_request(), headers=headers) as posted:
+        assert posted.status == 202, await posted.text()
+    async with asyncio.timeout(WAIT):
+        initialized = await response_message(stream.content, 1)
+    async with http.post(post_url, json=INITIALIZED, headers=headers) as posted:
+        assert posted.status == 202
+    return initialized
+
+
+async def test_legacy_route_relays_events_before_the_upstream_response_completes(
+    gw: GatewayHarness, http: aiohttp.ClientSession, upstream_legacy: RunningUpstream
+) -> None:
+    token = await gw.access_token("legacy")
+    headers = {"Authorization": f"Bearer {token}"}
+    stream, endpoint = await open_legacy_stream(gw, http, token)
+    async with stream:
+        await legacy_handshake(http, stream, gw.url + endpoint, headers)
+        gate = new_gate()
+        call = tool_call(2, "gated_stream", {"gate": gate})
+        async with http.post(gw.url + endpoint, json=call, headers=headers) as posted:
+            assert posted.status == 202
+        async with asyncio.timeout(WAIT):
+            first = await next_message(stream.content)
+        assert first["method"] == "notifications/message"
+        upstream_legacy.release(gate)
+        async with asyncio.timeout(WAIT):
+            final = await response_message(stream.content, 2)
+    assert tool_text(final) == f"gate {gate} released"
+
+
+async def test_idle_stream_gets_keepalive_comments(
+    idp: DevIdentityProvider, http: aiohttp.ClientSession, upstream_sse: RunningUpstream
+) -> None:
+    routes = [{"name": "sse", "path": "/sse/mcp", "upstream": upstream_sse.mcp_url}]
+    async with extra_gateway(idp, routes, limits={"stream_keepalive_seconds": 0.2}) as gateway:
+        client = await connect(gateway, http, "sse")
+        await client.initialize()
+        gate = new_gate()
+        async with client.post(tool_call(2, "gated_stream", {"gate": gate})) as response:
+            async with asyncio.timeout(WAIT):
+                assert (await next_message(response.content))["method"] == "notifications/message"
+                # The upstream is idle until the release; only the gateway can be talking now.
+                for _ in range(MAX_EVENTS):
+                    event = await read_event(response.content)
+                    assert event is not None
+                    if event.comments == [" keep-alive"] and not event.fields:
+                        break
+                else:
+                    raise AssertionError("no keep-alive comment on an idle stream")
+            upstream_sse.release(gate)
+            async with asyncio.timeout(WAIT):
+                final = await response_message(response.content, 2)
+    assert tool_text(final) == f"gate {gate} released"
+
+
+async def test_client_disconnect_cancels_the_upstream_request(
+    idp: DevIdentityProvider, http: aiohttp.ClientSession
+) -> None:
+    """2026-07-28 transport: closing the SSE response stream MUST be treated as cancellation, so
+    the gateway must close its upstream request when its client goes away (SPEC §5.2)."""
+    async with tiny_upstream() as (upstream, base):
+        routes = [{"name": "tiny", "path": "/tiny/mcp", "upstream": base + "/stream"}]
+        async with extra_gateway(idp, routes) as gateway:
+            client = await connect(gateway, http, "tiny")
+            response = await client.post(tool_call(2, "gated_stream", {"gate": "never"}))
+            async with asyncio.timeout(WAIT):
+                assert (await next_message(response.content))["method"] == "notifications/message"
+            assert not upstream.cancelled.is_set()
+            response.close()  # drops the connection, as a client that goes away does
+            async with asyncio.timeout(WAIT):
+                await upstream.cancelled.wait()
+
+
+# -- sessions (2025-11-25) and sessionless 2026-07-28 ----------------------------------------------
+
+
+@pytest.mark.parametrize("route", ["json", "sse", "everything"])
+async def test_initialize_result_advertises_the_ema_extension(
+    gw: GatewayHarness, http: aiohttp.ClientSession, route: str
+) -> None:
+    result = (await (await connect(gw, http, route)).initialize())["result"]
+    assert result["capabilities"]["extensions"][EMA_EXTENSION] == {}
+    assert result["protocolVersion"] == PROTOCOL
+    assert result["serverInfo"]["name"]  # the rest of the upstream's result is intact
+
+
+@pytest.mark.parametrize(("route", "upstream_fixture"), [("json", "upstream_json"), ("sse", "upstream_sse")])
+async def test_session_id_passes_through_unchanged_and_carries_later_requests(
+    gw: GatewayHarness, http: aiohttp.ClientSession, request: pytest.FixtureRequest, route: str, upstream_fixture: str
+) -> None:
+    upstream: RunningUpstream = request.getfixturevalue(upstream_fixture)
+    client = await connect(gw, http, route)
+    await client.initialize()
+    assert client.session_id
+    assert tool_text(await client.call(tool_call(2, "echo", {"text": "through the gateway"}))) == "through the gateway"
+    # The id is the upstream's own: the upstream accepts it directly, without the gateway.
+    direct = {"Accept": ACCEPT, "Mcp-Session-Id": client.session_id, "MCP-Protocol-Version": PROTOCOL}
+    async with http.post(upstream.mcp_url, json=tool_call(3, "echo", {"text": "direct"}), headers=direct) as response:
+        assert response.status == 200
+        assert tool_text(await read_response(response, 3)) == "direct"
+
+
+async def test_get_with_session_opens_an_event_stream(gw: GatewayHarness, http: aiohttp.ClientSession) -> None:
+    client = await connect(gw, http, "json")
+    await client.initialize()
+    async with http.get(client.url, headers=client.headers(Accept="text/event-stream")) as response:
+        assert response.status == 200
+        assert response.content_type == "text/event-stream"
+        assert response.headers["Mcp-Session-Id"] == client.session_id
+        assert response.headers.getall("X-Accel-Buffering") == ["no"]
+
+
+async def test_delete_ends_the_session_and_the_upstream_404_passes_through(
+    gw: GatewayHarness, http: aiohttp.ClientSession
+) -> None:
+    client = await connect(gw, http, "json")
+    await client.initialize()
+    async with http.delete(client.url, headers=client.headers()) as response:
+        assert response.status == 200
+        assert response.headers["Mcp-Session-Id"] == client.session_id
+    async with client.post(tool_call(2, "echo", {"text": "too late"})) as response:
+        assert response.status == 404
+        body = await response.json()
+    assert body["error"]["message"] == "Session not found"
+
+
+@pytest.mark.parametrize(
+    ("case", "extra_headers", "message"),
+    [
+        ("no session", {}, tool_call(2, "echo", {"text": "x"})),
+        ("unknown session", {"Mcp-Session-Id": "0" * 32, "MCP-Protocol-Version": PROTOCOL}, request(2, "tools/list")),
+        ("Mcp-Method mismatch", {"MCP-Protocol-Version": MODERN_PROTOCOL, "Mcp-Method": "tools/list"}, None),
+        ("not JSON", {}, "{oops"),
+    ],
+)
+async def test_upstream_errors_pass_through_unchanged(
+    gw: GatewayHarness,
+    http: aiohttp.ClientSession,
+    upstream_json: RunningUpstream,
+    case: str,
+    extra_headers: dict[str, str],
+    message: Any,
+) -> None:
+    """Clients decide on fallback and re-initialisation from the upstream's status and JSON-RPC body
+    (SPEC §5.2), so the gateway must not replace them with its own."""
+    if message is None:
+        message = discover_request()
+    body = message.encode() if isinstance(message, str) else json.dumps(message).encode()
+    headers = {"Accept": ACCEPT, "Content-Type": "application/json", **extra_headers}
+    async with http.post(upstream_json.mcp_url, data=body, headers=headers) as response:
+        direct = (response.status, await response.read())
+    token = await gw.access_token("json")
+    async with http.post(
+        gw.route_url("json"), data=body, headers={**headers, "Authorization": f"Bearer {token}"}
+    ) as response:
+        proxied = (response.status, await response.read())
+    assert 400 <= direct[0] < 500, direct
+    assert proxied == direct
+
+
+def discover_request(request_id: Any = 1) -> dict[str, Any]:
+    meta = {
+        "io.modelcontextprotocol/protocolVersion": MODERN_PROTOCOL,
+        "io.modelcontextprotocol/clientCapabilities": {},
+    }
+    return request(request_id, "server/discover", {"_meta": meta})
+
+
+@pytest.mark.parametrize("route", ["json", "sse"])
+async def test_sessionless_server_discover_passes_through(
+    gw: GatewayHarness, http: aiohttp.ClientSession, route: str
+) -> None:
+    token = await gw.access_token(route)
+    headers = {
+        "Authorization": f"Bearer {token}",
+        "Accept": ACCEPT,
+        "MCP-Protocol-Version": MODERN_PROTOCOL,
+        "Mcp-Method": "server/discover",
+    }
+    async with http.post(gw.route_url(route), json=discover_request(7), headers=headers) as response:
+        assert response.status == 200
+        assert "Mcp-Session-Id" not in response.headers
+        message = await read_response(response, 7)
+    result = message["result"]
+    assert result["supportedVersions"] == [MODERN_PROTOCOL]
+    assert result["_meta"]["io.modelcontextprotocol/serverInfo"]["name"] == "gateway-test-upstream"
+    assert result["capabilities"]["extensions"][EMA_EXTENSION] == {}
+    assert "tools" in result["capabilities"]
+
+
+# -- headers ------------------------------------------------------------------------------------
+
+
+async def headers_seen(client: McpHttp, **headers: str) -> dict[str, str]:
+    return json.loads(tool_text(await client.call(tool_call(9, "headers_seen"), **headers)))
+
+
+async def test_upstream_never_sees_client_credentials(gw: GatewayHarness, http: aiohttp.ClientSession) -> None:
+    client = await connect(gw, http, "json")
+    await client.initialize()
+    seen = await headers_seen(
+        client, Cookie="sid=secret-cookie", Origin=gw.url, **{"Proxy-Authorization": "Basic c2VjcmV0"}
+    )
+    assert {"authorization", "cookie", "origin", "proxy-authorization"}.isdisjoint(seen), seen
+    assert client.token not in json.dumps(seen)
+
+
+async def test_upstream_sees_forwarded_headers_and_its_own_host(
+    gw: GatewayHarness, http: aiohttp.ClientSession, upstream_json: RunningUpstream
+) -> None:
+    client = await connect(gw, http, "json")
+    await client.initialize()
+    # The SDK upstream refuses (421) a Host outside its allow-list; the exact value is checked too.
+    seen = await headers_seen(client, **{"X-Forwarded-For": "203.0.113.7"})
+    assert seen["host"] == upstream_json.host_port
+    assert seen["x-forwarded-for"] == "203.0.113.7, 127.0.0.1"
+    assert seen["x-forwarded-proto"] == "http"
+    assert seen["x-forwarded-host"] == gw.url.removeprefix("http://")
+
+
+async def test_mcp_transport_headers_reach_the_upstream(gw: GatewayHarness, http: aiohttp.ClientSession) -> None:
+    client = await connect(gw, http, "json")
+    await client.initialize()
+    sent = {"Mcp-Method": "tools/call", "Mcp-Name": "headers_seen", "Mcp-Param-Region": "=?base64?ZXU=?="}
+    seen = await headers_seen(client, **sent)
+    assert seen["mcp-session-id"] == client.session_id
+    assert seen["mcp-protocol-version"] == PROTOCOL
+    assert seen["accept"] == ACCEPT
+    assert {k.lower(): v for k, v in sent.items()}.items() <= seen.items()
+
+
+async def test_hop_by_hop_headers_are_dropped(gw: GatewayHarness, http: aiohttp.ClientSession) -> None:
+    client = await connect(gw, http, "json")
+    await client.initialize()
+    seen = await headers_seen(
+        client,
+        Connection="keep-alive, X-Hop-Secret",
+        **{"X-Hop-Secret": "only for the next hop", "Keep-Alive": "timeout=5", "X-End-To-End": "kept"},
+    )
+    assert seen["x-end-to-end"] == "kept"
+    assert {"x-hop-secret", "keep-alive"}.isdisjoint(seen), seen
+    assert "X-Hop-Secret" not in seen.get("connection", "")
+
+
+async def test_route_upstream_headers_are_added_with_env_expansion(
+    idp: DevIdentityProvider,
+    http: aiohttp.ClientSession,
+    upstream_json: RunningUpstream,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PROXY_TEST_UPSTREAM_KEY", "k-0123456789")
+    route = {
+        "name": "keyed",
+        "path": "/keyed/mcp",
+        "upstream": upstream_json.mcp_url,
+        "upstream_headers": {"X-Upstream-Key": "Bearer ${PROXY_TEST_UPSTREAM_KEY}", "X-Tenant": "acme"},
+    }
+    async with extra_gateway(idp, [route]) as gateway:
+        client = await connect(gateway, http, "keyed")
+        await client.initialize()
+        # A client cannot forge or add to the configured value.
+        seen = await headers_seen(client, **{"X-Upstream-Key": "forged"})
+    assert seen["x-upstream-key"] == "Bearer k-0123456789"
+    assert seen["x-tenant"] == "acme"
+
+
+async def test_every_response_carries_a_request_id(gw: GatewayHarness, http: aiohttp.ClientSession) -> None:
+    token = await gw.access_token("json")
+    auth = {"Authorization": f"Bearer {token}", "Accept": ACCEPT}
+    sse_client = await connect(gw, http, "sse")
+    async with sse_client.post(initialize_request()) as sse_response:
+        assert sse_response.content_type == "text/event-stream"
+        ids = [sse_response.headers.get("X-Request-Id")]
+    for method, path, headers in [
+        ("POST", "/json/mcp", auth),  # upstream JSON, rewritten
+        ("POST", "/json/mcp", {}),  # gateway 401
+        ("DELETE", "/json/mcp", auth),  # upstream 400, streamed through
+        ("GET", "/nowhere", {}),  # gateway 404
+        ("PUT", "/json/mcp", auth),  # gateway 405
+    ]:
+        async with http.request(method, gw.url + path, json=initialize_request(), headers=headers) as response:
+            ids.append(response.headers.get("X-Request-Id"))
+    assert all(i is not None and len(i) == 32 for i in ids), ids
+    assert len(set(ids)) == len(ids)
+
+
+async def test_event_streams_disable_proxy_buffering(idp: DevIdentityProvider, http: aiohttp.ClientSession) -> None:
+    """The tiny upstream does not send X-Accel-Buffering itself, so the header is the gateway's."""
+    async with tiny_upstream() as (_, base):
+        routes = [{"name": "tiny", "path": "/tiny/mcp", "upstream": base + "/stream"}]
+        async with extra_gateway(idp, routes) as gateway:
+            client = await connect(gateway, http, "tiny")
+            async with client.post(tool_call(1, "anything")) as response:
+                assert response.content_type == "text/event-stream"
+                assert response.headers.getall("X-Accel-Buffering") == ["no"]
+                assert response.headers["Cache-Control"] == "no-cache"
+                assert "Content-Encoding" not in response.headers
+
+
+# -- legacy HTTP+SSE (2024-11-05) ----------------------------------------------------------------
+
+
+async def test_legacy_endpoint_is_rewritten_and_posting_there_works(
+    gw: GatewayHarness, http: aiohttp.ClientSession
+) -> None:
+    token = await gw.access_token("legacy")
+    headers = {"Authorization": f"Bearer {token}"}
+    stream, endpoint = await open_legacy_stream(gw, http, token)
+    async with stream:
+        assert stream.headers.getall("X-Accel-Buffering") == ["no"]
+        assert endpoint.startswith("/legacy/messages/?session_id=")
+        initialized = await legacy_handshake(http, stream, gw.url + endpoint, headers)
+        assert initialized["result"]["serverInfo"]["name"] == "gateway-test-upstream"
+        async with http.post(gw.url + endpoint, json=tool_call(2, "add", {"a": 2, "b": 40}), headers=headers) as p:
+            assert p.status == 202
+        async with asyncio.timeout(WAIT):
+            answer = await response_message(stream.content, 2)
+    assert tool_text(answer) == "42"
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+
+async def test_unreachable_upstream_gets_a_fast_502_naming_the_route(
+    gw: GatewayHarness, http: aiohttp.ClientSession
+) -> None:
+    client = await connect(gw, http, "dead")
+    started = time.monotonic()
+    async with asyncio.timeout(WAIT), client.post(tool_call(5, "echo")) as response:
+        assert response.status == 502
+        body = await response.json()
+    assert time.monotonic() - started < 2.0
+    assert body["id"] == 5
+    assert body["error"]["code"] == -32010
+    assert "'dead'" in body["error"]["message"]
+
+
+async def test_upstream_that_never_answers_gets_504(idp: DevIdentityProvider, http: aiohttp.ClientSession) -> None:
+    async with tiny_upstream() as (upstream, base):
+        routes = [{"name": "silent", "path": "/silent/mcp", "upstream": base + "/silent"}]
+        async with extra_gateway(idp, routes, limits={"upstream_timeout_seconds": 1}) as gateway:
+            client = await connect(gateway, http, "silent")
+            async with asyncio.timeout(WAIT), client.post(tool_call(6, "echo")) as response:
+                assert response.status == 504
+                body = await response.json()
+            assert body["id"] == 6
+            assert body["error"]["code"] == -32011
+            assert "'silent'" in body["error"]["message"]
+            # The gateway gave up on the upstream request too, instead of leaving it open.
+            async with asyncio.timeout(WAIT):
+                await upstream.cancelled.wait()
+
+
+def initialize_body_of_size(size: int) -> bytes:
+    body = json.dumps(initialize_request(client_name="")).encode()
+    return json.dumps(initialize_request(client_name="x" * (size - len(body)))).encode()
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_body_above_the_limit_gets_413_and_is_not_forwarded(
+    idp: DevIdentityProvider, http: aiohttp.ClientSession, upstream_json: RunningUpstream, chunked: bool
+) -> None:
+    limit = 1024
+    routes = [{"name": "json", "path": "/json/mcp", "upstream": upstream_json.mcp_url}]
+    async with extra_gateway(idp, routes, limits={"max_request_bytes": limit}) as gateway:
+        client = await connect(gateway, http, "json")
+
+        async def post(body: bytes) -> tuple[int, bytes]:
+            async def chunks() -> AsyncIterator[bytes]:
+                yield body[:100]
+                yield body[100:]
+
+            headers = client.headers(**{"Content-Type": "application/json"})
+            async with http.post(client.url, data=chunks() if chunked else body, headers=headers) as response:
+                return response.status, await response.read()
+
+        assert (await post(initialize_body_of_size(limit)))[0] == 200  # at the limit: forwarded
+        upstream_json.reset()
+        status, body = await post(initialize_body_of_size(limit + 1))
+    assert status == 413
+    assert json.loads(body)["error"]["code"] == -32600
+    assert upstream_json.recorded() == []
+
+
+@pytest.mark.parametrize("method", ["POST", "GET", "DELETE", "OPTIONS"])
+@pytest.mark.parametrize("origin", [FOREIGN_ORIGIN, "null", "not a url"])
+async def test_foreign_origin_gets_403_and_is_not_forwarded(
+    gw: GatewayHarness, http: aiohttp.ClientSession, upstream_json: RunningUpstream, method: str, origin: str
+) -> None:
+    client = await connect(gw, http, "json")
+    upstream_json.reset()
+    headers = client.headers(Origin=origin, **{"Access-Control-Request-Method": "POST"})
+    async with http.request(method, client.url, json=initialize_request(), headers=headers) as response:
+        assert response.status == 403
+        body = await response.json()
+        assert "Access-Control-Allow-Origin" not in response.headers
+    assert body["error"]["code"] == -32003
+    assert upstream_json.recorded() == []
+
+
+async def test_allowed_origin_is_forwarded_with_cors_headers(
+    idp: DevIdentityProvider, http: aiohttp.ClientSession, upstream_json: RunningUpstream
+) -> None:
+    routes = [{"name": "json", "path": "/json/mcp", "upstream": upstream_json.mcp_url}]
+    async with extra_gateway(idp, routes, allowed_origins=[APP_ORIGIN]) as gateway:
+        client = await connect(gateway, http, "json")
+        # The SDK upstream answers 403 to an Origin it does not know: success shows it was not sent on.
+        async with client.post(initialize_request(), Origin=APP_ORIGIN) as response:
+            assert response.status == 200
+            assert response.headers["Access-Control-Allow-Origin"] == APP_ORIGIN
+            exposed = {h.strip().lower() for h in response.headers["Access-Control-Expose-Headers"].split(",")}
+            assert "Origin" in response.headers.getall("Vary")
+        assert {"mcp-session-id", "www-authenticate"} <= exposed
+        # A browser must be able to read the 401 challenge too.
+        async with http.post(client.url, json=initialize_request(), headers={"Origin": APP_ORIGIN}) as response:
+            assert response.status == 401
+            assert response.headers["Access-Control-Allow-Origin"] == APP_ORIGIN
+
+
+async def test_preflight_from_an_allowed_origin_gets_204(
+    idp: DevIdentityProvider, http: aiohttp.ClientSession, upstream_json: RunningUpstream
+) -> None:
+    routes = [{"name": "json", "path": "/json/mcp", "upstream": upstream_json.mcp_url}]
+    async with extra_gateway(idp, routes, allowed_origins=[APP_ORIGIN]) as gateway:
+        headers = {
+            "Origin": APP_ORIGIN,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type, mcp-protocol-version, mcp-session-id",
+        }
+        # No bearer token: browsers never send credentials on a preflight.
+        async with http.options(gateway.route_url("json"), headers=headers) as response:
+            assert response.status == 204
+            assert response.headers["Access-Control-Allow-Origin"] == APP_ORIGIN
+            allowed = {h.strip().lower() for h in response.headers["Access-Control-Allow-Headers"].split(",")}
+            methods = {m.strip() for m in response.headers["Access-Control-Allow-Methods"].split(",")}
+    assert {"authorization", "content-type", "mcp-protocol-version", "mcp-session-id", "last-event-id"} <= allowed
+    assert {"mcp-method", "mcp-name"} <= allowed
+    assert {"GET", "POST", "DELETE"} <= methods
+
+
+@pytest.mark.parametrize("method", ["PUT", "PATCH", "HEAD"])
+async def test_unsupported_method_gets_405(gw: GatewayHarness, http: aiohttp.ClientSession, method: str) -> None:
+    client = await connect(gw, http, "json")
+    async with http.request(method, client.url, headers=client.headers()) as response:
+        assert response.status == 405
+        assert {m.strip() for m in response.headers["Allow"].split(",")} == {"GET", "POST", "DELETE"}
+
+
+@pytest.mark.parametrize("path", ["/nowhere", "/json", "/json/mcpx", "/", "/json%2Fmcp"])
+async def test_unknown_path_gets_404(gw: GatewayHarness, http: aiohttp.ClientSession, path: str) -> None:
+    token = await gw.access_token("json")
+    url = URL(gw.url + path, encoded=True)
+    async with http.post(url, json=initialize_request(), headers={"Authorization": f"Bearer {token}"}) as response:
+        assert response.status == 404
+        assert (await response.json()) == {"error": "no route for this path"}
+
+
+@pytest.mark.parametrize(
+    "rest",
+    ["/../../secret", "/..%2F..%2Fsecret", "/%2E%2E/%2e%2e/secret", "/a/./../../secret", "/..\\..\\secret", "/.."],
+)
+async def test_dot_segments_cannot_leave_the_route_prefix(
+    idp: DevIdentityProvider, http: aiohttp.ClientSession, rest: str
+) -> None:
+    """The upstream URL is the route's upstream plus the rest of the path; URL normalisation must not
+    turn '/tiny/mcp/../../secret' into the upstream host's '/secret' (outside what the token covers)."""
+    async with tiny_upstream() as (upstream, base):
+        routes = [{"name": "tiny", "path": "/tiny/mcp", "upstream": base + "/echo/mcp"}]
+        async with extra_gateway(idp, routes) as gateway:
+            client = await connect(gateway, http, "tiny")
+            async with http.get(client.url, headers=client.headers()) as response:
+                assert response.status == 200  # control: the route itself reaches the upstream
+            url = URL(client.url + rest, encoded=True)  # sent as written, not normalised by the client
+            async with http.get(url, headers=client.headers()) as response:
+                assert response.status == 404
+    assert upstream.received == ["/echo/mcp"]
+
+
+async def test_path_and_query_are_forwarded_verbatim(idp: DevIdentityProvider, http: aiohttp.ClientSession) -> None:
+    async with tiny_upstream() as (upstream, base):
+        routes = [{"name": "tiny", "path": "/tiny", "upstream": base + "/echo"}]
+        async with extra_gateway(idp, routes) as gateway:
+            client = await connect(gateway, http, "tiny")
+            raw = "/messages/a%2Fb%20c?session_id=s%2B1&q=%23frag%26x%3Dy&pct=%2541"
+            async with http.get(URL(client.url + raw, encoded=True), headers=client.headers()) as response:
+                assert response.status == 200
+                echoed = await response.json()
+    assert echoed["raw_path"] == "/echo" + raw
+    assert echoed["query"] == {"session_id": "s+1", "q": "#frag&x=y", "pct": "%41"}
+    assert upstream.received == ["/echo" + raw]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"not json", b"", b"[]", b"[1]", b"\xff\xfe", b'{"id": {"a": [1]}}'],
+    ids=["text", "empty", "empty batch", "batch of numbers", "bad utf-8", "object id"],
+)
+async def test_malformed_bodies_are_the_upstreams_to_reject(
+    gw: GatewayHarness, http: aiohttp.ClientSession, body: bytes
+) -> None:
+    token = await gw.access_token("json")
+    headers = {"Authorization": f"Bearer {token}", "Accept": ACCEPT, "Content-Type": "application/json"}
+    async with http.post(gw.route_url("json"), data=body, headers=headers) as response:
+        assert response.status == 400
+        assert (await response.json())["jsonrpc"] == "2.0"  # the upstream's JSON-RPC error, not ours
+
+
+async def test_deeply_nested_body_is_forwarded_not_a_500(idp: DevIdentityProvider, http: aiohttp.ClientSession) -> None:
+    """The gateway inspects bodies for handshake requests; JSON nested past Python's recursion limit
+    must not crash that inspection (the SDK test upstream itself answers such a body with a 500, so
+    a tiny upstream stands in for it)."""
+    body = b"[" * 100_000 + b"]" * 100_000
+    async with tiny_upstream() as (upstream, base):
+        routes = [{"name": "tiny", "path": "/tiny/mcp", "upstream": base + "/echo"}]
+        async with extra_gateway(idp, routes) as gateway:
+            client = await connect(gateway, http, "tiny")
+            headers = client.headers(**{"Content-Type": "application/json"})
+            async with http.post(client.url, data=body, headers=headers) as response:
+                assert response.status == 200
+    assert upstream.received == ["/echo"]
