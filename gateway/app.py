@@ -1,49 +1,78 @@
 """Assembles the gateway: authorization server, resource server and proxy in one aiohttp app.
 
 A proxied request reads top to bottom in ``Gateway.handle_route``: route lookup -> Origin check ->
-bearer token -> body limit -> forward. Everything the gateway answers itself (discovery, token,
-health) is registered before the catch-all route.
+bearer token (and revocation) -> body limit -> runtime policy and scopes -> session binding ->
+forward -> audit. Everything the gateway answers itself (discovery, token, health) is registered
+before the catch-all route. All config-derived state lives in one ``Runtime`` that reloads swap.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import socket
 import time
 import uuid
+from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
 
-from gateway.bearer import BearerChallenge, BearerGuard
-from gateway.config import GatewayConfig
+from gateway.audit import AuditLog, elapsed_ms
+from gateway.bearer import BearerChallenge, BearerGuard, challenge_response
+from gateway.config import ConfigError, GatewayConfig, RouteConfig, load_config
+from gateway.enforce import HEADER_MISMATCH, Plan, error_response, plan_request
 from gateway.http import BodyTooLarge, read_limited
+from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gateway.metrics import NO_ROUTE, Metrics, method_class
 from gateway.oauth import metadata
-from gateway.oauth.access_token import AccessTokenService
-from gateway.oauth.client_auth import ClientAuthenticator
-from gateway.oauth.idjag import IdJagValidator
+from gateway.oauth.access_token import AccessTokenService, Principal
 from gateway.oauth.jwks import KeyRing
-from gateway.oauth.keys import SigningKey, load_signing_key
-from gateway.oauth.replay import MemoryReplayStore, ReplayStore
-from gateway.oauth.token_endpoint import TokenEndpoint
-from gateway.proxy.forward import ForwardRequest, Upstream, jsonrpc_error, upstream_path_remainder
-from gateway.proxy.jsonrpc import parse_body, rewriter_for
-from gateway.proxy.origin import OriginPolicy
+from gateway.oauth.keys import SigningKey, SigningKeyError
+from gateway.oauth.replay import ReplayStore, open_replay_store
+from gateway.oauth.token_endpoint import GrantOutcome
+from gateway.proxy.forward import (
+    SESSION_PARAMS,
+    ForwardRequest,
+    jsonrpc_error,
+    upstream_path_remainder,
+    wrap_session_params,
+)
+from gateway.proxy.headers import SESSION_HEADER
+from gateway.proxy.jsonrpc import parse_body
 from gateway.routes import RouteTable
+from gateway.runtime import ReloadRefused, Runtime
+from gateway.sessions import SessionCheck, principal_key
 
 log = logging.getLogger("gateway")
 
 REQUEST_ID = web.RequestKey("request_id", str)
 PRINCIPAL = web.RequestKey("principal", object)
+METHOD_CLASS = web.RequestKey("method_class", str)
 
 FORWARDED_METHODS = frozenset({"GET", "POST", "DELETE"})
 INVALID_REQUEST = -32600
 FORBIDDEN = -32003
+SESSION_NOT_FOUND = -32001
 _JWKS_RETRY_SECONDS = 10.0
+_CALL_EVENTS = {
+    "tools": ("tool.called", "tool.denied"),
+    "resources": ("resource.accessed", "resource.denied"),
+    "prompts": ("prompt.got", "prompt.denied"),
+}
+
+
+class _Refusal(Exception):
+    """A request the gateway answers itself, with the audit reason to record."""
+
+    def __init__(self, response: web.Response, reason: str, event: str = "request.denied") -> None:
+        super().__init__(reason)
+        self.response = response
+        self.reason = reason
+        self.event = event
 
 
 class Gateway:
@@ -54,67 +83,160 @@ class Gateway:
         signing_key: SigningKey | None = None,
         replay_store: ReplayStore | None = None,
         jwks_min_refresh_seconds: float = 30,
+        config_path: str | None = None,
     ) -> None:
-        self.config = config
+        self.replay_store = replay_store or open_replay_store(config.replay_store)
+        self.audit = AuditLog(config.audit_sink)
+        self.config_path = config_path
         self._jwks_min_refresh = jwks_min_refresh_seconds
-        self.routes = RouteTable(config.routes)
-        self.signing_key = signing_key or load_signing_key(config.authorization.signing_key_file)
-        self.replay_store = replay_store or MemoryReplayStore()
-        self.tokens = AccessTokenService(
-            self.signing_key, config.authorization.issuer, config.authorization.access_token_ttl_seconds
-        )
-        self.guard = BearerGuard(self.tokens)
-        self.origins = OriginPolicy(config.allowed_origins)
-        public_scheme = urlsplit(config.public_url).scheme
-        self.upstreams = {r.name: Upstream(r, config.limits, public_scheme) for r in config.routes}
-        self.keys: KeyRing | None = None
-        self.token_endpoint: TokenEndpoint | None = None
         self._idp_session: aiohttp.ClientSession | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._config_digest: bytes | None = None
+        self.draining = False
+        self.metrics = Metrics(lambda: dict(self.runtime.keys.sets))
+        self._metrics_runner: web.AppRunner | None = None
+        self.runtime = Runtime.build(
+            config,
+            replay_store=self.replay_store,
+            idp_session=self.idp_session,
+            on_grant=self._audit_grant,
+            jwks_min_refresh_seconds=jwks_min_refresh_seconds,
+            metrics=self.metrics,
+            signing_key=signing_key,
+        )
+
+    # Convenience views of the current runtime (tests, benchmarks, the demo).
+    @property
+    def config(self) -> GatewayConfig:
+        return self.runtime.config
+
+    @property
+    def routes(self) -> RouteTable:
+        return self.runtime.routes
+
+    @property
+    def tokens(self) -> AccessTokenService:
+        return self.runtime.tokens
+
+    @property
+    def guard(self) -> BearerGuard:
+        return self.runtime.guard
+
+    @property
+    def keys(self) -> KeyRing:
+        return self.runtime.keys
+
+    @property
+    def signing_key(self) -> SigningKey:
+        return self.runtime.signing_key
+
+    def idp_session(self) -> aiohttp.ClientSession:
+        if self._idp_session is None or self._idp_session.closed:
+            self._idp_session = aiohttp.ClientSession(headers={"User-Agent": "mcp-auth-gateway"})
+        return self._idp_session
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def make_app(self) -> web.Application:
         app = web.Application(middlewares=[self._request_id_and_errors], client_max_size=1024**2)
         app.on_startup.append(self._on_startup)
+        app.on_shutdown.append(self._on_shutdown)
         app.on_cleanup.append(self._on_cleanup)
         self._add_routes(app)
         return app
 
     async def _on_startup(self, app: web.Application) -> None:
-        self._idp_session = aiohttp.ClientSession(headers={"User-Agent": "mcp-auth-gateway"})
-        self.keys = KeyRing(
-            self.config.authorization.identity_providers,
-            self._idp_session,
-            min_refresh_seconds=self._jwks_min_refresh,
-        )
-        validator = IdJagValidator(self.config.authorization, self.routes, self.keys, self.replay_store)
-        self.token_endpoint = TokenEndpoint(
-            ClientAuthenticator(self.config.authorization.clients), validator, self.tokens
-        )
-        await self.keys.prefetch()
-        if not self.keys.ready:
+        await self.audit.start()
+        if self.config.metrics_listen is not None:
+            # A separate port that carries no auth and is not exposed publicly (scraped in-cluster).
+            metrics_app = web.Application()
+            metrics_app.router.add_get("/metrics", self.metrics_endpoint)
+            self._metrics_runner = web.AppRunner(metrics_app, access_log=None)
+            await self._metrics_runner.setup()
+            host, port = self.config.metrics_listen
+            await web.TCPSite(self._metrics_runner, host, port).start()
+        await self.runtime.keys.prefetch()
+        if not self.runtime.keys.ready:
             self._spawn(self._retry_jwks())
+        if self.config_path and self.config.reload_watch_seconds > 0:
+            self._config_digest = await asyncio.to_thread(_digest, self.config_path)
+            self._spawn(self._watch_config())
 
     async def _retry_jwks(self) -> None:
         """Keep trying IdPs whose keys could not be fetched at startup, so /readyz turns green."""
-        assert self.keys is not None
-        while not self.keys.ready:
+        while not self.runtime.keys.ready:
             await asyncio.sleep(_JWKS_RETRY_SECONDS)
-            await asyncio.gather(*(s.refresh() for s in self.keys.sets.values() if not s.has_keys))
+            keys = self.runtime.keys
+            await asyncio.gather(*(s.refresh() for s in keys.sets.values() if not s.has_keys))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    def drain(self) -> int:
+        """Start a graceful shutdown: /readyz turns 503 and live event streams are ended cleanly
+        (clients reconnect elsewhere); in-flight requests finish. Returns the streams ended."""
+        self.draining = True
+        return sum(upstream.end_streams() for upstream in self.runtime.upstreams.values())
+
+    async def _on_shutdown(self, app: web.Application) -> None:
+        self.drain()
+
     async def _on_cleanup(self, app: web.Application) -> None:
         for task in list(self._background):
             task.cancel()
-        for upstream in self.upstreams.values():
+        for upstream in self.runtime.upstreams.values():
             await upstream.close()
         if self._idp_session is not None:
             await self._idp_session.close()
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+        await self.replay_store.close()
+        await self.audit.close()
+
+    # -- reload ----------------------------------------------------------------------------
+
+    async def reload(self, config: GatewayConfig | None = None) -> bool:
+        """Validate, then swap atomically. On any problem the running config stays and the
+        problem is logged; returns whether the new config is now active."""
+        try:
+            if config is None:
+                if not self.config_path:
+                    raise ReloadRefused("no config file to reload from")
+                config = await asyncio.to_thread(load_config, self.config_path)
+            new = Runtime.build(
+                config,
+                replay_store=self.replay_store,
+                idp_session=self.idp_session,
+                on_grant=self._audit_grant,
+                jwks_min_refresh_seconds=self._jwks_min_refresh,
+                metrics=self.metrics,
+                previous=self.runtime,
+            )
+        except (ConfigError, SigningKeyError, ReloadRefused) as exc:
+            self.metrics.reloads.labels("failure").inc()
+            log.error("config reload refused, keeping the running config: %s", exc)
+            self.audit.emit("config.reload", decision="deny", reason=str(exc))
+            return False
+        old, self.runtime = self.runtime, new
+        for upstream in old.retired_upstreams(new):
+            self._spawn(upstream.close())  # ends that route's streams cleanly
+        await new.keys.prefetch_missing()
+        self.metrics.reloads.labels("success").inc()
+        log.info("config reloaded: %d routes", len(new.config.routes))
+        self.audit.emit("config.reload", decision="allow", reason=f"{len(new.config.routes)} routes")
+        return True
+
+    async def _watch_config(self) -> None:
+        """Kubernetes updates a mounted ConfigMap by swapping a symlink: poll the content."""
+        assert self.config_path is not None
+        while True:
+            await asyncio.sleep(self.config.reload_watch_seconds)
+            digest = await asyncio.to_thread(_digest, self.config_path)
+            if digest is not None and digest != self._config_digest:
+                self._config_digest = digest
+                await self.reload()
 
     def _add_routes(self, app: web.Application) -> None:
         router = app.router
@@ -129,6 +251,8 @@ class Gateway:
         router.add_get(metadata.JWKS_PATH, self.jwks)
         router.add_get(metadata.AUTHORIZE_PATH, metadata.authorize_refusal)
         router.add_post(metadata.TOKEN_PATH, self.token)
+        if self.config.metrics_listen is None:
+            router.add_get("/metrics", self.metrics_endpoint)
         router.add_route("*", "/{tail:.*}", self.handle_route)
 
     @web.middleware
@@ -142,12 +266,7 @@ class Gateway:
         except web.HTTPException as exc:
             response = _plain_error(exc.status, exc.reason)
         except asyncio.CancelledError:
-            log.info(
-                "%s %s cancelled by client after %.3fs",
-                request.method,
-                request.path,
-                time.monotonic() - started,
-            )
+            log.info("%s %s cancelled by client after %.3fs", request.method, request.path, time.monotonic() - started)
             raise
         except Exception:
             log.exception("unhandled error on %s %s (request %s)", request.method, request.path, request_id)
@@ -170,9 +289,13 @@ class Gateway:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        """Ready once config is loaded and every trusted IdP's keys were fetched at least once."""
-        if self.keys is None or not self.keys.ready:
-            missing = [i for i, s in (self.keys.sets.items() if self.keys else []) if not s.has_keys]
+        """Ready once config is loaded and every trusted IdP's keys were fetched at least once;
+        not ready while draining, so load balancers stop sending new requests."""
+        if self.draining:
+            return web.json_response({"status": "draining"}, status=503)
+        keys = self.runtime.keys
+        if not keys.ready:
+            missing = [issuer for issuer, s in keys.sets.items() if not s.has_keys]
             return web.json_response({"status": "not ready", "idp_keys_missing": missing}, status=503)
         return web.json_response({"status": "ready"})
 
@@ -183,75 +306,290 @@ class Gateway:
         """RFC 9728 §3.1 path insertion: /.well-known/oauth-protected-resource<route path>. Paths
         under a route (e.g. a legacy ``/sse`` endpoint) resolve to that route's document; the root
         document exists only when there is a single route."""
+        runtime = self.runtime
         tail = request.match_info["tail"]
-        match = self.routes.match_path(tail) if tail else None
-        if match is None and not tail and len(self.routes) == 1:
-            route = next(iter(self.routes))
+        match = runtime.routes.match_path(tail) if tail else None
+        if match is None and not tail and len(runtime.routes) == 1:
+            route = next(iter(runtime.routes))
         elif match is not None:
             route = match[0]
         else:
             return web.json_response({"error": "not_found"}, status=404, headers=metadata.DISCOVERY_CORS)
-        document = metadata.protected_resource_metadata(route, self.config.authorization.issuer)
+        document = metadata.protected_resource_metadata(route, runtime.config.authorization.issuer)
         return web.json_response(document, headers=metadata.DISCOVERY_CORS)
+
+    async def metrics_endpoint(self, request: web.Request) -> web.Response:
+        self.metrics.audit_dropped.set(self.audit.dropped)
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     async def discovery_preflight(self, request: web.Request) -> web.Response:
         return web.Response(status=204, headers=metadata.DISCOVERY_CORS)
 
     async def jwks(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            metadata.jwks_document([self.signing_key]), headers={"Cache-Control": "public, max-age=300"}
-        )
+        runtime = self.runtime
+        keys = [runtime.signing_key, *runtime.previous_keys]
+        return web.json_response(metadata.jwks_document(keys), headers={"Cache-Control": "public, max-age=300"})
 
     async def token(self, request: web.Request) -> web.Response:
-        assert self.token_endpoint is not None
-        origin = request.headers.get("Origin")
-        if not self.origins.is_allowed(origin):
+        runtime = self.runtime
+        if not runtime.origins.is_allowed(request.headers.get("Origin")):
             return _plain_error(403, "origin not allowed")
-        return await self.token_endpoint.handle(request)
+        return await runtime.token_endpoint.handle(request)
+
+    def _audit_grant(self, outcome: GrantOutcome) -> None:
+        grant = outcome.grant
+        if grant is not None:
+            self.metrics.grants.labels("issued", "ok").inc()
+            self.audit.emit(
+                "token.issued",
+                route=grant.route.name,
+                sub=grant.subject,
+                client_id=grant.client_id,
+                idp=grant.idp_issuer,
+                groups=grant.groups,
+                decision="allow",
+                reason="scope " + " ".join(grant.scopes),
+            )
+        elif outcome.error is not None:
+            self.metrics.grants.labels(outcome.error.error, outcome.error.reason).inc()
+            self.audit.emit(
+                "token.denied",
+                client_id=outcome.client_id,
+                decision="deny",
+                reason=f"{outcome.error.error}:{outcome.error.reason}",
+                status=outcome.error.status,
+            )
 
     # -- the proxied path --------------------------------------------------------------------
 
     async def handle_route(self, request: web.Request) -> web.StreamResponse:
-        match = self.routes.match_path(request.path)
+        runtime = self.runtime  # one consistent config for the whole request, even across a reload
+        started = time.monotonic()
+        match = runtime.routes.match_path(request.path)
         rest = upstream_path_remainder(request.rel_url.raw_path, match[0].path) if match else None
         if match is None or rest is None:
+            self.metrics.requests.labels(NO_ROUTE, "other", "404").inc()
             return _plain_error(404, "no route for this path")
         route = match[0]
+        request[METHOD_CLASS] = method_class(request.method, None)
+        in_flight = self.metrics.in_flight.labels(route.name)
+        in_flight.inc()
+        status = 500
+        try:
+            response = await self._handle_route(runtime, request, route, rest, started)
+            status = response.status
+            return response
+        finally:
+            in_flight.dec()
+            self.metrics.requests.labels(route.name, request[METHOD_CLASS], str(status)).inc()
+            self.metrics.request_duration.labels(route.name).observe(time.monotonic() - started)
+
+    async def _handle_route(
+        self, runtime: Runtime, request: web.Request, route: RouteConfig, rest: str, started: float
+    ) -> web.StreamResponse:
+        request_id = request[REQUEST_ID]
         origin = request.headers.get("Origin")
-        if not self.origins.is_allowed(origin):
+        if not runtime.origins.is_allowed(origin):
+            self.audit.emit("request.denied", request_id=request_id, route=route.name, decision="deny", reason="origin")
             return jsonrpc_error(403, FORBIDDEN, "Origin not allowed")
-        cors = self.origins.cors_headers(origin)
+        cors = runtime.origins.cors_headers(origin)
         if request.method == "OPTIONS" and origin is not None:
-            return web.Response(status=204, headers=self.origins.preflight_headers(origin))
+            return web.Response(status=204, headers=runtime.origins.preflight_headers(origin))
         if request.method not in FORWARDED_METHODS:
             return jsonrpc_error(405, INVALID_REQUEST, "method not allowed", Allow="GET, POST, DELETE", **cors)
-        prm_url = metadata.prm_url(self.config, route)
+        principal: Principal | None = None
         try:
-            principal = self.guard.authenticate(request, route, prm_url)
-        except BearerChallenge as challenge:
-            challenge.response.headers.update(cors)
-            return challenge.response
-        body: bytes | None = None
-        if request.method == "POST":
-            try:
-                body = await read_limited(request, self.config.limits.max_request_bytes)
-            except BodyTooLarge:
-                return jsonrpc_error(413, INVALID_REQUEST, "request body too large", **cors)
-        messages = parse_body(body) if body else None
-        request_id = next((m.id for m in messages or () if m.is_request), None)
-        request[PRINCIPAL] = principal
-        fwd = ForwardRequest(
-            route=route,
-            rest=rest,
-            body=body,
-            rewriter=rewriter_for(messages),
-            request_id=request_id,
-            extra_headers=(*cors.items(), ("X-Request-Id", request[REQUEST_ID])),
-        )
-        response = await self.upstreams[route.name].forward(request, fwd)
+            principal = self._authenticate(runtime, request, route)
+            request[PRINCIPAL] = principal
+            body = await self._read_body(request)
+            plan = self._plan(runtime, request, route, principal, body)
+            fwd = self._forward_request(runtime, request, route, rest, principal, body, plan, cors)
+        except _Refusal as refusal:
+            refusal.response.headers.update(cors)
+            self.audit.emit(
+                refusal.event,
+                request_id=request_id,
+                **_who(principal),
+                route=route.name,
+                method=request.method,
+                decision="deny",
+                reason=refusal.reason,
+                status=refusal.response.status,
+            )
+            return refusal.response
+        if fwd is None:  # every message was answered by the gateway (denied calls)
+            self._audit_calls(plan, request_id, route, principal, None, started)
+            single = plan.local_responses[0] if not plan.batch else plan.local_responses
+            return web.json_response(single, headers={**cors, "X-Request-Id": request_id})
+        response = await runtime.upstreams[route.name].forward(request, fwd)
         if not response.prepared:
             response.headers.update(cors)
+        self._audit_calls(plan, request_id, route, principal, response.status, started, method=request.method)
         return response
+
+    def _authenticate(self, runtime: Runtime, request: web.Request, route: RouteConfig) -> Principal:
+        prm_url = metadata.prm_url(runtime.config, route)
+        try:
+            principal = runtime.guard.authenticate(request, route, prm_url)
+        except BearerChallenge as challenge:
+            reason = "no_token" if "error=" not in challenge.response.headers.get("WWW-Authenticate", "") else "token"
+            raise _Refusal(challenge.response, reason) from None
+        if runtime.is_revoked(principal.subject, principal.client_id):
+            response = challenge_response(401, prm_url, route.scopes, "invalid_token", "access has been revoked")
+            raise _Refusal(response, "revoked")
+        return principal
+
+    async def _read_body(self, request: web.Request) -> bytes | None:
+        if request.method != "POST":
+            return None
+        try:
+            return await read_limited(request, self.config.limits.max_request_bytes)
+        except BodyTooLarge:
+            raise _Refusal(jsonrpc_error(413, INVALID_REQUEST, "request body too large"), "body_too_large") from None
+
+    def _plan(
+        self, runtime: Runtime, request: web.Request, route: RouteConfig, principal: Principal, body: bytes | None
+    ) -> Plan:
+        if not body:
+            return Plan(forward_body=body)
+        messages = parse_body(body)
+        request[METHOD_CLASS] = method_class(request.method, [m.method for m in messages or ()])
+        plan = plan_request(
+            body,
+            messages,
+            request.headers,
+            route.policy,
+            frozenset(principal.groups),
+            principal.scopes,
+            route_name=route.name,
+            hash_arguments=runtime.config.audit_argument_hashes,
+        )
+        if plan.mismatch:
+            response = web.json_response(error_response(plan.request_id, HEADER_MISMATCH, plan.mismatch), status=400)
+            raise _Refusal(response, "header_mismatch")
+        if plan.missing_scopes:
+            # RFC 6750 §3.1 + MCP "Scope Challenge Handling": one challenge naming every scope needed,
+            # so SDK clients can step up (re-run the grant with the union of scopes).
+            needed = tuple(dict.fromkeys((*principal.scopes, *plan.missing_scopes)))
+            response = challenge_response(
+                403,
+                metadata.prm_url(runtime.config, route),
+                needed,
+                "insufficient_scope",
+                f"this request needs scope {' '.join(plan.missing_scopes)}",
+            )
+            raise _Refusal(response, "insufficient_scope:" + " ".join(plan.missing_scopes))
+        return plan
+
+    def _forward_request(
+        self,
+        runtime: Runtime,
+        request: web.Request,
+        route: RouteConfig,
+        rest: str,
+        principal: Principal,
+        body: bytes | None,
+        plan: Plan,
+        cors: dict[str, str],
+    ) -> ForwardRequest | None:
+        if body and plan.forward_body is None:
+            return None
+        owner = principal_key(principal.idp_issuer, principal.subject, principal.client_id)
+        binder = runtime.sessions
+        upstream_session = None
+        presented = request.headers.get(SESSION_HEADER)
+        if presented is not None:
+            upstream_session = self._check_session(binder, route, owner, presented)
+        query = None
+        raw_query = request.rel_url.raw_query_string
+        if route.transport == "sse" and raw_query:
+            query = self._unwrap_session_params(binder, route, owner, raw_query)
+        return ForwardRequest(
+            route=route,
+            rest=rest,
+            body=plan.forward_body,
+            rewriter=plan.rewriter,
+            request_id=plan.request_id,
+            extra_headers=(*cors.items(), ("X-Request-Id", request[REQUEST_ID])),
+            injected=tuple(plan.local_responses),
+            upstream_session_id=upstream_session,
+            query=query,
+            wrap_session=lambda upstream_id: binder.wrap(route.name, owner, upstream_id),
+        )
+
+    def _check_session(self, binder: Any, route: RouteConfig, owner: str, presented: str) -> str:
+        status, upstream_id = binder.unwrap(route.name, owner, presented)
+        if status is SessionCheck.OK:
+            assert upstream_id is not None
+            return upstream_id
+        if status is SessionCheck.FOREIGN:
+            # Session theft across principals: refused and audited (SPEC §5.1, MCP session hijacking).
+            response = jsonrpc_error(403, FORBIDDEN, "this session belongs to another user or client")
+            raise _Refusal(response, "session belongs to another principal", event="session.mismatch")
+        # Unknown (or from before a key change): 404 makes MCP clients start a new session.
+        raise _Refusal(jsonrpc_error(404, SESSION_NOT_FOUND, "session not found"), "unknown session")
+
+    def _unwrap_session_params(self, binder: Any, route: RouteConfig, owner: str, raw_query: str) -> str:
+        """Legacy HTTP+SSE carries the session in the POST URL's query (``sessionId``/``session_id``)."""
+        names = {pair.partition("=")[0].lower() for pair in raw_query.split("&")}
+        if names.isdisjoint(SESSION_PARAMS):
+            return raw_query
+        return wrap_session_params(raw_query, lambda value: self._check_session(binder, route, owner, value))
+
+    def _audit_calls(
+        self,
+        plan: Plan,
+        request_id: str,
+        route: RouteConfig,
+        principal: Principal | None,
+        status: int | None,
+        started: float,
+        method: str = "POST",
+    ) -> None:
+        who = _who(principal)
+        latency = elapsed_ms(started)
+        if not plan.calls:
+            self.audit.emit(
+                "request.allowed", request_id=request_id, route=route.name, **who, method=method,
+                decision="allow", status=status, latency_ms=latency,
+            )  # fmt: skip
+            return
+        for call in plan.calls:
+            if call.kind is not None:
+                decision = "allow" if call.allowed else "deny"
+                self.metrics.policy_decisions.labels(route.name, call.kind, decision).inc()
+            allowed_event, denied_event = _CALL_EVENTS.get(call.kind or "", ("request.allowed", "request.denied"))
+            self.audit.emit(
+                allowed_event if call.allowed else denied_event,
+                request_id=request_id,
+                route=route.name,
+                **who,
+                method=call.method,
+                target=call.target,
+                decision="allow" if call.allowed else "deny",
+                reason=call.reason,
+                status=status if call.allowed else None,
+                latency_ms=latency,
+                args_sha256=call.args_sha256,
+            )
+
+
+def _who(principal: Principal | None) -> dict[str, Any]:
+    if principal is None:
+        return {}
+    return {
+        "sub": principal.subject,
+        "client_id": principal.client_id,
+        "idp": principal.idp_issuer,
+        "groups": principal.groups,
+    }
+
+
+def _digest(path: str) -> bytes | None:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).digest()
+    except OSError:
+        return None
 
 
 def _plain_error(status: int, message: str) -> web.Response:

@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="validate a config and print the effective route table")
     check.add_argument("--config", required=True, help="path to the YAML config")
+    check.add_argument(
+        "--as-groups", default=None, metavar="G1,G2", help="also show what a user in these IdP groups may see"
+    )
 
     demo = commands.add_parser("demo", help="run upstream + development IdP + gateway and the whole flow")
     demo.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
@@ -61,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         if args.command == "check":
-            return _check(args.config)
+            return _check(args.config, args.as_groups)
         if args.command == "serve":
             return asyncio.run(_serve(args.config))
         if args.command == "demo":
@@ -74,12 +77,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _check(path: str) -> int:
+def _check(path: str, as_groups: str | None = None) -> int:
     config = load_config(path)
     if config.authorization.signing_key_file:
         # Load it as serve would: a file that exists but is not a usable key must fail check too.
         _signing_key(config)
-    describe(config, emit=print)
+    groups = None if as_groups is None else frozenset(g.strip() for g in as_groups.split(",") if g.strip())
+    describe(config, emit=print, as_groups=groups)
     return 0
 
 
@@ -100,23 +104,47 @@ async def _wait_for_signal() -> None:
 
 
 async def _serve(path: str) -> int:
+    """Run until SIGTERM/SIGINT; SIGHUP reloads the config (as does a change of the file).
+
+    Shutdown is graceful: readiness turns 503 and live SSE streams are ended cleanly at once (clients
+    reconnect to another replica), then in-flight requests get up to ``shutdown_grace_seconds`` to
+    finish before the process exits 0. The Helm chart's terminationGracePeriodSeconds covers it.
+    """
     from gateway.app import Gateway, start_gateway
 
     config = load_config(path)
-    gateway = Gateway(config, signing_key=_signing_key(config))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    gateway = Gateway(config, signing_key=_signing_key(config), config_path=path)
     try:
-        runner, url = await start_gateway(gateway)
+        runner, url = await start_gateway(gateway, shutdown_timeout=config.shutdown_grace_seconds)
     except OSError as exc:
         print(
             f"mcp-gateway: cannot listen on {config.listen_host}:{config.listen_port}: {exc.strerror}", file=sys.stderr
         )
         return 1
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def reload() -> None:
+        task = loop.create_task(gateway.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     log.info("listening on %s; public URL %s; %d routes", url, config.public_url, len(config.routes))
     try:
-        await _wait_for_signal()
+        await stop.wait()
     finally:
-        log.info("shutting down")
+        ended = gateway.drain()
+        log.info(
+            "shutting down: ended %d streams, waiting up to %ss for requests",
+            ended,
+            gateway.config.shutdown_grace_seconds,
+        )
         await runner.cleanup()
+    log.info("stopped")
     return 0
 
 

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from gateway.policy import KINDS, RoutePolicy, RuleSet, describe_access, parse_rules
 from gateway.urls import canonical_url, origin_of
 
 TRANSPORTS = ("streamable-http", "sse")
@@ -32,6 +33,7 @@ _ROUTE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 # ASCII only: str.isdigit() accepts characters such as '²' that int() then refuses.
 _PORT = re.compile(r"^[0-9]{1,5}$")
+_PASSWORD_PARAM = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
 # Headers the proxy owns; letting config set them would defeat token stripping or forwarding rules.
 _FORBIDDEN_UPSTREAM_HEADERS = frozenset(
     {"host", "authorization", "content-length", "transfer-encoding", "connection", "mcp-session-id"}
@@ -84,6 +86,7 @@ class AuthorizationConfig:
     access_token_ttl_seconds: int = 300
     clock_skew_seconds: int = 60
     max_assertion_lifetime_seconds: int = 600
+    previous_signing_key_files: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,7 @@ class RouteConfig:
     allow_groups: tuple[str, ...] | None = None
     scopes: tuple[str, ...] = ("mcp",)
     upstream_headers: tuple[tuple[str, Secret], ...] = ()
+    policy: RoutePolicy = field(default_factory=RoutePolicy.unrestricted, compare=False)
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,14 @@ class GatewayConfig:
     allowed_origins: tuple[str, ...]
     limits: LimitsConfig = LimitsConfig()
     metrics_listen: tuple[str, int] | None = None
+    # "memory" or a redis://, rediss:// or unix:// URL; it may carry a Redis password, hence repr=False.
+    replay_store: str = field(default="memory", repr=False)
+    revoked_subjects: frozenset[str] = frozenset()
+    revoked_clients: frozenset[str] = frozenset()
+    audit_sink: str = "stdout"
+    audit_argument_hashes: bool = False
+    shutdown_grace_seconds: float = 20.0
+    reload_watch_seconds: float = 2.0
 
 
 class _Node:
@@ -269,6 +281,24 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None =
         root.seen.add("metrics_listen")
     elif metrics_listen == (host, port):
         raise root.error("metrics_listen", "must differ from listen")
+    replay_store = _parse_replay_store(root)
+    revoked = root.child("revoked")
+    revoked_subjects = frozenset(revoked.string_list("subjects") or ())
+    revoked_clients = frozenset(revoked.string_list("clients") or ())
+    revoked.finish()
+    audit = root.child("audit")
+    audit_sink = audit.string("sink", "stdout")
+    assert audit_sink is not None
+    if audit_sink != "stdout":
+        audit_sink = str(_resolve(base_dir, audit_sink))
+    audit_hashes = audit.raw("argument_hashes")
+    if audit_hashes is not None and not isinstance(audit_hashes, bool):
+        raise audit.error("argument_hashes", "must be true or false")
+    audit.finish()
+    shutdown_grace = root.number("shutdown_grace_seconds", 20.0, minimum=0, maximum=3600, integer=False)
+    reload_node = root.child("reload")
+    watch = reload_node.number("watch_interval_seconds", 2.0, minimum=0, maximum=3600, integer=False)
+    reload_node.finish()
     root.finish()
     return GatewayConfig(
         source=source,
@@ -280,6 +310,13 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None =
         allowed_origins=allowed_origins,
         limits=limits,
         metrics_listen=metrics_listen,
+        replay_store=replay_store,
+        revoked_subjects=revoked_subjects,
+        revoked_clients=revoked_clients,
+        audit_sink=audit_sink,
+        audit_argument_hashes=bool(audit_hashes),
+        shutdown_grace_seconds=shutdown_grace,
+        reload_watch_seconds=watch,
     )
 
 
@@ -307,6 +344,50 @@ def _url(node: _Node, name: str, *, required: bool = False) -> str | None:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise node.error(name, f"must be an absolute http(s) URL, got {value!r}")
     return value
+
+
+def _parse_replay_store(root: _Node) -> str:
+    """``memory`` (one process) or a Redis URL shared by every replica (EMA §7.4.2 replay detection
+    must hold across them). Unlike ``_url`` this accepts credentials: they are Redis AUTH, and
+    ``redact_url`` keeps them out of ``check`` output and errors."""
+    value = root.string("replay_store", "memory")
+    assert value is not None
+    if value == "memory":
+        return value
+    shown = redact_url(value)
+    problem = f"must be 'memory' or a redis://, rediss:// or unix:// URL, got {shown!r}"
+    if "@" in value:
+        problem += " (percent-encode any '#', '/', '?' or '@' in the password)"
+    try:
+        parts = urlsplit(value)
+        _ = parts.port  # urlsplit accepts ':abc' and ':99999'; only reading .port rejects them
+    except ValueError:
+        # Not the parser's message: it can quote part of a password (e.g. "... as 'hunter2'").
+        raise root.error("replay_store", problem) from None
+    if parts.scheme in ("redis", "rediss"):
+        if not parts.hostname:
+            raise root.error("replay_store", problem)
+        # redis-py reads the path as the database number and silently ignores anything else.
+        if parts.path not in ("", "/") and not re.fullmatch(r"/[0-9]{1,5}", parts.path):
+            raise root.error("replay_store", f"path must be a database number such as /0, got {shown!r}")
+    elif parts.scheme != "unix" or not parts.path.startswith("/"):
+        raise root.error("replay_store", problem)
+    return value
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password (in the userinfo or a ``password=`` query item) replaced by ``***``.
+
+    The userinfo ends at the *last* '@', found without URL parsing: an unencoded '#', '?' or '/'
+    in a password must not push part of it into what gets printed as the host or path."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    if "@" in rest:
+        userinfo, _, rest = rest.rpartition("@")
+        # Without ':' the whole userinfo is hidden: it may be a password written where the user goes.
+        rest = (userinfo.partition(":")[0] + ":***" if ":" in userinfo else "***") + "@" + rest
+    return scheme + sep + _PASSWORD_PARAM.sub(r"\1***", rest)
 
 
 def _origin(node: _Node, value: str) -> str:
@@ -347,12 +428,23 @@ def _parse_authorization(node: _Node, public_url: str, base_dir: Path | None) ->
         signing_key_file = str(_resolve(base_dir, signing_key_file))
         if not Path(signing_key_file).is_file():
             raise node.error("signing_key_file", f"file not found: {signing_key_file}")
+    # Key rotation: access tokens signed by these keys are still accepted (and the keys published)
+    # until they expire, so replicas can switch keys one by one without refusing live tokens.
+    previous_keys = []
+    for value in node.string_list("previous_signing_key_files") or ():
+        path = str(_resolve(base_dir, value))
+        if not Path(path).is_file():
+            raise node.error("previous_signing_key_files", f"file not found: {path}")
+        previous_keys.append(path)
+    if previous_keys and signing_key_file is None:
+        raise node.error("previous_signing_key_files", "needs signing_key_file (the current key)")
     config = AuthorizationConfig(
         issuer=issuer,
         signing_key_file=signing_key_file,
         access_token_ttl_seconds=node.number("access_token_ttl_seconds", 300, minimum=30, maximum=3600),
         clock_skew_seconds=node.number("clock_skew_seconds", 60, minimum=0, maximum=300),
         max_assertion_lifetime_seconds=node.number("max_assertion_lifetime_seconds", 600, minimum=30, maximum=3600),
+        previous_signing_key_files=tuple(previous_keys),
         clients=_parse_clients(node, base_dir),
         identity_providers=_parse_idps(node, issuer),
     )
@@ -460,9 +552,32 @@ def _parse_route(item: _Node, public_url: str, earlier: list[RouteConfig]) -> Ro
         allow_groups=item.string_list("allow_groups"),
         scopes=scopes,
         upstream_headers=_parse_upstream_headers(item.child("upstream_headers")),
+        policy=_parse_policy(item, scopes),
     )
     item.finish()
     return route
+
+
+def _parse_policy(item: _Node, scopes: tuple[str, ...]) -> RoutePolicy:
+    """Runtime authorization rules (tools/resources/prompts) and per-method scope requirements."""
+
+    def error(key: str, problem: str) -> ConfigError:
+        return ConfigError(item.source, key, problem)
+
+    rule_sets = {kind: RuleSet(parse_rules(item.raw(kind), item.key(kind), error)) for kind in KINDS}
+    required: list[tuple[str, tuple[str, ...]]] = []
+    node = item.child("require_scopes")
+    for method in list(node.data):
+        needed = node.string_list(str(method))
+        if not needed:
+            raise node.error(str(method), "must be a non-empty list of scopes")
+        for scope in needed:
+            if scope not in scopes:
+                # A scope the route never grants could never be satisfied: every call would be 403.
+                raise node.error(str(method), f"scope {scope!r} is not in this route's scopes")
+        required.append((str(method), needed))
+    node.finish()
+    return RoutePolicy(rule_sets["tools"], rule_sets["resources"], rule_sets["prompts"], tuple(required))
 
 
 def _check_path(item: _Node, path: str) -> None:
@@ -500,7 +615,7 @@ def _resolve(base_dir: Path | None, value: str) -> Path:
     return path if path.is_absolute() or base_dir is None else base_dir / path
 
 
-def describe(config: GatewayConfig, *, emit: Callable[[str], None]) -> None:
+def describe(config: GatewayConfig, *, emit: Callable[[str], None], as_groups: frozenset[str] | None = None) -> None:
     """Print the effective configuration for ``mcp-gateway check``; secrets are never shown."""
     auth = config.authorization
     emit(f"config: {config.source} (valid)")
@@ -511,6 +626,10 @@ def describe(config: GatewayConfig, *, emit: Callable[[str], None]) -> None:
     emit(f"issuer: {auth.issuer}")
     emit(f"signing key: {auth.signing_key_file or 'EPHEMERAL (tokens die with the process; set signing_key_file)'}")
     emit(f"access token ttl: {auth.access_token_ttl_seconds}s")
+    if config.replay_store == "memory":
+        emit("replay store: memory (this process only; replicas need a shared redis:// store)")
+    else:
+        emit(f"replay store: {redact_url(config.replay_store)}")
     emit("clients: " + ", ".join(c.client_id for c in auth.clients))
     for idp in auth.identity_providers:
         emit(
@@ -526,3 +645,13 @@ def describe(config: GatewayConfig, *, emit: Callable[[str], None]) -> None:
             f"  {route.name}: {route.path} -> {route.upstream} [{route.transport}] "
             f"resource={route.resource} scopes={' '.join(route.scopes)} groups={groups}{extra}"
         )
+        if as_groups is None:
+            continue
+        if route.allow_groups is not None and as_groups.isdisjoint(route.allow_groups):
+            emit(f"    as {', '.join(sorted(as_groups)) or '(no groups)'}: no access (not in allow_groups)")
+            continue
+        for line in describe_access(route.policy, as_groups):
+            emit(f"    as {', '.join(sorted(as_groups)) or '(no groups)'}: {line}")
+    if config.revoked_subjects or config.revoked_clients:
+        emit(f"revoked: {len(config.revoked_subjects)} subjects, {len(config.revoked_clients)} clients")
+    emit(f"audit: {config.audit_sink}{' (argument hashes)' if config.audit_argument_hashes else ''}")

@@ -26,7 +26,8 @@ from yarl import URL
 from gateway.app import bind_socket
 from gateway.devidp import DevIdentityProvider
 from gateway.proxy.jsonrpc import EMA_EXTENSION
-from tests.support.harness import GatewayHarness, start_harness
+from gateway.sessions import SessionCheck, principal_key
+from tests.support.harness import CLIENT_ID, GatewayHarness, start_harness
 from tests.support.upstreams import RunningUpstream
 
 PROTOCOL = "2025-11-25"
@@ -380,7 +381,7 @@ async def test_initialize_result_advertises_the_ema_extension(
 
 
 @pytest.mark.parametrize(("route", "upstream_fixture"), [("json", "upstream_json"), ("sse", "upstream_sse")])
-async def test_session_id_passes_through_unchanged_and_carries_later_requests(
+async def test_session_id_is_bound_to_its_principal_and_carries_later_requests(
     gw: GatewayHarness, http: aiohttp.ClientSession, request: pytest.FixtureRequest, route: str, upstream_fixture: str
 ) -> None:
     upstream: RunningUpstream = request.getfixturevalue(upstream_fixture)
@@ -388,11 +389,18 @@ async def test_session_id_passes_through_unchanged_and_carries_later_requests(
     await client.initialize()
     assert client.session_id
     assert tool_text(await client.call(tool_call(2, "echo", {"text": "through the gateway"}))) == "through the gateway"
-    # The id is the upstream's own: the upstream accepts it directly, without the gateway.
+    # Clients see a gateway-bound id (gateway/sessions.py), never the upstream's own: the upstream
+    # does not know it, and the gateway maps it back to the upstream's id for this principal only.
     direct = {"Accept": ACCEPT, "Mcp-Session-Id": client.session_id, "MCP-Protocol-Version": PROTOCOL}
     async with http.post(upstream.mcp_url, json=tool_call(3, "echo", {"text": "direct"}), headers=direct) as response:
+        assert response.status in (400, 404)
+    owner = principal_key(gw.idp.issuer, "alice", CLIENT_ID)
+    status, upstream_id = gw.gateway.runtime.sessions.unwrap(route, owner, client.session_id)
+    assert status is SessionCheck.OK and upstream_id
+    direct["Mcp-Session-Id"] = upstream_id
+    async with http.post(upstream.mcp_url, json=tool_call(4, "echo", {"text": "direct"}), headers=direct) as response:
         assert response.status == 200
-        assert tool_text(await read_response(response, 3)) == "direct"
+        assert tool_text(await read_response(response, 4)) == "direct"
 
 
 async def test_get_with_session_opens_an_event_stream(gw: GatewayHarness, http: aiohttp.ClientSession) -> None:
@@ -423,8 +431,7 @@ async def test_delete_ends_the_session_and_the_upstream_404_passes_through(
     ("case", "extra_headers", "message"),
     [
         ("no session", {}, tool_call(2, "echo", {"text": "x"})),
-        ("unknown session", {"Mcp-Session-Id": "0" * 32, "MCP-Protocol-Version": PROTOCOL}, request(2, "tools/list")),
-        ("Mcp-Method mismatch", {"MCP-Protocol-Version": MODERN_PROTOCOL, "Mcp-Method": "tools/list"}, None),
+        ("unsupported protocol", {"MCP-Protocol-Version": "1999-01-01"}, request(2, "tools/list")),
         ("not JSON", {}, "{oops"),
     ],
 )
@@ -518,7 +525,8 @@ async def test_mcp_transport_headers_reach_the_upstream(gw: GatewayHarness, http
     await client.initialize()
     sent = {"Mcp-Method": "tools/call", "Mcp-Name": "headers_seen", "Mcp-Param-Region": "=?base64?ZXU=?="}
     seen = await headers_seen(client, **sent)
-    assert seen["mcp-session-id"] == client.session_id
+    owner = principal_key(gw.idp.issuer, "alice", CLIENT_ID)
+    assert seen["mcp-session-id"] == gw.gateway.runtime.sessions.unwrap("json", owner, client.session_id)[1]
     assert seen["mcp-protocol-version"] == PROTOCOL
     assert seen["accept"] == ACCEPT
     assert {k.lower(): v for k, v in sent.items()}.items() <= seen.items()

@@ -61,8 +61,12 @@ class AccessTokenService:
         *,
         cache_size: int = 100_000,
         clock: Callable[[], float] = time.time,
+        previous_keys: tuple[SigningKey, ...] = (),
     ) -> None:
         self._key = key
+        # Rotation: tokens signed by a previous key stay valid until they expire (<= ttl).
+        self.keys = (key, *previous_keys)
+        self._by_kid = {k.kid: k for k in self.keys}
         self._issuer = issuer
         self._ttl = ttl_seconds
         self._clock = clock
@@ -109,12 +113,13 @@ class AccessTokenService:
         except (JOSEError, ValueError, TypeError):
             raise InvalidToken("the access token is malformed") from None
         # RFC 9068 §4: check typ, so an IdP's ID-JAG or ID token is never accepted as a bearer token.
-        if header.get("typ") != ACCESS_TOKEN_TYP or header.get("alg") != self._key.algorithm:
-            raise InvalidToken("the access token was not issued by this gateway")
-        if header.get("kid") != self._key.kid:
+        key = self._by_kid.get(header.get("kid")) if isinstance(header.get("kid"), str) else None
+        if key is None:
             raise InvalidToken("the access token was signed with an unknown key")
+        if header.get("typ") != ACCESS_TOKEN_TYP or header.get("alg") != key.algorithm:
+            raise InvalidToken("the access token was not issued by this gateway")
         try:
-            claims = json.loads(jws.verify(token, self._key.public, algorithms=[self._key.algorithm]))
+            claims = json.loads(jws.verify(token, key.public, algorithms=[key.algorithm]))
         except (JOSEError, ValueError):
             raise InvalidToken("the access token signature is invalid") from None
         if not isinstance(claims, dict) or claims.get("iss") != self._issuer:

@@ -22,7 +22,7 @@ from jose.exceptions import JOSEError
 from gateway.config import ASYMMETRIC_ALGORITHMS, AuthorizationConfig, IdentityProviderConfig, RouteConfig
 from gateway.oauth.errors import InvalidGrant, InvalidScope, InvalidTarget, TemporarilyUnavailable
 from gateway.oauth.jwks import KeyRing, KeyUnavailable
-from gateway.oauth.replay import ReplayStore
+from gateway.oauth.replay import ReplayStore, ReplayStoreUnavailable
 from gateway.routes import RouteTable
 from gateway.urls import canonical_url
 
@@ -293,7 +293,15 @@ class IdJagValidator:
 
     async def _check_replay(self, idp: IdentityProviderConfig, jti: str, exp: float) -> None:
         """EMA §7.4.2 / SPEC §9.3: single use until exp (+ skew), keyed by (iss, jti)."""
-        if not await self._replay.first_use(f"{idp.issuer}\x00{jti}", exp + self._config.clock_skew_seconds):
+        try:
+            first_use = await self._replay.first_use(f"{idp.issuer}\x00{jti}", exp + self._config.clock_skew_seconds)
+        except ReplayStoreUnavailable:
+            # Fail closed: a store that cannot answer must not turn a replay into a grant. 503 (not
+            # invalid_grant) because the assertion is fine and the client may retry it.
+            raise TemporarilyUnavailable(
+                "replay protection is unavailable; retry later", reason="replay_store_unavailable"
+            ) from None
+        if not first_use:
             raise InvalidGrant("assertion has already been used", reason="replay")
 
 

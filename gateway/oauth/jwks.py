@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -55,13 +56,15 @@ class IdpKeySet:
     def __init__(
         self,
         idp: IdentityProviderConfig,
-        session: aiohttp.ClientSession,
+        session: Callable[[], aiohttp.ClientSession],
         *,
         max_age_seconds: float = 3600,
         min_refresh_seconds: float = 30,
         timeout_seconds: float = 5,
+        on_fetch: Callable[[JwksFetchResult], None] | None = None,
     ) -> None:
         self.idp = idp
+        self._on_fetch = on_fetch
         self._session = session
         self._max_age = max_age_seconds
         self._min_refresh = min_refresh_seconds
@@ -138,13 +141,18 @@ class IdpKeySet:
                     self.last_error,
                     len(self._keys),
                 )
-                return JwksFetchResult(self.idp.issuer, False, len(self._keys))
+                return self._report(JwksFetchResult(self.idp.issuer, False, len(self._keys)))
             self._keys = keys
             self._constructed.clear()
             self.fetched_at = time.monotonic()
             self.last_error = None
             log.info("fetched %d keys for %s", len(keys), self.idp.issuer)
-            return JwksFetchResult(self.idp.issuer, True, len(keys))
+            return self._report(JwksFetchResult(self.idp.issuer, True, len(keys)))
+
+    def _report(self, result: JwksFetchResult) -> JwksFetchResult:
+        if self._on_fetch is not None:
+            self._on_fetch(result)
+        return result
 
     async def _discover_jwks_uri(self) -> str:
         """OIDC Discovery §4 (issuer + path) first, then RFC 8414 §3 (path inserted after well-known)."""
@@ -172,7 +180,7 @@ class IdpKeySet:
         raise ValueError(f"cannot discover jwks_uri: {_describe(last) if last else 'no metadata'}")
 
     async def _get_json(self, url: str) -> Any:
-        async with self._session.get(url, timeout=self._timeout, allow_redirects=False) as response:
+        async with self._session().get(url, timeout=self._timeout, allow_redirects=False) as response:
             response.raise_for_status()
             body = await response.content.read(_MAX_DOCUMENT_BYTES + 1)
             if len(body) > _MAX_DOCUMENT_BYTES:
@@ -197,17 +205,31 @@ class KeyRing:
     def __init__(
         self,
         idps: tuple[IdentityProviderConfig, ...],
-        session: aiohttp.ClientSession,
+        session: Callable[[], aiohttp.ClientSession],
         *,
         min_refresh_seconds: float = 30,
+        previous: KeyRing | None = None,
+        on_fetch: Callable[[JwksFetchResult], None] | None = None,
     ) -> None:
-        self.sets = {idp.issuer: IdpKeySet(idp, session, min_refresh_seconds=min_refresh_seconds) for idp in idps}
+        """``previous``: the ring before a config reload; key sets of unchanged IdPs are kept, with
+        their cached keys, so a reload does not cost a JWKS fetch or a readiness dip."""
+        kept = previous.sets if previous is not None else {}
+        self.sets = {
+            idp.issuer: kept[idp.issuer]
+            if idp.issuer in kept and kept[idp.issuer].idp == idp
+            else IdpKeySet(idp, session, min_refresh_seconds=min_refresh_seconds, on_fetch=on_fetch)
+            for idp in idps
+        }
 
     def for_issuer(self, issuer: str) -> IdpKeySet | None:
         return self.sets.get(issuer)
 
     async def prefetch(self) -> list[JwksFetchResult]:
         return await asyncio.gather(*(s.refresh(force=True) for s in self.sets.values()))
+
+    async def prefetch_missing(self) -> list[JwksFetchResult]:
+        """After a reload: fetch keys only for IdPs that have none yet (new or never reachable)."""
+        return await asyncio.gather(*(s.refresh(force=True) for s in self.sets.values() if not s.has_keys))
 
     @property
     def ready(self) -> bool:

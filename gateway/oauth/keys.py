@@ -11,7 +11,7 @@ import base64
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,8 @@ class SigningKey:
     private: Key
     public: Key
     public_jwk: dict[str, Any]
+    # Key material for derived secrets (session binding, gateway/sessions.py); never logged.
+    secret_material: bytes = field(default=b"", repr=False)
 
     @classmethod
     def from_pem(cls, pem: bytes, *, source: str = "signing key") -> SigningKey:
@@ -61,7 +63,10 @@ class SigningKey:
         public_dict = {k: v for k, v in public.to_dict().items() if k != "alg"}
         kid = jwk_thumbprint(public_dict)
         public_jwk = {**public_dict, "kid": kid, "alg": algorithm, "use": "sig"}
-        return cls(algorithm=algorithm, kid=kid, private=private, public=public, public_jwk=public_jwk)
+        secret = key.private_bytes(
+            serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        return cls(algorithm, kid, private, public, public_jwk, secret)
 
     @classmethod
     def from_file(cls, path: str) -> SigningKey:

@@ -1,20 +1,52 @@
 """Single-use enforcement for ID-JAG ``jti`` values.
 
 EMA §7.4.2: the authorization server "MUST implement replay detection by rejecting re-use of the same
-``jti`` for the lifetime of the assertion". The store is an interface so that several replicas can
-share one (Redis, in the operations issue); the in-memory store is the single-process default.
+``jti`` for the lifetime of the assertion". With several replicas behind a load balancer that only
+holds if they share one store, or an assertion refused by one replica could be redeemed at the next:
+``RedisReplayStore`` is that shared store, ``MemoryReplayStore`` the single-process default.
+
+A store that cannot answer fails closed: it raises ``ReplayStoreUnavailable`` and the grant is
+refused with a retryable error, because "unknown" must never be read as "first use".
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import heapq
+import logging
+import math
+import secrets
 import time
+from collections.abc import Callable
 from typing import Protocol
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+REDIS_KEY_PREFIX = "mcp-gateway:jti:"
+REDIS_TIMEOUT_SECONDS = 2.0
+
+
+class ReplayStoreUnavailable(Exception):
+    """The store could not say whether a key was seen before; the caller must refuse, not accept."""
 
 
 class ReplayStore(Protocol):
     async def first_use(self, key: str, expires_at: float) -> bool:
-        """Record ``key`` until ``expires_at``; False if it was already recorded (a replay)."""
+        """Record ``key`` until ``expires_at``; False if it was already recorded (a replay).
+
+        Raises ``ReplayStoreUnavailable`` when that cannot be decided."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections; the store is not used afterwards."""
         ...
 
 
@@ -38,6 +70,9 @@ class MemoryReplayStore:
         heapq.heappush(self._heap, (expires_at, key))
         return True
 
+    async def close(self) -> None:
+        """Nothing to release; present so every store is closed the same way."""
+
     def _purge(self, now: float) -> None:
         while self._heap and self._heap[0][0] <= now:
             expires_at, key = heapq.heappop(self._heap)
@@ -46,3 +81,85 @@ class MemoryReplayStore:
 
     def __len__(self) -> int:
         return len(self._expiry)
+
+
+class RedisReplayStore:
+    """Keys shared by every replica in Redis, each set once with ``SET NX`` and a TTL.
+
+    ``SET key marker NX PX ttl`` is one atomic command, so two replicas racing on the same ``jti``
+    cannot both see "first use", and Redis expires the key itself: nothing to purge. Keys are
+    ``prefix + sha256(iss NUL jti)``: bounded length, and no issuer or user-chosen text in Redis.
+    The TTL is measured on the gateway's clock, the same one that checked ``exp``, so a Redis host
+    whose clock runs ahead cannot shorten the replay window.
+
+    After a Redis restart or failover a pooled connection is dead, and redis-py may notice only when a
+    command fails on it; so a ``ConnectionError`` gets exactly one more try on a new connection.
+    The first SET may have been applied before its connection died, so on that try a refusal is
+    checked against this call's random ``marker``: our own write is a first use, not a replay.
+    Anything else (timeouts, errors, the overall deadline) raises ``ReplayStoreUnavailable``.
+    """
+
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        prefix: str = REDIS_KEY_PREFIX,
+        timeout: float = REDIS_TIMEOUT_SECONDS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._client = client
+        self._prefix = prefix
+        self._timeout = timeout
+        self._clock = clock
+
+    @classmethod
+    def from_url(
+        cls, url: str, *, prefix: str = REDIS_KEY_PREFIX, timeout: float = REDIS_TIMEOUT_SECONDS
+    ) -> RedisReplayStore:
+        """A store for a ``redis://``, ``rediss://`` or ``unix://`` URL (credentials allowed: Redis AUTH).
+
+        No connection is made here; the first ``first_use`` connects. Timeouts are short and redis-py's
+        own retries off (``first_use`` retries once, safely) so that an unreachable Redis costs a
+        token request seconds, not minutes."""
+        client = Redis.from_url(
+            url,
+            socket_connect_timeout=timeout,
+            socket_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+        )
+        return cls(client, prefix=prefix, timeout=timeout)
+
+    def key_for(self, key: str) -> str:
+        """The Redis key holding ``key`` (public so tests and operators can find it)."""
+        return self._prefix + hashlib.sha256(key.encode()).hexdigest()
+
+    async def first_use(self, key: str, expires_at: float) -> bool:
+        name = self.key_for(key)
+        # Redis refuses PX 0 or less; an already expired assertion was refused before it got here.
+        ttl_ms = max(1, math.ceil((expires_at - self._clock()) * 1000))
+        marker = secrets.token_hex(8).encode()
+        try:
+            async with asyncio.timeout(self._timeout):
+                try:
+                    return bool(await self._client.set(name, marker, nx=True, px=ttl_ms))
+                except RedisConnectionError:
+                    if await self._client.set(name, marker, nx=True, px=ttl_ms):
+                        return True
+                    return await self._client.get(name) == marker
+        except (RedisError, OSError, TimeoutError) as exc:
+            # Redis error texts name the host and the failure, never the password.
+            log.warning("replay store unavailable: %s: %s", type(exc).__name__, str(exc) or "no answer in time")
+            raise ReplayStoreUnavailable("the replay store (Redis) did not answer") from exc
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+def open_replay_store(url: str | None) -> ReplayStore:
+    """The store named by the ``replay_store`` config value: ``memory`` (or None) or a Redis URL."""
+    if url is None or url == "memory":
+        return MemoryReplayStore()
+    scheme = url.partition("://")[0].lower()
+    if scheme not in REDIS_SCHEMES:
+        raise ValueError(f"replay store must be 'memory' or a {', '.join(REDIS_SCHEMES)} URL")
+    return RedisReplayStore.from_url(url)

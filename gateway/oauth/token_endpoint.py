@@ -20,7 +20,7 @@ from multidict import MultiDict, MultiDictProxy
 from gateway.http import BodyTooLarge, read_limited
 from gateway.oauth.access_token import AccessTokenService
 from gateway.oauth.client_auth import ClientAuthenticator
-from gateway.oauth.errors import NO_STORE, InvalidRequest, OAuthError, UnsupportedGrantType
+from gateway.oauth.errors import NO_STORE, InvalidGrant, InvalidRequest, OAuthError, UnsupportedGrantType
 from gateway.oauth.idjag import Grant, IdJagValidator
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,9 @@ class TokenEndpoint:
         tokens: AccessTokenService,
         *,
         on_outcome: Callable[[GrantOutcome], None] | None = None,
+        is_revoked: Callable[[str, str], bool] | None = None,
     ) -> None:
+        self._is_revoked = is_revoked
         self._clients = clients
         self._validator = validator
         self._tokens = tokens
@@ -64,6 +66,9 @@ class TokenEndpoint:
                 resource=_optional(form, "resource"),
                 scope=_optional(form, "scope"),
             )
+            if self._is_revoked is not None and self._is_revoked(grant.subject, client_id):
+                # Deprovisioning stops new ID-JAGs at the IdP; this covers ID-JAGs already issued.
+                raise InvalidGrant("access for this user or client has been revoked", reason="revoked")
         except OAuthError as error:
             self._report(GrantOutcome(client_id, None, error))
             log.info("token request refused: client=%s error=%s reason=%s", client_id, error.error, error.reason)

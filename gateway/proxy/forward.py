@@ -13,16 +13,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urljoin, urlsplit
+from urllib.parse import quote, unquote, urljoin, urlsplit
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.config import LimitsConfig, RouteConfig
-from gateway.proxy.headers import client_response_headers, upstream_request_headers
+from gateway.metrics import Metrics
+from gateway.proxy.headers import SESSION_HEADER, client_response_headers, upstream_request_headers
 from gateway.proxy.jsonrpc import ResultRewriter
 from gateway.proxy.sse import EventSplitter, EventTooLarge, parse_event
 
@@ -70,17 +74,29 @@ class ForwardRequest:
     rewriter: ResultRewriter
     request_id: Any = None
     extra_headers: tuple[tuple[str, str], ...] = ()
+    # JSON-RPC responses the gateway itself produced for denied batch elements, merged into the answer.
+    injected: tuple[dict[str, Any], ...] = ()
+    # Session binding (gateway/sessions.py): the upstream's own session id to send, the raw query to
+    # send instead of the client's (legacy transport), and how to wrap ids the upstream hands out.
+    upstream_session_id: str | None = None
+    query: str | None = None
+    wrap_session: Callable[[str], str] | None = None
 
 
 class Upstream:
     """One pooled client session per route (keep-alive connections are reused across requests)."""
 
-    def __init__(self, route: RouteConfig, limits: LimitsConfig, public_scheme: str) -> None:
+    def __init__(
+        self, route: RouteConfig, limits: LimitsConfig, public_scheme: str, metrics: Metrics | None = None
+    ) -> None:
         self.route = route
+        self._metrics = metrics
         self._base = str(URL(route.upstream))  # the upstream in encoded form, ready for raw path joins
         self._limits = limits
         self._public_scheme = public_scheme
         self._session: aiohttp.ClientSession | None = None
+        # Live event streams, so a drain (shutdown) or a route removal can end them cleanly.
+        self.streams: set[aiohttp.ClientResponse] = set()
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -93,7 +109,16 @@ class Upstream:
             )
         return self._session
 
+    def end_streams(self) -> int:
+        """Close every live upstream event stream; each relay then ends its client response with a
+        proper end of stream (clients reconnect, e.g. to another replica)."""
+        streams = list(self.streams)
+        for stream in streams:
+            stream.close()
+        return len(streams)
+
     async def close(self) -> None:
+        self.end_streams()
         if self._session is not None:
             await self._session.close()
 
@@ -102,10 +127,13 @@ class Upstream:
         # Raw path remainder and raw query, sent without re-encoding (encoded=True): aiohttp's
         # ``query_string`` is partly decoded ('%23' becomes '#', '%25' becomes '%'), which would cut
         # or change what the upstream receives (SPEC §5.4: forward path and query byte-for-byte).
-        query = request.rel_url.raw_query_string
+        query = fwd.query if fwd.query is not None else request.rel_url.raw_query_string
         url = URL(self._base + fwd.rest + (f"?{query}" if query else ""), encoded=True)
         headers = upstream_request_headers(request, route, self._public_scheme)
+        if fwd.upstream_session_id is not None:
+            headers[SESSION_HEADER] = fwd.upstream_session_id
         limits = self._limits
+        started = time.monotonic()
         try:
             upstream = await asyncio.wait_for(
                 self.session().request(request.method, url, headers=headers, data=fwd.body, allow_redirects=False),
@@ -119,6 +147,8 @@ class Upstream:
             return jsonrpc_error(
                 502, UPSTREAM_UNAVAILABLE, f"upstream of route '{route.name}' is unreachable", fwd.request_id
             )
+        if self._metrics is not None:
+            self._metrics.upstream_duration.labels(route.name).observe(time.monotonic() - started)
         try:
             content_type = upstream.headers.get("Content-Type", "")
             if content_type.startswith("text/event-stream"):
@@ -131,20 +161,21 @@ class Upstream:
         self, request: web.Request, upstream: aiohttp.ClientResponse, fwd: ForwardRequest
     ) -> web.StreamResponse:
         timeout = self._limits.upstream_timeout_seconds
-        if fwd.rewriter and upstream.headers.get("Content-Type", "").startswith("application/json"):
+        is_json = upstream.headers.get("Content-Type", "").startswith("application/json")
+        if (fwd.rewriter and is_json) or fwd.injected:
             try:
                 body = await asyncio.wait_for(upstream.content.read(_MAX_REWRITE_BYTES + 1), timeout)
                 while not upstream.content.at_eof() and len(body) <= _MAX_REWRITE_BYTES:
                     body += await asyncio.wait_for(upstream.content.read(_MAX_REWRITE_BYTES + 1), timeout)
             except (TimeoutError, aiohttp.ClientError) as exc:
                 return self._broken(fwd, exc)
-            if len(body) <= _MAX_REWRITE_BYTES:
+            if len(body) <= _MAX_REWRITE_BYTES and fwd.rewriter and is_json:
                 body = fwd.rewriter.rewrite_json(body)
-            headers = client_response_headers(upstream.headers, fwd.extra_headers)
+            headers = self._response_headers(upstream, fwd)
+            if fwd.injected:
+                return _merge_injected(upstream.status, body, fwd.injected, headers)
             return web.Response(status=upstream.status, body=body, headers=headers)
-        response = web.StreamResponse(
-            status=upstream.status, headers=client_response_headers(upstream.headers, fwd.extra_headers)
-        )
+        response = web.StreamResponse(status=upstream.status, headers=self._response_headers(upstream, fwd))
         if upstream.content_length is not None and "Content-Encoding" not in upstream.headers:
             response.content_length = upstream.content_length
         await response.prepare(request)
@@ -165,12 +196,31 @@ class Upstream:
     async def _relay_events(
         self, request: web.Request, upstream: aiohttp.ClientResponse, fwd: ForwardRequest
     ) -> web.StreamResponse:
-        response = web.StreamResponse(
-            status=upstream.status,
-            headers=client_response_headers(upstream.headers, (*fwd.extra_headers, ("X-Accel-Buffering", "no"))),
-        )
+        headers = self._response_headers(upstream, fwd)
+        headers["X-Accel-Buffering"] = "no"
+        response = web.StreamResponse(status=upstream.status, headers=headers)
         response.headers.setdefault("Cache-Control", "no-cache")
         await response.prepare(request)
+        for message in fwd.injected:
+            await response.write(b"event: message\ndata: " + json.dumps(message).encode() + b"\n\n")
+        self.streams.add(upstream)
+        gauge = self._metrics.open_streams.labels(fwd.route.name) if self._metrics is not None else None
+        if gauge is not None:
+            gauge.inc()
+        try:
+            return await self._relay_event_loop(request, upstream, fwd, response)
+        finally:
+            self.streams.discard(upstream)
+            if gauge is not None:
+                gauge.dec()
+
+    async def _relay_event_loop(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        fwd: ForwardRequest,
+        response: web.StreamResponse,
+    ) -> web.StreamResponse:
         splitter = EventSplitter()
         rewrite_endpoint = fwd.route.transport == "sse"
         keepalive = self._limits.stream_keepalive_seconds or None
@@ -226,8 +276,17 @@ class Upstream:
             log.warning("route %s: endpoint event points outside the upstream; passed unchanged", fwd.route.name)
             return raw
         rest = parts.path[len(base_path.rstrip("/")) :]
-        event.data = fwd.route.path + rest + (f"?{parts.query}" if parts.query else "")
+        query = parts.query
+        if fwd.wrap_session is not None and query:
+            query = wrap_session_params(query, fwd.wrap_session)
+        event.data = fwd.route.path + rest + (f"?{query}" if query else "")
         return event.encode()
+
+    def _response_headers(self, upstream: aiohttp.ClientResponse, fwd: ForwardRequest) -> CIMultiDict[str]:
+        headers = client_response_headers(upstream.headers, fwd.extra_headers)
+        if fwd.wrap_session is not None and SESSION_HEADER in headers:
+            headers[SESSION_HEADER] = fwd.wrap_session(headers[SESSION_HEADER])
+        return headers
 
     def _broken(self, fwd: ForwardRequest, exc: BaseException) -> web.Response:
         if isinstance(exc, TimeoutError):
@@ -240,6 +299,42 @@ class Upstream:
             f"upstream of route '{fwd.route.name}' failed mid-response",
             fwd.request_id,
         )
+
+
+# Query parameters carrying the legacy HTTP+SSE session id (Python SDK: session_id; TS SDK: sessionId).
+SESSION_PARAMS = frozenset({"session_id", "sessionid"})
+
+
+def wrap_session_params(query: str, transform: Callable[[str], str]) -> str:
+    """Apply ``transform`` to the session-id parameters of a raw query string, keeping the rest."""
+    out = []
+    for pair in query.split("&"):
+        name, sep, value = pair.partition("=")
+        if sep and name.lower() in SESSION_PARAMS:
+            pair = f"{name}={quote(transform(unquote(value)), safe='')}"
+        out.append(pair)
+    return "&".join(out)
+
+
+def _merge_injected(
+    status: int, body: bytes, injected: tuple[dict[str, Any], ...], headers: CIMultiDict[str]
+) -> web.Response:
+    """Answer a partly denied batch: the upstream's responses plus the gateway's own errors. An
+    upstream 202 (it had only notifications left) becomes 200 with just the gateway's responses."""
+    try:
+        upstream_messages = json.loads(body) if body.strip() else []
+    except (ValueError, RecursionError):
+        upstream_messages = []
+    if isinstance(upstream_messages, dict):
+        upstream_messages = [upstream_messages]
+    merged = [*upstream_messages, *injected] if isinstance(upstream_messages, list) else list(injected)
+    headers.pop("Content-Type", None)
+    return web.Response(
+        status=200 if status in (200, 202) else status,
+        text=json.dumps(merged, separators=(",", ":")),
+        content_type="application/json",
+        headers=headers,
+    )
 
 
 def _origin(url: str) -> str:

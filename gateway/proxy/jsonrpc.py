@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.proxy.sse import parse_event
@@ -26,6 +26,7 @@ class RpcMessage:
     method: str | None
     id: Any
     params: dict[str, Any] | None
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def is_request(self) -> bool:
@@ -48,7 +49,7 @@ def parse_body(body: bytes) -> list[RpcMessage] | None:
             return None
         method = item.get("method") if isinstance(item.get("method"), str) else None
         params = item.get("params") if isinstance(item.get("params"), dict) else None
-        messages.append(RpcMessage(method, item.get("id"), params))
+        messages.append(RpcMessage(method, item.get("id"), params, item))
     return messages
 
 

@@ -1,0 +1,123 @@
+"""The audit trail: one JSON line per authorization decision.
+
+Security teams ask "who did what, and what did we refuse?". Every grant, refusal, call and session
+mismatch becomes one line with a stable schema (README "Audit log"). Lines never contain tokens,
+secrets or tool arguments (only, if enabled, a SHA-256 of the arguments). Writing never blocks the
+event loop: ``emit`` appends to a bounded queue and a background task writes batches from a worker
+thread; if the sink stalls long enough for the queue to fill, lines are dropped and counted rather
+than stalling MCP traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import sys
+import time
+from collections import deque
+from datetime import UTC, datetime
+from typing import IO, Any
+
+log = logging.getLogger(__name__)
+
+FIELDS = (
+    "ts",
+    "event",
+    "request_id",
+    "route",
+    "sub",
+    "client_id",
+    "idp",
+    "groups",
+    "method",
+    "target",
+    "decision",
+    "reason",
+    "status",
+    "latency_ms",
+    "args_sha256",
+)
+
+
+def arguments_digest(arguments: Any) -> str:
+    """SHA-256 of the canonical JSON of tool arguments: correlates calls without storing them."""
+    canonical = json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class AuditLog:
+    def __init__(self, sink: str = "stdout", *, max_queue: int = 100_000) -> None:
+        self.sink = sink
+        self._queue: deque[str] = deque()
+        self._max_queue = max_queue
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._file: IO[str] | None = None
+        self.dropped = 0
+        self.written = 0
+
+    def emit(self, event: str, **fields: Any) -> None:
+        record: dict[str, Any] = {
+            "ts": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "event": event,
+        }
+        for name in FIELDS[2:]:
+            value = fields.get(name)
+            if value is not None:
+                record[name] = list(value) if isinstance(value, tuple | frozenset | set) else value
+        if len(self._queue) >= self._max_queue:
+            self.dropped += 1
+            return
+        self._queue.append(json.dumps(record, separators=(",", ":"), sort_keys=False))
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    async def start(self) -> None:
+        if self.sink != "stdout":
+            self._file = await asyncio.to_thread(open, self.sink, "a", encoding="utf-8")
+        self._wakeup = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._writer())
+
+    async def close(self) -> None:
+        """Flush what is queued, then stop (called on shutdown)."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        await asyncio.to_thread(self._write, self._drain())
+        if self._file is not None:
+            await asyncio.to_thread(self._file.close)
+
+    async def _writer(self) -> None:
+        assert self._wakeup is not None
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            lines = self._drain()
+            if lines:
+                try:
+                    await asyncio.to_thread(self._write, lines)
+                except OSError as exc:
+                    log.error("audit sink %s failed: %s (%d lines lost)", self.sink, exc, len(lines))
+                    self.dropped += len(lines)
+
+    def _drain(self) -> list[str]:
+        lines = list(self._queue)
+        self._queue.clear()
+        return lines
+
+    def _write(self, lines: list[str]) -> None:
+        if not lines:
+            return
+        stream = self._file if self._file is not None else sys.stdout
+        stream.write("\n".join(lines) + "\n")
+        stream.flush()
+        self.written += len(lines)
+
+
+def elapsed_ms(started: float) -> float:
+    return round((time.monotonic() - started) * 1000, 3)

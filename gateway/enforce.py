@@ -1,0 +1,157 @@
+"""Runtime policy applied to one client request's JSON-RPC messages, before anything is forwarded.
+
+The decision is made on the JSON body, never on the 2026-07-28 ``Mcp-Method`` / ``Mcp-Name`` mirror
+headers alone (SPEC §5.2: intermediaries enforcing policy on mirrored headers must validate them
+against the body); a request whose headers and body disagree is refused, because an upstream that
+routes on headers while we authorize on the body would otherwise execute something we never checked.
+Batches are decided element by element: permitted elements are forwarded, denied ones are answered
+by the gateway and never reach the upstream.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from gateway.audit import arguments_digest
+from gateway.policy import CALL_METHODS, LIST_METHODS, RoutePolicy
+from gateway.proxy.jsonrpc import HANDSHAKE_METHODS, ResultRewriter, RpcMessage, advertise_ema_extension
+
+# JSON-RPC codes the gateway answers with (implementation-defined server errors, JSON-RPC 2.0 §5.1;
+# -32020 is MCP 2026-07-28's HeaderMismatch).
+FORBIDDEN = -32003
+HEADER_MISMATCH = -32020
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """One JSON-RPC request as decided, for the audit trail."""
+
+    method: str
+    kind: str | None
+    target: str | None
+    allowed: bool
+    reason: str
+    args_sha256: str | None = None
+
+
+@dataclass
+class Plan:
+    forward_body: bytes | None
+    local_responses: list[dict[str, Any]] = field(default_factory=list)
+    rewriter: ResultRewriter = field(default_factory=ResultRewriter)
+    calls: list[CallRecord] = field(default_factory=list)
+    batch: bool = False
+    missing_scopes: tuple[str, ...] = ()
+    mismatch: str | None = None
+    request_id: Any = None  # the first request's id, for gateway-made error bodies
+
+
+def _decode_header(value: str) -> str:
+    """MCP 2026-07-28 mirrors non-ASCII values as ``=?base64?...?=``."""
+    if value.startswith("=?base64?") and value.endswith("?="):
+        try:
+            return base64.b64decode(value[9:-2], validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return value
+    return value
+
+
+def _target(message: RpcMessage) -> tuple[str | None, str | None]:
+    spec = CALL_METHODS.get(message.method or "")
+    if spec is None:
+        return None, None
+    kind, key = spec
+    value = (message.params or {}).get(key)
+    return kind, value if isinstance(value, str) else None
+
+
+def plan_request(
+    body: bytes,
+    messages: list[RpcMessage] | None,
+    headers: Mapping[str, str],
+    policy: RoutePolicy,
+    groups: frozenset[str],
+    scopes: tuple[str, ...],
+    *,
+    route_name: str,
+    hash_arguments: bool = False,
+) -> Plan:
+    if messages is None:
+        return Plan(forward_body=body)
+    batch = body.lstrip()[:1] == b"["
+    plan = Plan(forward_body=body, batch=batch, request_id=next((m.id for m in messages if m.is_request), None))
+    plan.mismatch = _header_mismatch(messages, headers, batch)
+    if plan.mismatch:
+        return plan
+    missing: list[str] = []
+    kept: list[dict[str, Any]] = []
+    for message in messages:
+        if not message.is_request:
+            kept.append(message.raw)
+            continue
+        assert message.method is not None
+        missing.extend(s for s in policy.missing_scopes(message.method, scopes) if s not in missing)
+        kind, target = _target(message)
+        if kind is not None and target is not None:
+            decision = policy.rules_for(kind).decide(groups, target)
+            digest = None
+            if hash_arguments and message.method == "tools/call":
+                digest = arguments_digest((message.params or {}).get("arguments"))
+            plan.calls.append(CallRecord(message.method, kind, target, decision.allowed, decision.reason, digest))
+            if not decision.allowed:
+                plan.local_responses.append(_forbidden(message, kind, target, route_name))
+                continue
+        else:
+            plan.calls.append(CallRecord(message.method, kind, target, True, "not a named call"))
+        if message.method in LIST_METHODS:
+            plan.rewriter.expect(message.id, partial(policy.filter_list, message.method, groups=groups))
+        elif message.method in HANDSHAKE_METHODS:
+            plan.rewriter.expect(message.id, advertise_ema_extension)
+        kept.append(message.raw)
+    plan.missing_scopes = tuple(missing)
+    if plan.local_responses:
+        if not kept:
+            plan.forward_body = None
+        else:
+            plan.forward_body = json.dumps(kept if batch else kept[0], separators=(",", ":")).encode()
+    return plan
+
+
+def _header_mismatch(messages: list[RpcMessage], headers: Mapping[str, str], batch: bool) -> str | None:
+    header_method = headers.get("Mcp-Method")
+    header_name = headers.get("Mcp-Name")
+    if header_method is None and header_name is None:
+        return None
+    if batch:
+        return "Mcp-Method/Mcp-Name headers cannot describe a batch"
+    message = messages[0]
+    if header_method is not None and _decode_header(header_method) != message.method:
+        return "Mcp-Method header does not match the body"
+    if header_name is not None:
+        _, target = _target(message)
+        if _decode_header(header_name) != target:
+            return "Mcp-Name header does not match the body"
+    return None
+
+
+def _forbidden(message: RpcMessage, kind: str, target: str, route_name: str) -> dict[str, Any]:
+    noun = {"tools": "tool", "resources": "resource", "prompts": "prompt"}[kind]
+    return {
+        "jsonrpc": "2.0",
+        "id": message.id,
+        "error": {
+            "code": FORBIDDEN,
+            "message": f"Forbidden: {noun} '{target}' is not permitted for you on route '{route_name}'",
+            "data": {"reason": "policy", "method": message.method},
+        },
+    }
+
+
+def error_response(request_id: Any, code: int, message: str) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}}

@@ -1,0 +1,187 @@
+"""Runtime authorization: which tools, resources and prompts a user may list and use on a route.
+
+Enterprise-managed authorization decides *who reaches which server*; this decides *what they may do
+there*. One rule set per kind (tools, resources, prompts) drives both enforcement points, so a name
+hidden from ``tools/list`` is the same name refused on ``tools/call``:
+
+    permitted(name) = some rule whose groups meet the user's allows the name
+                      and no rule whose groups meet the user's denies it      (deny wins)
+
+A kind without rules allows everything; a kind with an empty rule list allows nothing. Globs are
+``fnmatch`` patterns, compiled once; decisions are memoised per (groups, name) because the same agent
+lists and calls the same few tools over and over.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+KINDS = ("tools", "resources", "prompts")
+ANY_GROUP = "*"
+
+# Requests that act on one named item: (kind, params key holding the name).
+CALL_METHODS: Mapping[str, tuple[str, str]] = {
+    "tools/call": ("tools", "name"),
+    "resources/read": ("resources", "uri"),
+    "resources/subscribe": ("resources", "uri"),
+    "resources/unsubscribe": ("resources", "uri"),
+    "prompts/get": ("prompts", "name"),
+}
+# List results to filter: method -> (kind, result key, item key holding the name).
+LIST_METHODS: Mapping[str, tuple[str, str, str]] = {
+    "tools/list": ("tools", "tools", "name"),
+    "resources/list": ("resources", "resources", "uri"),
+    "resources/templates/list": ("resources", "resourceTemplates", "uriTemplate"),
+    "prompts/list": ("prompts", "prompts", "name"),
+}
+
+
+def _compile(patterns: Iterable[str]) -> re.Pattern[str] | None:
+    patterns = list(patterns)
+    if not patterns:
+        return None
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
+
+
+@dataclass(frozen=True)
+class Rule:
+    groups: frozenset[str]
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+    _allow: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
+    _deny: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def make(cls, groups: Iterable[str], allow: Iterable[str] = (), deny: Iterable[str] = ()) -> Rule:
+        allow, deny = tuple(allow), tuple(deny)
+        return cls(frozenset(groups), allow, deny, _compile(allow), _compile(deny))
+
+    def applies_to(self, groups: frozenset[str]) -> bool:
+        return ANY_GROUP in self.groups or not self.groups.isdisjoint(groups)
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    reason: str
+
+
+class RuleSet:
+    """The rules of one kind on one route."""
+
+    def __init__(self, rules: tuple[Rule, ...] | None) -> None:
+        self.rules = rules
+        self.decide = lru_cache(maxsize=4096)(self._decide)
+
+    @property
+    def unrestricted(self) -> bool:
+        return self.rules is None
+
+    def _decide(self, groups: frozenset[str], name: str) -> Decision:
+        if self.rules is None:
+            return Decision(True, "no rules")
+        allowed_by: Rule | None = None
+        for rule in self.rules:
+            if not rule.applies_to(groups):
+                continue
+            if rule._deny is not None and rule._deny.match(name):
+                return Decision(False, f"denied by {','.join(sorted(rule.groups))} rule")
+            if allowed_by is None and rule._allow is not None and rule._allow.match(name):
+                allowed_by = rule
+        if allowed_by is None:
+            return Decision(False, "no rule allows it")
+        return Decision(True, f"allowed by {','.join(sorted(allowed_by.groups))} rule")
+
+
+@dataclass(frozen=True)
+class RoutePolicy:
+    """All runtime rules of one route."""
+
+    tools: RuleSet
+    resources: RuleSet
+    prompts: RuleSet
+    # JSON-RPC method glob -> scopes a token must carry to call it.
+    required_scopes: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    @classmethod
+    def unrestricted(cls) -> RoutePolicy:
+        return cls(RuleSet(None), RuleSet(None), RuleSet(None))
+
+    def rules_for(self, kind: str) -> RuleSet:
+        return {"tools": self.tools, "resources": self.resources, "prompts": self.prompts}[kind]
+
+    def missing_scopes(self, method: str, scopes: Iterable[str]) -> tuple[str, ...]:
+        """RFC 6750 §3.1 ``insufficient_scope``: the scopes ``method`` needs that the token lacks."""
+        have = set(scopes)
+        missing: list[str] = []
+        for pattern, needed in self.required_scopes:
+            if fnmatch.fnmatchcase(method, pattern):
+                missing.extend(s for s in needed if s not in have and s not in missing)
+        return tuple(missing)
+
+    def filter_list(self, method: str, result: dict[str, Any], groups: frozenset[str]) -> dict[str, Any]:
+        kind, key, item_key = LIST_METHODS[method]
+        rules = self.rules_for(kind)
+        items = result.get(key)
+        if rules.unrestricted or not isinstance(items, list):
+            return result
+        kept = [
+            item
+            for item in items
+            if isinstance(item, dict)
+            and isinstance(item.get(item_key), str)
+            and rules.decide(groups, item[item_key]).allowed
+        ]
+        return {**result, key: kept}
+
+
+def parse_rules(value: Any, key: str, error: Any) -> tuple[Rule, ...] | None:
+    """Validate one kind's rule list from YAML; ``error(key, problem)`` builds the ConfigError."""
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise error(key, "must be a list of rules ({groups, allow, deny})")
+    rules = []
+    for i, item in enumerate(value):
+        where = f"{key}[{i}]"
+        if not isinstance(item, dict):
+            raise error(where, "must be a mapping with groups, allow and/or deny")
+        unknown = sorted(set(item) - {"groups", "allow", "deny"})
+        if unknown:
+            raise error(f"{where}.{unknown[0]}", "unknown key (expected groups, allow, deny)")
+        lists = {}
+        for name in ("groups", "allow", "deny"):
+            entries = item.get(name, [])
+            if not isinstance(entries, list) or not all(isinstance(e, str) and e for e in entries):
+                raise error(f"{where}.{name}", "must be a list of non-empty strings")
+            lists[name] = entries
+        if not lists["groups"]:
+            raise error(f"{where}.groups", 'is required (use ["*"] for every user)')
+        if not lists["allow"] and not lists["deny"]:
+            raise error(where, "needs allow and/or deny patterns")
+        rules.append(Rule.make(lists["groups"], lists["allow"], lists["deny"]))
+    return tuple(rules)
+
+
+def describe_access(policy: RoutePolicy, groups: frozenset[str]) -> list[str]:
+    """Human-readable effect of the rules for ``check --as-groups``."""
+    lines = []
+    for kind in KINDS:
+        rules = policy.rules_for(kind)
+        if rules.unrestricted:
+            lines.append(f"{kind}: all (no rules)")
+            continue
+        allow = [p for r in rules.rules or () if r.applies_to(groups) for p in r.allow]
+        deny = [p for r in rules.rules or () if r.applies_to(groups) for p in r.deny]
+        if not allow:
+            lines.append(f"{kind}: none")
+        else:
+            lines.append(f"{kind}: allow {', '.join(allow)}" + (f"; deny {', '.join(deny)}" if deny else ""))
+    for pattern, scopes in policy.required_scopes:
+        lines.append(f"scope required for {pattern}: {' '.join(scopes)}")
+    return lines

@@ -1,0 +1,145 @@
+"""Everything derived from one configuration, built together and swapped in one assignment.
+
+A config reload (SIGHUP or a changed file) builds a complete new ``Runtime`` first; only if that
+succeeds does the gateway switch to it, so an invalid config never half-applies. Requests take one
+snapshot (``runtime = gateway.runtime``) and use it throughout, so a request in flight during a
+reload finishes with a consistent view. Parts whose settings did not change are carried over: the
+upstream connection pools (live streams keep flowing), the IdP key sets (no refetch), the signing
+keys (tokens stay valid).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from gateway.bearer import BearerGuard
+from gateway.config import GatewayConfig, RouteConfig
+from gateway.metrics import Metrics
+from gateway.oauth.access_token import AccessTokenService
+from gateway.oauth.client_auth import ClientAuthenticator
+from gateway.oauth.idjag import IdJagValidator
+from gateway.oauth.jwks import KeyRing
+from gateway.oauth.keys import SigningKey, load_signing_key
+from gateway.oauth.replay import ReplayStore
+from gateway.oauth.token_endpoint import GrantOutcome, TokenEndpoint
+from gateway.proxy.forward import Upstream
+from gateway.proxy.origin import OriginPolicy
+from gateway.routes import RouteTable
+from gateway.sessions import SessionBinder, derive_session_key
+
+
+class ReloadRefused(Exception):
+    """A new config changes something that needs a restart (listen address, public URL, issuer)."""
+
+
+def _upstream_key(route: RouteConfig, config: GatewayConfig) -> tuple[object, ...]:
+    return (route.name, route.upstream, route.transport, route.upstream_headers, config.limits, config.public_url)
+
+
+@dataclass
+class Runtime:
+    config: GatewayConfig
+    routes: RouteTable
+    origins: OriginPolicy
+    signing_key: SigningKey
+    previous_keys: tuple[SigningKey, ...]
+    tokens: AccessTokenService
+    guard: BearerGuard
+    keys: KeyRing
+    token_endpoint: TokenEndpoint
+    upstreams: dict[str, Upstream]
+    sessions: SessionBinder
+
+    def is_revoked(self, subject: str, client_id: str) -> bool:
+        """Revocation from config (``revoked``): applied to new grants and to live tokens at once."""
+        return subject in self.config.revoked_subjects or client_id in self.config.revoked_clients
+
+    @classmethod
+    def build(
+        cls,
+        config: GatewayConfig,
+        *,
+        replay_store: ReplayStore,
+        idp_session: Callable[[], aiohttp.ClientSession],
+        on_grant: Callable[[GrantOutcome], None],
+        jwks_min_refresh_seconds: float,
+        metrics: Metrics,
+        signing_key: SigningKey | None = None,
+        previous: Runtime | None = None,
+    ) -> Runtime:
+        """Raises ConfigError / SigningKeyError / ReloadRefused without touching ``previous``."""
+        if previous is not None:
+            _check_reloadable(previous.config, config)
+        auth = config.authorization
+        if signing_key is None:
+            if previous is not None and previous.config.authorization.signing_key_file == auth.signing_key_file:
+                signing_key = previous.signing_key
+            else:
+                signing_key = load_signing_key(auth.signing_key_file)
+        previous_keys = tuple(SigningKey.from_file(path) for path in auth.previous_signing_key_files)
+        if previous is not None and previous.signing_key.kid != signing_key.kid:
+            # A key replaced by reload stays valid for verification until its tokens have expired.
+            previous_keys = (previous.signing_key, *previous_keys)
+        routes = RouteTable(config.routes)
+        tokens = AccessTokenService(
+            signing_key, auth.issuer, auth.access_token_ttl_seconds, previous_keys=previous_keys
+        )
+        keys = KeyRing(
+            auth.identity_providers,
+            idp_session,
+            min_refresh_seconds=jwks_min_refresh_seconds,
+            previous=previous.keys if previous is not None else None,
+            on_fetch=lambda result: metrics.jwks_fetches.labels(result.issuer, "ok" if result.ok else "error").inc(),
+        )
+        runtime = cls(
+            config=config,
+            routes=routes,
+            origins=OriginPolicy(config.allowed_origins),
+            signing_key=signing_key,
+            previous_keys=previous_keys,
+            tokens=tokens,
+            guard=BearerGuard(tokens),
+            keys=keys,
+            token_endpoint=None,  # type: ignore[arg-type]  # set below: it needs is_revoked
+            upstreams=_carry_upstreams(config, previous, metrics),
+            sessions=SessionBinder(derive_session_key(signing_key.secret_material)),
+        )
+        runtime.token_endpoint = TokenEndpoint(
+            ClientAuthenticator(auth.clients),
+            IdJagValidator(auth, routes, keys, replay_store),
+            tokens,
+            on_outcome=on_grant,
+            is_revoked=runtime.is_revoked,
+        )
+        return runtime
+
+    def retired_upstreams(self, newer: Runtime) -> list[Upstream]:
+        kept = {id(u) for u in newer.upstreams.values()}
+        return [u for u in self.upstreams.values() if id(u) not in kept]
+
+
+def _carry_upstreams(config: GatewayConfig, previous: Runtime | None, metrics: Metrics) -> dict[str, Upstream]:
+    old = {}
+    if previous is not None:
+        old = {_upstream_key(u.route, previous.config): u for u in previous.upstreams.values()}
+    scheme = urlsplit(config.public_url).scheme
+    return {
+        r.name: old.get(_upstream_key(r, config)) or Upstream(r, config.limits, scheme, metrics) for r in config.routes
+    }
+
+
+def _check_reloadable(old: GatewayConfig, new: GatewayConfig) -> None:
+    for name, before, after in (
+        ("listen", (old.listen_host, old.listen_port), (new.listen_host, new.listen_port)),
+        ("metrics_listen", old.metrics_listen, new.metrics_listen),
+        ("public_url", old.public_url, new.public_url),
+        ("authorization.issuer", old.authorization.issuer, new.authorization.issuer),
+        ("audit", (old.audit_sink, old.audit_argument_hashes), (new.audit_sink, new.audit_argument_hashes)),
+        ("replay_store", getattr(old, "replay_store", None), getattr(new, "replay_store", None)),
+    ):
+        if before != after:
+            raise ReloadRefused(f"{name} changed; restart the gateway to apply it")

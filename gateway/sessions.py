@@ -1,0 +1,86 @@
+"""Session binding: an MCP session belongs to the principal that created it.
+
+MCP security best practices (Session Hijacking): servers "MUST NOT use sessions for authentication"
+and "SHOULD bind session IDs to user-specific information". Legacy upstreams know nothing of users,
+so a session id stolen from one user would work for another user with any valid token: the
+stale-session authorization bypass other gateways shipped.
+
+The binding is stateless, so any replica can check it: the gateway never shows clients the upstream's
+session id, but ``base64url(upstream id) "." base64url(HMAC(k, route | principal | upstream id))``.
+A request presenting a session id is accepted only if the MAC verifies for *the requesting* principal
+on *this* route; the upstream then receives its own id back. ``k`` is derived with HKDF (RFC 5869)
+from the gateway's signing key, so replicas sharing that key share sessions and nothing new needs
+distributing. The same wrapping protects the ``sessionId`` query parameter of the legacy HTTP+SSE
+transport.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import hashlib
+import hmac
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+_MAC_BYTES = 16
+_MAX_UPSTREAM_ID = 512
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def derive_session_key(secret_material: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=b"mcp-gateway", info=b"session-binding/v1").derive(
+        secret_material
+    )
+
+
+class SessionCheck(enum.Enum):
+    OK = "ok"
+    FOREIGN = "foreign"  # authentic, but created by another principal (or on another route): 403
+    UNKNOWN = "unknown"  # not a session id this gateway issued (or its key changed): 404
+
+
+class SessionBinder:
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    def _digest(self, *parts: str) -> bytes:
+        return hmac.new(self._key, "\x00".join(parts).encode(), hashlib.sha256).digest()[:_MAC_BYTES]
+
+    def wrap(self, route: str, principal: str, upstream_id: str) -> str:
+        """The session id the client sees (visible ASCII, as MCP requires): upstream id, a keyed
+        fingerprint of the owner (no identity is readable from it), and a MAC over all three."""
+        owner = self._digest("owner", route, principal)
+        mac = self._digest("session", upstream_id, _b64(owner))
+        return f"{_b64(upstream_id.encode())}.{_b64(owner)}.{_b64(mac)}"
+
+    def unwrap(self, route: str, principal: str, client_id: str) -> tuple[SessionCheck, str | None]:
+        """Check a presented session id; on OK also return the upstream's own session id."""
+        parts = client_id.split(".")
+        if len(parts) != 3 or len(client_id) > 2 * _MAX_UPSTREAM_ID:
+            return SessionCheck.UNKNOWN, None
+        try:
+            upstream_id = _unb64(parts[0]).decode()
+            mac = _unb64(parts[2])
+        except (binascii.Error, ValueError, UnicodeDecodeError):
+            return SessionCheck.UNKNOWN, None
+        if not hmac.compare_digest(mac, self._digest("session", upstream_id, parts[1])):
+            return SessionCheck.UNKNOWN, None
+        if not hmac.compare_digest(parts[1], _b64(self._digest("owner", route, principal))):
+            return SessionCheck.FOREIGN, None
+        return SessionCheck.OK, upstream_id
+
+
+def principal_key(idp: str, subject: str, client_id: str) -> str:
+    """Subjects are unique per issuer (ID-JAG draft "Tenant Relationships"); the client is part of
+    the principal too, so one user's session cannot be reused by another of their agents."""
+    return f"{idp}\x00{subject}\x00{client_id}"
