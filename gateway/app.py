@@ -85,7 +85,9 @@ class Gateway:
         jwks_min_refresh_seconds: float = 30,
         config_path: str | None = None,
     ) -> None:
-        self.replay_store = replay_store or open_replay_store(config.replay_store)
+        # The gateway closes only a store it opened itself (tests and embedders may share theirs).
+        self._owns_replay_store = replay_store is None
+        self.replay_store = replay_store if replay_store is not None else open_replay_store(config.replay_store)
         self.audit = AuditLog(config.audit_sink)
         self.config_path = config_path
         self._jwks_min_refresh = jwks_min_refresh_seconds
@@ -192,7 +194,8 @@ class Gateway:
             await self._idp_session.close()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
-        await self.replay_store.close()
+        if self._owns_replay_store:
+            await self.replay_store.close()
         await self.audit.close()
 
     # -- reload ----------------------------------------------------------------------------

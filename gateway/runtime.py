@@ -139,7 +139,7 @@ def _check_reloadable(old: GatewayConfig, new: GatewayConfig) -> None:
         ("public_url", old.public_url, new.public_url),
         ("authorization.issuer", old.authorization.issuer, new.authorization.issuer),
         ("audit", (old.audit_sink, old.audit_argument_hashes), (new.audit_sink, new.audit_argument_hashes)),
-        ("replay_store", getattr(old, "replay_store", None), getattr(new, "replay_store", None)),
+        ("replay_store", old.replay_store, new.replay_store),
     ):
         if before != after:
             raise ReloadRefused(f"{name} changed; restart the gateway to apply it")

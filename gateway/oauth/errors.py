@@ -71,7 +71,8 @@ class InvalidTarget(OAuthError):
 
 
 class TemporarilyUnavailable(OAuthError):
-    """The IdP's keys cannot be had right now; 503 tells clients to retry rather than give up."""
+    """A dependency (the IdP's keys, the replay store) cannot answer right now; 503 tells clients
+    the assertion may be fine and to retry rather than give up."""
 
     error = "temporarily_unavailable"
     status = 503
