@@ -14,15 +14,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 
 import aiohttp
 
 from gateway.demo import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, ROUTE_PATH, McpSession, start_demo_servers
+from gateway.enforce import plan_request
 from gateway.oauth.access_token import AccessTokenService
 from gateway.oauth.idjag import Grant
+from gateway.policy import RoutePolicy, Rule, RuleSet
+from gateway.proxy.jsonrpc import parse_body
 
 
 def pct(samples: list[float], q: float) -> float:
@@ -47,6 +52,41 @@ async def timed(n: int, call: Callable[[], Awaitable[object]]) -> list[float]:
     return samples
 
 
+def bench_policy(n: int) -> None:
+    """Policy evaluation on a tools/call body (parse + decide + plan), without network."""
+    policy = RoutePolicy(
+        RuleSet(
+            (
+                Rule.make(["support"], ["echo", "get_*"]),
+                Rule.make(["engineering"], ["*"], ["delete_*"]),
+            )
+        ),
+        RuleSet(None),
+        RuleSet(None),
+        (("tools/call", ("mcp:tools:call",)),),
+    )
+    body = json.dumps(
+        {
+            "jsonrpc": "2.0",
+            "id": 7,
+            "method": "tools/call",
+            "params": {"name": "get_weather", "arguments": {"city": "x"}},
+        }
+    ).encode()
+    groups = frozenset({"support"})
+    headers: dict[str, str] = {}
+    started = time.perf_counter()
+    for _ in range(n):
+        plan_request(body, parse_body(body), headers, policy, groups, ("mcp", "mcp:tools:call"), route_name="b")
+    per_call = (time.perf_counter() - started) / n
+    started = time.perf_counter()
+    for _ in range(n):
+        parse_body(body)
+    parse_only = (time.perf_counter() - started) / n
+    print(f"{'tools/call policy plan (parse+decide)':<44} {per_call * 1e6:9.1f} us/op")
+    print(f"{'  of which JSON parse':<44} {parse_only * 1e6:9.1f} us/op")
+
+
 def bench_token_validation(servers, n: int) -> None:
     gateway_tokens: AccessTokenService = servers.gateway.tokens
     route = servers.config.routes[0]
@@ -65,9 +105,11 @@ def bench_token_validation(servers, n: int) -> None:
 
 
 async def main(requests: int) -> None:
-    servers = await start_demo_servers("127.0.0.1", 0)
+    audit_dir = tempfile.mkdtemp(prefix="mcp-gateway-bench-")
+    servers = await start_demo_servers("127.0.0.1", 0, audit_sink=f"{audit_dir}/audit.jsonl")
     try:
         bench_token_validation(servers, min(requests, 2000))
+        bench_policy(20000)
         async with aiohttp.ClientSession() as http:
             idp_token = servers.idp_issuer + "/token"
             form = {

@@ -48,8 +48,11 @@ def arguments_digest(arguments: Any) -> str:
 
 
 class AuditLog:
-    def __init__(self, sink: str = "stdout", *, max_queue: int = 100_000) -> None:
+    def __init__(self, sink: str = "stdout", *, max_queue: int = 100_000, flush_interval: float = 0.05) -> None:
         self.sink = sink
+        # Lines are handed to the writer thread at most this often: one thread hand-off per batch,
+        # not per request, keeps the writer from competing with the event loop for the GIL.
+        self._flush_interval = flush_interval
         self._queue: deque[str] = deque()
         self._max_queue = max_queue
         self._wakeup: asyncio.Event | None = None
@@ -96,6 +99,7 @@ class AuditLog:
         assert self._wakeup is not None
         while True:
             await self._wakeup.wait()
+            await asyncio.sleep(self._flush_interval)
             self._wakeup.clear()
             lines = self._drain()
             if lines:

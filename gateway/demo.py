@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -48,10 +50,11 @@ class DemoServers:
     idp: DevIdentityProvider
 
 
-def demo_config(public_url: str, idp_issuer: str, upstream_url: str) -> GatewayConfig:
+def demo_config(public_url: str, idp_issuer: str, upstream_url: str, audit_sink: str = "stdout") -> GatewayConfig:
     return parse_config(
         {
             "public_url": public_url,
+            "audit": {"sink": audit_sink},
             "authorization": {
                 "clients": [{"client_id": DEMO_CLIENT_ID, "client_secret": DEMO_CLIENT_SECRET}],
                 "identity_providers": [{"issuer": idp_issuer}],
@@ -69,7 +72,7 @@ def demo_config(public_url: str, idp_issuer: str, upstream_url: str) -> GatewayC
     )
 
 
-async def start_demo_servers(host: str = "127.0.0.1", port: int = 8080) -> DemoServers:
+async def start_demo_servers(host: str = "127.0.0.1", port: int = 8080, audit_sink: str | None = None) -> DemoServers:
     # The gateway's port first: if it is taken, fail before the IdP and upstream start (and log),
     # so a busy port is reported in one line.
     try:
@@ -81,7 +84,9 @@ async def start_demo_servers(host: str = "127.0.0.1", port: int = 8080) -> DemoS
     idp_issuer = await idp.start(host, 0)
     bound = sock.getsockname()
     public_url = f"http://{host}:{bound[1]}"
-    config = demo_config(public_url, idp_issuer, upstream_url)
+    # The audit trail goes to a file so it does not interleave with the narration.
+    audit_sink = audit_sink or str(Path(tempfile.mkdtemp(prefix="mcp-gateway-demo-")) / "audit.jsonl")
+    config = demo_config(public_url, idp_issuer, upstream_url, audit_sink)
     gateway = Gateway(config)
     gateway_runner, _ = await start_gateway(gateway, sock=sock)
 
@@ -257,6 +262,7 @@ async def run_demo(host: str, port: int, *, once: bool, emit: Callable[[str], No
         emit(f"    gateway:                       {servers.gateway_url}  (route {ROUTE_PATH})")
         await run_flow(servers, emit)
         emit("\nThe SEP-990 flow succeeded.")
+        emit(f"Audit trail (one JSON line per decision): {servers.config.audit_sink}")
         if once:
             return
         emit(
