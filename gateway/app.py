@@ -9,12 +9,16 @@ before the catch-all route. All config-derived state lives in one ``Runtime`` th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import socket
 import time
 import uuid
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +39,14 @@ from gateway.oauth.keys import SigningKey, SigningKeyError
 from gateway.oauth.replay import ReplayStore, open_replay_store
 from gateway.oauth.token_endpoint import GrantOutcome
 from gateway.proxy.forward import (
-    SESSION_PARAMS,
     ForwardRequest,
+    LegacyStream,
     jsonrpc_error,
     upstream_path_remainder,
     wrap_session_params,
 )
 from gateway.proxy.headers import SESSION_HEADER
-from gateway.proxy.jsonrpc import parse_body
+from gateway.proxy.jsonrpc import ResultRewriter, parse_body
 from gateway.routes import RouteTable
 from gateway.runtime import ReloadRefused, Runtime
 from gateway.sessions import SessionCheck, principal_key
@@ -95,6 +99,9 @@ class Gateway:
         self._background: set[asyncio.Task[Any]] = set()
         self._config_digest: bytes | None = None
         self.draining = False
+        # Legacy HTTP+SSE: upstream session id -> the rewriter of its live GET stream. Weak values:
+        # an entry disappears with its stream.
+        self._legacy_streams: weakref.WeakValueDictionary[str, LegacyStream] = weakref.WeakValueDictionary()
         self.metrics = Metrics(lambda: dict(self.runtime.keys.sets))
         self._metrics_runner: web.AppRunner | None = None
         self.runtime = Runtime.build(
@@ -420,6 +427,15 @@ class Gateway:
                 status=refusal.response.status,
             )
             return refusal.response
+        if fwd is not None and fwd.legacy_stream is not None and plan.local_responses:
+            # Legacy HTTP+SSE: the client expects every response on its GET stream, so the gateway's
+            # own answers (denied calls) go there too; the POST gets the usual 202.
+            for message in plan.local_responses:
+                await fwd.legacy_stream.send(message)
+            if plan.forward_body is None:
+                self._audit_calls(plan, request_id, route, principal, 202, started)
+                return web.Response(status=202, headers={**cors, "X-Request-Id": request_id})
+            fwd = dataclasses.replace(fwd, injected=())
         if fwd is None:  # every message was answered by the gateway (denied calls)
             self._audit_calls(plan, request_id, route, principal, None, started)
             single = plan.local_responses[0] if not plan.batch else plan.local_responses
@@ -495,8 +511,6 @@ class Gateway:
         plan: Plan,
         cors: dict[str, str],
     ) -> ForwardRequest | None:
-        if body and plan.forward_body is None:
-            return None
         owner = principal_key(principal.idp_issuer, principal.subject, principal.client_id)
         binder = runtime.sessions
         upstream_session = None
@@ -504,21 +518,54 @@ class Gateway:
         if presented is not None:
             upstream_session = self._check_session(binder, route, owner, presented)
         query = None
+        rewriter = plan.rewriter
+        wrap = functools.partial(binder.wrap, route.name, owner)
         raw_query = request.rel_url.raw_query_string
-        if route.transport == "sse" and raw_query:
-            query = self._unwrap_session_params(binder, route, owner, raw_query)
+        legacy: LegacyStream | None = None
+        if route.transport == "sse":
+            rewriter, wrap, query, legacy = self._legacy_session(binder, route, owner, raw_query, plan, request.method)
+        if body and plan.forward_body is None and legacy is None:
+            return None
         return ForwardRequest(
             route=route,
             rest=rest,
             body=plan.forward_body,
-            rewriter=plan.rewriter,
+            rewriter=rewriter,
             request_id=plan.request_id,
             extra_headers=(*cors.items(), ("X-Request-Id", request[REQUEST_ID])),
             injected=tuple(plan.local_responses),
             upstream_session_id=upstream_session,
             query=query,
-            wrap_session=lambda upstream_id: binder.wrap(route.name, owner, upstream_id),
+            wrap_session=wrap,
+            legacy_stream=legacy,
         )
+
+    def _legacy_session(
+        self, binder: Any, route: RouteConfig, owner: str, raw_query: str, plan: Plan, method: str
+    ) -> tuple[ResultRewriter, Callable[[str], str], str | None, LegacyStream | None]:
+        """HTTP+SSE (2024-11-05) answers POSTed requests on the long-lived GET stream, not in the POST
+        response. So the GET stream owns the rewriter (list filtering, capability advertisement), and
+        each POST of that session hands its expectations to it, found by the upstream session id."""
+        if method == "GET":
+            stream = LegacyStream()
+
+            def wrap_and_register(upstream_id: str) -> str:
+                self._legacy_streams[upstream_id] = stream
+                return binder.wrap(route.name, owner, upstream_id)
+
+            return stream.rewriter, wrap_and_register, None, stream
+        seen: list[str] = []
+
+        def check(presented: str) -> str:
+            upstream_id = self._check_session(binder, route, owner, presented)
+            seen.append(upstream_id)
+            return upstream_id
+
+        query = wrap_session_params(raw_query, check) if raw_query else None
+        found = next((s for s in map(self._legacy_streams.get, seen) if s is not None), None)
+        if found is not None:
+            found.rewriter.absorb(plan.rewriter)
+        return plan.rewriter, functools.partial(binder.wrap, route.name, owner), query, found
 
     def _check_session(self, binder: Any, route: RouteConfig, owner: str, presented: str) -> str:
         status, upstream_id = binder.unwrap(route.name, owner, presented)
@@ -531,13 +578,6 @@ class Gateway:
             raise _Refusal(response, "session belongs to another principal", event="session.mismatch")
         # Unknown (or from before a key change): 404 makes MCP clients start a new session.
         raise _Refusal(jsonrpc_error(404, SESSION_NOT_FOUND, "session not found"), "unknown session")
-
-    def _unwrap_session_params(self, binder: Any, route: RouteConfig, owner: str, raw_query: str) -> str:
-        """Legacy HTTP+SSE carries the session in the POST URL's query (``sessionId``/``session_id``)."""
-        names = {pair.partition("=")[0].lower() for pair in raw_query.split("&")}
-        if names.isdisjoint(SESSION_PARAMS):
-            return raw_query
-        return wrap_session_params(raw_query, lambda value: self._check_session(binder, route, owner, value))
 
     def _audit_calls(
         self,

@@ -5,7 +5,9 @@ headers alone (SPEC §5.2: intermediaries enforcing policy on mirrored headers m
 against the body); a request whose headers and body disagree is refused, because an upstream that
 routes on headers while we authorize on the body would otherwise execute something we never checked.
 Batches are decided element by element: permitted elements are forwarded, denied ones are answered
-by the gateway and never reach the upstream.
+by the gateway and never reach the upstream. A named call is decided even when it lacks a usable
+``id`` (a notification, or ``"id": null``): whether a server then executes it is the server's
+business, and a server that does must not run something the gateway never checked.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from multidict import MultiMapping
+
 from gateway.audit import arguments_digest
-from gateway.policy import CALL_METHODS, LIST_METHODS, RoutePolicy
+from gateway.policy import CALL_METHODS, LIST_METHODS, Decision, RoutePolicy
 from gateway.proxy.jsonrpc import HANDSHAKE_METHODS, ResultRewriter, RpcMessage, advertise_ema_extension
 
 # JSON-RPC codes the gateway answers with (implementation-defined server errors, JSON-RPC 2.0 §5.1;
@@ -84,7 +88,8 @@ def plan_request(
 ) -> Plan:
     if messages is None:
         return Plan(forward_body=body)
-    batch = body.lstrip()[:1] == b"["
+    # More than one message is a batch however the body starts (a UTF-8 BOM before '[', say).
+    batch = body.lstrip()[:1] == b"[" or len(messages) > 1
     plan = Plan(forward_body=body, batch=batch, request_id=next((m.id for m in messages if m.is_request), None))
     plan.mismatch = _header_mismatch(messages, headers, batch)
     if plan.mismatch:
@@ -92,14 +97,13 @@ def plan_request(
     missing: list[str] = []
     kept: list[dict[str, Any]] = []
     for message in messages:
-        if not message.is_request:
+        if message.method is None or not (message.is_request or message.method in CALL_METHODS):
             kept.append(message.raw)
             continue
-        assert message.method is not None
         missing.extend(s for s in policy.missing_scopes(message.method, scopes) if s not in missing)
         kind, target = _target(message)
-        if kind is not None and target is not None:
-            decision = policy.rules_for(kind).decide(groups, target)
+        if kind is not None:
+            decision = _decide(policy, kind, target, groups)
             digest = None
             if hash_arguments and message.method == "tools/call":
                 digest = arguments_digest((message.params or {}).get("arguments"))
@@ -109,9 +113,9 @@ def plan_request(
                 continue
         else:
             plan.calls.append(CallRecord(message.method, kind, target, True, "not a named call"))
-        if message.method in LIST_METHODS:
+        if message.is_request and message.method in LIST_METHODS:
             plan.rewriter.expect(message.id, partial(policy.filter_list, message.method, groups=groups))
-        elif message.method in HANDSHAKE_METHODS:
+        elif message.is_request and message.method in HANDSHAKE_METHODS:
             plan.rewriter.expect(message.id, advertise_ema_extension)
         kept.append(message.raw)
     plan.missing_scopes = tuple(missing)
@@ -123,13 +127,34 @@ def plan_request(
     return plan
 
 
+def _decide(policy: RoutePolicy, kind: str, target: str | None, groups: frozenset[str]) -> Decision:
+    rules = policy.rules_for(kind)
+    if target is None:
+        # No string name to match (missing, a list, a number): a restricted kind refuses it rather
+        # than let the upstream interpret (or coerce) what the gateway could not check.
+        return Decision(True, "no rules") if rules.unrestricted else Decision(False, "no name to check")
+    return rules.decide(groups, target)
+
+
+def _all(headers: Mapping[str, str], name: str) -> list[str]:
+    if isinstance(headers, MultiMapping):
+        return headers.getall(name, [])
+    value = headers.get(name)
+    return [] if value is None else [value]
+
+
 def _header_mismatch(messages: list[RpcMessage], headers: Mapping[str, str], batch: bool) -> str | None:
-    header_method = headers.get("Mcp-Method")
-    header_name = headers.get("Mcp-Name")
-    if header_method is None and header_name is None:
+    methods = _all(headers, "Mcp-Method")
+    names = _all(headers, "Mcp-Name")
+    if not methods and not names:
         return None
     if batch:
         return "Mcp-Method/Mcp-Name headers cannot describe a batch"
+    if len(methods) > 1 or len(names) > 1:
+        # Servers differ on which copy they read (first, last, or both joined): only one is checked.
+        return "Mcp-Method/Mcp-Name headers must not be repeated"
+    header_method = methods[0] if methods else None
+    header_name = names[0] if names else None
     message = messages[0]
     if header_method is not None and _decode_header(header_method) != message.method:
         return "Mcp-Method header does not match the body"
@@ -140,14 +165,15 @@ def _header_mismatch(messages: list[RpcMessage], headers: Mapping[str, str], bat
     return None
 
 
-def _forbidden(message: RpcMessage, kind: str, target: str, route_name: str) -> dict[str, Any]:
+def _forbidden(message: RpcMessage, kind: str, target: str | None, route_name: str) -> dict[str, Any]:
     noun = {"tools": "tool", "resources": "resource", "prompts": "prompt"}[kind]
+    what = f"{noun} '{target}'" if target is not None else f"{noun} without a string name"
     return {
         "jsonrpc": "2.0",
         "id": message.id,
         "error": {
             "code": FORBIDDEN,
-            "message": f"Forbidden: {noun} '{target}' is not permitted for you on route '{route_name}'",
+            "message": f"Forbidden: {what} is not permitted for you on route '{route_name}'",
             "data": {"reason": "policy", "method": message.method},
         },
     }

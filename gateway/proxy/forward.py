@@ -66,6 +66,24 @@ def jsonrpc_error(status: int, code: int, message: str, request_id: Any = None, 
     return web.Response(status=status, text=json.dumps(body), content_type="application/json", headers=headers)
 
 
+class LegacyStream:
+    """A live legacy HTTP+SSE GET stream: where the responses to that session's POSTs are delivered,
+    so the gateway rewrites them there and writes its own answers (denied calls) into it."""
+
+    def __init__(self) -> None:
+        self.rewriter = ResultRewriter()
+        self.response: web.StreamResponse | None = None
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if self.response is not None:
+            # One write per event: aiohttp writes it as one chunk, never interleaved with the relay's.
+            await self.response.write(_event(message))
+
+
+def _event(message: dict[str, Any]) -> bytes:
+    return b"event: message\ndata: " + json.dumps(message, separators=(",", ":")).encode() + b"\n\n"
+
+
 @dataclass(frozen=True)
 class ForwardRequest:
     route: RouteConfig
@@ -81,6 +99,7 @@ class ForwardRequest:
     upstream_session_id: str | None = None
     query: str | None = None
     wrap_session: Callable[[str], str] | None = None
+    legacy_stream: LegacyStream | None = None
 
 
 class Upstream:
@@ -201,8 +220,10 @@ class Upstream:
         response = web.StreamResponse(status=upstream.status, headers=headers)
         response.headers.setdefault("Cache-Control", "no-cache")
         await response.prepare(request)
+        if fwd.legacy_stream is not None and request.method == "GET":
+            fwd.legacy_stream.response = response
         for message in fwd.injected:
-            await response.write(b"event: message\ndata: " + json.dumps(message).encode() + b"\n\n")
+            await response.write(_event(message))
         self.streams.add(upstream)
         gauge = self._metrics.open_streams.labels(fwd.route.name) if self._metrics is not None else None
         if gauge is not None:

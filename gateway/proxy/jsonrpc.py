@@ -69,6 +69,11 @@ class ResultRewriter:
     def __bool__(self) -> bool:
         return bool(self._pending)
 
+    def absorb(self, other: ResultRewriter) -> None:
+        """Take over ``other``'s expectations (their responses arrive on this rewriter's stream)."""
+        self._pending.update(other._pending)
+        other._pending.clear()
+
     def rewrite_json(self, body: bytes) -> bytes:
         try:
             data = json.loads(body)
