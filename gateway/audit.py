@@ -60,6 +60,7 @@ class AuditLog:
         self._file: IO[str] | None = None
         self.dropped = 0
         self.written = 0
+        self._closing = False
 
     def emit(self, event: str, **fields: Any) -> None:
         record: dict[str, Any] = {
@@ -84,22 +85,23 @@ class AuditLog:
         self._task = asyncio.get_running_loop().create_task(self._writer())
 
     async def close(self) -> None:
-        """Flush what is queued, then stop (called on shutdown)."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        """Flush what is queued, then stop (called on shutdown). The writer is asked to finish, not
+        cancelled: cancelling could leave its worker thread writing while the final flush writes
+        too, interleaving lines or writing to a closed file."""
+        self._closing = True
+        if self._task is not None and self._wakeup is not None:
+            self._wakeup.set()
+            await self._task
         await asyncio.to_thread(self._write, self._drain())
         if self._file is not None:
             await asyncio.to_thread(self._file.close)
 
     async def _writer(self) -> None:
         assert self._wakeup is not None
-        while True:
+        while not self._closing:
             await self._wakeup.wait()
-            await asyncio.sleep(self._flush_interval)
+            if not self._closing:
+                await asyncio.sleep(self._flush_interval)
             self._wakeup.clear()
             lines = self._drain()
             if lines:

@@ -564,6 +564,11 @@ def _parse_policy(item: _Node, scopes: tuple[str, ...]) -> RoutePolicy:
     def error(key: str, problem: str) -> ConfigError:
         return ConfigError(item.source, key, problem)
 
+    for kind in KINDS:
+        if kind in item.data and item.data[kind] is None:
+            # `tools:` with every rule commented out is YAML null; reading it as "no rules" would
+            # silently allow every tool.
+            raise item.error(kind, "is empty: list rules, use [] to allow nothing, or remove the key to allow all")
     rule_sets = {kind: RuleSet(parse_rules(item.raw(kind), item.key(kind), error)) for kind in KINDS}
     required: list[tuple[str, tuple[str, ...]]] = []
     node = item.child("require_scopes")

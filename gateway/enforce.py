@@ -6,8 +6,8 @@ against the body); a request whose headers and body disagree is refused, because
 routes on headers while we authorize on the body would otherwise execute something we never checked.
 Batches are decided element by element: permitted elements are forwarded, denied ones are answered
 by the gateway and never reach the upstream. A named call is decided even when it lacks a usable
-``id`` (a notification, or ``"id": null``): whether a server then executes it is the server's
-business, and a server that does must not run something the gateway never checked.
+``id`` (a notification, or ``"id": null``): the SDK servers ignore such a message, but a server
+that runs it anyway must not run something the gateway never checked.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from gateway.proxy.jsonrpc import HANDSHAKE_METHODS, ResultRewriter, RpcMessage,
 # JSON-RPC codes the gateway answers with (implementation-defined server errors, JSON-RPC 2.0 §5.1;
 # -32020 is MCP 2026-07-28's HeaderMismatch).
 FORBIDDEN = -32003
+COMPLETION_REFS = {"ref/prompt": ("prompts", "name"), "ref/resource": ("resources", "uri")}
 HEADER_MISMATCH = -32020
 
 
@@ -67,6 +68,14 @@ def _decode_header(value: str) -> str:
 
 
 def _target(message: RpcMessage) -> tuple[str | None, str | None]:
+    if message.method == "completion/complete":
+        # Completions reveal a prompt's or resource template's arguments: same rule as using it.
+        ref = (message.params or {}).get("ref")
+        if isinstance(ref, dict) and ref.get("type") in COMPLETION_REFS:
+            kind, key = COMPLETION_REFS[ref["type"]]
+            value = ref.get(key)
+            return kind, value if isinstance(value, str) else None
+        return None, None
     spec = CALL_METHODS.get(message.method or "")
     if spec is None:
         return None, None
@@ -136,7 +145,7 @@ def _decide(policy: RoutePolicy, kind: str, target: str | None, groups: frozense
     return rules.decide(groups, target)
 
 
-def _all(headers: Mapping[str, str], name: str) -> list[str]:
+def _header_values(headers: Mapping[str, str], name: str) -> list[str]:
     if isinstance(headers, MultiMapping):
         return headers.getall(name, [])
     value = headers.get(name)
@@ -144,8 +153,8 @@ def _all(headers: Mapping[str, str], name: str) -> list[str]:
 
 
 def _header_mismatch(messages: list[RpcMessage], headers: Mapping[str, str], batch: bool) -> str | None:
-    methods = _all(headers, "Mcp-Method")
-    names = _all(headers, "Mcp-Name")
+    methods = _header_values(headers, "Mcp-Method")
+    names = _header_values(headers, "Mcp-Name")
     if not methods and not names:
         return None
     if batch:
