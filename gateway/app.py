@@ -61,6 +61,7 @@ FORWARDED_METHODS = frozenset({"GET", "POST", "DELETE"})
 INVALID_REQUEST = -32600
 FORBIDDEN = -32003
 SESSION_NOT_FOUND = -32001
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that closed the connection before the answer
 _JWKS_RETRY_SECONDS = 10.0
 _CALL_EVENTS = {
     "tools": ("tool.called", "tool.denied"),
@@ -99,6 +100,7 @@ class Gateway:
         self._background: set[asyncio.Task[Any]] = set()
         self._config_digest: bytes | None = None
         self.draining = False
+        self._retrying_jwks = False
         # Legacy HTTP+SSE: upstream session id -> the rewriter of its live GET stream. Weak values:
         # an entry disappears with its stream.
         self._legacy_streams: weakref.WeakValueDictionary[str, LegacyStream] = weakref.WeakValueDictionary()
@@ -172,11 +174,17 @@ class Gateway:
             self._spawn(self._watch_config())
 
     async def _retry_jwks(self) -> None:
-        """Keep trying IdPs whose keys could not be fetched at startup, so /readyz turns green."""
-        while not self.runtime.keys.ready:
-            await asyncio.sleep(_JWKS_RETRY_SECONDS)
-            keys = self.runtime.keys
-            await asyncio.gather(*(s.refresh() for s in keys.sets.values() if not s.has_keys))
+        """Keep trying IdPs whose keys could not be fetched (at startup or after a reload added
+        them), so /readyz turns green without waiting for a token request that an unready pod
+        behind a load balancer would never get."""
+        self._retrying_jwks = True
+        try:
+            while not self.runtime.keys.ready:
+                await asyncio.sleep(_JWKS_RETRY_SECONDS)
+                keys = self.runtime.keys
+                await asyncio.gather(*(s.refresh(force=True) for s in keys.sets.values() if not s.has_keys))
+        finally:
+            self._retrying_jwks = False
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -184,10 +192,12 @@ class Gateway:
         task.add_done_callback(self._background.discard)
 
     def drain(self) -> int:
-        """Start a graceful shutdown: /readyz turns 503 and live event streams are ended cleanly
-        (clients reconnect elsewhere); in-flight requests finish. Returns the streams ended."""
+        """Start a graceful shutdown: /readyz turns 503 and listening (GET) event streams are ended
+        cleanly, so clients reconnect elsewhere; requests in flight, including POSTs answered with
+        an event stream (a tool call's result), get the grace period to finish. Returns the streams
+        ended."""
         self.draining = True
-        return sum(upstream.end_streams() for upstream in self.runtime.upstreams.values())
+        return sum(upstream.end_streams(listening_only=True) for upstream in self.runtime.upstreams.values())
 
     async def _on_shutdown(self, app: web.Application) -> None:
         self.drain()
@@ -231,8 +241,10 @@ class Gateway:
             return False
         old, self.runtime = self.runtime, new
         for upstream in old.retired_upstreams(new):
-            self._spawn(upstream.close())  # ends that route's streams cleanly
+            self._spawn(upstream.retire())  # ends its streams now, closes once its requests finish
         await new.keys.prefetch_missing()
+        if not new.keys.ready and not self._retrying_jwks:
+            self._spawn(self._retry_jwks())
         self.metrics.reloads.labels("success").inc()
         log.info("config reloaded: %d routes", len(new.config.routes))
         self.audit.emit("config.reload", decision="allow", reason=f"{len(new.config.routes)} routes")
@@ -389,6 +401,9 @@ class Gateway:
             response = await self._handle_route(runtime, request, route, rest, started)
             status = response.status
             return response
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED_REQUEST  # the client went away (how MCP clients cancel): not a 5xx
+            raise
         finally:
             in_flight.dec()
             self.metrics.requests.labels(route.name, request[METHOD_CLASS], str(status)).inc()

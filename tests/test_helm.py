@@ -373,12 +373,23 @@ def test_rollout_never_drops_below_desired_capacity():
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_shutdown_timing_is_consistent(scenario):
+    """Kubernetes waits for the preStop sleep plus the gateway's own drain (the same number the gateway
+    reads from its config) plus a margin before SIGKILL."""
     values = scenario_values(scenario)
     pre_stop = values.get("preStopSleepSeconds", 5)
     grace = values.get("shutdownGracePeriodSeconds", 30)
     docs = objects(values)
+    assert rendered_config(docs)["shutdown_grace_seconds"] == grace
     assert pod_spec(docs)["terminationGracePeriodSeconds"] == pre_stop + grace + 5
     assert gateway_container(docs)["lifecycle"]["preStop"] == {"exec": {"command": ["sleep", str(pre_stop)]}}
+
+
+def test_shutdown_grace_in_config_is_overridden():
+    """A grace period in config that differs from the pod's would be cut short by SIGKILL."""
+    values = {"shutdownGracePeriodSeconds": 12, "config": {"shutdown_grace_seconds": 600}}
+    docs = objects(values)
+    assert rendered_config(docs)["shutdown_grace_seconds"] == 12
+    assert pod_spec(docs)["terminationGracePeriodSeconds"] == 5 + 12 + 5
 
 
 # --- configuration rollout and secrets wiring -----------------------------------------------------

@@ -114,8 +114,12 @@ class Upstream:
         self._limits = limits
         self._public_scheme = public_scheme
         self._session: aiohttp.ClientSession | None = None
-        # Live event streams, so a drain (shutdown) or a route removal can end them cleanly.
-        self.streams: set[aiohttp.ClientResponse] = set()
+        # Live event streams -> whether it is a listening (GET) stream, so a drain (shutdown) or a
+        # route removal can end them cleanly.
+        self.streams: dict[aiohttp.ClientResponse, bool] = {}
+        self._ended: set[aiohttp.ClientResponse] = set()
+        self._in_flight = 0
+        self._retired = False
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -128,13 +132,22 @@ class Upstream:
             )
         return self._session
 
-    def end_streams(self) -> int:
+    def end_streams(self, *, listening_only: bool = False) -> int:
         """Close every live upstream event stream; each relay then ends its client response with a
         proper end of stream (clients reconnect, e.g. to another replica)."""
-        streams = list(self.streams)
+        streams = [s for s, listening in self.streams.items() if listening or not listening_only]
         for stream in streams:
+            self._ended.add(stream)  # a deliberate end, not an upstream failure
             stream.close()
         return len(streams)
+
+    async def retire(self) -> None:
+        """A reload replaced this pool: end its live streams now, let requests in flight finish,
+        then close it (closing at once would cut them with a 502)."""
+        self._retired = True
+        self.end_streams()
+        if self._in_flight == 0:
+            await self.close()
 
     async def close(self) -> None:
         self.end_streams()
@@ -142,6 +155,15 @@ class Upstream:
             await self._session.close()
 
     async def forward(self, request: web.Request, fwd: ForwardRequest) -> web.StreamResponse:
+        self._in_flight += 1
+        try:
+            return await self._forward(request, fwd)
+        finally:
+            self._in_flight -= 1
+            if self._retired and self._in_flight == 0:
+                await self.close()
+
+    async def _forward(self, request: web.Request, fwd: ForwardRequest) -> web.StreamResponse:
         route = fwd.route
         # Raw path remainder and raw query, sent without re-encoding (encoded=True): aiohttp's
         # ``query_string`` is partly decoded ('%23' becomes '#', '%25' becomes '%'), which would cut
@@ -224,14 +246,14 @@ class Upstream:
             fwd.legacy_stream.response = response
         for message in fwd.injected:
             await response.write(_event(message))
-        self.streams.add(upstream)
+        self.streams[upstream] = request.method == "GET"
         gauge = self._metrics.open_streams.labels(fwd.route.name) if self._metrics is not None else None
         if gauge is not None:
             gauge.inc()
         try:
             return await self._relay_event_loop(request, upstream, fwd, response)
         finally:
-            self.streams.discard(upstream)
+            self.streams.pop(upstream, None)
             if gauge is not None:
                 gauge.dec()
 
@@ -275,7 +297,11 @@ class Upstream:
                 await response.write(rest)
             await response.write_eof()  # inside the try for the same reason as in _relay_body
         except (aiohttp.ClientError, EventTooLarge) as exc:
-            log.warning("route %s: event stream ended abnormally: %s", fwd.route.name, type(exc).__name__)
+            if upstream in self._ended:
+                self._ended.discard(upstream)
+                log.info("route %s: event stream ended by the gateway (drain or reload)", fwd.route.name)
+            else:
+                log.warning("route %s: event stream ended abnormally: %s", fwd.route.name, type(exc).__name__)
         return response
 
     def _rewrite_endpoint(self, raw: bytes, request: web.Request, fwd: ForwardRequest) -> bytes:
