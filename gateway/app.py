@@ -29,7 +29,7 @@ from gateway.audit import AuditLog, elapsed_ms
 from gateway.bearer import BearerChallenge, BearerGuard, challenge_response
 from gateway.config import ConfigError, GatewayConfig, RouteConfig, load_config
 from gateway.enforce import HEADER_MISMATCH, Plan, error_response, plan_request
-from gateway.http import BodyTooLarge, read_limited
+from gateway.http import BodyTooLarge, BodyTooSlow, read_limited
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import NO_ROUTE, Metrics, method_class
 from gateway.oauth import metadata
@@ -426,7 +426,7 @@ class Gateway:
         try:
             principal = self._authenticate(runtime, request, route)
             request[PRINCIPAL] = principal
-            body = await self._read_body(request)
+            body = await self._read_body(runtime, request)
             plan = self._plan(runtime, request, route, principal, body)
             fwd = self._forward_request(runtime, request, route, rest, principal, body, plan, cors)
         except _Refusal as refusal:
@@ -473,13 +473,16 @@ class Gateway:
             raise _Refusal(response, "revoked")
         return principal
 
-    async def _read_body(self, request: web.Request) -> bytes | None:
+    async def _read_body(self, runtime: Runtime, request: web.Request) -> bytes | None:
         if request.method != "POST":
             return None
+        limits = runtime.config.limits
         try:
-            return await read_limited(request, self.config.limits.max_request_bytes)
+            return await read_limited(request, limits.max_request_bytes, limits.request_body_timeout_seconds)
         except BodyTooLarge:
             raise _Refusal(jsonrpc_error(413, INVALID_REQUEST, "request body too large"), "body_too_large") from None
+        except BodyTooSlow:
+            raise _Refusal(jsonrpc_error(408, INVALID_REQUEST, "request body too slow"), "body_too_slow") from None
 
     def _plan(
         self, runtime: Runtime, request: web.Request, route: RouteConfig, principal: Principal, body: bytes | None

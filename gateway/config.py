@@ -109,6 +109,7 @@ class LimitsConfig:
     upstream_timeout_seconds: float = 300.0
     stream_keepalive_seconds: float = 15.0
     stream_idle_timeout_seconds: float = 0.0
+    request_body_timeout_seconds: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -411,6 +412,9 @@ def _parse_limits(node: _Node) -> LimitsConfig:
         stream_keepalive_seconds=node.number("stream_keepalive_seconds", 15.0, minimum=0, maximum=3600, integer=False),
         stream_idle_timeout_seconds=node.number(
             "stream_idle_timeout_seconds", 0.0, minimum=0, maximum=86400, integer=False
+        ),
+        request_body_timeout_seconds=node.number(
+            "request_body_timeout_seconds", 30.0, minimum=0.1, maximum=3600, integer=False
         ),
     )
     node.finish()

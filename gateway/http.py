@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
+
+DEFAULT_BODY_TIMEOUT = 30.0
 
 
 class BodyTooLarge(Exception):
     """The request body exceeds the configured limit (answered with 413)."""
 
 
-async def read_limited(request: web.Request, limit: int) -> bytes:
-    """Read a request body, refusing more than ``limit`` bytes without buffering the excess.
+class BodyTooSlow(Exception):
+    """The request body did not arrive in time (answered with 408): a client trickling bytes
+    (slowloris) must not hold a handler and its memory indefinitely."""
+
+
+async def read_limited(request: web.Request, limit: int, deadline_seconds: float = DEFAULT_BODY_TIMEOUT) -> bytes:
+    """Read a request body, refusing more than ``limit`` bytes without buffering the excess, and
+    more than ``deadline_seconds`` in total.
 
     aiohttp's own ``client_max_size`` covers only ``request.read()``; reading the stream ourselves
     keeps one limit for declared and chunked bodies alike.
@@ -19,11 +29,15 @@ async def read_limited(request: web.Request, limit: int) -> bytes:
         raise BodyTooLarge
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(deadline_seconds):
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > limit:
+                    raise BodyTooLarge
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BodyTooSlow from None
     return b"".join(chunks)
 
 

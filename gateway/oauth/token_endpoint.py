@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl
 from aiohttp import web
 from multidict import MultiDict, MultiDictProxy
 
-from gateway.http import BodyTooLarge, read_limited
+from gateway.http import BodyTooLarge, BodyTooSlow, read_limited
 from gateway.oauth.access_token import AccessTokenService
 from gateway.oauth.client_auth import ClientAuthenticator
 from gateway.oauth.errors import NO_STORE, InvalidGrant, InvalidRequest, OAuthError, UnsupportedGrantType
@@ -101,6 +101,8 @@ class TokenEndpoint:
             pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
         except BodyTooLarge:
             raise InvalidRequest("the request body is too large") from None
+        except BodyTooSlow:
+            raise InvalidRequest("the request body did not arrive in time") from None
         except UnicodeDecodeError:
             raise InvalidRequest("the request body is not UTF-8") from None
         return MultiDictProxy(MultiDict(pairs))
