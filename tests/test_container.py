@@ -326,3 +326,14 @@ def test_installed_entry_point_runs(installed):
     assert result.returncode == 0, result.stderr
     assert "serve" in result.stdout
     assert "check" in result.stdout
+
+
+def test_installed_demo_runs_the_whole_flow(installed):
+    """The README's newcomer path: the installed package alone (no test extras, no `mcp`) runs the
+    demo end to end: dev IdP, upstream, gateway, ID-JAG exchange and tool calls."""
+    result = _run(
+        [str(installed.bin("mcp-gateway")), "demo", "--once", "--port", "0"], cwd=installed.workdir, env=_clean_env()
+    )
+    assert result.returncode == 0, result.stderr
+    assert "The SEP-990 flow succeeded." in result.stdout
+    assert '"authorization": "absent"' in result.stdout
