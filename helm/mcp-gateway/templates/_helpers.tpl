@@ -89,6 +89,9 @@ and, when signingKey.existingSecret is set, authorization.signing_key_file (the 
 {{- if .Values.signingKey.existingSecret }}
 {{- $authorization := deepCopy (get $config "authorization" | default dict) }}
 {{- $_ := set $authorization "signing_key_file" (include "mcp-gateway.signingKeyPath" .) }}
+{{- if .Values.signingKey.previousKey }}
+{{- $_ := set $authorization "previous_signing_key_files" (list (printf "%s/previous-signing-key.pem" (include "mcp-gateway.signingKeyDir" .))) }}
+{{- end }}
 {{- $_ := set $config "authorization" $authorization }}
 {{- end }}
 {{- toYaml $config }}
