@@ -426,6 +426,20 @@ def test_signing_key_is_mounted_and_wired_to_the_config(scenario):
     assert volume["secret"]["defaultMode"] == 0o440
 
 
+def test_previous_signing_key_is_mounted_for_a_rotation():
+    values = scenario_values("existing-secret")
+    values["signingKey"]["previousKey"] = "old.pem"
+    docs = objects(values)
+    previous = str(Path(SIGNING_KEY_PATH).parent / "previous-signing-key.pem")
+    assert rendered_config(docs)["authorization"]["previous_signing_key_files"] == [previous]
+    volume = next(v for v in pod_spec(docs)["volumes"] if v["name"] == "signing-key")
+    assert {"key": "old.pem", "path": "previous-signing-key.pem"} in volume["secret"]["items"]
+    assert (
+        "previous_signing_key_files"
+        not in rendered_config(objects(scenario_values("existing-secret")))["authorization"]
+    )
+
+
 @pytest.mark.parametrize("scenario", ["default", "minimal"])
 def test_no_signing_key_without_existing_secret(scenario):
     docs = objects(scenario_values(scenario))
