@@ -2,28 +2,38 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import aiohttp
 import pytest
 
 from gateway.devidp import DevIdentityProvider
-from tests.support.harness import IDP_CLIENTS, GatewayHarness, start_harness
+from tests.support.harness import IDP_CLIENTS, GatewayHarness, running_gateway
 from tests.support.node import start_everything
 from tests.support.upstreams import RunningUpstream, start_upstream
 
 
+@asynccontextmanager
+async def running_idp(algorithm: str) -> AsyncIterator[DevIdentityProvider]:
+    provider = DevIdentityProvider(algorithm=algorithm, clients=IDP_CLIENTS)
+    await provider.start()
+    try:
+        yield provider
+    finally:
+        await provider.stop()
+
+
 @pytest.fixture(scope="session")
 async def idp():
-    provider = DevIdentityProvider(algorithm="ES256", clients=IDP_CLIENTS)
-    await provider.start()
-    yield provider
-    await provider.stop()
+    async with running_idp("ES256") as provider:
+        yield provider
 
 
 @pytest.fixture(scope="session")
 async def idp_rsa():
-    provider = DevIdentityProvider(algorithm="RS256", clients=IDP_CLIENTS)
-    await provider.start()
-    yield provider
-    await provider.stop()
+    async with running_idp("RS256") as provider:
+        yield provider
 
 
 @pytest.fixture(scope="session")
@@ -67,6 +77,12 @@ async def gw(idp, idp_rsa, upstream_json, upstream_sse, upstream_legacy, everyth
         },
         {"name": "dead", "path": "/dead/mcp", "upstream": "http://127.0.0.1:9/mcp"},
     ]
-    harness = await start_harness(idp, routes, extra_idps=[idp_rsa])
-    yield harness
-    await harness.runner.cleanup()
+    async with running_gateway(idp, routes, extra_idps=[idp_rsa]) as harness:
+        yield harness
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A plain client session (test_proxy.py has its own, which also checks that no 500 is seen)."""
+    async with aiohttp.ClientSession() as session:
+        yield session

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jose import jwt
 
 from gateway import __version__
+from tests.support.loopback import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "config" / "gateway.example.yaml"
@@ -85,13 +86,6 @@ def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]
         cwd=REPO,
         check=False,
     )
-
-
-def free_port() -> int:
-    """A port nothing listens on right now (for configs whose ``listen`` must be a real port)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def http_get(url: str) -> tuple[int, Any]:

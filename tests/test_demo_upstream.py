@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
-import mcp_types as types
 import pytest
 from aiohttp import web
 from mcp import Client
@@ -15,6 +14,8 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
 from gateway.demo_upstream import make_demo_upstream_app, start_demo_upstream
+from tests.support.loopback import serve_app
+from tests.support.sdk import text_of
 
 ACCEPT = "application/json, text/event-stream"
 
@@ -64,13 +65,6 @@ async def open_session(http: aiohttp.ClientSession, url: str) -> dict[str, str]:
     return {"Mcp-Session-Id": headers["Mcp-Session-Id"], "MCP-Protocol-Version": "2025-11-25"}
 
 
-def text_of(result: types.CallToolResult) -> str:
-    assert not result.is_error, result
-    block = result.content[0]
-    assert isinstance(block, types.TextContent)
-    return block.text
-
-
 @pytest.mark.parametrize("mode", ["auto", "legacy"])
 async def test_official_client_lists_and_calls_tools(demo_url: str, mode: str) -> None:
     async with Client(streamable_http_client(demo_url), mode=mode) as client:
@@ -107,16 +101,9 @@ async def test_auto_mode_probes_discover_then_initializes() -> None:
 
     app = make_demo_upstream_app()
     app.middlewares.append(record)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}/mcp"
-    try:
-        async with Client(streamable_http_client(url)) as client:  # default mode is "auto"
+    async with serve_app(app) as base:
+        async with Client(streamable_http_client(base + "/mcp")) as client:  # default mode is "auto"
             await client.list_tools()
-    finally:
-        await runner.cleanup()
 
     posts = [(method, session, version) for verb, method, session, version in seen if verb == "POST"]
     assert posts[0] == ("server/discover", None, "2026-07-28")

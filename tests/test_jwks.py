@@ -3,6 +3,8 @@ bounded rate, kept while the IdP is unreachable, and discovered from IdP metadat
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,7 +12,8 @@ import aiohttp
 from aiohttp import web
 
 from gateway.devidp import DevIdentityProvider
-from tests.support.harness import GatewayHarness, start_harness
+from tests.support.harness import GatewayHarness, running_gateway
+from tests.support.loopback import serve_app
 
 ISSUER = "https://idp.test"
 
@@ -22,7 +25,6 @@ class JwksServer:
     keys: list[dict[str, Any]] = field(default_factory=list)
     fetches: int = 0
     failing: bool = False
-    runner: web.AppRunner | None = None
     url: str = ""
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -31,77 +33,60 @@ class JwksServer:
             return web.Response(status=503)
         return web.json_response({"keys": self.keys})
 
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_get("/jwks", self.handle)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}/jwks"
 
-
-async def gateway_for(jwks: JwksServer, signer: DevIdentityProvider, upstream_json, **kwargs: Any) -> GatewayHarness:
-    return await start_harness(
-        signer,
-        [{"name": "json", "path": "/json/mcp", "upstream": upstream_json.mcp_url}],
-        authorization={"identity_providers": [{"issuer": ISSUER, "jwks_uri": jwks.url}]},
-        **kwargs,
-    )
+@asynccontextmanager
+async def gateway_for(
+    jwks: JwksServer, signer: DevIdentityProvider, upstream_json, **kwargs: Any
+) -> AsyncIterator[GatewayHarness]:
+    """Serves ``jwks``, then a gateway trusting ISSUER with keys from it; both stop afterwards."""
+    app = web.Application()
+    app.router.add_get("/jwks", jwks.handle)
+    async with serve_app(app) as base:
+        jwks.url = base + "/jwks"
+        async with running_gateway(
+            signer,
+            [{"name": "json", "path": "/json/mcp", "upstream": upstream_json.mcp_url}],
+            authorization={"identity_providers": [{"issuer": ISSUER, "jwks_uri": jwks.url}]},
+            **kwargs,
+        ) as h:
+            yield h
 
 
 async def test_keys_are_fetched_once_and_reused(upstream_json) -> None:
     signer = DevIdentityProvider(issuer=ISSUER)
     jwks = JwksServer(keys=signer.public_jwks()["keys"])
-    await jwks.start()
-    h = await gateway_for(jwks, signer, upstream_json)
-    try:
+    async with gateway_for(jwks, signer, upstream_json) as h:
         for _ in range(5):
             status, body, _ = await h.token_request(h.id_jag())
             assert status == 200, body
         assert jwks.fetches == 1
-    finally:
-        await h.runner.cleanup()
-        await jwks.runner.cleanup()
 
 
 async def test_unknown_kid_triggers_a_refetch_for_key_rotation(upstream_json) -> None:
     old, new = DevIdentityProvider(issuer=ISSUER), DevIdentityProvider(issuer=ISSUER)
     jwks = JwksServer(keys=old.public_jwks()["keys"])
-    await jwks.start()
-    h = await gateway_for(jwks, old, upstream_json, jwks_min_refresh_seconds=0)
-    try:
+    async with gateway_for(jwks, old, upstream_json, jwks_min_refresh_seconds=0) as h:
         assert (await h.token_request(h.id_jag()))[0] == 200
         jwks.keys = old.public_jwks()["keys"] + new.public_jwks()["keys"]  # the IdP rotates
         status, body, _ = await h.token_request(new.sign(h.id_jag_claims()))
         assert status == 200, body
         assert jwks.fetches == 2
-    finally:
-        await h.runner.cleanup()
-        await jwks.runner.cleanup()
 
 
 async def test_unknown_kid_refetches_are_rate_limited(upstream_json) -> None:
     known, stranger = DevIdentityProvider(issuer=ISSUER), DevIdentityProvider(issuer=ISSUER)
     jwks = JwksServer(keys=known.public_jwks()["keys"])
-    await jwks.start()
-    h = await gateway_for(jwks, known, upstream_json, jwks_min_refresh_seconds=30)
-    try:
+    async with gateway_for(jwks, known, upstream_json, jwks_min_refresh_seconds=30) as h:
         for _ in range(10):
             status, body, _ = await h.token_request(stranger.sign(h.id_jag_claims()))
             assert (status, body["error"]) == (400, "invalid_grant")
         assert jwks.fetches == 1  # the startup fetch; forged kids cannot make us hammer the IdP
-    finally:
-        await h.runner.cleanup()
-        await jwks.runner.cleanup()
 
 
 async def test_cached_keys_keep_working_while_the_idp_is_unreachable(upstream_json) -> None:
     signer = DevIdentityProvider(issuer=ISSUER)
     jwks = JwksServer(keys=signer.public_jwks()["keys"])
-    await jwks.start()
-    h = await gateway_for(jwks, signer, upstream_json, jwks_min_refresh_seconds=0)
-    try:
+    async with gateway_for(jwks, signer, upstream_json, jwks_min_refresh_seconds=0) as h:
         jwks.failing = True
         status, body, _ = await h.token_request(h.id_jag())
         assert status == 200, body
@@ -109,17 +94,12 @@ async def test_cached_keys_keep_working_while_the_idp_is_unreachable(upstream_js
         status, body, _ = await h.token_request(DevIdentityProvider(issuer=ISSUER).sign(h.id_jag_claims()))
         assert (status, body["error"]) == (400, "invalid_grant")
         assert jwks.fetches == 2
-    finally:
-        await h.runner.cleanup()
-        await jwks.runner.cleanup()
 
 
 async def test_unreachable_idp_at_startup_is_not_ready_and_answers_503(upstream_json) -> None:
     signer = DevIdentityProvider(issuer=ISSUER)
     jwks = JwksServer(keys=signer.public_jwks()["keys"], failing=True)
-    await jwks.start()
-    h = await gateway_for(jwks, signer, upstream_json, jwks_min_refresh_seconds=0)
-    try:
+    async with gateway_for(jwks, signer, upstream_json, jwks_min_refresh_seconds=0) as h:
         async with aiohttp.ClientSession() as http:
             async with http.get(h.url + "/readyz") as response:
                 assert response.status == 503
@@ -133,9 +113,6 @@ async def test_unreachable_idp_at_startup_is_not_ready_and_answers_503(upstream_
         async with aiohttp.ClientSession() as http:
             async with http.get(h.url + "/readyz") as response:
                 assert response.status == 200
-    finally:
-        await h.runner.cleanup()
-        await jwks.runner.cleanup()
 
 
 async def test_jwks_uri_is_discovered_from_idp_metadata(gw: GatewayHarness) -> None:

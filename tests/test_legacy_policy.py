@@ -10,7 +10,7 @@ from mcp.client.sse import sse_client
 
 from gateway.devidp import DevIdentityProvider
 from gateway.proxy.jsonrpc import EMA_EXTENSION
-from tests.support.harness import GatewayHarness, start_harness
+from tests.support.harness import GatewayHarness, running_gateway
 from tests.support.upstreams import RunningUpstream
 
 RULES = {
@@ -25,9 +25,8 @@ RULES = {
 @pytest.fixture(scope="module")
 async def legacy_gw(idp: DevIdentityProvider, upstream_legacy: RunningUpstream) -> GatewayHarness:
     routes = [{"name": "legacy", "path": "/legacy", "upstream": upstream_legacy.base_url, "transport": "sse", **RULES}]
-    harness = await start_harness(idp, routes)
-    yield harness
-    await harness.runner.cleanup()
+    async with running_gateway(idp, routes) as harness:
+        yield harness
 
 
 async def open_client(h: GatewayHarness, user: str) -> tuple[Client, str]:

@@ -12,9 +12,7 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
-import socket
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -25,13 +23,23 @@ import pytest
 from gateway import __version__
 from gateway.devidp import DevIdentityProvider
 from gateway.metrics import HTTP_CLASSES, KNOWN_METHODS, NO_ROUTE
-from tests.support.harness import GatewayHarness, start_harness
-from tests.support.mcp_http import ACCEPT, McpHttp, next_message, request, response_message, tool_call, tool_text
+from tests.support.harness import GatewayHarness, running_gateway, start_harness
+from tests.support.loopback import free_port
+from tests.support.mcp_http import (
+    ACCEPT,
+    WAIT,
+    new_gate,
+    next_message,
+    open_session,
+    request,
+    response_message,
+    tool_call,
+    tool_text,
+)
 from tests.support.scrape import Scrape, scrape
 from tests.support.upstreams import RunningUpstream
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
-WAIT = 10.0  # upper bound on any single wait; tests finish far sooner
 FLOOD = 1_000  # random requests of each kind in the label-bounding test
 ROUTES = {"json", "sse", "policy"}
 # Every family the gateway exposes, as prometheus-client's parser names it (counters without _total).
@@ -53,12 +61,6 @@ REQUESTS = "mcp_gateway_requests_total"
 GRANTS = "mcp_gateway_token_grants_total"
 FETCHES = "mcp_gateway_jwks_fetches_total"
 DECISIONS = "mcp_gateway_policy_decisions_total"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -86,25 +88,12 @@ async def mgw(
         },
     ]
     # jwks_min_refresh_seconds=0: an unknown kid refetches at once, so the fetch counter can be moved.
-    harness = await start_harness(idp, routes, extra_idps=[unreachable_idp], jwks_min_refresh_seconds=0)
-    yield harness
-    await harness.runner.cleanup()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
+    async with running_gateway(idp, routes, extra_idps=[unreachable_idp], jwks_min_refresh_seconds=0) as harness:
+        yield harness
 
 
 async def metrics(gw: GatewayHarness, http: aiohttp.ClientSession) -> Scrape:
     return await scrape(http, gw.url + "/metrics")
-
-
-async def connect(gw: GatewayHarness, http: aiohttp.ClientSession, route: str) -> McpHttp:
-    client = McpHttp(http, gw.route_url(route), await gw.access_token(route))
-    await client.initialize()
-    return client
 
 
 async def moved(gw: GatewayHarness, http: aiohttp.ClientSession, action: Callable[[], Awaitable[None]]):
@@ -145,7 +134,7 @@ async def test_requests_and_latencies_count_by_route_method_and_status(
     mgw: GatewayHarness, http: aiohttp.ClientSession
 ) -> None:
     async def traffic() -> None:
-        client = await connect(mgw, http, "json")  # initialize + notifications/initialized
+        client = await open_session(mgw, http, "json")  # initialize + notifications/initialized
         assert tool_text(await client.call(tool_call(2, "echo", {"text": "counted"}))) == "counted"
         # Refused before forwarding: counted as a request, never as an upstream round trip.
         async with http.post(mgw.route_url("json"), json=tool_call(3, "echo"), headers={"Accept": ACCEPT}) as denied:
@@ -164,7 +153,7 @@ async def test_requests_and_latencies_count_by_route_method_and_status(
 
 
 async def test_histogram_buckets_are_cumulative(mgw: GatewayHarness, http: aiohttp.ClientSession) -> None:
-    await connect(mgw, http, "json")
+    await open_session(mgw, http, "json")
     current = await metrics(mgw, http)
     for family in ("mcp_gateway_request_duration_seconds", "mcp_gateway_upstream_duration_seconds"):
         buckets = sorted(
@@ -225,7 +214,7 @@ async def test_policy_decisions_count_allowed_and_denied_calls(
     mgw: GatewayHarness, http: aiohttp.ClientSession
 ) -> None:
     async def traffic() -> None:
-        client = await connect(mgw, http, "policy")
+        client = await open_session(mgw, http, "policy")
         assert tool_text(await client.call(tool_call(2, "echo", {"text": "allowed"}))) == "allowed"
         denied = await client.call(tool_call(3, "delete_everything"))
         assert denied["error"]["code"] == -32003
@@ -244,9 +233,9 @@ async def test_policy_decisions_count_allowed_and_denied_calls(
 async def test_in_flight_and_open_streams_rise_during_a_live_stream_and_fall_after(
     mgw: GatewayHarness, http: aiohttp.ClientSession, upstream_sse: RunningUpstream
 ) -> None:
-    client = await connect(mgw, http, "sse")
+    client = await open_session(mgw, http, "sse")
     idle = await metrics(mgw, http)
-    gate = f"metrics-{uuid.uuid4().hex}"
+    gate = new_gate("metrics")
     async with client.post(tool_call(2, "gated_stream", {"gate": gate})) as response:
         async with asyncio.timeout(WAIT):
             assert (await next_message(response.content))["method"] == "notifications/message"
@@ -272,9 +261,9 @@ async def test_in_flight_and_open_streams_rise_during_a_live_stream_and_fall_aft
 async def test_a_client_that_goes_away_is_not_counted_as_a_gateway_error(
     mgw: GatewayHarness, http: aiohttp.ClientSession, upstream_sse: RunningUpstream
 ) -> None:
-    client = await connect(mgw, http, "sse")
+    client = await open_session(mgw, http, "sse")
     before = await metrics(mgw, http)
-    gate = f"metrics-{uuid.uuid4().hex}"
+    gate = new_gate("metrics")
     try:
         response = await client.post(tool_call(2, "gated_stream", {"gate": gate}))
         async with asyncio.timeout(WAIT):

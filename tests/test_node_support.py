@@ -21,6 +21,7 @@ from aiohttp import web
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
+from tests.support.loopback import free_port, serve_app
 from tests.support.node import (
     EverythingServer,
     NodeClientError,
@@ -99,7 +100,7 @@ async def test_node_client_without_auth_sse(everything_sse: EverythingServer) ->
 
 
 async def test_node_client_reports_failure_as_json() -> None:
-    port = _unused_port()
+    port = free_port()
     with pytest.raises(NodeClientError) as raised:
         await run_xaa_client({"MCP_URL": f"http://127.0.0.1:{port}/mcp", "NO_AUTH": "1"})
     assert raised.value.result is not None and raised.value.result["stage"] == "connect"
@@ -234,16 +235,9 @@ class XaaStub:
 @pytest.fixture
 async def xaa_stub() -> AsyncIterator[XaaStub]:
     stub = XaaStub()
-    runner = web.AppRunner(stub.app())
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    stub.base_url = f"http://{host}:{port}"
-    try:
+    async with serve_app(stub.app()) as base_url:
+        stub.base_url = base_url
         yield stub
-    finally:
-        await runner.cleanup()
 
 
 async def test_node_client_full_id_jag_flow_against_stub(xaa_stub: XaaStub) -> None:
@@ -301,13 +295,6 @@ async def test_node_client_reports_idp_rejection(xaa_stub: XaaStub) -> None:
     assert result["stage"] == "assertion"
     assert "invalid_request" in result["error"]
     assert result["tokenRequests"] == 0 and result["tokenExchangeRequests"] == 1
-
-
-def _unused_port() -> int:
-    """A loopback port nothing listens on (bound then released; only used for a refused connection)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _non_loopback_address() -> str | None:

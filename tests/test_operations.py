@@ -16,7 +16,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 import time
 import uuid
@@ -33,7 +32,17 @@ import yaml
 import gateway.app
 from gateway.devidp import DevIdentityProvider
 from tests.support.harness import make_config, start_harness
-from tests.support.mcp_http import McpHttp, next_message, response_message, rest_of_stream, tool_call, tool_text
+from tests.support.loopback import free_port
+from tests.support.mcp_http import (
+    McpHttp,
+    new_gate,
+    next_message,
+    open_session,
+    response_message,
+    rest_of_stream,
+    tool_call,
+    tool_text,
+)
 from tests.support.scrape import Scrape, scrape
 from tests.support.upstreams import RunningUpstream
 
@@ -45,16 +54,6 @@ START = 15.0  # for the process to start and fetch the IdP's keys
 WAIT = 10.0  # for anything else; tests finish far sooner
 POLL = 0.02
 RELOADS = "mcp_gateway_config_reloads_total"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def new_gate() -> str:
-    return f"ops-{uuid.uuid4().hex}"
 
 
 def config_document(port: int, idp: DevIdentityProvider, routes: dict[str, str], **extra: Any) -> dict[str, Any]:
@@ -217,7 +216,7 @@ async def test_sighup_adds_a_route_while_streams_and_sessions_on_unchanged_route
     port = free_port()
     async with served(tmp_path, idp, config_document(port, idp, routes)) as gw:
         json_client = await gw.client("json")
-        gate = new_gate()
+        gate = new_gate("ops")
         async with live_stream(await gw.client("sse"), 2, gate) as stream:
             assert await gw.status("/extra/mcp") == 404
             gw.write_config(config_document(port, idp, {**routes, "extra": upstream_json.mcp_url}))
@@ -295,7 +294,7 @@ async def test_removing_a_route_ends_its_live_stream_cleanly_then_the_route_404s
     port = free_port()
     routes = {"json": upstream_json.mcp_url, "sse": upstream_sse.mcp_url}
     async with served(tmp_path, idp, config_document(port, idp, routes)) as gw:
-        gate = new_gate()
+        gate = new_gate("ops")
         try:
             async with live_stream(await gw.client("sse"), 2, gate) as stream:
                 gw.write_config(config_document(port, idp, {"json": upstream_json.mcp_url}))
@@ -339,7 +338,7 @@ async def test_sigterm_ends_listening_streams_at_once_lets_requests_finish_and_e
     async with served(tmp_path, idp, document) as gw:
         json_client = await gw.client("json")
         sse_client = await gw.client("sse")
-        stream_gate, slow_gate = new_gate(), new_gate()
+        stream_gate, slow_gate = new_gate("ops"), new_gate("ops")
         try:
             listening = await sse_client.http.get(
                 sse_client.url, headers=sse_client.headers(Accept="text/event-stream")
@@ -378,7 +377,7 @@ async def test_sigterm_exits_zero_when_a_request_outlasts_the_grace_period(
     document = config_document(free_port(), idp, {"json": upstream_json.mcp_url}, shutdown_grace_seconds=grace)
     async with served(tmp_path, idp, document) as gw:
         client = await gw.client("json")
-        gate = new_gate()
+        gate = new_gate("ops")
         try:
             slow = asyncio.create_task(client.call(tool_call(2, "gated_stream", {"gate": gate})))
             await gw.eventually(lambda: in_flight(gw, "json"), 1, "the slow request in flight")
@@ -403,8 +402,7 @@ async def test_drain_turns_readyz_503_and_ends_listening_streams(
         async with aiohttp.ClientSession() as http:
             async with http.get(harness.url + "/readyz") as response:
                 assert response.status == 200
-            client = McpHttp(http, harness.route_url("sse"), await harness.access_token("sse"))
-            await client.initialize()
+            client = await open_session(harness, http, "sse")
             async with http.get(client.url, headers=client.headers(Accept="text/event-stream")) as listening:
                 assert listening.status == 200
                 assert harness.gateway.drain() == 1
@@ -427,11 +425,10 @@ async def test_a_request_in_flight_finishes_when_a_reload_replaces_its_upstream_
     start after the swap use the new pool, and only live streams are ended."""
     routes = [{"name": "json", "path": "/json/mcp", "upstream": upstream_json.mcp_url}]
     harness = await start_harness(idp, routes)
-    gate = new_gate()
+    gate = new_gate("ops")
     try:
         async with aiohttp.ClientSession() as http:
-            client = McpHttp(http, harness.route_url("json"), await harness.access_token("json"))
-            await client.initialize()
+            client = await open_session(harness, http, "json")
             calls = len(upstream_json.recorded())
             slow = asyncio.create_task(client.call(tool_call(2, "gated_stream", {"gate": gate})))
             async with asyncio.timeout(WAIT):

@@ -12,10 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -23,147 +21,36 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
-from gateway.app import bind_socket
 from gateway.devidp import DevIdentityProvider
 from gateway.proxy.jsonrpc import EMA_EXTENSION
 from gateway.sessions import SessionCheck, principal_key
-from tests.support.harness import CLIENT_ID, GatewayHarness, start_harness
+from tests.support.harness import CLIENT_ID, GatewayHarness, running_gateway
+from tests.support.loopback import serve_app
+from tests.support.mcp_http import (
+    ACCEPT,
+    MAX_EVENTS,
+    PROTOCOL,
+    WAIT,
+    McpHttp,
+    connect,
+    initialize_request,
+    legacy_call,
+    legacy_handshake,
+    new_gate,
+    next_message,
+    open_legacy_stream,
+    read_event,
+    read_response,
+    request,
+    response_message,
+    tool_call,
+    tool_text,
+)
 from tests.support.upstreams import RunningUpstream
 
-PROTOCOL = "2025-11-25"
 MODERN_PROTOCOL = "2026-07-28"
-ACCEPT = "application/json, text/event-stream"
-WAIT = 10.0  # upper bound on any single wait for the network; tests finish far sooner
-MAX_LINES_PER_EVENT = 1_000
-MAX_EVENTS = 100
 APP_ORIGIN = "http://app.example.test"
 FOREIGN_ORIGIN = "http://evil.example.test"
-
-# -- a raw MCP client ----------------------------------------------------------------------------
-
-
-@dataclass
-class SseEvent:
-    fields: list[tuple[str, str]] = field(default_factory=list)
-    comments: list[str] = field(default_factory=list)
-
-    def values(self, name: str) -> list[str]:
-        return [value for key, value in self.fields if key == name]
-
-    @property
-    def data(self) -> str:
-        return "\n".join(self.values("data"))
-
-
-async def read_event(content: aiohttp.StreamReader) -> SseEvent | None:
-    """The next SSE event or comment block (None when the stream ends). An independent parser, so
-    the gateway's own framing code is not used to judge itself."""
-    event = SseEvent()
-    for _ in range(MAX_LINES_PER_EVENT):
-        line = await content.readline()
-        if not line:
-            return None
-        text = line.decode().rstrip("\r\n")
-        if not text:
-            if event.fields or event.comments:
-                return event
-        elif text.startswith(":"):
-            event.comments.append(text[1:])
-        else:
-            name, _, value = text.partition(":")
-            event.fields.append((name, value.removeprefix(" ")))
-    raise AssertionError("SSE event without an end")
-
-
-async def next_message(content: aiohttp.StreamReader) -> dict[str, Any]:
-    """The next JSON-RPC message on a stream, skipping keep-alives and priming events."""
-    for _ in range(MAX_EVENTS):
-        event = await read_event(content)
-        assert event is not None, "stream ended before a message arrived"
-        if event.data:
-            return json.loads(event.data)
-    raise AssertionError(f"no message in {MAX_EVENTS} events")
-
-
-async def response_message(content: aiohttp.StreamReader, request_id: Any) -> dict[str, Any]:
-    """The JSON-RPC response to ``request_id`` on a stream (notifications before it are skipped)."""
-    for _ in range(MAX_EVENTS):
-        message = await next_message(content)
-        if message.get("id") == request_id and ("result" in message or "error" in message):
-            return message
-    raise AssertionError(f"no response to {request_id!r} in {MAX_EVENTS} messages")
-
-
-async def read_response(response: aiohttp.ClientResponse, request_id: Any) -> dict[str, Any]:
-    """The JSON-RPC response to a POST, whether the upstream answered with JSON or with SSE."""
-    if response.content_type == "text/event-stream":
-        return await response_message(response.content, request_id)
-    assert response.content_type == "application/json", response.content_type
-    return await response.json()
-
-
-def request(request_id: Any, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params or {}}
-
-
-def initialize_request(request_id: Any = 1, client_name: str = "test-proxy") -> dict[str, Any]:
-    params = {"protocolVersion": PROTOCOL, "capabilities": {}, "clientInfo": {"name": client_name, "version": "1"}}
-    return request(request_id, "initialize", params)
-
-
-def tool_call(request_id: Any, name: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
-    return request(request_id, "tools/call", {"name": name, "arguments": arguments or {}})
-
-
-INITIALIZED = {"jsonrpc": "2.0", "method": "notifications/initialized"}
-
-
-def tool_text(message: dict[str, Any]) -> str:
-    assert "result" in message, message
-    assert not message["result"].get("isError"), message
-    return message["result"]["content"][0]["text"]
-
-
-class McpHttp:
-    """Just enough of an MCP Streamable HTTP client to drive one gateway route by hand."""
-
-    def __init__(self, http: aiohttp.ClientSession, url: str, token: str) -> None:
-        self.http = http
-        self.url = url
-        self.token = token
-        self.session_id: str | None = None
-
-    def headers(self, **extra: str) -> dict[str, str]:
-        headers = {"Authorization": f"Bearer {self.token}", "Accept": ACCEPT}
-        if self.session_id is not None:
-            headers["Mcp-Session-Id"] = self.session_id
-            headers["MCP-Protocol-Version"] = PROTOCOL
-        return {**headers, **extra}
-
-    def post(self, message: Any, **headers: str) -> Any:
-        return self.http.post(self.url, json=message, headers=self.headers(**headers))
-
-    async def initialize(self) -> dict[str, Any]:
-        async with self.post(initialize_request()) as response:
-            assert response.status == 200, await response.text()
-            self.session_id = response.headers["Mcp-Session-Id"]
-            result = await read_response(response, 1)
-        async with self.post(INITIALIZED) as response:
-            assert response.status == 202, await response.text()
-        return result
-
-    async def call(self, message: dict[str, Any], **headers: str) -> dict[str, Any]:
-        async with self.post(message, **headers) as response:
-            assert response.status == 200, await response.text()
-            return await read_response(response, message["id"])
-
-
-async def connect(gateway: GatewayHarness, http: aiohttp.ClientSession, route: str) -> McpHttp:
-    return McpHttp(http, gateway.route_url(route), await gateway.access_token(route))
-
-
-def new_gate() -> str:
-    return f"proxy-{uuid.uuid4().hex}"
 
 
 @pytest.fixture
@@ -181,19 +68,7 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
     assert not [s for s in seen if s[2] == 500], f"a 500 reached the client: {seen}"
 
 
-# -- extra gateways and a tiny upstream ----------------------------------------------------------
-
-
-@asynccontextmanager
-async def extra_gateway(
-    idp: DevIdentityProvider, routes: list[dict[str, Any]], **config: Any
-) -> AsyncIterator[GatewayHarness]:
-    """A second gateway with its own configuration (limits, origins, routes), stopped afterwards."""
-    harness = await start_harness(idp, routes, **config)
-    try:
-        yield harness
-    finally:
-        await harness.runner.cleanup()
+# -- a tiny upstream -----------------------------------------------------------------------------
 
 
 class TinyUpstream:
@@ -244,14 +119,8 @@ class TinyUpstream:
 async def tiny_upstream() -> AsyncIterator[tuple[TinyUpstream, str]]:
     upstream = TinyUpstream()
     # handler_cancellation: a closed connection cancels the handler, which is what we observe.
-    runner = web.AppRunner(upstream.app(), handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
-    sock = bind_socket("127.0.0.1", 0)
-    await web.SockSite(runner, sock).start()
-    try:
-        yield upstream, f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        await runner.cleanup()
+    async with serve_app(upstream.app(), handler_cancellation=True) as base:
+        yield upstream, base
 
 
 # -- streaming ----------------------------------------------------------------------------------
@@ -262,7 +131,7 @@ async def test_sse_route_relays_events_before_the_upstream_response_completes(
 ) -> None:
     client = await connect(gw, http, "sse")
     await client.initialize()
-    gate = new_gate()
+    gate = new_gate("proxy")
     async with client.post(tool_call(2, "gated_stream", {"gate": gate})) as response:
         assert response.status == 200
         assert response.content_type == "text/event-stream"
@@ -276,42 +145,15 @@ async def test_sse_route_relays_events_before_the_upstream_response_completes(
     assert tool_text(final) == f"gate {gate} released"
 
 
-async def open_legacy_stream(
-    gw: GatewayHarness, http: aiohttp.ClientSession, token: str
-) -> tuple[aiohttp.ClientResponse, str]:
-    """GET /legacy/sse; returns the open stream and the endpoint it announced (already rewritten)."""
-    response = await http.get(
-        gw.url + "/legacy/sse", headers={"Authorization": f"Bearer {token}", "Accept": "text/event-stream"}
-    )
-    assert response.status == 200, await response.text()
-    async with asyncio.timeout(WAIT):
-        event = await read_event(response.content)
-    assert event is not None
-    assert event.values("event") == ["endpoint"]
-    return response, event.data
-
-
-async def legacy_handshake(
-    http: aiohttp.ClientSession, stream: aiohttp.ClientResponse, post_url: str, headers: dict[str, str]
-) -> dict[str, Any]:
-    async with http.post(post_url, json=initialize_request(), headers=headers) as posted:
-        assert posted.status == 202, await posted.text()
-    async with asyncio.timeout(WAIT):
-        initialized = await response_message(stream.content, 1)
-    async with http.post(post_url, json=INITIALIZED, headers=headers) as posted:
-        assert posted.status == 202
-    return initialized
-
-
 async def test_legacy_route_relays_events_before_the_upstream_response_completes(
     gw: GatewayHarness, http: aiohttp.ClientSession, upstream_legacy: RunningUpstream
 ) -> None:
     token = await gw.access_token("legacy")
     headers = {"Authorization": f"Bearer {token}"}
-    stream, endpoint = await open_legacy_stream(gw, http, token)
+    stream, endpoint = await open_legacy_stream(http, gw.route_url("legacy") + "/sse", token)
     async with stream:
         await legacy_handshake(http, stream, gw.url + endpoint, headers)
-        gate = new_gate()
+        gate = new_gate("proxy")
         call = tool_call(2, "gated_stream", {"gate": gate})
         async with http.post(gw.url + endpoint, json=call, headers=headers) as posted:
             assert posted.status == 202
@@ -328,10 +170,10 @@ async def test_idle_stream_gets_keepalive_comments(
     idp: DevIdentityProvider, http: aiohttp.ClientSession, upstream_sse: RunningUpstream
 ) -> None:
     routes = [{"name": "sse", "path": "/sse/mcp", "upstream": upstream_sse.mcp_url}]
-    async with extra_gateway(idp, routes, limits={"stream_keepalive_seconds": 0.2}) as gateway:
+    async with running_gateway(idp, routes, limits={"stream_keepalive_seconds": 0.2}) as gateway:
         client = await connect(gateway, http, "sse")
         await client.initialize()
-        gate = new_gate()
+        gate = new_gate("proxy")
         async with client.post(tool_call(2, "gated_stream", {"gate": gate})) as response:
             async with asyncio.timeout(WAIT):
                 assert (await next_message(response.content))["method"] == "notifications/message"
@@ -356,7 +198,7 @@ async def test_client_disconnect_cancels_the_upstream_request(
     the gateway must close its upstream request when its client goes away (SPEC §5.2)."""
     async with tiny_upstream() as (upstream, base):
         routes = [{"name": "tiny", "path": "/tiny/mcp", "upstream": base + "/stream"}]
-        async with extra_gateway(idp, routes) as gateway:
+        async with running_gateway(idp, routes) as gateway:
             client = await connect(gateway, http, "tiny")
             response = await client.post(tool_call(2, "gated_stream", {"gate": "never"}))
             async with asyncio.timeout(WAIT):
@@ -558,7 +400,7 @@ async def test_route_upstream_headers_are_added_with_env_expansion(
         "upstream": upstream_json.mcp_url,
         "upstream_headers": {"X-Upstream-Key": "Bearer ${PROXY_TEST_UPSTREAM_KEY}", "X-Tenant": "acme"},
     }
-    async with extra_gateway(idp, [route]) as gateway:
+    async with running_gateway(idp, [route]) as gateway:
         client = await connect(gateway, http, "keyed")
         await client.initialize()
         # A client cannot forge or add to the configured value.
@@ -591,7 +433,7 @@ async def test_event_streams_disable_proxy_buffering(idp: DevIdentityProvider, h
     """The tiny upstream does not send X-Accel-Buffering itself, so the header is the gateway's."""
     async with tiny_upstream() as (_, base):
         routes = [{"name": "tiny", "path": "/tiny/mcp", "upstream": base + "/stream"}]
-        async with extra_gateway(idp, routes) as gateway:
+        async with running_gateway(idp, routes) as gateway:
             client = await connect(gateway, http, "tiny")
             async with client.post(tool_call(1, "anything")) as response:
                 assert response.content_type == "text/event-stream"
@@ -608,16 +450,13 @@ async def test_legacy_endpoint_is_rewritten_and_posting_there_works(
 ) -> None:
     token = await gw.access_token("legacy")
     headers = {"Authorization": f"Bearer {token}"}
-    stream, endpoint = await open_legacy_stream(gw, http, token)
+    stream, endpoint = await open_legacy_stream(http, gw.route_url("legacy") + "/sse", token)
     async with stream:
         assert stream.headers.getall("X-Accel-Buffering") == ["no"]
         assert endpoint.startswith("/legacy/messages/?session_id=")
         initialized = await legacy_handshake(http, stream, gw.url + endpoint, headers)
         assert initialized["result"]["serverInfo"]["name"] == "gateway-test-upstream"
-        async with http.post(gw.url + endpoint, json=tool_call(2, "add", {"a": 2, "b": 40}), headers=headers) as p:
-            assert p.status == 202
-        async with asyncio.timeout(WAIT):
-            answer = await response_message(stream.content, 2)
+        answer = await legacy_call(http, stream, gw.url + endpoint, headers, tool_call(2, "add", {"a": 2, "b": 40}))
     assert tool_text(answer) == "42"
 
 
@@ -641,7 +480,7 @@ async def test_unreachable_upstream_gets_a_fast_502_naming_the_route(
 async def test_upstream_that_never_answers_gets_504(idp: DevIdentityProvider, http: aiohttp.ClientSession) -> None:
     async with tiny_upstream() as (upstream, base):
         routes = [{"name": "silent", "path": "/silent/mcp", "upstream": base + "/silent"}]
-        async with extra_gateway(idp, routes, limits={"upstream_timeout_seconds": 1}) as gateway:
+        async with running_gateway(idp, routes, limits={"upstream_timeout_seconds": 1}) as gateway:
             client = await connect(gateway, http, "silent")
             async with asyncio.timeout(WAIT), client.post(tool_call(6, "echo")) as response:
                 assert response.status == 504
@@ -665,7 +504,7 @@ async def test_body_above_the_limit_gets_413_and_is_not_forwarded(
 ) -> None:
     limit = 1024
     routes = [{"name": "json", "path": "/json/mcp", "upstream": upstream_json.mcp_url}]
-    async with extra_gateway(idp, routes, limits={"max_request_bytes": limit}) as gateway:
+    async with running_gateway(idp, routes, limits={"max_request_bytes": limit}) as gateway:
         client = await connect(gateway, http, "json")
 
         async def post(body: bytes) -> tuple[int, bytes]:
@@ -705,7 +544,7 @@ async def test_allowed_origin_is_forwarded_with_cors_headers(
     idp: DevIdentityProvider, http: aiohttp.ClientSession, upstream_json: RunningUpstream
 ) -> None:
     routes = [{"name": "json", "path": "/json/mcp", "upstream": upstream_json.mcp_url}]
-    async with extra_gateway(idp, routes, allowed_origins=[APP_ORIGIN]) as gateway:
+    async with running_gateway(idp, routes, allowed_origins=[APP_ORIGIN]) as gateway:
         client = await connect(gateway, http, "json")
         # The SDK upstream answers 403 to an Origin it does not know: success shows it was not sent on.
         async with client.post(initialize_request(), Origin=APP_ORIGIN) as response:
@@ -724,7 +563,7 @@ async def test_preflight_from_an_allowed_origin_gets_204(
     idp: DevIdentityProvider, http: aiohttp.ClientSession, upstream_json: RunningUpstream
 ) -> None:
     routes = [{"name": "json", "path": "/json/mcp", "upstream": upstream_json.mcp_url}]
-    async with extra_gateway(idp, routes, allowed_origins=[APP_ORIGIN]) as gateway:
+    async with running_gateway(idp, routes, allowed_origins=[APP_ORIGIN]) as gateway:
         headers = {
             "Origin": APP_ORIGIN,
             "Access-Control-Request-Method": "POST",
@@ -769,7 +608,7 @@ async def test_dot_segments_cannot_leave_the_route_prefix(
     turn '/tiny/mcp/../../secret' into the upstream host's '/secret' (outside what the token covers)."""
     async with tiny_upstream() as (upstream, base):
         routes = [{"name": "tiny", "path": "/tiny/mcp", "upstream": base + "/echo/mcp"}]
-        async with extra_gateway(idp, routes) as gateway:
+        async with running_gateway(idp, routes) as gateway:
             client = await connect(gateway, http, "tiny")
             async with http.get(client.url, headers=client.headers()) as response:
                 assert response.status == 200  # control: the route itself reaches the upstream
@@ -782,7 +621,7 @@ async def test_dot_segments_cannot_leave_the_route_prefix(
 async def test_path_and_query_are_forwarded_verbatim(idp: DevIdentityProvider, http: aiohttp.ClientSession) -> None:
     async with tiny_upstream() as (upstream, base):
         routes = [{"name": "tiny", "path": "/tiny", "upstream": base + "/echo"}]
-        async with extra_gateway(idp, routes) as gateway:
+        async with running_gateway(idp, routes) as gateway:
             client = await connect(gateway, http, "tiny")
             raw = "/messages/a%2Fb%20c?session_id=s%2B1&q=%23frag%26x%3Dy&pct=%2541"
             async with http.get(URL(client.url + raw, encoded=True), headers=client.headers()) as response:
@@ -815,7 +654,7 @@ async def test_deeply_nested_body_is_forwarded_not_a_500(idp: DevIdentityProvide
     body = b"[" * 100_000 + b"]" * 100_000
     async with tiny_upstream() as (upstream, base):
         routes = [{"name": "tiny", "path": "/tiny/mcp", "upstream": base + "/echo"}]
-        async with extra_gateway(idp, routes) as gateway:
+        async with running_gateway(idp, routes) as gateway:
             client = await connect(gateway, http, "tiny")
             headers = client.headers(**{"Content-Type": "application/json"})
             async with http.post(client.url, data=body, headers=headers) as response:

@@ -13,7 +13,6 @@ import asyncio
 import hashlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -40,6 +39,7 @@ from gateway.oauth.replay import (
     open_replay_store,
 )
 from tests.support.harness import CLIENT_ID, CLIENT_SECRET, JWT_BEARER
+from tests.support.loopback import free_port
 from tests.support.redis_server import RedisServer, running_redis
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,12 +50,6 @@ RESOURCE = PUBLIC_URL + "/json/mcp"
 START_SECONDS = 15.0
 STOP_SECONDS = 10.0
 POLL_SECONDS = 0.05
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def eventually(check: Any, what: str, within: float = 5.0) -> None:

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import mcp_types as types
 import pytest
 from aiohttp import web
 from mcp import Client
@@ -34,36 +33,37 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 
-from gateway.app import bind_socket
 from gateway.audit import FIELDS
 from gateway.devidp import DevIdentityProvider
 from tests.support.harness import (
     CLIENT_ID,
     CLIENT_SECRET,
-    IDP_CLIENT_ID,
-    IDP_CLIENT_SECRET,
     OTHER_CLIENT_ID,
     OTHER_CLIENT_SECRET,
     GatewayHarness,
     make_config,
+    running_gateway,
     start_harness,
 )
-from tests.support.upstreams import RunningUpstream
-from tests.test_proxy import (
+from tests.support.loopback import serve_app
+from tests.support.mcp_http import (
     ACCEPT,
     INITIALIZED,
     WAIT,
     McpHttp,
     initialize_request,
+    legacy_call,
     legacy_handshake,
-    read_event,
+    open_legacy_stream,
+    open_session,
     read_response,
     request,
-    response_message,
+    rest_of_stream,
     tool_call,
     tool_text,
 )
-from tests.test_sdk_clients import MemoryStorage
+from tests.support.sdk import MemoryStorage, exchange_at_idp, text_of
+from tests.support.upstreams import RunningUpstream
 
 REPO = Path(__file__).resolve().parent.parent
 FORBIDDEN = -32003
@@ -126,15 +126,8 @@ async def authz(
     rules, and ``plain`` (no rules, to see what the upstream offers)."""
     routes = policy_routes(upstream_json.mcp_url, upstream_sse.mcp_url, upstream_legacy.base_url)
     audit = {"sink": str(tmp_path_factory.mktemp("authz") / "audit.log")}
-    harness = await start_harness(idp, routes, audit=audit)
-    yield harness
-    await harness.runner.cleanup()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
+    async with running_gateway(idp, routes, audit=audit) as harness:
+        yield harness
 
 
 ROUTE_UPSTREAMS = {"tools": "upstream_json", "tools-sse": "upstream_sse"}
@@ -150,9 +143,7 @@ def upstream(request: pytest.FixtureRequest, route: str) -> RunningUpstream:
 async def session_for(
     h: GatewayHarness, http: aiohttp.ClientSession, route: str, user: str = "alice", scope: str = FULL_SCOPE
 ) -> McpHttp:
-    client = McpHttp(http, h.route_url(route), await h.access_token(route, user=user, scope=scope))
-    await client.initialize()
-    return client
+    return await open_session(h, http, route, user=user, scope=scope)
 
 
 def forwarded(upstream: RunningUpstream) -> list[tuple[str, str | None]]:
@@ -373,12 +364,8 @@ async def open_stream(
     """An initialised legacy HTTP+SSE session: the event stream, the POST URL and its headers."""
     token = await h.access_token(route, user=user)
     headers = {"Authorization": f"Bearer {token}"}
-    stream = await http.get(h.route_url(route) + "/sse", headers={**headers, "Accept": "text/event-stream"})
-    assert stream.status == 200, await stream.text()
-    async with asyncio.timeout(WAIT):
-        event = await read_event(stream.content)
-    assert event is not None and event.values("event") == ["endpoint"]
-    post_url = h.url + event.data
+    stream, endpoint = await open_legacy_stream(http, h.route_url(route) + "/sse", token)
+    post_url = h.url + endpoint
     await legacy_handshake(http, stream, post_url, headers)
     return stream, post_url, headers
 
@@ -390,10 +377,7 @@ async def test_routes_without_rules_are_unaffected(
     stream, post_url, headers = await open_stream(authz, http, "legacy", "carol")
     async with stream:
         upstream_legacy.reset()
-        async with http.post(post_url, json=tool_call(2, "delete_everything"), headers=headers) as posted:
-            assert posted.status == 202
-        async with asyncio.timeout(WAIT):
-            answer = await response_message(stream.content, 2)
+        answer = await legacy_call(http, stream, post_url, headers, tool_call(2, "delete_everything"))
     assert tool_text(answer) == "deleted nothing (test upstream)"
     assert forwarded(upstream_legacy) == [("tools/call", "delete_everything")]
 
@@ -469,28 +453,15 @@ async def batch_upstream() -> AsyncIterator[tuple[BatchUpstream, str]]:
     upstream = BatchUpstream()
     app = web.Application()
     app.router.add_post("/{framing}", upstream.handle)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
-    sock = bind_socket("127.0.0.1", 0)
-    await web.SockSite(runner, sock).start()
-    try:
-        yield upstream, f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        await runner.cleanup()
+    async with serve_app(app) as base:
+        yield upstream, base
 
 
 async def all_messages(response: aiohttp.ClientResponse) -> list[dict[str, Any]]:
     if response.content_type == "application/json":
         return await response.json()
-    messages = []
     async with asyncio.timeout(WAIT):
-        for _ in range(100):
-            event = await read_event(response.content)
-            if event is None:
-                return messages
-            if event.data:
-                messages.append(json.loads(event.data))
-    raise AssertionError("the event stream did not end")
+        return await rest_of_stream(response.content)
 
 
 @pytest.mark.parametrize("framing", ["json", "sse"])
@@ -668,24 +639,6 @@ async def test_scope_requirements_are_per_route(
     assert tool_text(answer) == "no step-up here"
 
 
-async def exchange_with_scope(idp: DevIdentityProvider, audience: str, resource: str, scope: str) -> str:
-    """Legs 1-2 over HTTP, with the scope the enterprise IdP puts in the ID-JAG."""
-    form = {
-        "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
-        "requested_token_type": "urn:ietf:params:oauth:token-type:id-jag",
-        "audience": audience,
-        "resource": resource,
-        "scope": scope,
-        "subject_token": idp.issue_id_token("alice", IDP_CLIENT_ID),
-        "subject_token_type": "urn:ietf:params:oauth:token-type:id_token",
-    }
-    headers = {"Authorization": aiohttp.encode_basic_auth(IDP_CLIENT_ID, IDP_CLIENT_SECRET)}
-    async with aiohttp.ClientSession() as http, http.post(idp.token_endpoint, data=form, headers=headers) as response:
-        body = await response.json()
-        assert response.status == 200, body
-        return body["access_token"]
-
-
 @asynccontextmanager
 async def stepping_up_client(
     h: GatewayHarness, idp_scope: str, storage: MemoryStorage, assertions: list[str]
@@ -694,7 +647,7 @@ async def stepping_up_client(
 
     async def assertion_provider(audience: str, resource: str) -> str:
         assertions.append(resource)
-        return await exchange_with_scope(h.idp, audience, resource, idp_scope)
+        return await exchange_at_idp(h.idp, audience, resource, scope=idp_scope)
 
     provider = IdentityAssertionOAuthProvider(
         server_url=h.route_url("tools"),
@@ -708,13 +661,6 @@ async def stepping_up_client(
     async with create_mcp_http_client(auth=provider) as http_client:
         async with Client(streamable_http_client(h.route_url("tools"), http_client=http_client)) as client:
             yield client
-
-
-def text_of(result: types.CallToolResult) -> str:
-    assert not result.is_error, result
-    block = result.content[0]
-    assert isinstance(block, types.TextContent)
-    return block.text
 
 
 async def test_sdk_client_steps_up_when_the_idp_grants_the_scope(
@@ -1009,14 +955,10 @@ async def test_legacy_denied_call_is_answered_on_the_event_stream_and_never_forw
     stream, post_url, headers = await open_stream(authz, http, "legacy-rules", "bob")
     async with stream:
         upstream_legacy.reset()
-        async with http.post(post_url, json=tool_call(2, "delete_everything"), headers=headers) as posted:
-            assert posted.status == 202
-        async with asyncio.timeout(WAIT):
-            assert_forbidden(await response_message(stream.content, 2), 2, "delete_everything", "legacy-rules")
-        async with http.post(post_url, json=tool_call(3, "echo", {"text": "ok"}), headers=headers) as posted:
-            assert posted.status == 202
-        async with asyncio.timeout(WAIT):
-            assert tool_text(await response_message(stream.content, 3)) == "ok"
+        denied = await legacy_call(http, stream, post_url, headers, tool_call(2, "delete_everything"))
+        assert_forbidden(denied, 2, "delete_everything", "legacy-rules")
+        allowed = await legacy_call(http, stream, post_url, headers, tool_call(3, "echo", {"text": "ok"}))
+        assert tool_text(allowed) == "ok"
     assert forwarded(upstream_legacy) == [("tools/call", "echo")]
 
 
@@ -1025,8 +967,5 @@ async def test_legacy_tools_list_shows_only_permitted_tools(
 ) -> None:
     stream, post_url, headers = await open_stream(authz, http, "legacy-rules", "bob")
     async with stream:
-        async with http.post(post_url, json=request(2, "tools/list"), headers=headers) as posted:
-            assert posted.status == 202
-        async with asyncio.timeout(WAIT):
-            answer = await response_message(stream.content, 2)
+        answer = await legacy_call(http, stream, post_url, headers, request(2, "tools/list"))
     assert {tool["name"] for tool in answer["result"]["tools"]} == visible_tools("bob", all_tools)

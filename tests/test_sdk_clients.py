@@ -12,59 +12,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import aiohttp
-import mcp_types as types
 import pytest
 from mcp import Client
 from mcp.client.auth.extensions.identity_assertion import IdentityAssertionOAuthProvider
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
-from mcp.shared.auth import OAuthClientInformationFull, OAuthToken
 
-from gateway.devidp import DevIdentityProvider
 from tests.support.harness import CLIENT_ID, CLIENT_SECRET, IDP_CLIENT_ID, IDP_CLIENT_SECRET, GatewayHarness
 from tests.support.node import run_xaa_client
-
-
-class MemoryStorage:
-    def __init__(self) -> None:
-        self.tokens: OAuthToken | None = None
-        self.client_info: OAuthClientInformationFull | None = None
-
-    async def get_tokens(self) -> OAuthToken | None:
-        return self.tokens
-
-    async def set_tokens(self, tokens: OAuthToken) -> None:
-        self.tokens = tokens
-
-    async def get_client_info(self) -> OAuthClientInformationFull | None:
-        return self.client_info
-
-    async def set_client_info(self, client_info: OAuthClientInformationFull) -> None:
-        self.client_info = client_info
-
-
-async def exchange_at_idp(idp: DevIdentityProvider, audience: str, resource: str, user: str = "alice") -> str:
-    """Legs 1-2 over HTTP: an ID token for ``user``, exchanged for an ID-JAG (RFC 8693)."""
-    id_token = idp.issue_id_token(user, IDP_CLIENT_ID)
-    form = {
-        "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
-        "requested_token_type": "urn:ietf:params:oauth:token-type:id-jag",
-        "audience": audience,
-        "resource": resource,
-        "subject_token": id_token,
-        "subject_token_type": "urn:ietf:params:oauth:token-type:id_token",
-    }
-    async with aiohttp.ClientSession() as http:
-        async with http.post(
-            idp.token_endpoint,
-            data=form,
-            headers={"Authorization": aiohttp.encode_basic_auth(IDP_CLIENT_ID, IDP_CLIENT_SECRET)},
-        ) as response:
-            body = await response.json()
-            assert response.status == 200, body
-            return body["access_token"]
+from tests.support.sdk import MemoryStorage, exchange_at_idp, text_of
 
 
 @asynccontextmanager
@@ -102,13 +59,6 @@ async def sdk_client(
     async with create_mcp_http_client(auth=provider) as http_client:
         async with Client(streamable_http_client(url, http_client=http_client), mode=mode) as client:
             yield client
-
-
-def text_of(result: types.CallToolResult) -> str:
-    assert not result.is_error, result
-    block = result.content[0]
-    assert isinstance(block, types.TextContent)
-    return block.text
 
 
 @pytest.mark.parametrize("route", ["json", "sse", "legacy"])

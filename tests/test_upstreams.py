@@ -19,6 +19,7 @@ from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
+from tests.support.sdk import text_of
 from tests.support.upstreams import RunningUpstream, UpstreamStartError, start_upstream
 
 TRANSPORTS = ["streamable-json", "streamable-sse", "sse"]
@@ -55,13 +56,6 @@ async def connect(
         transport = streamable_http_client(upstream.mcp_url, http_client=http_client)
         async with Client(transport, mode=mode, **client_kwargs) as client:
             yield client
-
-
-def text_of(result: types.CallToolResult) -> str:
-    assert not result.is_error, result
-    block = result.content[0]
-    assert isinstance(block, types.TextContent)
-    return block.text
 
 
 @pytest.mark.parametrize("mode", ["legacy", "auto"])

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,3 +148,16 @@ async def start_harness(
     gateway = Gateway(config, jwks_min_refresh_seconds=jwks_min_refresh_seconds)
     runner, _ = await start_gateway(gateway, sock=sock, shutdown_timeout=1.0)
     return GatewayHarness(gateway, runner, public_url, idp, list(extra_idps))
+
+
+@asynccontextmanager
+async def running_gateway(
+    idp: DevIdentityProvider, routes: list[dict[str, Any]], **options: Any
+) -> AsyncIterator[GatewayHarness]:
+    """:func:`start_harness` for the block (``options`` as there: limits, origins, audit, extra IdPs);
+    the gateway is stopped afterwards."""
+    harness = await start_harness(idp, routes, **options)
+    try:
+        yield harness
+    finally:
+        await harness.runner.cleanup()

@@ -1,21 +1,29 @@
-"""Just enough of an MCP Streamable HTTP client (2025-11-25) to drive a gateway route by hand.
+"""Just enough of an MCP client (Streamable HTTP 2025-11-25, and the deprecated HTTP+SSE transport)
+to drive a gateway route by hand.
 
-Used by tests that need to hold a request open at a known point (a ``gated_stream`` call whose first
-event has arrived) while something else happens to the gateway: a scrape, a reload, a shutdown. The
-SSE parser here is independent of the gateway's own framing code, so that code is not used to judge
-itself, and it tells a stream that ended (None) from one that is still open.
+Used by tests that need to see the raw exchange, or to hold a request open at a known point (a
+``gated_stream`` call whose first event has arrived) while something else happens to the gateway: a
+scrape, a reload, a shutdown. The SSE parser here is independent of the gateway's own framing code,
+so that code is not used to judge itself, and it tells a stream that ended (None) from one that is
+still open.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
+if TYPE_CHECKING:
+    from tests.support.harness import GatewayHarness
+
 PROTOCOL = "2025-11-25"
 ACCEPT = "application/json, text/event-stream"
+WAIT = 10.0  # upper bound on any single wait for the network; tests finish far sooner
 MAX_LINES_PER_EVENT = 1_000
 MAX_EVENTS = 100
 INITIALIZED = {"jsonrpc": "2.0", "method": "notifications/initialized"}
@@ -26,9 +34,12 @@ class SseEvent:
     fields: list[tuple[str, str]] = field(default_factory=list)
     comments: list[str] = field(default_factory=list)
 
+    def values(self, name: str) -> list[str]:
+        return [value for key, value in self.fields if key == name]
+
     @property
     def data(self) -> str:
-        return "\n".join(value for key, value in self.fields if key == "data")
+        return "\n".join(self.values("data"))
 
 
 async def read_event(content: aiohttp.StreamReader) -> SseEvent | None:
@@ -94,6 +105,11 @@ def request(request_id: Any, method: str, params: dict[str, Any] | None = None) 
     return {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params or {}}
 
 
+def initialize_request(request_id: Any = 1, client_name: str = "raw-mcp-test") -> dict[str, Any]:
+    params = {"protocolVersion": PROTOCOL, "capabilities": {}, "clientInfo": {"name": client_name, "version": "1"}}
+    return request(request_id, "initialize", params)
+
+
 def tool_call(request_id: Any, name: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
     return request(request_id, "tools/call", {"name": name, "arguments": arguments or {}})
 
@@ -124,8 +140,7 @@ class McpHttp:
         return self.http.post(self.url, json=message, headers=self.headers(**headers))
 
     async def initialize(self) -> dict[str, Any]:
-        params = {"protocolVersion": PROTOCOL, "capabilities": {}, "clientInfo": {"name": "ops-test", "version": "1"}}
-        async with self.post(request(1, "initialize", params)) as response:
+        async with self.post(initialize_request()) as response:
             assert response.status == 200, await response.text()
             self.session_id = response.headers["Mcp-Session-Id"]
             result = await read_response(response, 1)
@@ -133,7 +148,68 @@ class McpHttp:
             assert response.status == 202, await response.text()
         return result
 
-    async def call(self, message: dict[str, Any]) -> dict[str, Any]:
-        async with self.post(message) as response:
+    async def call(self, message: dict[str, Any], **headers: str) -> dict[str, Any]:
+        async with self.post(message, **headers) as response:
             assert response.status == 200, await response.text()
             return await read_response(response, message["id"])
+
+
+async def connect(gateway: GatewayHarness, http: aiohttp.ClientSession, route: str, **claims: Any) -> McpHttp:
+    """A client for ``route`` with a fresh access token (``claims`` as for ``access_token``), before
+    any handshake."""
+    return McpHttp(http, gateway.route_url(route), await gateway.access_token(route, **claims))
+
+
+async def open_session(gateway: GatewayHarness, http: aiohttp.ClientSession, route: str, **claims: Any) -> McpHttp:
+    """:func:`connect`, then initialize and notifications/initialized."""
+    client = await connect(gateway, http, route, **claims)
+    await client.initialize()
+    return client
+
+
+def new_gate(prefix: str) -> str:
+    """A fresh gate name for the test upstream's ``gated_stream`` tool."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+# -- the deprecated HTTP+SSE transport (2024-11-05) -------------------------------------------------
+
+
+async def open_legacy_stream(
+    http: aiohttp.ClientSession, sse_url: str, token: str
+) -> tuple[aiohttp.ClientResponse, str]:
+    """GET an HTTP+SSE event stream; returns the open stream and the endpoint it announced."""
+    response = await http.get(sse_url, headers={"Authorization": f"Bearer {token}", "Accept": "text/event-stream"})
+    assert response.status == 200, await response.text()
+    async with asyncio.timeout(WAIT):
+        event = await read_event(response.content)
+    assert event is not None
+    assert event.values("event") == ["endpoint"]
+    return response, event.data
+
+
+async def legacy_handshake(
+    http: aiohttp.ClientSession, stream: aiohttp.ClientResponse, post_url: str, headers: dict[str, str]
+) -> dict[str, Any]:
+    """initialize (answered on ``stream``) and notifications/initialized, POSTed to ``post_url``."""
+    async with http.post(post_url, json=initialize_request(), headers=headers) as posted:
+        assert posted.status == 202, await posted.text()
+    async with asyncio.timeout(WAIT):
+        initialized = await response_message(stream.content, 1)
+    async with http.post(post_url, json=INITIALIZED, headers=headers) as posted:
+        assert posted.status == 202
+    return initialized
+
+
+async def legacy_call(
+    http: aiohttp.ClientSession,
+    stream: aiohttp.ClientResponse,
+    post_url: str,
+    headers: dict[str, str],
+    message: dict[str, Any],
+) -> dict[str, Any]:
+    """POST a request into an HTTP+SSE session (accepted with 202) and wait for its answer on ``stream``."""
+    async with http.post(post_url, json=message, headers=headers) as posted:
+        assert posted.status == 202
+    async with asyncio.timeout(WAIT):
+        return await response_message(stream.content, message["id"])

@@ -30,6 +30,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from tests.support.processes import read_so_far, stop_process
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NODE_DIR = REPO_ROOT / "tests" / "node"
 NODE_MODULES = NODE_DIR / "node_modules"
@@ -231,7 +233,7 @@ class EverythingServer:
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after a bounded wait; idempotent."""
-        _stop_process(self.process)
+        stop_process(self.process, STOP_TIMEOUT_SECONDS)
         self._log.close()
 
     def __enter__(self) -> EverythingServer:
@@ -272,7 +274,7 @@ def start_everything(
     try:
         host, port = _wait_for_listening(process, log, startup_timeout)
     except BaseException:
-        _stop_process(process)
+        stop_process(process, STOP_TIMEOUT_SECONDS)
         log.close()
         raise
     return EverythingServer(transport, process, host, port, log)
@@ -321,28 +323,9 @@ class _LogCollector:
     def text(self) -> str:
         stdout = ""
         if not self._stdout_file.closed:
-            self._stdout_file.flush()
-            position = self._stdout_file.tell()
-            self._stdout_file.seek(0)
-            stdout = self._stdout_file.read()[-20000:].decode(errors="replace")
-            self._stdout_file.seek(position)
+            stdout = read_so_far(self._stdout_file)[-20000:].decode(errors="replace")
         return f"--- server-everything stdout (tail) ---\n{stdout}--- stderr (tail) ---\n{''.join(self._tail)}"
 
     def close(self) -> None:
         self._thread.join(timeout=STOP_TIMEOUT_SECONDS)
         self._stdout_file.close()
-
-
-def _stop_process(process: subprocess.Popen[bytes]) -> None:
-    if process.stdin is not None and not process.stdin.closed:
-        try:
-            process.stdin.close()
-        except OSError:
-            pass
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=STOP_TIMEOUT_SECONDS)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=STOP_TIMEOUT_SECONDS)

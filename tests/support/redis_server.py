@@ -8,7 +8,6 @@ skipping them: replay protection across replicas is a contract, and a skip would
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,15 +17,11 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.support.loopback import free_port
+
 START_SECONDS = 10.0
 STOP_SECONDS = 10.0
 _PORT_ATTEMPTS = 5
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class RedisServer:
@@ -56,7 +51,7 @@ class RedisServer:
                 "redis-server is not on PATH: install Debian's package (apt-get install redis-server); "
                 ".ci/run does this. The Redis replay-store tests need a real server and are never skipped."
             )
-        ports = [self.port] if self.port else [_free_port() for _ in range(_PORT_ATTEMPTS)]
+        ports = [self.port] if self.port else [free_port() for _ in range(_PORT_ATTEMPTS)]
         for port in ports:
             # The port was free a moment ago; if another process took it, redis-server exits and we move on.
             if self._start_on(executable, port):

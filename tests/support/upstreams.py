@@ -30,6 +30,8 @@ from types import TracebackType
 from typing import IO, Any
 from urllib.parse import quote
 
+from tests.support.processes import read_so_far, stop_process
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_SECONDS = 20.0
 STOP_TIMEOUT_SECONDS = 5.0
@@ -97,11 +99,11 @@ class RunningUpstream:
 
     def stderr_text(self) -> str:
         """What the upstream has logged so far — for assertion messages."""
-        return _read_all(self._stderr_file)
+        return read_so_far(self._stderr_file).decode(errors="replace")
 
     def stop(self) -> None:
         """Terminate the process (SIGTERM, then SIGKILL after a bounded wait); idempotent."""
-        _stop_process(self.process)
+        stop_process(self.process, STOP_TIMEOUT_SECONDS)
         self._stdout_drain.join(timeout=STOP_TIMEOUT_SECONDS)
         self._stderr_file.close()
 
@@ -165,7 +167,7 @@ def start_upstream(
     try:
         base_url = _wait_for_announcement(process, lines, stderr_file, startup_timeout)
     except BaseException:
-        _stop_process(process)
+        stop_process(process, STOP_TIMEOUT_SECONDS)
         drain.join(timeout=STOP_TIMEOUT_SECONDS)
         stderr_file.close()
         raise
@@ -208,32 +210,8 @@ def _drain_lines(stream: IO[str], lines: queue.Queue[str | None]) -> None:
 
 
 def _describe(process: subprocess.Popen[str], what: str, stdout_lines: list[str], stderr_file: IO[bytes]) -> str:
+    stderr = read_so_far(stderr_file).decode(errors="replace")
     return (
         f"upstream {' '.join(map(str, process.args))!r} {what}\n"
-        f"--- stdout ---\n{''.join(stdout_lines)}--- stderr ---\n{_read_all(stderr_file)}"
+        f"--- stdout ---\n{''.join(stdout_lines)}--- stderr ---\n{stderr}"
     )
-
-
-def _read_all(file: IO[bytes]) -> str:
-    file.flush()
-    position = file.tell()
-    file.seek(0)
-    data = file.read()
-    file.seek(position)
-    return data.decode(errors="replace")
-
-
-def _stop_process(process: subprocess.Popen[str]) -> None:
-    """SIGTERM, wait, then SIGKILL; closes our end of the child's stdin so it also exits on its own."""
-    if process.stdin is not None and not process.stdin.closed:
-        try:
-            process.stdin.close()
-        except OSError:
-            pass
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=STOP_TIMEOUT_SECONDS)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=STOP_TIMEOUT_SECONDS)
