@@ -13,12 +13,13 @@ from typing import Any
 
 import pytest
 
+from gateway.enforce import plan_request
+from gateway.policy import RoutePolicy
 from gateway.proxy.jsonrpc import (
     EMA_EXTENSION,
     ResultRewriter,
     advertise_ema_extension,
     parse_body,
-    rewriter_for,
 )
 from gateway.proxy.sse import Event, EventSplitter, EventTooLarge, parse_event
 
@@ -282,7 +283,9 @@ def test_rewriter_tracks_handshake_requests_only() -> None:
             rpc("d", method="server/discover", params={}),
         ]
     ).encode()
-    tracked = rewriter_for(parse_body(body))
+    tracked = plan_request(
+        body, parse_body(body), {}, RoutePolicy.unrestricted(), frozenset(), (), route_name="r"
+    ).rewriter
     responses = [rpc(i, result={"capabilities": {}}) for i in (1, 2, "d")]
     out = json.loads(tracked.rewrite_json(json.dumps(responses).encode()))
     assert [EMA_EXTENSION in r["result"]["capabilities"].get("extensions", {}) for r in out] == [True, False, True]
@@ -295,7 +298,6 @@ def test_rewriter_tracks_handshake_requests_only() -> None:
 )
 def test_parse_body_refuses_non_jsonrpc(body: bytes) -> None:
     assert parse_body(body) is None
-    assert not rewriter_for(parse_body(body))
 
 
 def test_parse_body_reads_batches_and_ids() -> None:

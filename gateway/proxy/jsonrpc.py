@@ -124,11 +124,3 @@ def advertise_ema_extension(result: dict[str, Any]) -> dict[str, Any]:
 
 
 HANDSHAKE_METHODS = frozenset({"initialize", "server/discover"})
-
-
-def rewriter_for(messages: list[RpcMessage] | None) -> ResultRewriter:
-    rewriter = ResultRewriter()
-    for message in messages or ():
-        if message.is_request and message.method in HANDSHAKE_METHODS:
-            rewriter.expect(message.id, advertise_ema_extension)
-    return rewriter
