@@ -28,7 +28,7 @@ from aiohttp import web
 from gateway.audit import AuditLog, elapsed_ms
 from gateway.bearer import BearerChallenge, BearerGuard, challenge_response
 from gateway.config import ConfigError, GatewayConfig, RouteConfig, load_config
-from gateway.enforce import HEADER_MISMATCH, Plan, error_response, plan_request
+from gateway.enforce import HEADER_MISMATCH, Plan, plan_request
 from gateway.http import BodyTooLarge, BodyTooSlow, read_limited
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import NO_ROUTE, Metrics, method_class
@@ -502,7 +502,7 @@ class Gateway:
             hash_arguments=runtime.config.audit_argument_hashes,
         )
         if plan.mismatch:
-            response = web.json_response(error_response(plan.request_id, HEADER_MISMATCH, plan.mismatch), status=400)
+            response = jsonrpc_error(400, HEADER_MISMATCH, plan.mismatch, plan.request_id)
             raise _Refusal(response, "header_mismatch")
         if plan.missing_scopes:
             # RFC 6750 §3.1 + MCP "Scope Challenge Handling": one challenge naming every scope needed,

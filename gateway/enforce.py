@@ -186,7 +186,3 @@ def _forbidden(message: RpcMessage, kind: str, target: str | None, route_name: s
             "data": {"reason": "policy", "method": message.method},
         },
     }
-
-
-def error_response(request_id: Any, code: int, message: str) -> dict[str, Any]:
-    return {"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}}

@@ -29,6 +29,7 @@ from gateway.metrics import Metrics
 from gateway.proxy.headers import SESSION_HEADER, client_response_headers, upstream_request_headers
 from gateway.proxy.jsonrpc import ResultRewriter
 from gateway.proxy.sse import EventSplitter, EventTooLarge, parse_event
+from gateway.urls import origin_of
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +318,7 @@ class Upstream:
         base = fwd.route.upstream
         base_path = urlsplit(base).path
         parts = urlsplit(target)
-        if f"{parts.scheme}://{parts.netloc}" != _origin(base) or not (
+        if origin_of(target) != origin_of(base) or not (
             parts.path == base_path or parts.path.startswith(base_path.rstrip("/") + "/") or not base_path
         ):
             log.warning("route %s: endpoint event points outside the upstream; passed unchanged", fwd.route.name)
@@ -382,8 +383,3 @@ def _merge_injected(
         content_type="application/json",
         headers=headers,
     )
-
-
-def _origin(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}"
