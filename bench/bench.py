@@ -27,7 +27,7 @@ from gateway.enforce import plan_request
 from gateway.oauth.access_token import AccessTokenService
 from gateway.oauth.idjag import Grant
 from gateway.policy import RoutePolicy, Rule, RuleSet
-from gateway.proxy.jsonrpc import parse_body
+from gateway.proxy.request_body import read_rpc_body
 
 
 def pct(samples: list[float], q: float) -> float:
@@ -53,7 +53,8 @@ async def timed(n: int, call: Callable[[], Awaitable[object]]) -> list[float]:
 
 
 def bench_policy(n: int) -> None:
-    """Policy evaluation on a tools/call body (parse + decide + plan), without network."""
+    """Policy evaluation on a tools/call body (strict parse + decide + canonical re-serialisation),
+    without network."""
     policy = RoutePolicy(
         RuleSet(
             (
@@ -79,10 +80,10 @@ def bench_policy(n: int) -> None:
     planned, parsed = [], []
     for _ in range(n):
         started = time.perf_counter_ns()
-        plan_request(body, parse_body(body), headers, policy, groups, scopes, route_name="b")
+        plan_request(read_rpc_body(body), headers, policy, groups, scopes, route_name="b")
         planned.append(time.perf_counter_ns() - started)
         started = time.perf_counter_ns()
-        parse_body(body)
+        read_rpc_body(body)
         parsed.append(time.perf_counter_ns() - started)
     print(f"{'tools/call policy plan (parse+decide), p50':<44} {pct(planned, 0.5) / 1000:9.1f} us/op")
     print(f"{'  of which JSON parse, p50':<44} {pct(parsed, 0.5) / 1000:9.1f} us/op")

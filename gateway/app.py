@@ -28,7 +28,7 @@ from aiohttp import web
 from gateway.audit import AuditLog, elapsed_ms
 from gateway.bearer import BearerChallenge, BearerGuard, challenge_response
 from gateway.config import ConfigError, GatewayConfig, RouteConfig, load_config
-from gateway.enforce import HEADER_MISMATCH, Plan, plan_request
+from gateway.enforce import HEADER_MISMATCH, Plan, plan_request, stream_plan
 from gateway.http import BodyTooLarge, BodyTooSlow, read_limited
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import NO_ROUTE, Metrics, method_class
@@ -42,11 +42,13 @@ from gateway.proxy.forward import (
     ForwardRequest,
     LegacyStream,
     jsonrpc_error,
+    session_param_names,
     upstream_path_remainder,
     wrap_session_params,
 )
 from gateway.proxy.headers import SESSION_HEADER
-from gateway.proxy.jsonrpc import ResultRewriter, parse_body
+from gateway.proxy.jsonrpc import ResultRewriter
+from gateway.proxy.request_body import PARSE_ERROR, BodyRefused, check_encoding, read_rpc_body
 from gateway.routes import RouteTable
 from gateway.runtime import ReloadRefused, Runtime
 from gateway.sessions import SessionCheck, principal_key
@@ -442,23 +444,49 @@ class Gateway:
                 status=refusal.response.status,
             )
             return refusal.response
+        # Audited the moment the decision is made: a call whose stream never ends, or that the client
+        # cancels, is in the trail all the same; how the request ended follows in ``request.completed``.
+        self._audit_decisions(plan, request_id, route, principal, request.method)
+        status = CLIENT_CLOSED_REQUEST
+        try:
+            response = await self._answer(runtime, request, route, plan, fwd, cors)
+            status = response.status
+            return response
+        finally:
+            self.audit.emit(
+                "request.completed",
+                request_id=request_id,
+                route=route.name,
+                **_who(principal),
+                method=request.method,
+                status=status,
+                latency_ms=elapsed_ms(started),
+            )
+
+    async def _answer(
+        self,
+        runtime: Runtime,
+        request: web.Request,
+        route: RouteConfig,
+        plan: Plan,
+        fwd: ForwardRequest | None,
+        cors: dict[str, str],
+    ) -> web.StreamResponse:
+        request_id = request[REQUEST_ID]
         if fwd is not None and fwd.legacy_stream is not None and plan.local_responses:
             # Legacy HTTP+SSE: the client expects every response on its GET stream, so the gateway's
             # own answers (denied calls) go there too; the POST gets the usual 202.
             for message in plan.local_responses:
                 await fwd.legacy_stream.send(message)
             if plan.forward_body is None:
-                self._audit_calls(plan, request_id, route, principal, 202, started)
                 return web.Response(status=202, headers={**cors, "X-Request-Id": request_id})
             fwd = dataclasses.replace(fwd, injected=())
         if fwd is None:  # every message was answered by the gateway (denied calls)
-            self._audit_calls(plan, request_id, route, principal, None, started)
             single = plan.local_responses[0] if not plan.batch else plan.local_responses
             return web.json_response(single, headers={**cors, "X-Request-Id": request_id})
         response = await runtime.upstreams[route.name].forward(request, fwd)
         if not response.prepared:
             response.headers.update(cors)
-        self._audit_calls(plan, request_id, route, principal, response.status, started, method=request.method)
         return response
 
     def _authenticate(self, runtime: Runtime, request: web.Request, route: RouteConfig) -> Principal:
@@ -476,6 +504,10 @@ class Gateway:
     async def _read_body(self, runtime: Runtime, request: web.Request) -> bytes | None:
         if request.method != "POST":
             return None
+        try:
+            check_encoding(request.headers.get("Content-Type"), request.headers.getall("Content-Encoding", []))
+        except BodyRefused as refused:
+            raise _Refusal(jsonrpc_error(refused.status, refused.code, refused.message), "malformed_body") from None
         limits = runtime.config.limits
         try:
             return await read_limited(request, limits.max_request_bytes, limits.request_body_timeout_seconds)
@@ -483,23 +515,31 @@ class Gateway:
             raise _Refusal(jsonrpc_error(413, INVALID_REQUEST, "request body too large"), "body_too_large") from None
         except BodyTooSlow:
             raise _Refusal(jsonrpc_error(408, INVALID_REQUEST, "request body too slow"), "body_too_slow") from None
+        except aiohttp.ContentEncodingError:
+            # The one layer the server undoes was not what it claimed (corrupt gzip, say).
+            response = jsonrpc_error(400, PARSE_ERROR, "Parse error: the body could not be decoded")
+            raise _Refusal(response, "malformed_body") from None
 
     def _plan(
         self, runtime: Runtime, request: web.Request, route: RouteConfig, principal: Principal, body: bytes | None
     ) -> Plan:
-        if not body:
-            return Plan(forward_body=body)
-        messages = parse_body(body)
-        request[METHOD_CLASS] = method_class(request.method, [m.method for m in messages or ()])
+        groups = frozenset(principal.groups)
+        if body is None:  # GET (a listening stream) and DELETE carry no messages; their results are filtered
+            return stream_plan(route.policy, groups)
+        try:
+            rpc = read_rpc_body(body)
+        except BodyRefused as refused:
+            response = jsonrpc_error(refused.status, refused.code, refused.message, refused.request_id)
+            raise _Refusal(response, "malformed_body") from None
+        request[METHOD_CLASS] = method_class(request.method, [m.method for m in rpc.messages])
         plan = plan_request(
-            body,
-            messages,
+            rpc,
             request.headers,
             route.policy,
-            frozenset(principal.groups),
+            groups,
             principal.scopes,
             route_name=route.name,
-            hash_arguments=runtime.config.audit_argument_hashes,
+            digest_arguments=runtime.argument_digest,
         )
         if plan.mismatch:
             response = jsonrpc_error(400, HEADER_MISMATCH, plan.mismatch, plan.request_id)
@@ -542,7 +582,7 @@ class Gateway:
         legacy: LegacyStream | None = None
         if route.transport == "sse":
             rewriter, wrap, query, legacy = self._legacy_session(binder, route, owner, raw_query, plan, request.method)
-        if body and plan.forward_body is None and legacy is None:
+        if request.method == "POST" and plan.forward_body is None and legacy is None:
             return None
         return ForwardRequest(
             route=route,
@@ -565,13 +605,17 @@ class Gateway:
         response. So the GET stream owns the rewriter (list filtering, capability advertisement), and
         each POST of that session hands its expectations to it, found by the upstream session id."""
         if method == "GET":
-            stream = LegacyStream()
+            stream = LegacyStream(plan.rewriter)
 
             def wrap_and_register(upstream_id: str) -> str:
                 self._legacy_streams[upstream_id] = stream
                 return binder.wrap(route.name, owner, upstream_id)
 
             return stream.rewriter, wrap_and_register, None, stream
+        if len(session_param_names(raw_query)) > 1:
+            # Which copy an upstream reads (first, last, joined) is its own choice; we check only one.
+            response = jsonrpc_error(400, INVALID_REQUEST, "the session id parameter must not be repeated")
+            raise _Refusal(response, "repeated_session_parameter")
         seen: list[str] = []
 
         def check(presented: str) -> str:
@@ -597,23 +641,14 @@ class Gateway:
         # Unknown (or from before a key change): 404 makes MCP clients start a new session.
         raise _Refusal(jsonrpc_error(404, SESSION_NOT_FOUND, "session not found"), "unknown session")
 
-    def _audit_calls(
-        self,
-        plan: Plan,
-        request_id: str,
-        route: RouteConfig,
-        principal: Principal | None,
-        status: int | None,
-        started: float,
-        method: str = "POST",
+    def _audit_decisions(
+        self, plan: Plan, request_id: str, route: RouteConfig, principal: Principal | None, method: str
     ) -> None:
         who = _who(principal)
-        latency = elapsed_ms(started)
         if not plan.calls:
             self.audit.emit(
-                "request.allowed", request_id=request_id, route=route.name, **who, method=method,
-                decision="allow", status=status, latency_ms=latency,
-            )  # fmt: skip
+                "request.allowed", request_id=request_id, route=route.name, **who, method=method, decision="allow"
+            )
             return
         for call in plan.calls:
             if call.kind is not None:
@@ -629,8 +664,6 @@ class Gateway:
                 target=call.target,
                 decision="allow" if call.allowed else "deny",
                 reason=call.reason,
-                status=status if call.allowed else None,
-                latency_ms=latency,
                 args_sha256=call.args_sha256,
             )
 

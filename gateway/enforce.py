@@ -1,36 +1,38 @@
 """Runtime policy applied to one client request's JSON-RPC messages, before anything is forwarded.
 
 The decision is made on the JSON body, never on the 2026-07-28 ``Mcp-Method`` / ``Mcp-Name`` mirror
-headers alone (SPEC §5.2: intermediaries enforcing policy on mirrored headers must validate them
-against the body); a request whose headers and body disagree is refused, because an upstream that
-routes on headers while we authorize on the body would otherwise execute something we never checked.
+headers alone (MCP 2026-07-28 Streamable HTTP: intermediaries that enforce policy on mirrored
+headers must validate them against the body); a request whose headers and body disagree is refused,
+because an upstream that routes on headers while we authorize on the body would otherwise execute
+something we never checked.
 Batches are decided element by element: permitted elements are forwarded, denied ones are answered
-by the gateway and never reach the upstream. A named call is decided even when it lacks a usable
-``id`` (a notification, or ``"id": null``): the SDK servers ignore such a message, but a server
-that runs it anyway must not run something the gateway never checked.
+by the gateway and never reach the upstream. A named call is decided even when it has no ``id`` (a
+notification): the SDK servers ignore such a message, but a server that runs it anyway must not run
+something the gateway never checked. The body was already read strictly once
+(:mod:`gateway.proxy.request_body`); what is forwarded is the canonical JSON of the kept messages.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 from multidict import MultiMapping
 
-from gateway.audit import arguments_digest
-from gateway.policy import CALL_METHODS, LIST_METHODS, Decision, RoutePolicy
-from gateway.proxy.jsonrpc import HANDSHAKE_METHODS, ResultRewriter, RpcMessage, advertise_ema_extension
+from gateway.policy import CALL_METHODS, Decision, RoutePolicy, target_problem
+from gateway.proxy.jsonrpc import HANDSHAKE_METHODS, ResultRewriter, advertise_ema_extension
+from gateway.proxy.request_body import RpcBody, RpcMessage, canonical_json
 
 # JSON-RPC codes the gateway answers with (implementation-defined server errors, JSON-RPC 2.0 §5.1;
 # -32020 is MCP 2026-07-28's HeaderMismatch).
 FORBIDDEN = -32003
 COMPLETION_REFS = {"ref/prompt": ("prompts", "name"), "ref/resource": ("resources", "uri")}
 HEADER_MISMATCH = -32020
+AUDIT_TARGET_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -84,22 +86,35 @@ def _target(message: RpcMessage) -> tuple[str | None, str | None]:
     return kind, value if isinstance(value, str) else None
 
 
+def list_filter_for(policy: RoutePolicy, groups: frozenset[str]) -> ResultRewriter:
+    """A rewriter that filters every list-shaped result for ``groups`` (none needed on open routes)."""
+    return ResultRewriter(partial(policy.filter_lists, groups=groups) if policy.restricts_lists else None)
+
+
+def stream_plan(policy: RoutePolicy, groups: frozenset[str]) -> Plan:
+    """GET and DELETE: nothing to decide or forward, but whatever the stream carries is filtered."""
+    return Plan(forward_body=None, rewriter=list_filter_for(policy, groups))
+
+
 def plan_request(
-    body: bytes,
-    messages: list[RpcMessage] | None,
+    rpc: RpcBody,
     headers: Mapping[str, str],
     policy: RoutePolicy,
     groups: frozenset[str],
     scopes: tuple[str, ...],
     *,
     route_name: str,
-    hash_arguments: bool = False,
+    digest_arguments: Callable[[Any], str] | None = None,
 ) -> Plan:
-    if messages is None:
-        return Plan(forward_body=body)
-    # More than one message is a batch however the body starts (a UTF-8 BOM before '[', say).
-    batch = body.lstrip()[:1] == b"[" or len(messages) > 1
-    plan = Plan(forward_body=body, batch=batch, request_id=next((m.id for m in messages if m.is_request), None))
+    """Decide every message of one request; ``forward_body`` is the canonical JSON of the messages
+    allowed through (None when none is), so the upstream reads exactly what was decided."""
+    messages, batch = rpc.messages, rpc.batch
+    plan = Plan(
+        forward_body=None,
+        batch=batch,
+        rewriter=list_filter_for(policy, groups),
+        request_id=next((m.id for m in messages if m.is_request), None),
+    )
     plan.mismatch = _header_mismatch(messages, headers, batch)
     if plan.mismatch:
         return plan
@@ -114,35 +129,43 @@ def plan_request(
         if kind is not None:
             decision = _decide(policy, kind, target, groups)
             digest = None
-            if hash_arguments and message.method == "tools/call":
-                digest = arguments_digest((message.params or {}).get("arguments"))
-            plan.calls.append(CallRecord(message.method, kind, target, decision.allowed, decision.reason, digest))
+            if digest_arguments is not None and message.method == "tools/call":
+                digest = digest_arguments((message.params or {}).get("arguments"))
+            record = CallRecord(message.method, kind, _for_audit(target), decision.allowed, decision.reason, digest)
+            plan.calls.append(record)
             if not decision.allowed:
                 plan.local_responses.append(_forbidden(message, kind, target, route_name))
                 continue
         else:
             plan.calls.append(CallRecord(message.method, kind, target, True, "not a named call"))
-        if message.is_request and message.method in LIST_METHODS:
-            plan.rewriter.expect(message.id, partial(policy.filter_list, message.method, groups=groups))
-        elif message.is_request and message.method in HANDSHAKE_METHODS:
+        if message.is_request and message.method in HANDSHAKE_METHODS:
             plan.rewriter.expect(message.id, advertise_ema_extension)
         kept.append(message.raw)
     plan.missing_scopes = tuple(missing)
-    if plan.local_responses:
-        if not kept:
-            plan.forward_body = None
-        else:
-            plan.forward_body = json.dumps(kept if batch else kept[0], separators=(",", ":")).encode()
+    if kept:
+        plan.forward_body = canonical_json(kept if batch else kept[0])
     return plan
 
 
 def _decide(policy: RoutePolicy, kind: str, target: str | None, groups: frozenset[str]) -> Decision:
     rules = policy.rules_for(kind)
+    if rules.unrestricted:
+        return Decision(True, "no rules")
     if target is None:
         # No string name to match (missing, a list, a number): a restricted kind refuses it rather
         # than let the upstream interpret (or coerce) what the gateway could not check.
-        return Decision(True, "no rules") if rules.unrestricted else Decision(False, "no name to check")
+        return Decision(False, "no name to check")
+    problem = target_problem(kind, target)
+    if problem is not None:
+        return Decision(False, problem)
     return rules.decide(groups, target)
+
+
+def _for_audit(target: str | None) -> str | None:
+    """Audit lines carry at most a bounded prefix of a client-chosen name."""
+    if target is None or len(target) <= AUDIT_TARGET_CHARS:
+        return target
+    return target[:AUDIT_TARGET_CHARS] + "..."
 
 
 def _header_values(headers: Mapping[str, str], name: str) -> list[str]:
@@ -176,7 +199,7 @@ def _header_mismatch(messages: list[RpcMessage], headers: Mapping[str, str], bat
 
 def _forbidden(message: RpcMessage, kind: str, target: str | None, route_name: str) -> dict[str, Any]:
     noun = {"tools": "tool", "resources": "resource", "prompts": "prompt"}[kind]
-    what = f"{noun} '{target}'" if target is not None else f"{noun} without a string name"
+    what = f"{noun} '{_for_audit(target)}'" if target is not None else f"{noun} without a string name"
     return {
         "jsonrpc": "2.0",
         "id": message.id,

@@ -39,6 +39,23 @@ LIST_METHODS: Mapping[str, tuple[str, str, str]] = {
     "resources/templates/list": ("resources", "resourceTemplates", "uriTemplate"),
     "prompts/list": ("prompts", "prompts", "name"),
 }
+# The same table read from the result side: list key in a result -> (kind, item key holding the name).
+LIST_RESULT_KEYS: Mapping[str, tuple[str, str]] = {key: (kind, item) for kind, key, item in LIST_METHODS.values()}
+# Names and URIs longer than this are refused before any decision or cache: MCP tool names are at
+# most 128 characters (2025-11-25 "Tool names"), and attacker-sized strings must not fill caches.
+MAX_TARGET_CHARS = 1024
+# Dot segments (RFC 3986 §3.3), their ';'-parameter forms that Tomcat/Jetty-style servers still
+# resolve, and percent-encoded '.', '/' and '\\' let one URI match a glob and name another resource.
+_UNSAFE_URI = re.compile(r"(?:^|[/\\])\.{1,2}(?:;[^/\\]*)?(?:[/\\?#]|$)|%2e|%2f|%5c|\\", re.IGNORECASE)
+
+
+def target_problem(kind: str, target: str) -> str | None:
+    """Why ``target`` cannot be decided on by name at all, or None."""
+    if len(target) > MAX_TARGET_CHARS:
+        return f"name longer than {MAX_TARGET_CHARS} characters"
+    if kind == "resources" and _UNSAFE_URI.search(target):
+        return "resource URI with dot segments or encoded separators"
+    return None
 
 
 def _compile(patterns: Iterable[str]) -> re.Pattern[str] | None:
@@ -124,20 +141,28 @@ class RoutePolicy:
                 missing.extend(s for s in needed if s not in have and s not in missing)
         return tuple(missing)
 
-    def filter_list(self, method: str, result: dict[str, Any], groups: frozenset[str]) -> dict[str, Any]:
-        kind, key, item_key = LIST_METHODS[method]
+    @property
+    def restricts_lists(self) -> bool:
+        return not (self.tools.unrestricted and self.resources.unrestricted and self.prompts.unrestricted)
+
+    def permits(self, kind: str, name: Any, groups: frozenset[str]) -> bool:
         rules = self.rules_for(kind)
-        items = result.get(key)
-        if rules.unrestricted or not isinstance(items, list):
-            return result
-        kept = [
-            item
-            for item in items
-            if isinstance(item, dict)
-            and isinstance(item.get(item_key), str)
-            and rules.decide(groups, item[item_key]).allowed
-        ]
-        return {**result, key: kept}
+        if rules.unrestricted:
+            return True
+        return isinstance(name, str) and target_problem(kind, name) is None and rules.decide(groups, name).allowed
+
+    def filter_lists(self, result: dict[str, Any], groups: frozenset[str]) -> dict[str, Any]:
+        """Drop the entries ``groups`` may not use from every list in a result, recognised by shape
+        (``tools``, ``resources``, ``resourceTemplates``, ``prompts``), whatever request it answers."""
+        filtered = result
+        for key, (kind, item_key) in LIST_RESULT_KEYS.items():
+            items = result.get(key)
+            if not isinstance(items, list) or self.rules_for(kind).unrestricted:
+                continue
+            kept = [item for item in items if isinstance(item, dict) and self.permits(kind, item.get(item_key), groups)]
+            if len(kept) != len(items):
+                filtered = {**filtered, key: kept}
+        return filtered
 
 
 def parse_rules(value: Any, key: str, error: Any) -> tuple[Rule, ...] | None:

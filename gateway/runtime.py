@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 
+from gateway.audit import argument_digester
 from gateway.bearer import BearerGuard
 from gateway.config import GatewayConfig, RouteConfig
 from gateway.metrics import Metrics
@@ -53,6 +55,8 @@ class Runtime:
     token_endpoint: TokenEndpoint
     upstreams: dict[str, Upstream]
     sessions: SessionBinder
+    # audit.argument_hashes: the keyed digest of tool arguments written to audit lines, or None.
+    argument_digest: Callable[[Any], str] | None = None
 
     def is_revoked(self, subject: str, client_id: str) -> bool:
         """Revocation from config (``revoked``): applied to new grants and to live tokens at once."""
@@ -107,6 +111,7 @@ class Runtime:
             token_endpoint=None,  # type: ignore[arg-type]  # set below: it needs is_revoked
             upstreams=_carry_upstreams(config, previous, metrics),
             sessions=SessionBinder(derive_session_key(signing_key.secret_material)),
+            argument_digest=argument_digester(signing_key.secret_material) if config.audit_argument_hashes else None,
         )
         runtime.token_endpoint = TokenEndpoint(
             ClientAuthenticator(auth.clients),

@@ -274,7 +274,6 @@ async def test_delete_ends_the_session_and_the_upstream_404_passes_through(
     [
         ("no session", {}, tool_call(2, "echo", {"text": "x"})),
         ("unsupported protocol", {"MCP-Protocol-Version": "1999-01-01"}, request(2, "tools/list")),
-        ("not JSON", {}, "{oops"),
     ],
 )
 async def test_upstream_errors_pass_through_unchanged(
@@ -647,10 +646,12 @@ async def test_malformed_bodies_are_the_upstreams_to_reject(
         assert (await response.json())["jsonrpc"] == "2.0"  # the upstream's JSON-RPC error, not ours
 
 
-async def test_deeply_nested_body_is_forwarded_not_a_500(idp: DevIdentityProvider, http: aiohttp.ClientSession) -> None:
-    """The gateway inspects bodies for handshake requests; JSON nested past Python's recursion limit
-    must not crash that inspection (the SDK test upstream itself answers such a body with a 500, so
-    a tiny upstream stands in for it)."""
+async def test_deeply_nested_body_is_refused_not_forwarded_not_a_500(
+    idp: DevIdentityProvider, http: aiohttp.ClientSession
+) -> None:
+    """JSON nested past Python's recursion limit is where parsers disagree (one gives up, another
+    reads it): the gateway refuses it as a parse error and forwards nothing (a tiny upstream
+    records what reaches it, since the SDK test upstream itself answers such a body with a 500)."""
     body = b"[" * 100_000 + b"]" * 100_000
     async with tiny_upstream() as (upstream, base):
         routes = [{"name": "tiny", "path": "/tiny/mcp", "upstream": base + "/echo"}]
@@ -658,5 +659,6 @@ async def test_deeply_nested_body_is_forwarded_not_a_500(idp: DevIdentityProvide
             client = await connect(gateway, http, "tiny")
             headers = client.headers(**{"Content-Type": "application/json"})
             async with http.post(client.url, data=body, headers=headers) as response:
-                assert response.status == 200
-    assert upstream.received == ["/echo"]
+                assert response.status == 400
+                assert (await response.json())["error"]["code"] == -32700
+    assert upstream.received == []

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, unquote, urljoin, urlsplit
+from urllib.parse import quote, unquote, unquote_plus, urljoin, urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -28,6 +28,7 @@ from gateway.config import LimitsConfig, RouteConfig
 from gateway.metrics import Metrics
 from gateway.proxy.headers import SESSION_HEADER, client_response_headers, upstream_request_headers
 from gateway.proxy.jsonrpc import ResultRewriter
+from gateway.proxy.request_body import CANONICAL_CONTENT_TYPE
 from gateway.proxy.sse import EventSplitter, EventTooLarge, parse_event
 from gateway.urls import origin_of
 
@@ -71,8 +72,8 @@ class LegacyStream:
     """A live legacy HTTP+SSE GET stream: where the responses to that session's POSTs are delivered,
     so the gateway rewrites them there and writes its own answers (denied calls) into it."""
 
-    def __init__(self) -> None:
-        self.rewriter = ResultRewriter()
+    def __init__(self, rewriter: ResultRewriter) -> None:
+        self.rewriter = rewriter
         self.response: web.StreamResponse | None = None
 
     async def send(self, message: dict[str, Any]) -> None:
@@ -172,6 +173,12 @@ class Upstream:
         query = fwd.query if fwd.query is not None else request.rel_url.raw_query_string
         url = URL(self._base + fwd.rest + (f"?{query}" if query else ""), encoded=True)
         headers = upstream_request_headers(request, route, self._public_scheme)
+        # The body, if any, is the gateway's canonical JSON (gateway/proxy/request_body.py), never the
+        # client's bytes: describe it as such, whatever the client said about its own.
+        headers.popall("Content-Encoding", None)
+        headers.popall("Content-Type", None)
+        if fwd.body is not None:
+            headers["Content-Type"] = CANONICAL_CONTENT_TYPE
         if fwd.upstream_session_id is not None:
             headers[SESSION_HEADER] = fwd.upstream_session_id
         limits = self._limits
@@ -353,12 +360,22 @@ class Upstream:
 SESSION_PARAMS = frozenset({"session_id", "sessionid"})
 
 
+def _param_name(pair: str) -> str:
+    # Decoded as the upstream's framework decodes it: ``session%5Fid`` is ``session_id`` there.
+    return unquote_plus(pair.partition("=")[0]).lower()
+
+
+def session_param_names(query: str) -> list[str]:
+    """The (decoded) names of the session-id parameters in a raw query string."""
+    return [name for name in map(_param_name, query.split("&")) if name in SESSION_PARAMS]
+
+
 def wrap_session_params(query: str, transform: Callable[[str], str]) -> str:
     """Apply ``transform`` to the session-id parameters of a raw query string, keeping the rest."""
     out = []
     for pair in query.split("&"):
-        name, sep, value = pair.partition("=")
-        if sep and name.lower() in SESSION_PARAMS:
+        name, _, value = pair.partition("=")
+        if _param_name(pair) in SESSION_PARAMS:
             pair = f"{name}={quote(transform(unquote(value)), safe='')}"
         out.append(pair)
     return "&".join(out)
