@@ -235,6 +235,8 @@ class ScriptedUpstream:
                 "id": float(message["id"]),
                 "result": {"capabilities": {}, "protocolVersion": "x"},
             }
+        if message.get("method") == "big":
+            return {"jsonrpc": "2.0", "id": message["id"], "result": {"tools": [], "blob": "x" * (17 * 1024 * 1024)}}
         # Whatever was asked, a tools list: list filtering must not depend on what the request was.
         tools = [{"name": "echo"}, {"name": "secret_tool"}]
         return {"jsonrpc": "2.0", "id": message.get("id"), "result": {"tools": tools, "content": []}}
@@ -464,3 +466,15 @@ async def test_repeated_legacy_session_parameters_are_refused(gw: GatewayHarness
     async with http.post(url, json=tool_call(1, "echo"), headers=headers) as response:
         assert response.status == 400
         assert (await response.json())["error"]["code"] == INVALID_REQUEST
+
+
+async def test_a_json_result_too_large_to_inspect_is_refused_not_truncated(
+    idp: DevIdentityProvider, http: aiohttp.ClientSession
+) -> None:
+    async with scripted(idp) as (_, gw):
+        client = McpHttp(http, gw.route_url("scripted"), await gw.access_token("scripted"))
+        status, answer = await post_raw(
+            client, json.dumps(request(9, "big")).encode(), **{"Content-Type": "application/json"}
+        )
+    assert status == 502
+    assert answer["id"] == 9 and answer["error"]["code"] == -32012

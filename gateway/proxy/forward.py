@@ -218,7 +218,14 @@ class Upstream:
                     body += await asyncio.wait_for(upstream.content.read(_MAX_REWRITE_BYTES + 1), timeout)
             except (TimeoutError, aiohttp.ClientError) as exc:
                 return self._broken(fwd, exc)
-            if len(body) <= _MAX_REWRITE_BYTES and fwd.rewriter and is_json:
+            if len(body) > _MAX_REWRITE_BYTES:
+                # Too large to inspect: relaying it unread could pass an unfiltered list result, and
+                # what was read so far is not the whole body. Refused rather than truncated.
+                log.warning("route %s: JSON response over %d bytes refused", fwd.route.name, _MAX_REWRITE_BYTES)
+                return jsonrpc_error(
+                    502, UPSTREAM_PROTOCOL, f"upstream of route '{fwd.route.name}' answered too much", fwd.request_id
+                )
+            if fwd.rewriter and is_json:
                 body = fwd.rewriter.rewrite_json(body)
             headers = self._response_headers(upstream, fwd)
             if fwd.injected:
