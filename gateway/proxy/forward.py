@@ -51,15 +51,21 @@ def upstream_path_remainder(raw_path: str, route_path: str) -> str | None:
     would reach '/admin' on the upstream host, outside the prefix the route and its token cover. So
     a '.' or '..' segment, raw or percent-encoded, is refused (backslashes count as separators
     because some servers treat them so), and so is a request that percent-encodes the route prefix
-    itself.
+    itself. A segment counts as a dot segment whatever path parameters follow it: RFC 2396 §3.3
+    allowed ``segment = *pchar *( ";" param )``, and Servlet containers (Tomcat, Jetty) still strip
+    the parameters before resolving dot segments, so '..;' or '..;x=y' is '..' to them.
     """
     if raw_path != route_path and not raw_path.startswith(route_path + "/"):
         return None
     rest = raw_path[len(route_path) :]
     for form in (rest, unquote(rest)):
-        if any(segment in (".", "..") for segment in form.replace("\\", "/").split("/")):
+        if any(_is_dot_segment(segment) for segment in form.replace("\\", "/").split("/")):
             return None
     return rest
+
+
+def _is_dot_segment(segment: str) -> bool:
+    return segment.partition(";")[0] in (".", "..")
 
 
 def jsonrpc_error(status: int, code: int, message: str, request_id: Any = None, **headers: str) -> web.Response:
