@@ -26,7 +26,12 @@ from yarl import URL
 
 from gateway.config import LimitsConfig, RouteConfig
 from gateway.metrics import Metrics
-from gateway.proxy.headers import SESSION_HEADER, client_response_headers, upstream_request_headers
+from gateway.proxy.headers import (
+    SESSION_HEADER,
+    RequestHeaderRules,
+    client_response_headers,
+    upstream_request_headers,
+)
 from gateway.proxy.jsonrpc import ResultRewriter
 from gateway.proxy.sse import EventSplitter, EventTooLarge, parse_event
 from gateway.urls import origin_of
@@ -113,13 +118,13 @@ class Upstream:
     """One pooled client session per route (keep-alive connections are reused across requests)."""
 
     def __init__(
-        self, route: RouteConfig, limits: LimitsConfig, public_scheme: str, metrics: Metrics | None = None
+        self, route: RouteConfig, limits: LimitsConfig, header_rules: RequestHeaderRules, metrics: Metrics | None = None
     ) -> None:
         self.route = route
         self._metrics = metrics
         self._base = str(URL(route.upstream))  # the upstream in encoded form, ready for raw path joins
         self._limits = limits
-        self._public_scheme = public_scheme
+        self._header_rules = header_rules
         self._session: aiohttp.ClientSession | None = None
         # Live event streams -> whether it is a listening (GET) stream, so a drain (shutdown) or a
         # route removal can end them cleanly.
@@ -177,7 +182,7 @@ class Upstream:
         # or change what the upstream receives (SPEC §5.4: forward path and query byte-for-byte).
         query = fwd.query if fwd.query is not None else request.rel_url.raw_query_string
         url = URL(self._base + fwd.rest + (f"?{query}" if query else ""), encoded=True)
-        headers = upstream_request_headers(request, route, self._public_scheme)
+        headers = upstream_request_headers(request, route, self._header_rules)
         if fwd.upstream_session_id is not None:
             headers[SESSION_HEADER] = fwd.upstream_session_id
         limits = self._limits
