@@ -30,6 +30,7 @@ from gateway.bearer import BearerChallenge, BearerGuard, challenge_response
 from gateway.config import ConfigError, GatewayConfig, RouteConfig, load_config
 from gateway.enforce import HEADER_MISMATCH, Plan, plan_request
 from gateway.http import BodyTooLarge, BodyTooSlow, read_limited
+from gateway.listener import ConnectionCounter, GuardedSite
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import NO_ROUTE, Metrics, method_class
 from gateway.oauth import metadata
@@ -675,13 +676,14 @@ def bind_socket(host: str, port: int) -> socket.socket:
 async def start_gateway(
     gateway: Gateway, *, sock: socket.socket | None = None, shutdown_timeout: float = 10.0
 ) -> tuple[web.AppRunner, str]:
-    """Start serving on ``sock`` (or bind ``listen`` from the config); returns the runner and base URL."""
+    """Start serving on ``sock`` (or bind ``listen`` from the config); returns the runner and base URL.
+    Client connections are guarded (gateway/listener.py): request-header deadline, connection cap."""
     if sock is None:
         sock = bind_socket(gateway.config.listen_host, gateway.config.listen_port)
     runner = web.AppRunner(
         gateway.make_app(), handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout
     )
     await runner.setup()
-    await web.SockSite(runner, sock).start()
+    await GuardedSite(runner, sock, ConnectionCounter(lambda: gateway.config.limits)).start()
     host, port = sock.getsockname()[:2]
     return runner, f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"

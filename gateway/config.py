@@ -158,6 +158,8 @@ class LimitsConfig:
     stream_keepalive_seconds: float = 15.0
     stream_idle_timeout_seconds: float = 0.0
     request_body_timeout_seconds: float = 30.0
+    request_header_timeout_seconds: float = 10.0
+    max_client_connections: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -483,6 +485,10 @@ def _parse_limits(node: _Node) -> LimitsConfig:
         request_body_timeout_seconds=node.number(
             "request_body_timeout_seconds", 30.0, minimum=0.1, maximum=3600, integer=False
         ),
+        request_header_timeout_seconds=node.number(
+            "request_header_timeout_seconds", 10.0, minimum=0.1, maximum=3600, integer=False
+        ),
+        max_client_connections=node.number("max_client_connections", 10_000, minimum=1, maximum=1_000_000),
     )
     node.finish()
     return limits
