@@ -42,6 +42,7 @@ from gateway.oauth.token_endpoint import GrantOutcome
 from gateway.proxy.forward import (
     ForwardRequest,
     LegacyStream,
+    StreamLimitReached,
     jsonrpc_error,
     upstream_path_remainder,
     wrap_session_params,
@@ -456,7 +457,15 @@ class Gateway:
             self._audit_calls(plan, request_id, route, principal, None, started)
             single = plan.local_responses[0] if not plan.batch else plan.local_responses
             return web.json_response(single, headers={**cors, "X-Request-Id": request_id})
-        response = await runtime.upstreams[route.name].forward(request, fwd)
+        try:
+            response = await runtime.upstreams[route.name].forward(request, fwd)
+        except StreamLimitReached as refused:
+            refused.response.headers.update(cors)
+            self.audit.emit(
+                "request.denied", request_id=request_id, **_who(principal), route=route.name, method=request.method,
+                decision="deny", reason="stream_limit", status=refused.response.status,
+            )  # fmt: skip
+            return refused.response
         if not response.prepared:
             response.headers.update(cors)
         self._audit_calls(plan, request_id, route, principal, response.status, started, method=request.method)
@@ -557,6 +566,7 @@ class Gateway:
             query=query,
             wrap_session=wrap,
             legacy_stream=legacy,
+            owner=owner,
         )
 
     def _legacy_session(

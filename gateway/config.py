@@ -147,6 +147,7 @@ class RouteConfig:
     allow_groups: tuple[str, ...] | None = None
     scopes: tuple[str, ...] = ("mcp",)
     upstream_headers: tuple[tuple[str, Secret], ...] = ()
+    max_connections: int = 256
     policy: RoutePolicy = field(default_factory=RoutePolicy.unrestricted, compare=False)
 
 
@@ -160,6 +161,8 @@ class LimitsConfig:
     request_body_timeout_seconds: float = 30.0
     request_header_timeout_seconds: float = 10.0
     max_client_connections: int = 10_000
+    max_streams_per_principal: int = 32
+    upstream_pool_timeout_seconds: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -489,6 +492,10 @@ def _parse_limits(node: _Node) -> LimitsConfig:
             "request_header_timeout_seconds", 10.0, minimum=0.1, maximum=3600, integer=False
         ),
         max_client_connections=node.number("max_client_connections", 10_000, minimum=1, maximum=1_000_000),
+        max_streams_per_principal=node.number("max_streams_per_principal", 32, minimum=1, maximum=100_000),
+        upstream_pool_timeout_seconds=node.number(
+            "upstream_pool_timeout_seconds", 5.0, minimum=0.01, maximum=300, integer=False
+        ),
     )
     node.finish()
     return limits
@@ -629,6 +636,7 @@ def _parse_route(item: _Node, public_url: str, earlier: list[RouteConfig]) -> Ro
         allow_groups=item.string_list("allow_groups"),
         scopes=scopes,
         upstream_headers=_parse_upstream_headers(item.child("upstream_headers")),
+        max_connections=item.number("max_connections", 256, minimum=1, maximum=100_000),
         policy=_parse_policy(item, scopes),
     )
     item.finish()

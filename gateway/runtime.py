@@ -42,6 +42,7 @@ def _upstream_key(route: RouteConfig, config: GatewayConfig) -> tuple[object, ..
         route.upstream,
         route.transport,
         route.upstream_headers,
+        route.max_connections,
         config.limits,
         config.public_url,
         config.strip_request_headers,
