@@ -30,6 +30,7 @@ from gateway.bearer import BearerChallenge, BearerGuard, challenge_response
 from gateway.config import ConfigError, GatewayConfig, RouteConfig, load_config
 from gateway.enforce import HEADER_MISMATCH, Plan, plan_request, stream_plan
 from gateway.http import BodyTooLarge, BodyTooSlow, read_limited
+from gateway.listener import ConnectionCounter, GuardedSite
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import NO_ROUTE, Metrics, method_class
 from gateway.oauth import metadata
@@ -41,6 +42,7 @@ from gateway.oauth.token_endpoint import GrantOutcome
 from gateway.proxy.forward import (
     ForwardRequest,
     LegacyStream,
+    StreamLimitReached,
     jsonrpc_error,
     session_param_names,
     upstream_path_remainder,
@@ -449,7 +451,7 @@ class Gateway:
         self._audit_decisions(plan, request_id, route, principal, request.method)
         status = CLIENT_CLOSED_REQUEST
         try:
-            response = await self._answer(runtime, request, route, plan, fwd, cors)
+            response = await self._answer(runtime, request, route, principal, plan, fwd, cors)
             status = response.status
             return response
         finally:
@@ -468,6 +470,7 @@ class Gateway:
         runtime: Runtime,
         request: web.Request,
         route: RouteConfig,
+        principal: Principal,
         plan: Plan,
         fwd: ForwardRequest | None,
         cors: dict[str, str],
@@ -484,7 +487,15 @@ class Gateway:
         if fwd is None:  # every message was answered by the gateway (denied calls)
             single = plan.local_responses[0] if not plan.batch else plan.local_responses
             return web.json_response(single, headers={**cors, "X-Request-Id": request_id})
-        response = await runtime.upstreams[route.name].forward(request, fwd)
+        try:
+            response = await runtime.upstreams[route.name].forward(request, fwd)
+        except StreamLimitReached as refused:
+            refused.response.headers.update(cors)
+            self.audit.emit(
+                "request.denied", request_id=request_id, **_who(principal), route=route.name, method=request.method,
+                decision="deny", reason="stream_limit", status=refused.response.status,
+            )  # fmt: skip
+            return refused.response
         if not response.prepared:
             response.headers.update(cors)
         return response
@@ -596,6 +607,7 @@ class Gateway:
             query=query,
             wrap_session=wrap,
             legacy_stream=legacy,
+            owner=owner,
         )
 
     def _legacy_session(
@@ -708,13 +720,14 @@ def bind_socket(host: str, port: int) -> socket.socket:
 async def start_gateway(
     gateway: Gateway, *, sock: socket.socket | None = None, shutdown_timeout: float = 10.0
 ) -> tuple[web.AppRunner, str]:
-    """Start serving on ``sock`` (or bind ``listen`` from the config); returns the runner and base URL."""
+    """Start serving on ``sock`` (or bind ``listen`` from the config); returns the runner and base URL.
+    Client connections are guarded (gateway/listener.py): request-header deadline, connection cap."""
     if sock is None:
         sock = bind_socket(gateway.config.listen_host, gateway.config.listen_port)
     runner = web.AppRunner(
         gateway.make_app(), handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout
     )
     await runner.setup()
-    await web.SockSite(runner, sock).start()
+    await GuardedSite(runner, sock, ConnectionCounter(lambda: gateway.config.limits)).start()
     host, port = sock.getsockname()[:2]
     return runner, f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"

@@ -38,6 +38,54 @@ _PASSWORD_PARAM = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
 _FORBIDDEN_UPSTREAM_HEADERS = frozenset(
     {"host", "authorization", "content-length", "transfer-encoding", "connection", "mcp-session-id"}
 )
+# The proxy vouches for these itself, so they are stripped even when strip_request_headers is set.
+ALWAYS_STRIPPED_REQUEST_HEADERS = ("X-Forwarded-*", "Forwarded", "X-Real-IP")
+# Client headers that claim a network origin or an identity which frameworks and auth proxies put in
+# front of servers commonly trust (or that rewrite the path or method an upstream sees): the gateway
+# is an upstream's only client, so none of them may pass from a client. '*' ends a prefix.
+DEFAULT_STRIP_REQUEST_HEADERS = (
+    *ALWAYS_STRIPPED_REQUEST_HEADERS,
+    "X-Client-IP",
+    "X-Cluster-Client-IP",
+    "True-Client-IP",
+    "CF-Connecting-IP",
+    "Fastly-Client-IP",
+    "X-Original-Forwarded-For",
+    "X-Remote-*",
+    "Remote-*",
+    "X-User",
+    "X-User-*",
+    "X-Email",
+    "X-Auth-*",
+    "X-Authenticated-*",
+    "X-MCP-Identity",
+    "X-Consumer-*",
+    "X-Userinfo",
+    "X-Id-Token",
+    "X-Access-Token",
+    "X-WebAuth-*",
+    "X-Goog-Authenticated-*",
+    "X-Amzn-Oidc-*",
+    "X-MS-Client-Principal*",
+    "X-SSL-Client-*",
+    "X-Client-Cert*",
+    "X-Original-URL",
+    "X-Rewrite-URL",
+    "X-HTTP-Method-Override",
+    "X-HTTP-Method",
+    "X-Method-Override",
+)
+_HEADER_PATTERN = re.compile(r"^[!#$%&'+.^_`|~0-9A-Za-z-]+\*?$")
+# Stripping these would break MCP itself (Streamable HTTP transport headers).
+_MCP_REQUEST_HEADERS = (
+    "Accept",
+    "Content-Type",
+    "Last-Event-ID",
+    "Mcp-Session-Id",
+    "MCP-Protocol-Version",
+    "Mcp-Method",
+    "Mcp-Name",
+)
 
 
 class ConfigError(Exception):
@@ -99,6 +147,7 @@ class RouteConfig:
     allow_groups: tuple[str, ...] | None = None
     scopes: tuple[str, ...] = ("mcp",)
     upstream_headers: tuple[tuple[str, Secret], ...] = ()
+    max_connections: int = 256
     policy: RoutePolicy = field(default_factory=RoutePolicy.unrestricted, compare=False)
 
 
@@ -110,6 +159,10 @@ class LimitsConfig:
     stream_keepalive_seconds: float = 15.0
     stream_idle_timeout_seconds: float = 0.0
     request_body_timeout_seconds: float = 30.0
+    request_header_timeout_seconds: float = 10.0
+    max_client_connections: int = 10_000
+    max_streams_per_principal: int = 32
+    upstream_pool_timeout_seconds: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -131,6 +184,7 @@ class GatewayConfig:
     audit_argument_hashes: bool = False
     shutdown_grace_seconds: float = 20.0
     reload_watch_seconds: float = 2.0
+    strip_request_headers: tuple[str, ...] = DEFAULT_STRIP_REQUEST_HEADERS
 
 
 class _Node:
@@ -300,6 +354,7 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None =
     reload_node = root.child("reload")
     watch = reload_node.number("watch_interval_seconds", 2.0, minimum=0, maximum=3600, integer=False)
     reload_node.finish()
+    strip_request_headers = _parse_strip_request_headers(root)
     root.finish()
     return GatewayConfig(
         source=source,
@@ -318,6 +373,7 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None =
         audit_argument_hashes=bool(audit_hashes),
         shutdown_grace_seconds=shutdown_grace,
         reload_watch_seconds=watch,
+        strip_request_headers=strip_request_headers,
     )
 
 
@@ -400,6 +456,22 @@ def _origin(node: _Node, value: str) -> str:
     return origin_of(value)
 
 
+def _parse_strip_request_headers(root: _Node) -> tuple[str, ...]:
+    patterns = root.string_list("strip_request_headers")
+    if patterns is None:
+        return DEFAULT_STRIP_REQUEST_HEADERS
+    for pattern in patterns:
+        if not _HEADER_PATTERN.match(pattern):
+            raise root.error(
+                "strip_request_headers", f"{pattern!r} is not a header name (or a prefix ending in '*', like X-Auth-*)"
+            )
+        prefix = pattern.lower().removesuffix("*")
+        for needed in _MCP_REQUEST_HEADERS:
+            if needed.lower() == prefix or (pattern.endswith("*") and needed.lower().startswith(prefix)):
+                raise root.error("strip_request_headers", f"{pattern!r} would strip {needed}, which MCP needs")
+    return patterns
+
+
 def _parse_limits(node: _Node) -> LimitsConfig:
     limits = LimitsConfig(
         max_request_bytes=node.number("max_request_bytes", 4 * 1024 * 1024, minimum=1024, maximum=1 << 30),
@@ -415,6 +487,14 @@ def _parse_limits(node: _Node) -> LimitsConfig:
         ),
         request_body_timeout_seconds=node.number(
             "request_body_timeout_seconds", 30.0, minimum=0.1, maximum=3600, integer=False
+        ),
+        request_header_timeout_seconds=node.number(
+            "request_header_timeout_seconds", 10.0, minimum=0.1, maximum=3600, integer=False
+        ),
+        max_client_connections=node.number("max_client_connections", 10_000, minimum=1, maximum=1_000_000),
+        max_streams_per_principal=node.number("max_streams_per_principal", 32, minimum=1, maximum=100_000),
+        upstream_pool_timeout_seconds=node.number(
+            "upstream_pool_timeout_seconds", 5.0, minimum=0.01, maximum=300, integer=False
         ),
     )
     node.finish()
@@ -556,6 +636,7 @@ def _parse_route(item: _Node, public_url: str, earlier: list[RouteConfig]) -> Ro
         allow_groups=item.string_list("allow_groups"),
         scopes=scopes,
         upstream_headers=_parse_upstream_headers(item.child("upstream_headers")),
+        max_connections=item.number("max_connections", 256, minimum=1, maximum=100_000),
         policy=_parse_policy(item, scopes),
     )
     item.finish()
@@ -646,6 +727,8 @@ def describe(config: GatewayConfig, *, emit: Callable[[str], None], as_groups: f
             f"groups_claim={idp.groups_claim} algorithms={','.join(idp.algorithms)}"
         )
     emit(f"allowed origins: {', '.join(config.allowed_origins)}")
+    stripped = dict.fromkeys((*ALWAYS_STRIPPED_REQUEST_HEADERS, *config.strip_request_headers), None)
+    emit(f"stripped request headers: {', '.join(stripped)}")
     emit("routes:")
     for route in config.routes:
         groups = ", ".join(route.allow_groups) if route.allow_groups is not None else "any authenticated user"

@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -29,6 +28,7 @@ from gateway.oauth.keys import SigningKey, load_signing_key
 from gateway.oauth.replay import ReplayStore
 from gateway.oauth.token_endpoint import GrantOutcome, TokenEndpoint
 from gateway.proxy.forward import Upstream
+from gateway.proxy.headers import RequestHeaderRules
 from gateway.proxy.origin import OriginPolicy
 from gateway.routes import RouteTable
 from gateway.sessions import SessionBinder, derive_session_key
@@ -39,7 +39,16 @@ class ReloadRefused(Exception):
 
 
 def _upstream_key(route: RouteConfig, config: GatewayConfig) -> tuple[object, ...]:
-    return (route.name, route.upstream, route.transport, route.upstream_headers, config.limits, config.public_url)
+    return (
+        route.name,
+        route.upstream,
+        route.transport,
+        route.upstream_headers,
+        route.max_connections,
+        config.limits,
+        config.public_url,
+        config.strip_request_headers,
+    )
 
 
 @dataclass
@@ -131,9 +140,9 @@ def _carry_upstreams(config: GatewayConfig, previous: Runtime | None, metrics: M
     old = {}
     if previous is not None:
         old = {_upstream_key(u.route, previous.config): u for u in previous.upstreams.values()}
-    scheme = urlsplit(config.public_url).scheme
+    rules = RequestHeaderRules(config.strip_request_headers, config.public_url)
     return {
-        r.name: old.get(_upstream_key(r, config)) or Upstream(r, config.limits, scheme, metrics) for r in config.routes
+        r.name: old.get(_upstream_key(r, config)) or Upstream(r, config.limits, rules, metrics) for r in config.routes
     }
 
 
