@@ -314,6 +314,34 @@ async def test_rule_time_non_numeric_exp_is_refused(gw: GatewayHarness, exp: Any
     await expect_error(gw, gw.id_jag(exp=exp), "invalid_grant")
 
 
+@pytest.mark.parametrize("claim", ["exp", "iat", "nbf"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+async def test_rule_time_non_finite_time_claim_is_refused(gw: GatewayHarness, claim: str, value: float) -> None:
+    """json.dumps writes NaN / Infinity / -Infinity, which Python's json would read back."""
+    body = await expect_error(gw, gw.id_jag(**{claim: value}), "invalid_grant")
+    assert "JSON number" in body["error_description"]
+
+
+@pytest.mark.parametrize("claim", ["exp", "iat", "nbf"])
+@pytest.mark.parametrize("kind", ["fraction", "string", "huge", "negative"])
+async def test_rule_time_claims_must_be_integer_numeric_dates(gw: GatewayHarness, claim: str, kind: str) -> None:
+    now = int(time.time())
+    value = {"fraction": now + 0.5, "string": str(now), "huge": 10**400, "negative": -1}[kind]
+    body = await expect_error(gw, gw.id_jag(**{claim: value}), "invalid_grant")
+    assert f"valid {claim}" in body["error_description"]
+
+
+async def test_rule_claims_non_finite_number_anywhere_is_refused(gw: GatewayHarness) -> None:
+    body = await expect_error(gw, gw.id_jag(extra={"deep": [1, float("nan")]}), "invalid_grant")
+    assert "NaN is not a JSON number" in body["error_description"]
+
+
+async def test_rule_claims_non_finite_number_in_the_header_is_refused(gw: GatewayHarness) -> None:
+    assertion = gw.idp.sign(gw.id_jag_claims(), headers={"x": float("-inf")})
+    body = await expect_error(gw, assertion, "invalid_grant")
+    assert "-Infinity is not a JSON number" in body["error_description"]
+
+
 # -- 12. jti and replay ----------------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ from cachetools import TTLCache
 from jose import jws
 from jose.exceptions import JOSEError
 
+from gateway.oauth import jose_json
 from gateway.oauth.idjag import Grant
 from gateway.oauth.keys import SigningKey
 
@@ -96,6 +97,10 @@ class AccessTokenService:
         return IssuedToken(token, self._ttl, claims["scope"], token_id)
 
     def verify(self, token: str, resource: str) -> Principal:
+        if not token.isascii():
+            # RFC 6750 §2.1: a b64token is ASCII. aiohttp hands non-UTF-8 header bytes over as
+            # surrogates, which would not even encode for hashing.
+            raise InvalidToken("the access token is malformed")
         digest = hashlib.sha256(token.encode()).digest()
         principal = self._cache.get(digest)
         if principal is None:
@@ -109,8 +114,8 @@ class AccessTokenService:
 
     def _verify_uncached(self, token: str) -> Principal:
         try:
-            header = jws.get_unverified_header(token)
-        except (JOSEError, ValueError, TypeError):
+            header = jose_json.unverified_header(token)
+        except ValueError:
             raise InvalidToken("the access token is malformed") from None
         # RFC 9068 §4: check typ, so an IdP's ID-JAG or ID token is never accepted as a bearer token.
         key = self._by_kid.get(header.get("kid")) if isinstance(header.get("kid"), str) else None
@@ -119,11 +124,18 @@ class AccessTokenService:
         if header.get("typ") != ACCESS_TOKEN_TYP or header.get("alg") != key.algorithm:
             raise InvalidToken("the access token was not issued by this gateway")
         try:
-            claims = json.loads(jws.verify(token, key.public, algorithms=[key.algorithm]))
+            payload = jws.verify(token, key.public, algorithms=[key.algorithm])
         except (JOSEError, ValueError):
             raise InvalidToken("the access token signature is invalid") from None
+        try:
+            claims = jose_json.loads(payload)
+        except ValueError:
+            raise InvalidToken("the access token is malformed") from None
         if not isinstance(claims, dict) or claims.get("iss") != self._issuer:
             raise InvalidToken("the access token was not issued by this gateway")
+        expires_at = jose_json.numeric_date(claims.get("exp"))
+        if expires_at is None or jose_json.numeric_date(claims.get("iat")) is None:
+            raise InvalidToken("the access token has no valid exp or iat")
         try:
             return Principal(
                 subject=str(claims["sub"]),
@@ -132,7 +144,7 @@ class AccessTokenService:
                 audience=str(claims["aud"]),
                 scopes=tuple(str(claims.get("scope", "")).split()),
                 groups=tuple(str(g) for g in claims.get("groups", [])),
-                expires_at=float(claims["exp"]),
+                expires_at=float(expires_at),
                 token_id=str(claims["jti"]),
             )
         except (KeyError, TypeError, ValueError):
