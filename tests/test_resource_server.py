@@ -126,6 +126,23 @@ async def test_own_token_with_non_finite_or_non_integer_numbers_is_refused(
     assert challenge_params(headers["WWW-Authenticate"])["error"] == "invalid_token"
 
 
+@pytest.mark.parametrize("iat_offset, exp_offset", [(0, 301), (-3600, 60), (0, 10**9)])
+async def test_own_token_living_longer_than_the_configured_ttl_is_refused(
+    gw: GatewayHarness, iat_offset: int, exp_offset: int
+) -> None:
+    assert gw.config.authorization.access_token_ttl_seconds == 300
+    now = int(time.time())
+    token = own_token(gw, iat=str(now + iat_offset), exp=str(now + exp_offset))
+    status, _, headers = await post(gw.route_url("json"), token)
+    assert status == 401
+    assert "lives longer" in challenge_params(headers["WWW-Authenticate"])["error_description"]
+
+
+async def test_own_token_living_exactly_the_ttl_is_accepted(gw: GatewayHarness) -> None:
+    now = int(time.time())
+    assert (await post(gw.route_url("json"), own_token(gw, iat=str(now - 299), exp=str(now + 1))))[0] == 400
+
+
 async def test_token_with_bytes_that_are_not_utf8_gets_401_not_500(gw: GatewayHarness) -> None:
     host, port = gw.url.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -46,6 +47,18 @@ class Principal:
 
 
 @dataclass(frozen=True)
+class PreviousKey:
+    """A key that no longer signs but still verifies, until ``retire_at``.
+
+    Retire time = when it stopped signing + the access token TTL + clock skew: by then the longest
+    token it could have signed has expired, even on a verifier whose clock is behind. Past it, a
+    token signed by the key is forged (the key leaked) or stale, and is refused."""
+
+    key: SigningKey
+    retire_at: float
+
+
+@dataclass(frozen=True)
 class IssuedToken:
     access_token: str
     expires_in: int
@@ -62,16 +75,23 @@ class AccessTokenService:
         *,
         cache_size: int = 100_000,
         clock: Callable[[], float] = time.time,
-        previous_keys: tuple[SigningKey, ...] = (),
+        previous_keys: tuple[PreviousKey, ...] = (),
     ) -> None:
         self._key = key
-        # Rotation: tokens signed by a previous key stay valid until they expire (<= ttl).
-        self.keys = (key, *previous_keys)
-        self._by_kid = {k.kid: k for k in self.keys}
+        # Rotation: tokens signed by a previous key stay valid until the key retires.
+        self.previous_keys = tuple(p for p in previous_keys if p.key.kid != key.kid)
+        self._retire_at = {p.key.kid: p.retire_at for p in self.previous_keys}
+        self._by_kid = {p.key.kid: p.key for p in self.previous_keys} | {key.kid: key}
         self._issuer = issuer
         self._ttl = ttl_seconds
         self._clock = clock
         self._cache: TTLCache[bytes, Principal] = TTLCache(maxsize=cache_size, ttl=ttl_seconds)
+
+    def trusted_keys(self) -> list[SigningKey]:
+        """The keys that verify tokens now (published at ``jwks_uri``): the signing key and every
+        previous key not yet retired."""
+        now = self._clock()
+        return [self._key, *(p.key for p in self.previous_keys if now < p.retire_at)]
 
     def issue(self, grant: Grant) -> IssuedToken:
         now = int(self._clock())
@@ -121,6 +141,9 @@ class AccessTokenService:
         key = self._by_kid.get(header.get("kid")) if isinstance(header.get("kid"), str) else None
         if key is None:
             raise InvalidToken("the access token was signed with an unknown key")
+        retire_at = self._retire_at.get(key.kid, math.inf)
+        if self._clock() >= retire_at:
+            raise InvalidToken("the access token was signed with a retired key")
         if header.get("typ") != ACCESS_TOKEN_TYP or header.get("alg") != key.algorithm:
             raise InvalidToken("the access token was not issued by this gateway")
         try:
@@ -133,9 +156,13 @@ class AccessTokenService:
             raise InvalidToken("the access token is malformed") from None
         if not isinstance(claims, dict) or claims.get("iss") != self._issuer:
             raise InvalidToken("the access token was not issued by this gateway")
-        expires_at = jose_json.numeric_date(claims.get("exp"))
-        if expires_at is None or jose_json.numeric_date(claims.get("iat")) is None:
+        expires_at, issued_at = jose_json.numeric_date(claims.get("exp")), jose_json.numeric_date(claims.get("iat"))
+        if expires_at is None or issued_at is None:
             raise InvalidToken("the access token has no valid exp or iat")
+        if expires_at - issued_at > self._ttl:
+            # Every token we sign lives exactly the TTL: a longer one was not made by this gateway's
+            # code (a leaked key) or predates a shorter TTL. No skew: both times are our own.
+            raise InvalidToken("the access token lives longer than this gateway issues tokens for")
         try:
             return Principal(
                 subject=str(claims["sub"]),
@@ -144,7 +171,8 @@ class AccessTokenService:
                 audience=str(claims["aud"]),
                 scopes=tuple(str(claims.get("scope", "")).split()),
                 groups=tuple(str(g) for g in claims.get("groups", [])),
-                expires_at=float(expires_at),
+                # A cached principal must not outlive its key's trust either.
+                expires_at=min(float(expires_at), retire_at),
                 token_id=str(claims["jti"]),
             )
         except (KeyError, TypeError, ValueError):
