@@ -27,6 +27,7 @@ from gateway.oauth.client_auth import ClientAuthenticator
 from gateway.oauth.idjag import IdJagValidator
 from gateway.oauth.jwks import KeyRing
 from gateway.oauth.keys import SigningKey, load_signing_key
+from gateway.oauth.rate_limit import ClientRateLimiter
 from gateway.oauth.replay import ReplayStore
 from gateway.oauth.token_endpoint import GrantOutcome, TokenEndpoint
 from gateway.proxy.forward import Upstream
@@ -117,6 +118,11 @@ class Runtime:
             tokens,
             on_outcome=on_grant,
             is_revoked=runtime.is_revoked,
+            rate_limiter=(
+                ClientRateLimiter(auth.token_rate_limit, (c.client_id for c in auth.clients))
+                if auth.token_rate_limit.requests_per_minute
+                else None
+            ),
         )
         return runtime
 
