@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import json
 import time
+import urllib.parse
 from typing import Any
 
 import aiohttp
@@ -20,9 +21,11 @@ from jose import jwt
 from gateway.devidp import DevIdentityProvider
 from tests.support.harness import (
     CLIENT_ID,
+    JWT_BEARER,
     OTHER_CLIENT_ID,
     OTHER_CLIENT_SECRET,
     GatewayHarness,
+    running_gateway,
     start_harness,
 )
 
@@ -131,6 +134,64 @@ async def test_rule_client_auth_basic_wrong_secret_is_invalid_client(gw: Gateway
 
 async def test_rule_client_auth_basic_is_accepted(gw: GatewayHarness) -> None:
     await expect_token(gw, gw.id_jag(), basic=True)
+
+
+# RFC 6749 §2.3.1: id and secret are form-urlencoded before base64. Both contain every character
+# the encoding changes: ' ' (written '+'), '+', '%' and ':' (the Basic separator).
+ODD_CLIENT_ID = "acme agent+1%:ops"
+ODD_CLIENT_SECRET = "s3cret with space+plus%25:colon"
+# A client whose id needs no encoding, as the TypeScript SDK (which skips it) can use.
+RAW_CLIENT_ID = "raw-agent"
+RAW_CLIENT_SECRET = "raw secret+with%2Bplus"
+
+
+def basic(client_id: str, secret: str, encode: Any) -> str:
+    return "Basic " + base64.b64encode(f"{encode(client_id)}:{encode(secret)}".encode()).decode()
+
+
+@pytest.fixture(scope="module")
+async def odd_clients_gw(idp: DevIdentityProvider, upstream_json) -> Any:
+    clients = [
+        {"client_id": ODD_CLIENT_ID, "client_secret": ODD_CLIENT_SECRET},
+        {"client_id": RAW_CLIENT_ID, "client_secret": RAW_CLIENT_SECRET},
+    ]
+    routes = [{"name": "json", "path": "/json/mcp", "upstream": upstream_json.mcp_url}]
+    async with running_gateway(idp, routes, authorization={"clients": clients}) as harness:
+        yield harness
+
+
+async def basic_token_request(h: GatewayHarness, client_id: str, authorization: str) -> tuple[int, dict[str, Any]]:
+    form = {"grant_type": JWT_BEARER, "assertion": h.id_jag(client_id=client_id)}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(h.token_endpoint, data=form, headers={"Authorization": authorization}) as response:
+            return response.status, await response.json()
+
+
+@pytest.mark.parametrize(
+    "encode",
+    [
+        lambda v: urllib.parse.quote_plus(v, safe=""),  # RFC 6749 §2.3.1 / HTML forms: ' ' -> '+'
+        lambda v: urllib.parse.quote(v, safe=""),  # the Python SDK: ' ' -> '%20'
+    ],
+    ids=["form-plus", "percent-20"],
+)
+async def test_rule_client_auth_basic_credentials_are_form_urlencoded(odd_clients_gw: GatewayHarness, encode) -> None:
+    status, body = await basic_token_request(
+        odd_clients_gw, ODD_CLIENT_ID, basic(ODD_CLIENT_ID, ODD_CLIENT_SECRET, encode)
+    )
+    assert status == 200, body
+    wrong = basic(ODD_CLIENT_ID, ODD_CLIENT_SECRET.replace(" ", "_"), encode)
+    status, body = await basic_token_request(odd_clients_gw, ODD_CLIENT_ID, wrong)
+    assert (status, body["error"]) == (401, "invalid_client")
+
+
+async def test_rule_client_auth_basic_credentials_are_also_tried_as_sent(odd_clients_gw: GatewayHarness) -> None:
+    """The TypeScript SDK's btoa(id:secret): '+' and '%2B' in the secret are literal there."""
+    raw = "Basic " + base64.b64encode(f"{RAW_CLIENT_ID}:{RAW_CLIENT_SECRET}".encode()).decode()
+    status, body = await basic_token_request(odd_clients_gw, RAW_CLIENT_ID, raw)
+    assert status == 200, body
+    encoded = basic(RAW_CLIENT_ID, RAW_CLIENT_SECRET, lambda v: urllib.parse.quote_plus(v, safe=""))
+    assert (await basic_token_request(odd_clients_gw, RAW_CLIENT_ID, encoded))[0] == 200
 
 
 async def test_rule_client_auth_public_client_is_refused(gw: GatewayHarness) -> None:
