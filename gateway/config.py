@@ -348,6 +348,10 @@ def _url(node: _Node, name: str, *, required: bool = False) -> str | None:
         _ = parts.port  # urlsplit accepts ':abc' and ':99999'; only reading .port rejects them
     except ValueError as exc:
         raise node.error(name, f"is not a valid URL ({exc})") from None
+    if "#" in value:
+        # urlsplit reports an empty fragment ('https://x#') as none, and canonical_url drops any:
+        # a configured URL with one would not be the identifier it appears to be (RFC 8707 §2).
+        raise node.error(name, "must not contain a fragment ('#')")
     if "@" in parts.netloc:
         # `check` prints URLs and the proxy logs them: credentials belong in upstream_headers (a Secret).
         raise node.error(name, "must not contain credentials (user:password@); use upstream_headers")

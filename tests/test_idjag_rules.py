@@ -485,6 +485,43 @@ async def test_rule_resource_malformed_claim_is_refused(gw: GatewayHarness) -> N
     await expect_error(gw, gw.id_jag(None, resource={"url": "x"}), "invalid_grant")
 
 
+def spelled_with(resource: str, kind: str) -> str:
+    """``resource`` with a fragment or userinfo that canonical_url would drop or ignore."""
+    scheme, _, rest = resource.partition("://")
+    return {
+        "fragment": resource + "#section",
+        "empty-fragment": resource + "#",
+        "user": f"{scheme}://alice@{rest}",
+        "user-password": f"{scheme}://alice:secret@{rest}",
+    }[kind]
+
+
+ODD_SPELLINGS = ["fragment", "empty-fragment", "user", "user-password"]
+
+
+@pytest.mark.parametrize("kind", ODD_SPELLINGS)
+async def test_rule_resource_parameter_with_fragment_or_userinfo_is_invalid_target(
+    gw: GatewayHarness, kind: str
+) -> None:
+    body = await expect_error(
+        gw, gw.id_jag("json"), "invalid_target", extra={"resource": spelled_with(gw.resource("json"), kind)}
+    )
+    assert ("fragment" if "fragment" in kind else "userinfo") in body["error_description"]
+
+
+@pytest.mark.parametrize("kind", ODD_SPELLINGS)
+async def test_rule_resource_claim_with_fragment_or_userinfo_is_invalid_grant(gw: GatewayHarness, kind: str) -> None:
+    odd = spelled_with(gw.resource("json"), kind)
+    body = await expect_error(gw, gw.id_jag(None, resource=[gw.resource("sse"), odd]), "invalid_grant")
+    assert ("fragment" if "fragment" in kind else "userinfo") in body["error_description"]
+    await expect_error(gw, gw.id_jag(None, resource=odd), "invalid_grant", extra={"resource": gw.resource("json")})
+
+
+async def test_rule_resource_that_is_not_a_url_is_refused_not_a_500(gw: GatewayHarness) -> None:
+    await expect_error(gw, gw.id_jag(None), "invalid_target", extra={"resource": "http://[::1/json/mcp"})
+    await expect_error(gw, gw.id_jag(None, resource="http://[::1/json/mcp"), "invalid_grant")
+
+
 # -- 14. scope -------------------------------------------------------------------------------
 
 

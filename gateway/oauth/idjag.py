@@ -24,7 +24,7 @@ from gateway.oauth.errors import InvalidGrant, InvalidScope, InvalidTarget, Temp
 from gateway.oauth.jwks import KeyRing, KeyUnavailable
 from gateway.oauth.replay import ReplayStore, ReplayStoreUnavailable
 from gateway.routes import RouteTable
-from gateway.urls import canonical_url
+from gateway.urls import canonical_url, resource_problem
 
 ID_JAG_TYP = "oauth-id-jag+jwt"
 _MAX_ASSERTION_BYTES = 16 * 1024
@@ -237,7 +237,8 @@ class IdJagValidator:
             raise InvalidGrant("assertion tenant is not the configured tenant", reason="tenant")
 
     def _check_resource(self, claims: dict[str, Any], requested: str | None) -> RouteConfig:
-        """EMA §7.6.2 + RFC 8707 §2, with the binding policy of SPEC §9.1."""
+        """EMA §7.6.2 + RFC 8707 §2, with the binding policy of SPEC §9.1. Values with a fragment or
+        userinfo are refused as sent, before the canonical comparison could hide either."""
         raw = claims.get("resource")
         if raw is None:
             resources: list[str] = []
@@ -247,6 +248,11 @@ class IdJagValidator:
             resources = raw
         else:
             raise InvalidGrant("assertion resource claim is malformed", reason="resource")
+        for value in resources:
+            if problem := resource_problem(value):
+                raise InvalidGrant(f"assertion resource claim {problem}", reason="resource")
+        if requested is not None and (problem := resource_problem(requested)):
+            raise InvalidTarget(f"the resource parameter {problem}", reason="resource")
         routes = [self._routes.for_resource(r) for r in resources]
         if any(r is None for r in routes):
             raise InvalidGrant("assertion names a resource this gateway does not serve", reason="resource")
