@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import statistics
 import tempfile
@@ -22,6 +23,7 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 
+from gateway.config import TokenRateLimitConfig
 from gateway.demo import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, ROUTE_PATH, McpSession, start_demo_servers
 from gateway.enforce import plan_request
 from gateway.oauth.access_token import AccessTokenService
@@ -143,6 +145,10 @@ async def main(requests: int) -> None:
                     return (await r.json())["access_token"]
 
             del id_token
+            # What a grant costs, not the per-client rate limit (which would answer 429 here).
+            unlimited = TokenRateLimitConfig(requests_per_minute=0)
+            authorization = dataclasses.replace(servers.config.authorization, token_rate_limit=unlimited)
+            assert await servers.gateway.reload(dataclasses.replace(servers.config, authorization=authorization))
             report("token endpoint: jwt-bearer grant (HTTP)", await timed(min(requests, 500), grant_once))
             token = await grant_once()
 

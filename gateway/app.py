@@ -352,8 +352,7 @@ class Gateway:
         return web.Response(status=204, headers=metadata.DISCOVERY_CORS)
 
     async def jwks(self, request: web.Request) -> web.Response:
-        runtime = self.runtime
-        keys = [runtime.signing_key, *runtime.previous_keys]
+        keys = self.runtime.tokens.trusted_keys()
         return web.json_response(metadata.jwks_document(keys), headers={"Cache-Control": "public, max-age=300"})
 
     async def token(self, request: web.Request) -> web.Response:

@@ -126,6 +126,14 @@ class IdentityProviderConfig:
 
 
 @dataclass(frozen=True)
+class TokenRateLimitConfig:
+    """Token endpoint requests per client (EMA §7.5.1 SHOULD); ``requests_per_minute: 0`` disables it."""
+
+    requests_per_minute: int = 60
+    burst: int = 20
+
+
+@dataclass(frozen=True)
 class AuthorizationConfig:
     issuer: str
     identity_providers: tuple[IdentityProviderConfig, ...]
@@ -135,6 +143,7 @@ class AuthorizationConfig:
     clock_skew_seconds: int = 60
     max_assertion_lifetime_seconds: int = 600
     previous_signing_key_files: tuple[str, ...] = ()
+    token_rate_limit: TokenRateLimitConfig = TokenRateLimitConfig()
 
 
 @dataclass(frozen=True)
@@ -395,6 +404,10 @@ def _url(node: _Node, name: str, *, required: bool = False) -> str | None:
         _ = parts.port  # urlsplit accepts ':abc' and ':99999'; only reading .port rejects them
     except ValueError as exc:
         raise node.error(name, f"is not a valid URL ({exc})") from None
+    if "#" in value:
+        # urlsplit reports an empty fragment ('https://x#') as none, and canonical_url drops any:
+        # a configured URL with one would not be the identifier it appears to be (RFC 8707 §2).
+        raise node.error(name, "must not contain a fragment ('#')")
     if "@" in parts.netloc:
         # `check` prints URLs and the proxy logs them: credentials belong in upstream_headers (a Secret).
         raise node.error(name, "must not contain credentials (user:password@); use upstream_headers")
@@ -529,11 +542,21 @@ def _parse_authorization(node: _Node, public_url: str, base_dir: Path | None) ->
         clock_skew_seconds=node.number("clock_skew_seconds", 60, minimum=0, maximum=300),
         max_assertion_lifetime_seconds=node.number("max_assertion_lifetime_seconds", 600, minimum=30, maximum=3600),
         previous_signing_key_files=tuple(previous_keys),
+        token_rate_limit=_parse_token_rate_limit(node.child("token_rate_limit")),
         clients=_parse_clients(node, base_dir),
         identity_providers=_parse_idps(node, issuer),
     )
     node.finish()
     return config
+
+
+def _parse_token_rate_limit(node: _Node) -> TokenRateLimitConfig:
+    limit = TokenRateLimitConfig(
+        requests_per_minute=node.number("requests_per_minute", 60, minimum=0, maximum=1_000_000),
+        burst=node.number("burst", 20, minimum=1, maximum=1_000_000),
+    )
+    node.finish()
+    return limit
 
 
 def _parse_clients(node: _Node, base_dir: Path | None) -> tuple[ClientConfig, ...]:
