@@ -134,13 +134,12 @@ def _digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def _checked(charges: Sequence[Charge]) -> Sequence[Charge]:
+def _check(charges: Sequence[Charge]) -> None:
     if not charges:
         raise ValueError("consume_all needs at least one charge")
     if len({c.key for c in charges}) != len(charges):
         # The same counter twice would be checked twice against the old count and then charged twice.
         raise ValueError("each counter may be charged once per call")
-    return charges
 
 
 class MemoryQuotaStore:
@@ -164,7 +163,7 @@ class MemoryQuotaStore:
 
     async def consume_all(self, charges: Sequence[Charge], now: float | None = None) -> list[QuotaOutcome]:
         # No await in here: under asyncio the check and the charge cannot interleave with another call.
-        _checked(charges)
+        _check(charges)
         now = self._clock() if now is None else now
         self._evict(now)
         counters = []
@@ -274,7 +273,7 @@ class RedisQuotaStore:
         return (await self.consume_all([Charge(key, cost, limit, window_seconds)], now))[0]
 
     async def consume_all(self, charges: Sequence[Charge], now: float | None = None) -> list[QuotaOutcome]:
-        _checked(charges)
+        _check(charges)
         now = self._clock() if now is None else now
         windows = [_window(now, c.window_seconds) for c in charges]
         keys = [self.key_for(c.key, index) for c, (index, _) in zip(charges, windows, strict=True)]
