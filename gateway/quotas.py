@@ -130,8 +130,9 @@ def _fits(used: float, cost: float, limit: float) -> bool:
 
 
 def _digest(key: str) -> str:
-    """Counters are named by a hash: bounded size, and no user or group name in memory dumps or Redis."""
-    return hashlib.sha256(key.encode()).hexdigest()
+    """Counters are named by a hash: bounded size, and no user or group name in memory dumps or Redis.
+    ``surrogatepass``: a JSON claim may hold a lone surrogate (``"\\ud800"``), which plain UTF-8 refuses."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _check(charges: Sequence[Charge]) -> None:

@@ -134,6 +134,15 @@ async def test_counters_are_independent(store: QuotaStore) -> None:
     assert (await store.consume("bob", 1, 1, HOUR, now=now)).allowed
 
 
+async def test_a_claim_with_a_lone_surrogate_is_its_own_counter(store: QuotaStore) -> None:
+    """JSON lets a ``sub`` or group hold "\\ud800", which ``str.encode()`` refuses: no crash, no shared counter."""
+    now = T0 + 5
+    assert (await store.consume("alice\ud800", 1, 1, HOUR, now=now)).allowed
+    assert (await store.consume("alice\ud800", 1, 1, HOUR, now=now)).allowed is False
+    assert (await store.consume("alice\udc00", 1, 1, HOUR, now=now)).allowed
+    assert (await store.consume("alice", 1, 1, HOUR, now=now)).allowed
+
+
 async def test_several_counters_are_charged_all_or_none(store: QuotaStore) -> None:
     now = T0 + 5
     charges = [Charge("per-user", 1, 5, HOUR), Charge("per-route", 1, 2, 60)]
