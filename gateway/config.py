@@ -17,7 +17,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from gateway.policy import KINDS, RoutePolicy, RuleSet, describe_access, parse_rules
+from gateway.mcp_methods import KINDS
+from gateway.policy import RoutePolicy, RuleSet, describe_access, parse_rules
 from gateway.urls import canonical_url, origin_of
 
 TRANSPORTS = ("streamable-http", "sse")

@@ -23,14 +23,14 @@ from typing import Any
 
 from multidict import MultiMapping
 
-from gateway.policy import CALL_METHODS, Decision, RoutePolicy, target_problem
-from gateway.proxy.jsonrpc import HANDSHAKE_METHODS, ResultRewriter, advertise_ema_extension
+from gateway.mcp_methods import CALL_METHODS, COMPLETION_REFS, HANDSHAKE_METHODS, NOUNS
+from gateway.policy import Decision, RoutePolicy, target_problem
+from gateway.proxy.jsonrpc import ResultRewriter, advertise_ema_extension
 from gateway.proxy.request_body import RpcBody, RpcMessage, canonical_json
 
 # JSON-RPC codes the gateway answers with (implementation-defined server errors, JSON-RPC 2.0 §5.1;
 # -32020 is MCP 2026-07-28's HeaderMismatch).
 FORBIDDEN = -32003
-COMPLETION_REFS = {"ref/prompt": ("prompts", "name"), "ref/resource": ("resources", "uri")}
 HEADER_MISMATCH = -32020
 AUDIT_TARGET_CHARS = 256
 
@@ -198,7 +198,7 @@ def _header_mismatch(messages: list[RpcMessage], headers: Mapping[str, str], bat
 
 
 def _forbidden(message: RpcMessage, kind: str, target: str | None, route_name: str) -> dict[str, Any]:
-    noun = {"tools": "tool", "resources": "resource", "prompts": "prompt"}[kind]
+    noun = NOUNS[kind]
     what = f"{noun} '{_for_audit(target)}'" if target is not None else f"{noun} without a string name"
     return {
         "jsonrpc": "2.0",

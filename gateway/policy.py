@@ -16,31 +16,14 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-KINDS = ("tools", "resources", "prompts")
-ANY_GROUP = "*"
+from gateway.mcp_methods import KINDS, LIST_RESULT_KEYS
 
-# Requests that act on one named item: (kind, params key holding the name).
-CALL_METHODS: Mapping[str, tuple[str, str]] = {
-    "tools/call": ("tools", "name"),
-    "resources/read": ("resources", "uri"),
-    "resources/subscribe": ("resources", "uri"),
-    "resources/unsubscribe": ("resources", "uri"),
-    "prompts/get": ("prompts", "name"),
-}
-# List results to filter: method -> (kind, result key, item key holding the name).
-LIST_METHODS: Mapping[str, tuple[str, str, str]] = {
-    "tools/list": ("tools", "tools", "name"),
-    "resources/list": ("resources", "resources", "uri"),
-    "resources/templates/list": ("resources", "resourceTemplates", "uriTemplate"),
-    "prompts/list": ("prompts", "prompts", "name"),
-}
-# The same table read from the result side: list key in a result -> (kind, item key holding the name).
-LIST_RESULT_KEYS: Mapping[str, tuple[str, str]] = {key: (kind, item) for kind, key, item in LIST_METHODS.values()}
+ANY_GROUP = "*"
 # Names and URIs longer than this are refused before any decision or cache: MCP tool names are at
 # most 128 characters (2025-11-25 "Tool names"), and attacker-sized strings must not fill caches.
 MAX_TARGET_CHARS = 1024

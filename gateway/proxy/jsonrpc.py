@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from gateway.policy import LIST_RESULT_KEYS
+from gateway.mcp_methods import LIST_RESULT_KEYS
 from gateway.proxy.sse import parse_event
 
 ResultRewrite = Callable[[dict[str, Any]], dict[str, Any]]
@@ -112,6 +112,3 @@ def advertise_ema_extension(result: dict[str, Any]) -> dict[str, Any]:
     extensions = dict(extensions) if isinstance(extensions, dict) else {}
     extensions.setdefault(EMA_EXTENSION, {})
     return {**result, "capabilities": {**capabilities, "extensions": extensions}}
-
-
-HANDSHAKE_METHODS = frozenset({"initialize", "server/discover"})
