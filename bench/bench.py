@@ -23,10 +23,11 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 
-from gateway.config import TokenRateLimitConfig
+from gateway.config import RouteConfig, TokenRateLimitConfig
 from gateway.demo import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, ROUTE_PATH, McpSession, start_demo_servers
 from gateway.enforce import plan_request
-from gateway.oauth.access_token import AccessTokenService
+from gateway.engine import DecisionEngine
+from gateway.oauth.access_token import AccessTokenService, Principal
 from gateway.oauth.idjag import Grant
 from gateway.policy import RoutePolicy, Rule, RuleSet
 from gateway.proxy.request_body import read_rpc_body
@@ -54,7 +55,7 @@ async def timed(n: int, call: Callable[[], Awaitable[object]]) -> list[float]:
     return samples
 
 
-def bench_policy(n: int) -> None:
+async def bench_policy(n: int) -> None:
     """Policy evaluation on a tools/call body (strict parse + decide + canonical re-serialisation),
     without network."""
     policy = RoutePolicy(
@@ -76,13 +77,16 @@ def bench_policy(n: int) -> None:
             "params": {"name": "get_weather", "arguments": {"city": "x"}},
         }
     ).encode()
-    groups = frozenset({"support"})
     headers: dict[str, str] = {}
-    scopes = ("mcp", "mcp:tools:call")
+    principal = Principal(
+        "alice", "bench", "https://idp", "https://gw/b", ("mcp", "mcp:tools:call"), ("support",), 0, "t"
+    )
+    route = RouteConfig("b", "/b", "http://127.0.0.1:9/mcp", "https://gw/b", policy=policy)
+    engine = DecisionEngine()
     planned, parsed = [], []
     for _ in range(n):
         started = time.perf_counter_ns()
-        plan_request(read_rpc_body(body), headers, policy, groups, scopes, route_name="b")
+        await plan_request(read_rpc_body(body), headers, engine, principal, route)
         planned.append(time.perf_counter_ns() - started)
         started = time.perf_counter_ns()
         read_rpc_body(body)
@@ -113,7 +117,7 @@ async def main(requests: int) -> None:
     servers = await start_demo_servers("127.0.0.1", 0, audit_sink=f"{audit_dir}/audit.jsonl")
     try:
         bench_token_validation(servers, min(requests, 2000))
-        bench_policy(20000)
+        await bench_policy(20000)
         async with aiohttp.ClientSession() as http:
             idp_token = servers.idp_issuer + "/token"
             form = {

@@ -40,6 +40,7 @@ FIELDS = (
     "target",
     "decision",
     "reason",
+    "rule",
     "status",
     "latency_ms",
     "args_sha256",

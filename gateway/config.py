@@ -19,6 +19,7 @@ import yaml
 
 from gateway.mcp_methods import KINDS
 from gateway.policy import RoutePolicy, RuleSet, describe_access, parse_rules
+from gateway.quotas import QuotaRule, parse_quotas
 from gateway.urls import canonical_url, origin_of
 
 TRANSPORTS = ("streamable-http", "sse")
@@ -159,6 +160,7 @@ class RouteConfig:
     upstream_headers: tuple[tuple[str, Secret], ...] = ()
     max_connections: int = 256
     policy: RoutePolicy = field(default_factory=RoutePolicy.unrestricted, compare=False)
+    quotas: tuple[QuotaRule, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)
@@ -662,9 +664,23 @@ def _parse_route(item: _Node, public_url: str, earlier: list[RouteConfig]) -> Ro
         upstream_headers=_parse_upstream_headers(item.child("upstream_headers")),
         max_connections=item.number("max_connections", 256, minimum=1, maximum=100_000),
         policy=_parse_policy(item, scopes),
+        quotas=_parse_route_quotas(item),
     )
     item.finish()
     return route
+
+
+def _parse_route_quotas(item: _Node) -> tuple[QuotaRule, ...]:
+    def error(key: str, problem: str) -> ConfigError:
+        return ConfigError(item.source, key, problem)
+
+    if "quotas" in item.data and item.data["quotas"] is None:
+        raise item.error("quotas", "is empty: list quotas or remove the key")
+    quotas = parse_quotas(item.raw("quotas"), item.key("quotas"), error)
+    for i, quota in enumerate(quotas):
+        if quota.cost_source is not None:
+            raise error(f"{item.key('quotas')}[{i}].cost", "cost expressions are not supported yet (each call costs 1)")
+    return quotas
 
 
 def _parse_policy(item: _Node, scopes: tuple[str, ...]) -> RoutePolicy:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -22,6 +22,7 @@ import aiohttp
 from gateway.audit import argument_digester
 from gateway.bearer import BearerGuard
 from gateway.config import AuthorizationConfig, GatewayConfig, RouteConfig
+from gateway.engine import DecisionEngine
 from gateway.metrics import Metrics
 from gateway.oauth.access_token import AccessTokenService, PreviousKey
 from gateway.oauth.client_auth import ClientAuthenticator
@@ -34,6 +35,7 @@ from gateway.oauth.token_endpoint import GrantOutcome, TokenEndpoint
 from gateway.proxy.forward import Upstream
 from gateway.proxy.headers import RequestHeaderRules
 from gateway.proxy.origin import OriginPolicy
+from gateway.quotas import QuotaStore
 from gateway.routes import RouteTable
 from gateway.sessions import SessionBinder, derive_session_key
 
@@ -72,6 +74,7 @@ class Runtime:
     sessions: SessionBinder
     # audit.argument_hashes: the keyed digest of tool arguments written to audit lines, or None.
     argument_digest: Callable[[Any], str] | None = None
+    engine: DecisionEngine = field(default_factory=DecisionEngine)
 
     def is_revoked(self, subject: str, client_id: str) -> bool:
         """Revocation from config (``revoked``): applied to new grants and to live tokens at once."""
@@ -83,6 +86,7 @@ class Runtime:
         config: GatewayConfig,
         *,
         replay_store: ReplayStore,
+        quota_store: QuotaStore | None = None,
         idp_session: Callable[[], aiohttp.ClientSession],
         on_grant: Callable[[GrantOutcome], None],
         jwks_min_refresh_seconds: float,
@@ -125,6 +129,7 @@ class Runtime:
             upstreams=_carry_upstreams(config, previous, metrics),
             sessions=SessionBinder(derive_session_key(signing_key.secret_material)),
             argument_digest=argument_digester(signing_key.secret_material) if config.audit_argument_hashes else None,
+            engine=DecisionEngine(quota_store),
         )
         runtime.token_endpoint = TokenEndpoint(
             ClientAuthenticator(auth.clients),

@@ -23,7 +23,6 @@ import pytest
 from aiohttp import web
 
 from gateway.devidp import DevIdentityProvider
-from gateway.enforce import plan_request
 from gateway.policy import MAX_TARGET_CHARS, RoutePolicy, Rule, RuleSet, target_problem
 from gateway.proxy.jsonrpc import ResultRewriter
 from gateway.proxy.request_body import (
@@ -38,6 +37,7 @@ from gateway.proxy.request_body import (
 from tests.support.harness import GatewayHarness, running_gateway
 from tests.support.loopback import serve_app
 from tests.support.mcp_http import ACCEPT, WAIT, McpHttp, read_event, request, tool_call
+from tests.support.planning import plan_body
 
 CALL = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo", "arguments": {}}}
 
@@ -115,11 +115,11 @@ def test_well_formed_messages_are_read(message: dict[str, Any]) -> None:
     assert not body.batch and body.messages[0].raw == message
 
 
-def test_duplicate_keys_are_read_once_and_forwarded_once() -> None:
+async def test_duplicate_keys_are_read_once_and_forwarded_once() -> None:
     """Python keeps the last copy; the canonical body then carries only that copy, so an upstream that
     would keep the first copy (or refuse duplicates) reads the same call the gateway decided."""
     body = b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"delete_everything","name":"echo"}}'
-    plan = plan_request(read_rpc_body(body), {}, RoutePolicy.unrestricted(), frozenset(), (), route_name="r")
+    plan = await plan_body(body)
     assert plan.forward_body == b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo"}}'
 
 
@@ -335,6 +335,13 @@ async def test_what_reaches_the_upstream_is_the_canonical_body(
             PARSE_ERROR,
         ),
         ("corrupt gzip", b"\x1f\x8b\x08\x00garbage", {"Content-Encoding": "gzip"}, 400, PARSE_ERROR),
+        (
+            "gzip that fails to inflate",
+            b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03" + b"\xff" * 50,
+            {"Content-Encoding": "gzip"},
+            400,
+            PARSE_ERROR,
+        ),
         (
             "utf-16 charset",
             json.dumps(tool_call(1, "secret_tool")).encode("utf-16"),

@@ -13,8 +13,6 @@ from typing import Any
 
 import pytest
 
-from gateway.enforce import plan_request
-from gateway.policy import RoutePolicy
 from gateway.proxy.jsonrpc import (
     EMA_EXTENSION,
     ResultRewriter,
@@ -22,6 +20,7 @@ from gateway.proxy.jsonrpc import (
 )
 from gateway.proxy.request_body import BodyRefused, read_rpc_body
 from gateway.proxy.sse import Event, EventSplitter, EventTooLarge, parse_event
+from tests.support.planning import plan_body
 
 # -- EventSplitter ------------------------------------------------------------------------------
 
@@ -274,7 +273,7 @@ def test_only_the_tracked_event_of_a_stream_changes() -> None:
 # -- what the gateway tracks ---------------------------------------------------------------------
 
 
-def test_rewriter_tracks_handshake_requests_only() -> None:
+async def test_rewriter_tracks_handshake_requests_only() -> None:
     body = json.dumps(
         [
             rpc(1, method="initialize", params={}),
@@ -283,7 +282,7 @@ def test_rewriter_tracks_handshake_requests_only() -> None:
             rpc("d", method="server/discover", params={}),
         ]
     ).encode()
-    plan = plan_request(read_rpc_body(body), {}, RoutePolicy.unrestricted(), frozenset(), (), route_name="r")
+    plan = await plan_body(body)
     tracked = plan.rewriter
     responses = [rpc(i, result={"capabilities": {}}) for i in (1, 2, "d")]
     out = json.loads(tracked.rewrite_json(json.dumps(responses).encode()))

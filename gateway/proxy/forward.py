@@ -124,9 +124,13 @@ class StreamLimitReached(Exception):
     """The principal already has ``limits.max_streams_per_principal`` requests open on the route:
     answered 429 without forwarding, and audited as a refusal."""
 
-    def __init__(self, response: web.Response) -> None:
-        super().__init__("stream_limit")
-        self.response = response
+    code = TOO_MANY_STREAMS
+    retry_after_seconds = RETRY_AFTER_SECONDS
+
+    def __init__(self, message: str, request_id: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.request_id = request_id
 
 
 class _Pool:
@@ -211,7 +215,9 @@ class Upstream:
         owner = fwd.owner
         if owner is not None:
             if self._open_by_owner.get(owner, 0) >= self._limits.max_streams_per_principal:
-                raise StreamLimitReached(self._too_many_streams(fwd))
+                cap = self._limits.max_streams_per_principal
+                message = f"too many open streams on route '{fwd.route.name}' (at most {cap} per user); close one"
+                raise StreamLimitReached(message, fwd.request_id)
             self._open_by_owner[owner] = self._open_by_owner.get(owner, 0) + 1
         self._in_flight += 1
         try:
@@ -233,13 +239,6 @@ class Upstream:
                     self._open_by_owner[owner] = left
             if self._retired and self._in_flight == 0:
                 await self.close()
-
-    def _too_many_streams(self, fwd: ForwardRequest) -> web.Response:
-        cap = self._limits.max_streams_per_principal
-        message = f"too many open streams on route '{fwd.route.name}' (at most {cap} per user); close one and retry"
-        return jsonrpc_error(
-            429, TOO_MANY_STREAMS, message, fwd.request_id, **{"Retry-After": str(RETRY_AFTER_SECONDS)}
-        )
 
     def _pool_exhausted(self, fwd: ForwardRequest, pool: _Pool) -> web.Response:
         kind = "stream" if pool is self._listening else "call"
