@@ -175,8 +175,8 @@ class Gateway:
 
     async def _retry_jwks(self) -> None:
         """Keep trying IdPs whose keys could not be fetched (at startup or after a reload added
-        them), so /readyz turns green without waiting for a token request that an unready pod
-        behind a load balancer would never get."""
+        them), so their grants work again as soon as the IdP answers, not only after a token request
+        happens to arrive outside the refetch rate limit."""
         self._retrying_jwks = True
         try:
             while not self.runtime.keys.ready:
@@ -311,15 +311,18 @@ class Gateway:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        """Ready once config is loaded and every trusted IdP's keys were fetched at least once;
-        not ready while draining, so load balancers stop sending new requests."""
+        """Ready once the config is loaded; not ready while draining, so load balancers stop sending
+        new requests. IdP keys do not count: an IdP without keys fails only its own grants (503
+        ``temporarily_unavailable``) and shows in ``mcp_gateway_idp_keys_available``. Gating readiness on
+        them would keep new pods out through any IdP outage, and a reload adding one unreachable IdP
+        would take every route of every pod down at once. The body names such IdPs, for people."""
         if self.draining:
             return web.json_response({"status": "draining"}, status=503)
-        keys = self.runtime.keys
-        if not keys.ready:
-            missing = [issuer for issuer, s in keys.sets.items() if not s.has_keys]
-            return web.json_response({"status": "not ready", "idp_keys_missing": missing}, status=503)
-        return web.json_response({"status": "ready"})
+        missing = [issuer for issuer, s in self.runtime.keys.sets.items() if not s.has_keys]
+        body: dict[str, Any] = {"status": "ready"}
+        if missing:
+            body["idp_keys_missing"] = missing
+        return web.json_response(body)
 
     async def authorization_server_metadata(self, request: web.Request) -> web.Response:
         return web.json_response(metadata.authorization_server_metadata(self.config), headers=metadata.DISCOVERY_CORS)

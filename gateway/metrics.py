@@ -60,29 +60,41 @@ def method_class(http_method: str, jsonrpc_methods: Iterable[str | None] | None)
     return method if method in KNOWN_METHODS else ("notification" if method.startswith("notifications/") else "other")
 
 
-class _JwksAgeCollector(Collector):
-    """Computed at scrape time: the age of each IdP's cached keys (staleness alerting)."""
+class _IdpKeysCollector(Collector):
+    """Computed at scrape time from each IdP's key set: whether it holds keys (an IdP without keys
+    fails its own grants with 503; readiness does not depend on it) and their age (staleness)."""
 
     def __init__(self, key_sets: Callable[[], dict[str, object]]) -> None:
         self._key_sets = key_sets
 
     @staticmethod
-    def _family() -> GaugeMetricFamily:
-        return GaugeMetricFamily(
-            "mcp_gateway_jwks_age_seconds", "Seconds since the IdP's signing keys were last fetched", labels=["issuer"]
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily(
+                "mcp_gateway_idp_keys_available",
+                "1 when the IdP's signing keys have been fetched (its grants can be verified), else 0",
+                labels=["issuer"],
+            ),
+            GaugeMetricFamily(
+                "mcp_gateway_jwks_age_seconds",
+                "Seconds since the IdP's signing keys were last fetched",
+                labels=["issuer"],
+            ),
         )
 
     def describe(self) -> Iterable[GaugeMetricFamily]:
-        yield self._family()
+        yield from self._families()
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        family = self._family()
+        available, age = self._families()
         now = time.monotonic()
         for issuer, key_set in self._key_sets().items():
             fetched_at = getattr(key_set, "fetched_at", None)
+            available.add_metric([issuer], 0 if fetched_at is None else 1)
             if fetched_at is not None:
-                family.add_metric([issuer], now - fetched_at)
-        yield family
+                age.add_metric([issuer], now - fetched_at)
+        yield available
+        yield age
 
 
 class Metrics:
@@ -132,7 +144,7 @@ class Metrics:
         self.audit_dropped = Gauge(
             "mcp_gateway_audit_dropped_lines", "Audit lines dropped because the sink could not keep up", registry=r
         )
-        r.register(_JwksAgeCollector(key_sets))
+        r.register(_IdpKeysCollector(key_sets))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

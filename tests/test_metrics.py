@@ -53,6 +53,7 @@ FAMILIES = {
     "mcp_gateway_token_grants": "counter",
     "mcp_gateway_jwks_fetches": "counter",
     "mcp_gateway_jwks_age_seconds": "gauge",
+    "mcp_gateway_idp_keys_available": "gauge",
     "mcp_gateway_policy_decisions": "counter",
     "mcp_gateway_config_reloads": "counter",
     "mcp_gateway_audit_dropped_lines": "gauge",
