@@ -138,22 +138,51 @@ def test_schema_rejects_misspelled_keys(chart, values, bad_key):
         chart.render(values, name=RELEASE, namespace=NAMESPACE)
 
 
+SHARED_KEY = {"signingKey": {"existingSecret": "signing-key"}}
+SHARED_STORE = {"config": {"replay_store": "redis://redis:6379/0"}}
+IN_MEMORY_REPLAY = "config.replay_store must be a Redis URL shared by every pod"
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [
         ({"replicaCount": 2}, "signingKey.existingSecret is required"),
         ({"autoscaling": {"enabled": True}}, "signingKey.existingSecret is required"),
         ({"clientSecrets": {"env": {"A_SECRET": "a"}}}, "clientSecrets.existingSecret is required"),
+        ({"replicaCount": 2, **SHARED_KEY}, IN_MEMORY_REPLAY),
+        ({"autoscaling": {"enabled": True}, **SHARED_KEY}, IN_MEMORY_REPLAY),
+        ({"replicaCount": 3, **SHARED_KEY, "config": {"replay_store": "memory"}}, IN_MEMORY_REPLAY),
     ],
 )
 def test_render_refuses_unworkable_values(chart, values, message):
-    with pytest.raises(helm.HelmRenderError, match=message):
+    with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
         chart.render(values, name=RELEASE, namespace=NAMESPACE)
 
 
 def test_user_mounted_signing_key_allows_replicas():
-    values = {"replicaCount": 2, "config": {"authorization": {"signing_key_file": "/keys/k.pem"}}}
+    values = {
+        "replicaCount": 2,
+        "config": {"authorization": {"signing_key_file": "/keys/k.pem"}, **SHARED_STORE["config"]},
+    }
     assert one(objects(values), "Deployment")["spec"]["replicas"] == 2
+
+
+def test_in_memory_replay_store_with_replicas_renders_only_when_acknowledged():
+    values = {"replicaCount": 2, **SHARED_KEY, "acknowledgeInMemoryReplayStore": True}
+    assert one(objects(values), "Deployment")["spec"]["replicas"] == 2
+    assert "replay_store" not in rendered_config(objects(values))
+    assert "WARNING: several replicas with the in-memory replay store" in notes(values)
+    assert "in-memory replay store" not in notes({"replicaCount": 2, **SHARED_KEY, **SHARED_STORE})
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_scenarios_with_several_pods_share_a_replay_store(scenario):
+    """The examples the README points at must not teach a setup where an ID-JAG is redeemable per pod."""
+    values = scenario_values(scenario)
+    if values.get("replicaCount", 1) > 1 or values.get("autoscaling", {}).get("enabled"):
+        store = rendered_config(objects(values))["replay_store"]
+        assert store.startswith(("redis://", "rediss://", "unix://")), store
+        assert not values.get("acknowledgeInMemoryReplayStore")
 
 
 # --- what each scenario renders -------------------------------------------------------------------

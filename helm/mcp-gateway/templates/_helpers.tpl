@@ -109,10 +109,24 @@ and, when signingKey.existingSecret is set, authorization.signing_key_file (the 
 {{- range .Values.extraEnv }}{{ .name }} {{ end }}
 {{- end }}
 
+{{/* "true" when more than one pod may run: replicaCount > 1 or the HorizontalPodAutoscaler. */}}
+{{- define "mcp-gateway.multiReplica" -}}
+{{- if or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1) }}true{{ end }}
+{{- end }}
+
+{{/* config.replay_store as the gateway reads it: "memory" unless set. */}}
+{{- define "mcp-gateway.replayStore" -}}
+{{- get (.Values.config | default dict) "replay_store" | default "memory" }}
+{{- end }}
+
 {{/* Fail rendering on combinations that would deploy a gateway that cannot work. */}}
 {{- define "mcp-gateway.validate" -}}
-{{- if and (or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1)) (not (include "mcp-gateway.hasSharedSigningKey" .)) }}
+{{- $multi := include "mcp-gateway.multiReplica" . }}
+{{- if and $multi (not (include "mcp-gateway.hasSharedSigningKey" .)) }}
 {{- fail "signingKey.existingSecret is required with more than one replica (replicaCount > 1 or autoscaling.enabled): without a shared key each pod signs tokens the other pods reject" }}
+{{- end }}
+{{- if and $multi (eq (include "mcp-gateway.replayStore" .) "memory") (not .Values.acknowledgeInMemoryReplayStore) }}
+{{- fail "config.replay_store must be a Redis URL shared by every pod with more than one replica (replicaCount > 1 or autoscaling.enabled): with the in-memory store an ID-JAG can be redeemed once per pod. Set config.replay_store (e.g. redis://:${REDIS_PASSWORD}@redis:6379/0), or acknowledgeInMemoryReplayStore: true to accept that risk" }}
 {{- end }}
 {{- if and .Values.clientSecrets.env (not .Values.clientSecrets.existingSecret) }}
 {{- fail "clientSecrets.existingSecret is required when clientSecrets.env is set" }}
