@@ -106,7 +106,10 @@ class Runtime:
             keys=keys,
             token_endpoint=None,  # type: ignore[arg-type]  # set below: it needs is_revoked
             upstreams=_carry_upstreams(config, previous, metrics),
-            sessions=SessionBinder(derive_session_key(signing_key.secret_material)),
+            sessions=SessionBinder(
+                derive_session_key(signing_key.secret_material),
+                [derive_session_key(k.secret_material) for k in previous_keys],
+            ),
         )
         runtime.token_endpoint = TokenEndpoint(
             ClientAuthenticator(auth.clients),
