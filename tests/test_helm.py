@@ -159,6 +159,35 @@ def test_render_refuses_unworkable_values(chart, values, message):
         chart.render(values, name=RELEASE, namespace=NAMESPACE)
 
 
+LEGACY_ROUTE = {"name": "legacy", "path": "/legacy", "upstream": "http://legacy:8000", "transport": "sse"}
+LEGACY_AFFINITY = "routes with transport: sse need session affinity with more than one replica"
+
+
+def several_pods_with_legacy_route(**values: Any) -> dict[str, Any]:
+    config = {**SHARED_STORE["config"], "routes": [LEGACY_ROUTE]}  # merged over the chart's example config
+    return {"replicaCount": 3, **SHARED_KEY, "config": config, **values}
+
+
+@pytest.mark.parametrize("scaling", [{"replicaCount": 3}, {"autoscaling": {"enabled": True}}], ids=["replicas", "hpa"])
+def test_legacy_sse_routes_with_several_pods_need_affinity(chart, scaling):
+    """HTTP+SSE answers each POST on the client's GET stream, held by one pod: a POST landing on another
+    pod would get unfiltered lists or no answer, so the chart refuses that setup."""
+    with pytest.raises(helm.HelmRenderError, match=re.escape(LEGACY_AFFINITY)):
+        chart.render(several_pods_with_legacy_route(**scaling), name=RELEASE, namespace=NAMESPACE)
+    one_pod = {**several_pods_with_legacy_route(), "replicaCount": 1}
+    assert "sessionAffinity" not in one(objects(one_pod), "Service")["spec"]
+    streamable_only = {**several_pods_with_legacy_route(), "config": {**SHARED_STORE["config"]}}
+    assert "sessionAffinity" not in one(objects(streamable_only), "Service")["spec"]
+
+
+def test_legacy_sse_affinity_by_client_ip_or_at_the_ingress():
+    service = one(objects(several_pods_with_legacy_route(legacySseAffinity="ClientIP")), "Service")
+    assert service["spec"]["sessionAffinity"] == "ClientIP"
+    assert service["spec"]["sessionAffinityConfig"] == {"clientIP": {"timeoutSeconds": 10800}}
+    service = one(objects(several_pods_with_legacy_route(legacySseAffinity="ingress")), "Service")
+    assert "sessionAffinity" not in service["spec"]
+
+
 def test_user_mounted_signing_key_allows_replicas():
     values = {
         "replicaCount": 2,

@@ -119,6 +119,13 @@ and, when signingKey.existingSecret is set, authorization.signing_key_file (the 
 {{- get (.Values.config | default dict) "replay_store" | default "memory" }}
 {{- end }}
 
+{{/* "true" when a route uses the legacy HTTP+SSE transport (transport: sse). */}}
+{{- define "mcp-gateway.hasLegacySseRoute" -}}
+{{- range (get (.Values.config | default dict) "routes" | default list) }}
+{{- if eq (get . "transport" | default "") "sse" }}true{{ end }}
+{{- end }}
+{{- end }}
+
 {{/* Fail rendering on combinations that would deploy a gateway that cannot work. */}}
 {{- define "mcp-gateway.validate" -}}
 {{- $multi := include "mcp-gateway.multiReplica" . }}
@@ -127,6 +134,9 @@ and, when signingKey.existingSecret is set, authorization.signing_key_file (the 
 {{- end }}
 {{- if and $multi (eq (include "mcp-gateway.replayStore" .) "memory") (not .Values.acknowledgeInMemoryReplayStore) }}
 {{- fail "config.replay_store must be a Redis URL shared by every pod with more than one replica (replicaCount > 1 or autoscaling.enabled): with the in-memory store an ID-JAG can be redeemed once per pod. Set config.replay_store (e.g. redis://:${REDIS_PASSWORD}@redis:6379/0), or acknowledgeInMemoryReplayStore: true to accept that risk" }}
+{{- end }}
+{{- if and $multi (include "mcp-gateway.hasLegacySseRoute" .) (not .Values.legacySseAffinity) }}
+{{- fail "routes with transport: sse need session affinity with more than one replica (replicaCount > 1 or autoscaling.enabled): the legacy HTTP+SSE transport answers each POST on the client's GET stream, which lives in one pod. Set legacySseAffinity to ClientIP (the Service pins client addresses) or ingress (your ingress pins clients with a cookie or source hash), or run one replica" }}
 {{- end }}
 {{- if and .Values.clientSecrets.env (not .Values.clientSecrets.existingSecret) }}
 {{- fail "clientSecrets.existingSecret is required when clientSecrets.env is set" }}
