@@ -14,6 +14,7 @@ import functools
 import hashlib
 import json
 import logging
+import re
 import socket
 import time
 import uuid
@@ -25,6 +26,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from gateway import logs
 from gateway.audit import AuditLog, elapsed_ms
 from gateway.bearer import BearerChallenge, BearerGuard, challenge_response
 from gateway.config import ConfigError, GatewayConfig, RouteConfig, load_config
@@ -63,6 +65,10 @@ FORBIDDEN = -32003
 SESSION_NOT_FOUND = -32001
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that closed the connection before the answer
 _JWKS_RETRY_SECONDS = 10.0
+# Incoming X-Request-Id values kept as they are: short, and only characters that are safe in a log line,
+# a header and a JSON string (UUIDs, hex, base64, ULIDs, "Root=1-..." trace ids).
+_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+/=-]{0,127}")
+_QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 _CALL_EVENTS = {
     "tools": ("tool.called", "tool.denied"),
     "resources": ("resource.accessed", "resource.denied"),
@@ -279,9 +285,22 @@ class Gateway:
 
     @web.middleware
     async def _request_id_and_errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        """Every response carries X-Request-Id; no exception ever reaches a client as a traceback."""
-        request_id = uuid.uuid4().hex
+        """Every response carries X-Request-Id; no exception ever reaches a client as a traceback.
+
+        A well-formed incoming X-Request-Id (from the ingress or the client) is kept, so ingress logs,
+        gateway logs and audit lines join on it; anything else gets a fresh id. It only correlates:
+        nothing trusts it. Probes and scrapes are logged at DEBUG, not INFO, so they do not drown the
+        log (a readiness probe every 5 s per pod)."""
+        incoming = request.headers.get("X-Request-Id", "")
+        request_id = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
         request[REQUEST_ID] = request_id
+        context = logs.REQUEST_ID.set(request_id)  # reset below: requests of one connection share a task
+        try:
+            return await self._answer_and_log(request, handler, request_id)
+        finally:
+            logs.REQUEST_ID.reset(context)
+
+    async def _answer_and_log(self, request: web.Request, handler: Any, request_id: str) -> web.StreamResponse:
         started = time.monotonic()
         try:
             response = await handler(request)
@@ -295,7 +314,8 @@ class Gateway:
             response = _plain_error(500, "internal error")
         if not response.prepared:
             response.headers["X-Request-Id"] = request_id
-        log.info(
+        log.log(
+            logging.DEBUG if request.path in _QUIET_PATHS else logging.INFO,
             "%s %s -> %d in %.3fs (request %s)",
             request.method,
             request.path,

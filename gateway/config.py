@@ -21,6 +21,7 @@ from gateway.policy import KINDS, RoutePolicy, RuleSet, describe_access, parse_r
 from gateway.urls import canonical_url, origin_of
 
 TRANSPORTS = ("streamable-http", "sse")
+LOG_FORMATS = ("text", "json")
 # python-jose implements these asymmetric JWS algorithms. HMAC is never accepted for IdP
 # assertions: an HS* header verified against a public JWKS is the classic key-confusion attack
 # (RFC 8725 §2.1, §3.1), and `none` is refused by EMA §7.4.1.
@@ -131,6 +132,7 @@ class GatewayConfig:
     audit_argument_hashes: bool = False
     shutdown_grace_seconds: float = 20.0
     reload_watch_seconds: float = 2.0
+    logging_format: str = "text"
 
 
 class _Node:
@@ -300,6 +302,11 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None =
     reload_node = root.child("reload")
     watch = reload_node.number("watch_interval_seconds", 2.0, minimum=0, maximum=3600, integer=False)
     reload_node.finish()
+    logging_node = root.child("logging")
+    logging_format = logging_node.string("format", "text")
+    if logging_format not in LOG_FORMATS:
+        raise logging_node.error("format", f"must be one of {', '.join(LOG_FORMATS)}, got {logging_format!r}")
+    logging_node.finish()
     root.finish()
     return GatewayConfig(
         source=source,
@@ -318,6 +325,7 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None =
         audit_argument_hashes=bool(audit_hashes),
         shutdown_grace_seconds=shutdown_grace,
         reload_watch_seconds=watch,
+        logging_format=logging_format,
     )
 
 

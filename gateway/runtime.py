@@ -143,6 +143,7 @@ def _check_reloadable(old: GatewayConfig, new: GatewayConfig) -> None:
         ("authorization.issuer", old.authorization.issuer, new.authorization.issuer),
         ("audit", (old.audit_sink, old.audit_argument_hashes), (new.audit_sink, new.audit_argument_hashes)),
         ("replay_store", old.replay_store, new.replay_store),
+        ("logging", old.logging_format, new.logging_format),
     ):
         if before != after:
             raise ReloadRefused(f"{name} changed; restart the gateway to apply it")

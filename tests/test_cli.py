@@ -250,6 +250,17 @@ def test_unusable_signing_key_is_one_line(command: str, key_pem: bytes, problem:
     assert_one_line_error(result, f"mcp-gateway: {config}: authorization.signing_key_file: {key}: ", problem)
 
 
+def test_log_level_is_accepted_after_the_command() -> None:
+    """Container args and the Helm chart's extraArgs come after `serve --config FILE`: a --log-level
+    there must not end the process with "unrecognized arguments" (a crash loop in Kubernetes). The
+    serve case runs for real in test_logging.py."""
+    result = run_cli("check", "--config", str(MINIMAL), "--log-level", "debug")
+    assert result.returncode == 0, result.stderr
+    result = run_cli("serve", "--config", str(MINIMAL), "--log-level", "loud")
+    assert result.returncode == 2
+    assert "argument --log-level: invalid choice: 'loud'" in result.stderr
+
+
 def test_version() -> None:
     result = run_cli("--version")
     assert (result.returncode, result.stdout) == (0, f"mcp-gateway {__version__}\n")

@@ -23,6 +23,8 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from gateway import cli
+
 REPO = Path(__file__).resolve().parent.parent
 CHART = REPO / "helm" / "mcp-gateway"
 SCENARIOS = sorted(p.name.removesuffix("-values.yaml") for p in (CHART / "ci").glob("*-values.yaml"))
@@ -311,6 +313,25 @@ def test_config_is_mounted_where_the_container_reads_it(scenario):
     volume = next(v for v in pod_spec(docs)["volumes"] if v["name"] == mount["name"])
     assert volume["configMap"]["name"] == one(docs, "ConfigMap")["metadata"]["name"]
     assert mount["subPath"] == "config.yaml"
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_container_args_are_accepted_by_the_gateway_cli(scenario):
+    """The rendered args, with extra arguments after them, parse with the gateway's own CLI parser:
+    an argument it does not know would crash-loop the pod."""
+    values = {**scenario_values(scenario), "extraArgs": ["--log-level", "debug"]}
+    args = cli._parser().parse_args(gateway_container(objects(values))["args"])
+    assert (args.command, args.config, args.log_level) == ("serve", CONFIG_PATH, "debug")
+    args = cli._parser().parse_args(gateway_container(objects(scenario_values(scenario)))["args"])
+    assert args.log_level == scenario_values(scenario).get("logLevel", "info")
+
+
+def test_log_level_and_format_values():
+    docs = objects({"logLevel": "warning", "logFormat": "text"})
+    assert gateway_container(docs)["args"][3:5] == ["--log-level", "warning"]
+    assert rendered_config(docs)["logging"] == {"format": "text"}
+    assert rendered_config(objects())["logging"] == {"format": "json"}
+    assert rendered_config(objects({"config": {"logging": {"format": "text"}}}))["logging"] == {"format": "json"}
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)

@@ -74,13 +74,15 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{/*
 The gateway configuration file. The chart owns the keys that must agree with the pod spec:
 `listen` (the container port), `metrics_listen` (only when metrics have their own port),
-`shutdown_grace_seconds` (shutdownGracePeriodSeconds, which terminationGracePeriodSeconds covers)
-and, when signingKey.existingSecret is set, authorization.signing_key_file (the mounted Secret).
+`shutdown_grace_seconds` (shutdownGracePeriodSeconds, which terminationGracePeriodSeconds covers),
+`logging.format` (logFormat) and, when signingKey.existingSecret is set,
+authorization.signing_key_file (the mounted Secret).
 */}}
 {{- define "mcp-gateway.config" -}}
 {{- $config := deepCopy (.Values.config | default dict) }}
 {{- $_ := set $config "listen" (printf "0.0.0.0:%d" (int .Values.containerPort)) }}
 {{- $_ := set $config "shutdown_grace_seconds" (int .Values.shutdownGracePeriodSeconds) }}
+{{- $_ := set $config "logging" (dict "format" .Values.logFormat) }}
 {{- if include "mcp-gateway.separateMetricsPort" . }}
 {{- $_ := set $config "metrics_listen" (printf "0.0.0.0:%s" (include "mcp-gateway.metricsPort" .)) }}
 {{- else }}
