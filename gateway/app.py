@@ -110,7 +110,13 @@ class Gateway:
         # Legacy HTTP+SSE: upstream session id -> the rewriter of its live GET stream. Weak values:
         # an entry disappears with its stream.
         self._legacy_streams: weakref.WeakValueDictionary[str, LegacyStream] = weakref.WeakValueDictionary()
-        self.metrics = Metrics(lambda: dict(self.runtime.keys.sets))
+        self.metrics = Metrics(
+            lambda: dict(self.runtime.keys.sets),
+            audit_dropped=lambda: self.audit.dropped,
+            pools=lambda: {name: u.pool_usage for name, u in self.runtime.upstreams.items()},
+            upstream_timeout_seconds=config.limits.upstream_timeout_seconds,
+        )
+        self.metrics.precreate(config)
         self._metrics_runner: web.AppRunner | None = None
         self.runtime = Runtime.build(
             config,
@@ -246,6 +252,7 @@ class Gateway:
             self.audit.emit("config.reload", decision="deny", reason=str(exc))
             return False
         old, self.runtime = self.runtime, new
+        self.metrics.precreate(new.config)
         for upstream in old.retired_upstreams(new):
             self._spawn(upstream.retire())  # ends its streams now, closes once its requests finish
         await new.keys.prefetch_missing()
@@ -364,7 +371,6 @@ class Gateway:
         return web.json_response(document, headers=metadata.DISCOVERY_CORS)
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
-        self.metrics.audit_dropped.set(self.audit.dropped)
         return web.Response(body=self.metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     async def discovery_preflight(self, request: web.Request) -> web.Response:

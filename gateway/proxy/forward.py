@@ -133,6 +133,13 @@ class Upstream:
             )
         return self._session
 
+    @property
+    def pool_usage(self) -> tuple[int, int | None]:
+        """Requests using or waiting for one of this route's upstream connections, and the pool's
+        connection limit (None until the first request opens the pool): the per-route pool metrics."""
+        limit = self._session.connector.limit if self._session is not None and self._session.connector else None
+        return self._in_flight, limit
+
     def end_streams(self, *, listening_only: bool = False) -> int:
         """Close every live upstream event stream; each relay then ends its client response with a
         proper end of stream (clients reconnect, e.g. to another replica)."""
@@ -189,8 +196,10 @@ class Upstream:
             return jsonrpc_error(
                 502, UPSTREAM_UNAVAILABLE, f"upstream of route '{route.name}' is unreachable", fwd.request_id
             )
-        if self._metrics is not None:
-            self._metrics.upstream_duration.labels(route.name).observe(time.monotonic() - started)
+        finally:
+            # Failures and timeouts too: a latency histogram without them looks best when things are worst.
+            if self._metrics is not None:
+                self._metrics.upstream_duration.labels(route.name).observe(time.monotonic() - started)
         try:
             content_type = upstream.headers.get("Content-Type", "")
             if content_type.startswith("text/event-stream"):
