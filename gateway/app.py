@@ -155,7 +155,8 @@ class Gateway:
 
     def idp_session(self) -> aiohttp.ClientSession:
         if self._idp_session is None or self._idp_session.closed:
-            self._idp_session = aiohttp.ClientSession(headers={"User-Agent": "mcp-auth-gateway"})
+            # trust_env: HTTPS_PROXY / HTTP_PROXY / NO_PROXY, so clusters with an egress proxy reach their IdP.
+            self._idp_session = aiohttp.ClientSession(headers={"User-Agent": "mcp-auth-gateway"}, trust_env=True)
         return self._idp_session
 
     # -- lifecycle -------------------------------------------------------------------------

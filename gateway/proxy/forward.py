@@ -130,6 +130,7 @@ class Upstream:
                 # Streams have no total timeout; the header wait and body reads are bounded below.
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._limits.upstream_connect_timeout_seconds),
                 cookie_jar=aiohttp.DummyCookieJar(),
+                trust_env=True,  # HTTPS_PROXY / HTTP_PROXY / NO_PROXY, as for the IdP client
             )
         return self._session
 
