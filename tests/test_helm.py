@@ -154,6 +154,7 @@ IN_MEMORY_REPLAY = "config.replay_store must be a Redis URL shared by every pod"
         ({"replicaCount": 2, **SHARED_KEY}, IN_MEMORY_REPLAY),
         ({"autoscaling": {"enabled": True}, **SHARED_KEY}, IN_MEMORY_REPLAY),
         ({"replicaCount": 3, **SHARED_KEY, "config": {"replay_store": "memory"}}, IN_MEMORY_REPLAY),
+        ({"config": {"audit": {"sink": "/tmp/audit.jsonl"}}}, "config.audit.sink must be stdout in Kubernetes"),
     ],
 )
 def test_render_refuses_unworkable_values(chart, values, message):
@@ -188,6 +189,11 @@ def test_legacy_sse_affinity_by_client_ip_or_at_the_ingress():
     assert service["spec"]["sessionAffinityConfig"] == {"clientIP": {"timeoutSeconds": 10800}}
     service = one(objects(several_pods_with_legacy_route(legacySseAffinity="ingress")), "Service")
     assert "sessionAffinity" not in service["spec"]
+
+
+def test_audit_to_stdout_renders():
+    values = {"config": {"audit": {"sink": "stdout", "argument_hashes": True}}}
+    assert rendered_config(objects(values))["audit"] == {"sink": "stdout", "argument_hashes": True}
 
 
 def test_user_mounted_signing_key_allows_replicas():

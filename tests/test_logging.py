@@ -72,6 +72,31 @@ async def test_json_log_lines_carry_the_incoming_request_id_and_skip_probes(
 
 
 async def _audited(audit: Path, request_id: str) -> bool:
-    return audit.exists() and any(
-        json.loads(line).get("request_id") == request_id for line in audit.read_text().splitlines()
-    )
+    """Whether a complete audit line (the writer may be mid-line) carries ``request_id``."""
+    complete = audit.read_text().rpartition("\n")[0] if audit.exists() else ""
+    return any(json.loads(line).get("request_id") == request_id for line in complete.splitlines())
+
+
+async def test_audit_file_survives_copytruncate_rotation(
+    tmp_path: Path, idp: DevIdentityProvider, upstream_json: RunningUpstream
+) -> None:
+    """Outside Kubernetes a file sink is rotated by logrotate's ``copytruncate``: the gateway keeps its
+    file open in append mode, so after the truncation its next line starts the file (no hole of NUL
+    bytes up to the old offset, no lost or torn line)."""
+    audit = tmp_path / "audit.jsonl"
+    document = config_document(free_port(), idp, {"json": upstream_json.mcp_url}, audit={"sink": str(audit)})
+    async with served(tmp_path, idp, document) as gw:
+        for request_id in ("before-rotation-1", "before-rotation-2"):
+            async with gw.http.post(gw.base + "/json/mcp", json={}, headers={"X-Request-Id": request_id}) as response:
+                assert response.status == 401
+        await gw.eventually(lambda: _audited(audit, "before-rotation-2"), True, "the audit lines before rotation")
+        rotated = audit.read_bytes()
+        audit.write_bytes(b"")  # what copytruncate does after copying the file away
+        async with gw.http.post(gw.base + "/json/mcp", json={}, headers={"X-Request-Id": "after-rotation"}) as response:
+            assert response.status == 401
+        await gw.eventually(lambda: _audited(audit, "after-rotation"), True, "the audit line after rotation")
+        content = audit.read_bytes()
+    assert len(rotated.splitlines()) == 2
+    assert b"\x00" not in content
+    (line,) = content.splitlines()
+    assert json.loads(line)["request_id"] == "after-rotation"

@@ -140,6 +140,10 @@ authorization.signing_key_file (the mounted Secret).
 {{- if and $multi (include "mcp-gateway.hasLegacySseRoute" .) (not .Values.legacySseAffinity) }}
 {{- fail "routes with transport: sse need session affinity with more than one replica (replicaCount > 1 or autoscaling.enabled): the legacy HTTP+SSE transport answers each POST on the client's GET stream, which lives in one pod. Set legacySseAffinity to ClientIP (the Service pins client addresses) or ingress (your ingress pins clients with a cookie or source hash), or run one replica" }}
 {{- end }}
+{{- $audit := get (.Values.config | default dict) "audit" | default dict }}
+{{- if ne (get $audit "sink" | default "stdout") "stdout" }}
+{{- fail "config.audit.sink must be stdout in Kubernetes: the audit trail is collected with the pod's logs. The root filesystem is read-only; a file could only live in the small /tmp emptyDir, which the gateway does not rotate and would fill (evicting the pod)" }}
+{{- end }}
 {{- if and .Values.clientSecrets.env (not .Values.clientSecrets.existingSecret) }}
 {{- fail "clientSecrets.existingSecret is required when clientSecrets.env is set" }}
 {{- end }}
