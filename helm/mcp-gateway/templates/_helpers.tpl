@@ -111,6 +111,17 @@ authorization.signing_key_file (the mounted Secret).
 {{- range .Values.extraEnv }}{{ .name }} {{ end }}
 {{- end }}
 
+{{/* The host name of config.public_url (the default host of the Ingress and HTTPRoute). */}}
+{{- define "mcp-gateway.publicHost" -}}
+{{- (urlParse (get (.Values.config | default dict) "public_url" | default "")).hostname }}
+{{- end }}
+
+{{/* The issuer (authorization.issuer, else public_url), for the helm test's metadata check. */}}
+{{- define "mcp-gateway.issuer" -}}
+{{- $config := .Values.config | default dict }}
+{{- get (get $config "authorization" | default dict) "issuer" | default (get $config "public_url") | trimSuffix "/" }}
+{{- end }}
+
 {{/* "true" when more than one pod may run: replicaCount > 1 or the HorizontalPodAutoscaler. */}}
 {{- define "mcp-gateway.multiReplica" -}}
 {{- if or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1) }}true{{ end }}
@@ -139,6 +150,21 @@ authorization.signing_key_file (the mounted Secret).
 {{- end }}
 {{- if and $multi (include "mcp-gateway.hasLegacySseRoute" .) (not .Values.legacySseAffinity) }}
 {{- fail "routes with transport: sse need session affinity with more than one replica (replicaCount > 1 or autoscaling.enabled): the legacy HTTP+SSE transport answers each POST on the client's GET stream, which lives in one pod. Set legacySseAffinity to ClientIP (the Service pins client addresses) or ingress (your ingress pins clients with a cookie or source hash), or run one replica" }}
+{{- end }}
+{{- if .Values.autoscaling.enabled }}
+{{- if gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas) }}
+{{- fail (printf "autoscaling.minReplicas (%d) must not exceed autoscaling.maxReplicas (%d)" (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
+{{- end }}
+{{- $requests := (.Values.resources | default dict).requests | default dict }}
+{{- if and .Values.autoscaling.targetCPUUtilizationPercentage (not $requests.cpu) }}
+{{- fail "resources.requests.cpu is required with autoscaling.targetCPUUtilizationPercentage: the HPA's utilization is a share of the request" }}
+{{- end }}
+{{- if and .Values.autoscaling.targetMemoryUtilizationPercentage (not $requests.memory) }}
+{{- fail "resources.requests.memory is required with autoscaling.targetMemoryUtilizationPercentage: the HPA's utilization is a share of the request" }}
+{{- end }}
+{{- end }}
+{{- if and .Values.httpRoute.enabled (not .Values.httpRoute.parentRefs) }}
+{{- fail "httpRoute.parentRefs is required when httpRoute.enabled: the Gateway(s) the route attaches to" }}
 {{- end }}
 {{- $audit := get (.Values.config | default dict) "audit" | default dict }}
 {{- if ne (get $audit "sink" | default "stdout") "stdout" }}
