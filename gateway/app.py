@@ -163,6 +163,7 @@ class Gateway:
 
     def make_app(self) -> web.Application:
         app = web.Application(middlewares=[self._request_id_and_errors], client_max_size=1024**2)
+        app.on_response_prepare.append(_server_header)
         app.on_startup.append(self._on_startup)
         app.on_shutdown.append(self._on_shutdown)
         app.on_cleanup.append(self._on_cleanup)
@@ -174,6 +175,7 @@ class Gateway:
         if self.config.metrics_listen is not None:
             # A separate port that carries no auth and is not exposed publicly (scraped in-cluster).
             metrics_app = web.Application()
+            metrics_app.on_response_prepare.append(_server_header)
             metrics_app.router.add_get("/metrics", self.metrics_endpoint)
             self._metrics_runner = web.AppRunner(metrics_app, access_log=None)
             await self._metrics_runner.setup()
@@ -674,6 +676,12 @@ def _who(principal: Principal | None) -> dict[str, Any]:
         "idp": principal.idp_issuer,
         "groups": principal.groups,
     }
+
+
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """aiohttp announces ``Python/3.x aiohttp/3.y`` (and a proxied upstream its own software): versions
+    tell only an attacker which advisories apply, so every answer names just the product."""
+    response.headers["Server"] = "mcp-gateway"
 
 
 def _digest(path: str) -> bytes | None:
