@@ -23,6 +23,7 @@ from gateway.quotas import QuotaRule, parse_quotas
 from gateway.urls import canonical_url, origin_of
 
 TRANSPORTS = ("streamable-http", "sse")
+LOG_FORMATS = ("text", "json")
 # python-jose implements these asymmetric JWS algorithms. HMAC is never accepted for IdP
 # assertions: an HS* header verified against a public JWKS is the classic key-confusion attack
 # (RFC 8725 §2.1, §3.1), and `none` is refused by EMA §7.4.1.
@@ -197,6 +198,7 @@ class GatewayConfig:
     shutdown_grace_seconds: float = 20.0
     reload_watch_seconds: float = 2.0
     strip_request_headers: tuple[str, ...] = DEFAULT_STRIP_REQUEST_HEADERS
+    logging_format: str = "text"
 
 
 class _Node:
@@ -367,6 +369,11 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None =
     watch = reload_node.number("watch_interval_seconds", 2.0, minimum=0, maximum=3600, integer=False)
     reload_node.finish()
     strip_request_headers = _parse_strip_request_headers(root)
+    logging_node = root.child("logging")
+    logging_format = logging_node.string("format", "text")
+    if logging_format not in LOG_FORMATS:
+        raise logging_node.error("format", f"must be one of {', '.join(LOG_FORMATS)}, got {logging_format!r}")
+    logging_node.finish()
     root.finish()
     return GatewayConfig(
         source=source,
@@ -386,6 +393,7 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None =
         shutdown_grace_seconds=shutdown_grace,
         reload_watch_seconds=watch,
         strip_request_headers=strip_request_headers,
+        logging_format=logging_format,
     )
 
 

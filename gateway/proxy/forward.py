@@ -152,6 +152,7 @@ class _Pool:
                 # Streams have no total timeout; the header wait and body reads are bounded below.
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._limits.upstream_connect_timeout_seconds),
                 cookie_jar=aiohttp.DummyCookieJar(),
+                trust_env=True,  # HTTPS_PROXY / HTTP_PROXY / NO_PROXY, as for the IdP client
             )
         return self._session
 
@@ -187,6 +188,12 @@ class Upstream:
         self._ended: set[aiohttp.ClientResponse] = set()
         self._in_flight = 0
         self._retired = False
+
+    @property
+    def pool_usage(self) -> tuple[int, int | None]:
+        """Requests using or waiting for one of this route's upstream connections, and the limit of its
+        two pools together (calls and listening streams): the per-route pool metrics."""
+        return self._in_flight, self._calls.size + self._listening.size
 
     def end_streams(self, *, listening_only: bool = False) -> int:
         """Close every live upstream event stream; each relay then ends its client response with a
@@ -283,8 +290,10 @@ class Upstream:
             return jsonrpc_error(
                 502, UPSTREAM_UNAVAILABLE, f"upstream of route '{route.name}' is unreachable", fwd.request_id
             )
-        if self._metrics is not None:
-            self._metrics.upstream_duration.labels(route.name).observe(time.monotonic() - started)
+        finally:
+            # Failures and timeouts too: a latency histogram without them looks best when things are worst.
+            if self._metrics is not None:
+                self._metrics.upstream_duration.labels(route.name).observe(time.monotonic() - started)
         try:
             content_type = upstream.headers.get("Content-Type", "")
             if content_type.startswith("text/event-stream"):
