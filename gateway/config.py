@@ -7,6 +7,7 @@ unknown keys are errors: a typo such as ``alow_groups`` must never silently open
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -17,6 +18,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from gateway.conditions import ConditionError, compile_cost
 from gateway.mcp_methods import KINDS
 from gateway.policy import RoutePolicy, RuleSet, describe_access, parse_rules
 from gateway.quotas import QuotaRule, parse_quotas
@@ -685,10 +687,15 @@ def _parse_route_quotas(item: _Node) -> tuple[QuotaRule, ...]:
     if "quotas" in item.data and item.data["quotas"] is None:
         raise item.error("quotas", "is empty: list quotas or remove the key")
     quotas = parse_quotas(item.raw("quotas"), item.key("quotas"), error)
+    compiled = []
     for i, quota in enumerate(quotas):
         if quota.cost_source is not None:
-            raise error(f"{item.key('quotas')}[{i}].cost", "cost expressions are not supported yet (each call costs 1)")
-    return quotas
+            try:
+                quota = dataclasses.replace(quota, cost=compile_cost(quota.cost_source, kind="tools"))
+            except ConditionError as exc:
+                raise error(f"{item.key('quotas')}[{i}].cost", str(exc)) from None
+        compiled.append(quota)
+    return tuple(compiled)
 
 
 def _parse_policy(item: _Node, scopes: tuple[str, ...]) -> RoutePolicy:
