@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -133,13 +134,23 @@ class StreamLimitReached(Exception):
         self.request_id = request_id
 
 
+def env_proxy_for(url: str) -> str | None:
+    """The egress proxy for ``url`` from ``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``NO_PROXY`` (curl's and
+    Python's convention, as aiohttp's ``trust_env`` reads them), or None for a direct connection."""
+    parts = urlsplit(url)
+    if urllib.request.proxy_bypass_environment(parts.hostname or ""):
+        return None
+    return urllib.request.getproxies_environment().get(parts.scheme)
+
+
 class _Pool:
     """A client session whose connections at most ``size`` requests hold at once. A request waits
     at most ``limits.upstream_pool_timeout_seconds`` for one (then 503), never the upstream timeout."""
 
-    def __init__(self, size: int, limits: LimitsConfig) -> None:
+    def __init__(self, size: int, limits: LimitsConfig, proxy: str | None = None) -> None:
         self.size = size
         self._limits = limits
+        self._proxy = proxy
         self.permits = asyncio.Semaphore(size)
         self._session: aiohttp.ClientSession | None = None
 
@@ -152,7 +163,9 @@ class _Pool:
                 # Streams have no total timeout; the header wait and body reads are bounded below.
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._limits.upstream_connect_timeout_seconds),
                 cookie_jar=aiohttp.DummyCookieJar(),
-                trust_env=True,  # HTTPS_PROXY / HTTP_PROXY / NO_PROXY, as for the IdP client
+                # The egress proxy, resolved once from the environment (env_proxy_for): aiohttp's own
+                # trust_env looks it up, and reads ~/.netrc, on every request (~0.35 ms per hop).
+                proxy=self._proxy,
             )
         return self._session
 
@@ -179,8 +192,9 @@ class Upstream:
         self._base = str(URL(route.upstream))  # the upstream in encoded form, ready for raw path joins
         self._limits = limits
         self._header_rules = header_rules
-        self._calls = _Pool(route.max_connections, limits)
-        self._listening = _Pool(route.max_connections, limits)
+        proxy = env_proxy_for(route.upstream)
+        self._calls = _Pool(route.max_connections, limits, proxy)
+        self._listening = _Pool(route.max_connections, limits, proxy)
         self._open_by_owner: dict[str, int] = {}
         # Live event streams -> whether it is a listening (GET) stream, so a drain (shutdown) or a
         # route removal can end them cleanly.
