@@ -14,6 +14,7 @@ runs (test_replay_redis.py). Every wait is bounded; ordering comes from gates, n
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -175,6 +176,67 @@ async def test_slow_idp_bounds_the_grant_and_cached_keys_do_not_wait_for_it() ->
         assert (status, body["error"]) == (400, "invalid_grant"), body
         assert unknown_took < JWKS_TIMEOUT + SOON
         never.set()
+
+
+def _good_key() -> dict[str, Any]:
+    return DevIdentityProvider(issuer=ISSUER).public_jwks()["keys"][0]
+
+
+# Documents an IdP (or whatever answers at its address) might serve instead of its key set.
+GARBAGE_JWKS: dict[str, bytes] = {
+    "html": b"<html><body>502 Bad Gateway</body></html>",
+    "empty": b"",
+    "no keys member": b"{}",
+    "keys not a list": b'{"keys": "none"}',
+    "keys of numbers": b'{"keys": [1, 2]}',
+    "no keys left": b'{"keys": []}',
+    "entries that are not keys": b'{"keys": [{"hello": "world"}]}',
+    "EC key without its point": json.dumps({"keys": [{"kty": "EC", "crv": "P-256", "kid": "k"}]}).encode(),
+    "EC point off the curve": json.dumps({"keys": [{**_good_key(), "x": _good_key()["y"]}]}).encode(),
+    "unknown curve": json.dumps({"keys": [{**_good_key(), "crv": "P-999"}]}).encode(),
+    "kid not a string": json.dumps({"keys": [{**_good_key(), "kid": ["k"]}]}).encode(),
+    "too large": b'{"keys": [' + b'{"kty": "none"},' * 20_000 + b"{}]}",
+}
+
+
+@pytest.mark.parametrize("document", GARBAGE_JWKS.values(), ids=GARBAGE_JWKS.keys())
+async def test_jwks_garbage_at_start_is_a_retryable_error_never_a_500(
+    http: aiohttp.ClientSession, document: bytes
+) -> None:
+    signer = DevIdentityProvider(issuer=ISSUER)
+
+    async def respond() -> web.Response:
+        return web.Response(body=document, content_type="application/json")
+
+    async with jwks_server(respond) as url, gateway_trusting(url, signer, jwks_min_refresh_seconds=0) as gateway:
+        assert await ready_status(http, gateway) == 503
+        assert_retryable(*await gateway.token_request(gateway.id_jag()))
+        # The same without a kid: a lone key is then chosen by type, which must not trip either.
+        assertion = signer.sign(gateway.id_jag_claims(), headers={"kid": None})
+        assert_retryable(*await gateway.token_request(assertion))
+
+
+@pytest.mark.parametrize("document", GARBAGE_JWKS.values(), ids=GARBAGE_JWKS.keys())
+async def test_jwks_garbage_on_refresh_keeps_the_cached_keys(http: aiohttp.ClientSession, document: bytes) -> None:
+    signer = DevIdentityProvider(issuer=ISSUER)
+    served = [json.dumps(signer.public_jwks()).encode()]
+    fetches = 0
+
+    async def respond() -> web.Response:
+        nonlocal fetches
+        fetches += 1
+        return web.Response(body=served[-1], content_type="application/json")
+
+    async with jwks_server(respond) as url, gateway_trusting(url, signer, jwks_min_refresh_seconds=0) as gateway:
+        served.append(document)
+        # An unknown kid forces a refresh, which gets the garbage: a bad assertion, not a 500.
+        status, body, _ = await gateway.token_request(DevIdentityProvider(issuer=ISSUER).sign(gateway.id_jag_claims()))
+        assert (status, body["error"]) == (400, "invalid_grant"), body
+        assert fetches == 2
+        for assertion in (gateway.id_jag(), signer.sign(gateway.id_jag_claims(), headers={"kid": None})):
+            status, body, _ = await gateway.token_request(assertion)
+            assert status == 200, body  # the good keys fetched before are still used
+        assert await ready_status(http, gateway) == 200
 
 
 # -- the upstream -------------------------------------------------------------------------------
