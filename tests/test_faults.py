@@ -307,6 +307,36 @@ async def test_upstream_cutting_an_event_stream_gives_the_client_the_events_sent
         assert (await faulty.closed(gate))["closed"]
 
 
+async def test_upstream_reset_mid_json_body_closes_the_client_connection_instead_of_hanging(
+    idp: DevIdentityProvider, http: aiohttp.ClientSession, faulty: FaultyUpstream
+) -> None:
+    """Headers (with a Content-Length) are sent before the upstream fails: only closing the
+    connection can tell the client the body is incomplete (RFC 9112 §8)."""
+    async with faulty_route(idp, http, faulty, "json", "reset") as (client, gate):
+        async with client.post(tool_call(5, "work")) as response:
+            assert response.status == 200
+            await faulty.release(gate)
+            async with asyncio.timeout(WAIT):
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await response.read()
+
+
+async def test_upstream_stalling_mid_json_body_is_cut_off_after_the_upstream_timeout(
+    idp: DevIdentityProvider, http: aiohttp.ClientSession, faulty: FaultyUpstream
+) -> None:
+    timeout = 1
+    async with faulty_route(idp, http, faulty, "json", "stall", upstream_timeout_seconds=timeout) as (client, gate):
+        started = time.monotonic()
+        async with client.post(tool_call(6, "work")) as response:
+            assert response.status == 200
+            async with asyncio.timeout(WAIT):
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await response.read()
+        assert time.monotonic() - started < timeout + SOON
+        # ... and the gateway dropped its request to the upstream too.
+        assert await faulty.closed(gate) == {"closed": True, "cancelled": True}
+
+
 async def test_upstream_reset_while_a_list_result_is_read_gets_a_502_jsonrpc_error(
     idp: DevIdentityProvider, http: aiohttp.ClientSession, faulty: FaultyUpstream
 ) -> None:
