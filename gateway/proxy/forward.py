@@ -355,8 +355,13 @@ class Upstream:
             # ClientConnectionResetError, which must end the response, not become a 500.
             await response.write_eof()
         except (TimeoutError, aiohttp.ClientError) as exc:
-            # Headers are already sent: all we can do is end the response early.
+            # Headers are already sent, so only the connection can tell the client: closed before the
+            # body is complete, the message is incomplete (RFC 9112 §8). Ending the response normally
+            # would leave a client waiting for the rest of a Content-Length body, or hand it a
+            # truncated chunked body as if it were whole.
             log.warning("route %s: body relay ended mid-response: %s", fwd.route.name, type(exc).__name__)
+            if request.transport is not None:
+                request.transport.close()
         return response
 
     async def _relay_events(
