@@ -65,9 +65,11 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
     assert not [s for s in seen if s[2] == 500], f"a 500 reached the client: {seen}"
 
 
-async def ready_status(http: aiohttp.ClientSession, gateway: GatewayHarness) -> int:
+async def idp_keys_missing(http: aiohttp.ClientSession, gateway: GatewayHarness) -> list[str]:
+    """The pod stays ready without an IdP's keys (only that IdP's grants fail); /readyz names it."""
     async with http.get(gateway.url + "/readyz") as response:
-        return response.status
+        assert response.status == 200
+        return (await response.json()).get("idp_keys_missing", [])
 
 
 def assert_retryable(status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
@@ -90,7 +92,7 @@ async def test_idp_down_at_start_refuses_grants_with_503_until_it_comes_up(
     idp = DevIdentityProvider(issuer=f"http://127.0.0.1:{port}", clients=IDP_CLIENTS)
     routes = [{"name": "json", "path": "/json/mcp", "upstream": upstream_json.mcp_url}]
     async with running_gateway(idp, routes, jwks_min_refresh_seconds=0) as gateway:
-        assert await ready_status(http, gateway) == 503
+        assert await idp_keys_missing(http, gateway) == [gateway.idp.issuer]
         started = time.monotonic()
         assert_retryable(*await gateway.token_request(gateway.id_jag()))
         assert time.monotonic() - started < SOON  # a refused connection is no reason to wait
@@ -98,7 +100,7 @@ async def test_idp_down_at_start_refuses_grants_with_503_until_it_comes_up(
         try:
             status, body, _ = await gateway.token_request(gateway.id_jag())
             assert status == 200, body
-            assert await ready_status(http, gateway) == 200
+            assert await idp_keys_missing(http, gateway) == []
         finally:
             await idp.stop()
 
@@ -118,7 +120,7 @@ async def test_idp_down_during_operation_keeps_cached_keys_and_picks_up_new_ones
         assert status == 200, body  # keys already held need no IdP
         status, body, _ = await gateway.token_request(rotated.sign(gateway.id_jag_claims()))
         assert (status, body["error"]) == (400, "invalid_grant"), body
-        assert await ready_status(http, gateway) == 200
+        assert await idp_keys_missing(http, gateway) == []
         await rotated.start(port=port)
         try:
             status, body, _ = await gateway.token_request(rotated.sign(gateway.id_jag_claims()))
@@ -209,7 +211,7 @@ async def test_jwks_garbage_at_start_is_a_retryable_error_never_a_500(
         return web.Response(body=document, content_type="application/json")
 
     async with jwks_server(respond) as url, gateway_trusting(url, signer, jwks_min_refresh_seconds=0) as gateway:
-        assert await ready_status(http, gateway) == 503
+        assert await idp_keys_missing(http, gateway) == [gateway.idp.issuer]
         assert_retryable(*await gateway.token_request(gateway.id_jag()))
         # The same without a kid: a lone key is then chosen by type, which must not trip either.
         assertion = signer.sign(gateway.id_jag_claims(), headers={"kid": None})
@@ -236,7 +238,7 @@ async def test_jwks_garbage_on_refresh_keeps_the_cached_keys(http: aiohttp.Clien
         for assertion in (gateway.id_jag(), signer.sign(gateway.id_jag_claims(), headers={"kid": None})):
             status, body, _ = await gateway.token_request(assertion)
             assert status == 200, body  # the good keys fetched before are still used
-        assert await ready_status(http, gateway) == 200
+        assert await idp_keys_missing(http, gateway) == []
 
 
 # -- the upstream -------------------------------------------------------------------------------
@@ -275,11 +277,17 @@ def faulty() -> FaultyUpstream:
 
 @asynccontextmanager
 async def faulty_route(
-    idp: DevIdentityProvider, http: aiohttp.ClientSession, faulty: FaultyUpstream, kind: str, fault: str, **limits: Any
+    idp: DevIdentityProvider,
+    http: aiohttp.ClientSession,
+    faulty: FaultyUpstream,
+    kind: str,
+    fault: str,
+    rules: dict[str, Any] | None = None,
+    **limits: Any,
 ) -> AsyncIterator[tuple[McpHttp, str]]:
     """A gateway whose only route leads to one faulty answer; yields a client and the answer's gate."""
     gate = new_gate(fault)
-    routes = [{"name": "faulty", "path": "/faulty/mcp", "upstream": faulty.url(kind, fault, gate)}]
+    routes = [{"name": "faulty", "path": "/faulty/mcp", "upstream": faulty.url(kind, fault, gate), **(rules or {})}]
     async with running_gateway(idp, routes, limits=limits) as gateway:
         yield await connect(gateway, http, "faulty"), gate
 
@@ -340,9 +348,10 @@ async def test_upstream_stalling_mid_json_body_is_cut_off_after_the_upstream_tim
 async def test_upstream_reset_while_a_list_result_is_read_gets_a_502_jsonrpc_error(
     idp: DevIdentityProvider, http: aiohttp.ClientSession, faulty: FaultyUpstream
 ) -> None:
-    """A tools/list result is read whole (to filter it), so nothing was sent yet: a JSON-RPC error can
-    still say what happened."""
-    async with faulty_route(idp, http, faulty, "json", "reset") as (client, gate):
+    """On a route with tool rules a JSON result is read whole (to filter any list in it), so nothing was
+    sent yet: a JSON-RPC error can still say what happened."""
+    rules = {"tools": [{"groups": ["*"], "allow": ["*"], "deny": ["delete_*"]}]}
+    async with faulty_route(idp, http, faulty, "json", "reset", rules) as (client, gate):
 
         async def list_tools() -> tuple[int, dict[str, Any]]:
             async with client.post(request(7, "tools/list")) as response:
