@@ -156,6 +156,9 @@ async def running_stack(workdir: Path, with_everything: bool) -> AsyncIterator[S
                 "signing_key_file": str(key_path),
                 "clients": [{"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}],
                 "identity_providers": [{"issuer": idp_url}],
+                # One client id stands for every agent of the soak (~7 grants/s): above the default
+                # per-client limit of 60 a minute, which a real deployment sizes per client.
+                "token_rate_limit": {"requests_per_minute": 6000, "burst": 200},
             },
             "routes": routes,
             "audit": {"sink": str(audit_path)},
