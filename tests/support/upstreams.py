@@ -89,6 +89,13 @@ class RunningUpstream:
         """Shorthand: just the method names of :meth:`recorded` (responses omitted)."""
         return [entry["method"] for entry in self.recorded() if entry["method"] is not None]
 
+    def executed(self) -> list[str]:
+        """Names of the tools that ran since the last reset (servers that record executions:
+        :mod:`tests.support.lenient_server`)."""
+        result = self._request("GET", "/_test/executed")
+        assert isinstance(result, list)
+        return result
+
     def reset(self) -> None:
         """Forget everything recorded so far."""
         self._request("POST", "/_test/reset")
@@ -131,8 +138,9 @@ def start_upstream(
     host: str = "127.0.0.1",
     stateless: bool = False,
     startup_timeout: float = STARTUP_TIMEOUT_SECONDS,
+    module: str = "tests.support.upstream_server",
 ) -> RunningUpstream:
-    """Launch ``python -m tests.support.upstream_server`` and wait until it announces its URL.
+    """Launch ``python -m <module>`` (the SDK server by default) and wait until it announces its URL.
 
     Raises :class:`UpstreamStartError` (with the child's stderr) if it exits or does not announce
     within ``startup_timeout`` seconds; the child is killed in that case.
@@ -140,7 +148,7 @@ def start_upstream(
     command = [
         sys.executable,
         "-m",
-        "tests.support.upstream_server",
+        module,
         "--transport",
         transport,
         "--host",
@@ -172,6 +180,11 @@ def start_upstream(
         stderr_file.close()
         raise
     return RunningUpstream(transport, process, base_url, stderr_file, drain)
+
+
+def start_lenient() -> RunningUpstream:
+    """The deliberately lenient JSON-RPC server (:mod:`tests.support.lenient_server`) at ``/mcp``."""
+    return start_upstream("streamable-json", module="tests.support.lenient_server")
 
 
 def _wait_for_announcement(
