@@ -23,7 +23,6 @@ import base64
 import json
 import logging
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -88,20 +87,23 @@ def log_tap() -> Iterator[LogTap]:
             logger.setLevel(level)
 
 
-@dataclass
 class Secrets:
     """Texts that must never be written to a log or the audit trail, and where to look for them.
 
     Checked incrementally (new texts against everything written, everything new against all texts),
-    so a long run stays linear."""
+    so a long run stays linear. A plain class: hypothesis prints dataclass fixtures field by field."""
 
-    audit_file: Path
-    tap: LogTap
-    texts: set[str] = field(default_factory=set)
-    _new_texts: set[str] = field(default_factory=set)
-    _lines_seen: int = 0
-    _audit_seen: int = 0
-    _written: list[str] = field(default_factory=list)
+    def __init__(self, audit_file: Path, tap: LogTap) -> None:
+        self.audit_file = audit_file
+        self.tap = tap
+        self.texts: set[str] = set()
+        self._new_texts: set[str] = set()
+        self._lines_seen = 0
+        self._audit_seen = 0
+        self._written: list[str] = []
+
+    def __repr__(self) -> str:
+        return f"<Secrets: {len(self.texts) + len(self._new_texts)} texts watched>"
 
     def add(self, *texts: str) -> None:
         # Short strings appear in logs by coincidence ("a", "Bearer"); real tokens and secrets are long.
