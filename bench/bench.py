@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import statistics
 import tempfile
@@ -22,12 +23,14 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 
+from gateway.config import RouteConfig, TokenRateLimitConfig
 from gateway.demo import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, ROUTE_PATH, McpSession, start_demo_servers
 from gateway.enforce import plan_request
-from gateway.oauth.access_token import AccessTokenService
+from gateway.engine import DecisionEngine
+from gateway.oauth.access_token import AccessTokenService, Principal
 from gateway.oauth.idjag import Grant
 from gateway.policy import RoutePolicy, Rule, RuleSet
-from gateway.proxy.jsonrpc import parse_body
+from gateway.proxy.request_body import read_rpc_body
 
 
 def pct(samples: list[float], q: float) -> float:
@@ -52,8 +55,9 @@ async def timed(n: int, call: Callable[[], Awaitable[object]]) -> list[float]:
     return samples
 
 
-def bench_policy(n: int) -> None:
-    """Policy evaluation on a tools/call body (parse + decide + plan), without network."""
+async def bench_policy(n: int) -> None:
+    """Policy evaluation on a tools/call body (strict parse + decide + canonical re-serialisation),
+    without network."""
     policy = RoutePolicy(
         RuleSet(
             (
@@ -73,16 +77,19 @@ def bench_policy(n: int) -> None:
             "params": {"name": "get_weather", "arguments": {"city": "x"}},
         }
     ).encode()
-    groups = frozenset({"support"})
     headers: dict[str, str] = {}
-    scopes = ("mcp", "mcp:tools:call")
+    principal = Principal(
+        "alice", "bench", "https://idp", "https://gw/b", ("mcp", "mcp:tools:call"), ("support",), 0, "t"
+    )
+    route = RouteConfig("b", "/b", "http://127.0.0.1:9/mcp", "https://gw/b", policy=policy)
+    engine = DecisionEngine()
     planned, parsed = [], []
     for _ in range(n):
         started = time.perf_counter_ns()
-        plan_request(body, parse_body(body), headers, policy, groups, scopes, route_name="b")
+        await plan_request(read_rpc_body(body), headers, engine, principal, route)
         planned.append(time.perf_counter_ns() - started)
         started = time.perf_counter_ns()
-        parse_body(body)
+        read_rpc_body(body)
         parsed.append(time.perf_counter_ns() - started)
     print(f"{'tools/call policy plan (parse+decide), p50':<44} {pct(planned, 0.5) / 1000:9.1f} us/op")
     print(f"{'  of which JSON parse, p50':<44} {pct(parsed, 0.5) / 1000:9.1f} us/op")
@@ -110,7 +117,7 @@ async def main(requests: int) -> None:
     servers = await start_demo_servers("127.0.0.1", 0, audit_sink=f"{audit_dir}/audit.jsonl")
     try:
         bench_token_validation(servers, min(requests, 2000))
-        bench_policy(20000)
+        await bench_policy(20000)
         async with aiohttp.ClientSession() as http:
             idp_token = servers.idp_issuer + "/token"
             form = {
@@ -142,6 +149,10 @@ async def main(requests: int) -> None:
                     return (await r.json())["access_token"]
 
             del id_token
+            # What a grant costs, not the per-client rate limit (which would answer 429 here).
+            unlimited = TokenRateLimitConfig(requests_per_minute=0)
+            authorization = dataclasses.replace(servers.config.authorization, token_rate_limit=unlimited)
+            assert await servers.gateway.reload(dataclasses.replace(servers.config, authorization=authorization))
             report("token endpoint: jwt-bearer grant (HTTP)", await timed(min(requests, 500), grant_once))
             token = await grant_once()
 

@@ -9,75 +9,43 @@ before the catch-all route. All config-derived state lives in one ``Runtime`` th
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import functools
 import hashlib
 import json
 import logging
 import socket
 import time
 import uuid
-import weakref
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from gateway.audit import AuditLog, elapsed_ms
-from gateway.bearer import BearerChallenge, BearerGuard, challenge_response
-from gateway.config import ConfigError, GatewayConfig, RouteConfig, load_config
-from gateway.enforce import HEADER_MISMATCH, Plan, plan_request
-from gateway.http import BodyTooLarge, BodyTooSlow, read_limited
+from gateway import pipeline
+from gateway.audit import AuditLog
+from gateway.bearer import BearerGuard
+from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.listener import ConnectionCounter, GuardedSite
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import NO_ROUTE, Metrics, method_class
 from gateway.oauth import metadata
-from gateway.oauth.access_token import AccessTokenService, Principal
+from gateway.oauth.access_token import AccessTokenService
 from gateway.oauth.jwks import KeyRing
 from gateway.oauth.keys import SigningKey, SigningKeyError
 from gateway.oauth.replay import ReplayStore, open_replay_store
 from gateway.oauth.token_endpoint import GrantOutcome
+from gateway.pipeline.context import METHOD_CLASS, RequestContext, Services
 from gateway.proxy.forward import (
-    ForwardRequest,
-    LegacyStream,
-    jsonrpc_error,
     upstream_path_remainder,
-    wrap_session_params,
 )
-from gateway.proxy.headers import SESSION_HEADER
-from gateway.proxy.jsonrpc import ResultRewriter, parse_body
+from gateway.quotas import QuotaStore, open_quota_store
 from gateway.routes import RouteTable
 from gateway.runtime import ReloadRefused, Runtime
-from gateway.sessions import SessionCheck, principal_key
 
 log = logging.getLogger("gateway")
 
 REQUEST_ID = web.RequestKey("request_id", str)
-PRINCIPAL = web.RequestKey("principal", object)
-METHOD_CLASS = web.RequestKey("method_class", str)
-
-FORWARDED_METHODS = frozenset({"GET", "POST", "DELETE"})
-INVALID_REQUEST = -32600
-FORBIDDEN = -32003
-SESSION_NOT_FOUND = -32001
-CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that closed the connection before the answer
 _JWKS_RETRY_SECONDS = 10.0
-_CALL_EVENTS = {
-    "tools": ("tool.called", "tool.denied"),
-    "resources": ("resource.accessed", "resource.denied"),
-    "prompts": ("prompt.got", "prompt.denied"),
-}
-
-
-class _Refusal(Exception):
-    """A request the gateway answers itself, with the audit reason to record."""
-
-    def __init__(self, response: web.Response, reason: str, event: str = "request.denied") -> None:
-        super().__init__(reason)
-        self.response = response
-        self.reason = reason
-        self.event = event
 
 
 class Gateway:
@@ -87,6 +55,7 @@ class Gateway:
         *,
         signing_key: SigningKey | None = None,
         replay_store: ReplayStore | None = None,
+        quota_store: QuotaStore | None = None,
         jwks_min_refresh_seconds: float = 30,
         config_path: str | None = None,
     ) -> None:
@@ -101,14 +70,16 @@ class Gateway:
         self._config_digest: bytes | None = None
         self.draining = False
         self._retrying_jwks = False
-        # Legacy HTTP+SSE: upstream session id -> the rewriter of its live GET stream. Weak values:
-        # an entry disappears with its stream.
-        self._legacy_streams: weakref.WeakValueDictionary[str, LegacyStream] = weakref.WeakValueDictionary()
         self.metrics = Metrics(lambda: dict(self.runtime.keys.sets))
+        # Quota counters live beside the replay cache (memory, or the same Redis for every replica).
+        self._owns_quota_store = quota_store is None
+        self.quota_store = quota_store if quota_store is not None else open_quota_store(config.replay_store)
+        self.services = Services(self.audit, self.metrics)
         self._metrics_runner: web.AppRunner | None = None
         self.runtime = Runtime.build(
             config,
             replay_store=self.replay_store,
+            quota_store=self.quota_store,
             idp_session=self.idp_session,
             on_grant=self._audit_grant,
             jwks_min_refresh_seconds=jwks_min_refresh_seconds,
@@ -213,6 +184,8 @@ class Gateway:
             await self._metrics_runner.cleanup()
         if self._owns_replay_store:
             await self.replay_store.close()
+        if self._owns_quota_store:
+            await self.quota_store.close()
         await self.audit.close()
 
     # -- reload ----------------------------------------------------------------------------
@@ -228,6 +201,7 @@ class Gateway:
             new = Runtime.build(
                 config,
                 replay_store=self.replay_store,
+                quota_store=self.quota_store,
                 idp_session=self.idp_session,
                 on_grant=self._audit_grant,
                 jwks_min_refresh_seconds=self._jwks_min_refresh,
@@ -348,8 +322,7 @@ class Gateway:
         return web.Response(status=204, headers=metadata.DISCOVERY_CORS)
 
     async def jwks(self, request: web.Request) -> web.Response:
-        runtime = self.runtime
-        keys = [runtime.signing_key, *runtime.previous_keys]
+        keys = self.runtime.tokens.trusted_keys()
         return web.json_response(metadata.jwks_document(keys), headers={"Cache-Control": "public, max-age=300"})
 
     async def token(self, request: web.Request) -> web.Response:
@@ -397,253 +370,18 @@ class Gateway:
         in_flight = self.metrics.in_flight.labels(route.name)
         in_flight.inc()
         status = 500
+        ctx = RequestContext(request, runtime, self.services, route, rest, request[REQUEST_ID], started)
         try:
-            response = await self._handle_route(runtime, request, route, rest, started)
+            response = await pipeline.run(ctx)
             status = response.status
             return response
         except asyncio.CancelledError:
-            status = CLIENT_CLOSED_REQUEST  # the client went away (how MCP clients cancel): not a 5xx
+            status = pipeline.CLIENT_CLOSED_REQUEST  # the client went away (how MCP clients cancel): not a 5xx
             raise
         finally:
             in_flight.dec()
             self.metrics.requests.labels(route.name, request[METHOD_CLASS], str(status)).inc()
             self.metrics.request_duration.labels(route.name).observe(time.monotonic() - started)
-
-    async def _handle_route(
-        self, runtime: Runtime, request: web.Request, route: RouteConfig, rest: str, started: float
-    ) -> web.StreamResponse:
-        request_id = request[REQUEST_ID]
-        origin = request.headers.get("Origin")
-        if not runtime.origins.is_allowed(origin):
-            self.audit.emit("request.denied", request_id=request_id, route=route.name, decision="deny", reason="origin")
-            return jsonrpc_error(403, FORBIDDEN, "Origin not allowed")
-        cors = runtime.origins.cors_headers(origin)
-        if request.method == "OPTIONS" and origin is not None:
-            return web.Response(status=204, headers=runtime.origins.preflight_headers(origin))
-        if request.method not in FORWARDED_METHODS:
-            return jsonrpc_error(405, INVALID_REQUEST, "method not allowed", Allow="GET, POST, DELETE", **cors)
-        principal: Principal | None = None
-        try:
-            principal = self._authenticate(runtime, request, route)
-            request[PRINCIPAL] = principal
-            body = await self._read_body(runtime, request)
-            plan = self._plan(runtime, request, route, principal, body)
-            fwd = self._forward_request(runtime, request, route, rest, principal, body, plan, cors)
-        except _Refusal as refusal:
-            refusal.response.headers.update(cors)
-            self.audit.emit(
-                refusal.event,
-                request_id=request_id,
-                **_who(principal),
-                route=route.name,
-                method=request.method,
-                decision="deny",
-                reason=refusal.reason,
-                status=refusal.response.status,
-            )
-            return refusal.response
-        if fwd is not None and fwd.legacy_stream is not None and plan.local_responses:
-            # Legacy HTTP+SSE: the client expects every response on its GET stream, so the gateway's
-            # own answers (denied calls) go there too; the POST gets the usual 202.
-            for message in plan.local_responses:
-                await fwd.legacy_stream.send(message)
-            if plan.forward_body is None:
-                self._audit_calls(plan, request_id, route, principal, 202, started)
-                return web.Response(status=202, headers={**cors, "X-Request-Id": request_id})
-            fwd = dataclasses.replace(fwd, injected=())
-        if fwd is None:  # every message was answered by the gateway (denied calls)
-            self._audit_calls(plan, request_id, route, principal, None, started)
-            single = plan.local_responses[0] if not plan.batch else plan.local_responses
-            return web.json_response(single, headers={**cors, "X-Request-Id": request_id})
-        response = await runtime.upstreams[route.name].forward(request, fwd)
-        if not response.prepared:
-            response.headers.update(cors)
-        self._audit_calls(plan, request_id, route, principal, response.status, started, method=request.method)
-        return response
-
-    def _authenticate(self, runtime: Runtime, request: web.Request, route: RouteConfig) -> Principal:
-        prm_url = metadata.prm_url(runtime.config, route)
-        try:
-            principal = runtime.guard.authenticate(request, route, prm_url)
-        except BearerChallenge as challenge:
-            reason = "no_token" if "error=" not in challenge.response.headers.get("WWW-Authenticate", "") else "token"
-            raise _Refusal(challenge.response, reason) from None
-        if runtime.is_revoked(principal.subject, principal.client_id):
-            response = challenge_response(401, prm_url, route.scopes, "invalid_token", "access has been revoked")
-            raise _Refusal(response, "revoked")
-        return principal
-
-    async def _read_body(self, runtime: Runtime, request: web.Request) -> bytes | None:
-        if request.method != "POST":
-            return None
-        limits = runtime.config.limits
-        try:
-            return await read_limited(request, limits.max_request_bytes, limits.request_body_timeout_seconds)
-        except BodyTooLarge:
-            raise _Refusal(jsonrpc_error(413, INVALID_REQUEST, "request body too large"), "body_too_large") from None
-        except BodyTooSlow:
-            raise _Refusal(jsonrpc_error(408, INVALID_REQUEST, "request body too slow"), "body_too_slow") from None
-
-    def _plan(
-        self, runtime: Runtime, request: web.Request, route: RouteConfig, principal: Principal, body: bytes | None
-    ) -> Plan:
-        if not body:
-            return Plan(forward_body=body)
-        messages = parse_body(body)
-        request[METHOD_CLASS] = method_class(request.method, [m.method for m in messages or ()])
-        plan = plan_request(
-            body,
-            messages,
-            request.headers,
-            route.policy,
-            frozenset(principal.groups),
-            principal.scopes,
-            route_name=route.name,
-            hash_arguments=runtime.config.audit_argument_hashes,
-        )
-        if plan.mismatch:
-            response = jsonrpc_error(400, HEADER_MISMATCH, plan.mismatch, plan.request_id)
-            raise _Refusal(response, "header_mismatch")
-        if plan.missing_scopes:
-            # RFC 6750 §3.1 + MCP "Scope Challenge Handling": one challenge naming every scope needed,
-            # so SDK clients can step up (re-run the grant with the union of scopes).
-            needed = tuple(dict.fromkeys((*principal.scopes, *plan.missing_scopes)))
-            response = challenge_response(
-                403,
-                metadata.prm_url(runtime.config, route),
-                needed,
-                "insufficient_scope",
-                f"this request needs scope {' '.join(plan.missing_scopes)}",
-            )
-            raise _Refusal(response, "insufficient_scope:" + " ".join(plan.missing_scopes))
-        return plan
-
-    def _forward_request(
-        self,
-        runtime: Runtime,
-        request: web.Request,
-        route: RouteConfig,
-        rest: str,
-        principal: Principal,
-        body: bytes | None,
-        plan: Plan,
-        cors: dict[str, str],
-    ) -> ForwardRequest | None:
-        owner = principal_key(principal.idp_issuer, principal.subject, principal.client_id)
-        binder = runtime.sessions
-        upstream_session = None
-        presented = request.headers.get(SESSION_HEADER)
-        if presented is not None:
-            upstream_session = self._check_session(binder, route, owner, presented)
-        query = None
-        rewriter = plan.rewriter
-        wrap = functools.partial(binder.wrap, route.name, owner)
-        raw_query = request.rel_url.raw_query_string
-        legacy: LegacyStream | None = None
-        if route.transport == "sse":
-            rewriter, wrap, query, legacy = self._legacy_session(binder, route, owner, raw_query, plan, request.method)
-        if body and plan.forward_body is None and legacy is None:
-            return None
-        return ForwardRequest(
-            route=route,
-            rest=rest,
-            body=plan.forward_body,
-            rewriter=rewriter,
-            request_id=plan.request_id,
-            extra_headers=(*cors.items(), ("X-Request-Id", request[REQUEST_ID])),
-            injected=tuple(plan.local_responses),
-            upstream_session_id=upstream_session,
-            query=query,
-            wrap_session=wrap,
-            legacy_stream=legacy,
-        )
-
-    def _legacy_session(
-        self, binder: Any, route: RouteConfig, owner: str, raw_query: str, plan: Plan, method: str
-    ) -> tuple[ResultRewriter, Callable[[str], str], str | None, LegacyStream | None]:
-        """HTTP+SSE (2024-11-05) answers POSTed requests on the long-lived GET stream, not in the POST
-        response. So the GET stream owns the rewriter (list filtering, capability advertisement), and
-        each POST of that session hands its expectations to it, found by the upstream session id."""
-        if method == "GET":
-            stream = LegacyStream()
-
-            def wrap_and_register(upstream_id: str) -> str:
-                self._legacy_streams[upstream_id] = stream
-                return binder.wrap(route.name, owner, upstream_id)
-
-            return stream.rewriter, wrap_and_register, None, stream
-        seen: list[str] = []
-
-        def check(presented: str) -> str:
-            upstream_id = self._check_session(binder, route, owner, presented)
-            seen.append(upstream_id)
-            return upstream_id
-
-        query = wrap_session_params(raw_query, check) if raw_query else None
-        found = next((s for s in map(self._legacy_streams.get, seen) if s is not None), None)
-        if found is not None:
-            found.rewriter.absorb(plan.rewriter)
-        return plan.rewriter, functools.partial(binder.wrap, route.name, owner), query, found
-
-    def _check_session(self, binder: Any, route: RouteConfig, owner: str, presented: str) -> str:
-        status, upstream_id = binder.unwrap(route.name, owner, presented)
-        if status is SessionCheck.OK:
-            assert upstream_id is not None
-            return upstream_id
-        if status is SessionCheck.FOREIGN:
-            # Session theft across principals: refused and audited (SPEC §5.1, MCP session hijacking).
-            response = jsonrpc_error(403, FORBIDDEN, "this session belongs to another user or client")
-            raise _Refusal(response, "session belongs to another principal", event="session.mismatch")
-        # Unknown (or from before a key change): 404 makes MCP clients start a new session.
-        raise _Refusal(jsonrpc_error(404, SESSION_NOT_FOUND, "session not found"), "unknown session")
-
-    def _audit_calls(
-        self,
-        plan: Plan,
-        request_id: str,
-        route: RouteConfig,
-        principal: Principal | None,
-        status: int | None,
-        started: float,
-        method: str = "POST",
-    ) -> None:
-        who = _who(principal)
-        latency = elapsed_ms(started)
-        if not plan.calls:
-            self.audit.emit(
-                "request.allowed", request_id=request_id, route=route.name, **who, method=method,
-                decision="allow", status=status, latency_ms=latency,
-            )  # fmt: skip
-            return
-        for call in plan.calls:
-            if call.kind is not None:
-                decision = "allow" if call.allowed else "deny"
-                self.metrics.policy_decisions.labels(route.name, call.kind, decision).inc()
-            allowed_event, denied_event = _CALL_EVENTS.get(call.kind or "", ("request.allowed", "request.denied"))
-            self.audit.emit(
-                allowed_event if call.allowed else denied_event,
-                request_id=request_id,
-                route=route.name,
-                **who,
-                method=call.method,
-                target=call.target,
-                decision="allow" if call.allowed else "deny",
-                reason=call.reason,
-                status=status if call.allowed else None,
-                latency_ms=latency,
-                args_sha256=call.args_sha256,
-            )
-
-
-def _who(principal: Principal | None) -> dict[str, Any]:
-    if principal is None:
-        return {}
-    return {
-        "sub": principal.subject,
-        "client_id": principal.client_id,
-        "idp": principal.idp_issuer,
-        "groups": principal.groups,
-    }
 
 
 def _digest(path: str) -> bytes | None:
@@ -675,13 +413,14 @@ def bind_socket(host: str, port: int) -> socket.socket:
 async def start_gateway(
     gateway: Gateway, *, sock: socket.socket | None = None, shutdown_timeout: float = 10.0
 ) -> tuple[web.AppRunner, str]:
-    """Start serving on ``sock`` (or bind ``listen`` from the config); returns the runner and base URL."""
+    """Start serving on ``sock`` (or bind ``listen`` from the config); returns the runner and base URL.
+    Client connections are guarded (gateway/listener.py): request-header deadline, connection cap."""
     if sock is None:
         sock = bind_socket(gateway.config.listen_host, gateway.config.listen_port)
     runner = web.AppRunner(
         gateway.make_app(), handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout
     )
     await runner.setup()
-    await web.SockSite(runner, sock).start()
+    await GuardedSite(runner, sock, ConnectionCounter(lambda: gateway.config.limits)).start()
     host, port = sock.getsockname()[:2]
     return runner, f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"

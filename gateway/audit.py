@@ -2,7 +2,7 @@
 
 Security teams ask "who did what, and what did we refuse?". Every grant, refusal, call and session
 mismatch becomes one line with a stable schema (README "Audit log"). Lines never contain tokens,
-secrets or tool arguments (only, if enabled, a SHA-256 of the arguments). Writing never blocks the
+secrets or tool arguments (only, if enabled, a keyed HMAC of the arguments). Writing never blocks the
 event loop: ``emit`` appends to a bounded queue and a background task writes batches from a worker
 thread; if the sink stalls long enough for the queue to fill, lines are dropped and counted rather
 than stalling MCP traffic.
@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
 import logging
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import IO, Any
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +40,28 @@ FIELDS = (
     "target",
     "decision",
     "reason",
+    "rule",
     "status",
     "latency_ms",
     "args_sha256",
 )
 
 
-def arguments_digest(arguments: Any) -> str:
-    """SHA-256 of the canonical JSON of tool arguments: correlates calls without storing them."""
-    canonical = json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+def argument_digester(secret_material: bytes) -> Callable[[Any], str]:
+    """HMAC-SHA256 (RFC 2104) of the canonical JSON of tool arguments: correlates calls without
+    storing them. Keyed, because a plain hash of a low-entropy argument (an amount, an account
+    number) is reversed by hashing every candidate; the key is derived with HKDF (RFC 5869) from the
+    gateway's signing key, so replicas sharing the key produce the same digests."""
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"mcp-gateway", info=b"audit-arguments/v1").derive(
+        secret_material
+    )
+
+    def digest(arguments: Any) -> str:
+        canonical = json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        # surrogatepass: JSON may carry lone surrogates ("\ud800"), which strict UTF-8 cannot encode.
+        return hmac.new(key, canonical.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
+
+    return digest
 
 
 class AuditLog:

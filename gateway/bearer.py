@@ -8,20 +8,19 @@ from the 401 alone.
 
 from __future__ import annotations
 
-import json
-
-from aiohttp import web
-
 from gateway.config import RouteConfig
 from gateway.oauth.access_token import AccessTokenService, InvalidToken, Principal
 
 
 class BearerChallenge(Exception):
-    """A 401/400 the gateway answers itself, with its ``WWW-Authenticate`` challenge."""
+    """A 401/400 the gateway answers itself, with its ``WWW-Authenticate`` challenge (RFC 6750 §3.1
+    error codes; ``error`` None when the request simply carried no token, §3)."""
 
-    def __init__(self, response: web.Response) -> None:
-        super().__init__(response.status)
-        self.response = response
+    def __init__(self, status: int, error: str | None, description: str) -> None:
+        super().__init__(description)
+        self.status = status
+        self.error = error
+        self.description = description
 
 
 def _quote(value: str) -> str:
@@ -42,36 +41,31 @@ def challenge_header(
     return "Bearer " + ", ".join(params)
 
 
-def challenge_response(
-    status: int, prm_url: str, scopes: tuple[str, ...], error: str | None, description: str
-) -> web.Response:
-    body = {"error": error or "unauthorized", "error_description": description}
-    return web.Response(
-        status=status,
-        text=json.dumps(body),
-        content_type="application/json",
-        headers={
-            "WWW-Authenticate": challenge_header(prm_url, scopes, error, description if error else None),
-            "Cache-Control": "no-store",
-        },
-    )
+def challenge_body(error: str | None, description: str) -> dict[str, str]:
+    return {"error": error or "unauthorized", "error_description": description}
+
+
+def challenge_headers(prm_url: str, scopes: tuple[str, ...], error: str | None, description: str) -> dict[str, str]:
+    return {
+        "WWW-Authenticate": challenge_header(prm_url, scopes, error, description if error else None),
+        "Cache-Control": "no-store",
+    }
 
 
 class BearerGuard:
     def __init__(self, tokens: AccessTokenService) -> None:
         self._tokens = tokens
 
-    def authenticate(self, request: web.Request, route: RouteConfig, prm_url: str) -> Principal:
-        values = request.headers.getall("Authorization", [])
+    def authenticate(self, authorization: list[str], route: RouteConfig) -> Principal:
+        """``authorization``: every Authorization header value of the request."""
+        values = authorization
         if len(values) > 1:
-            raise BearerChallenge(
-                challenge_response(400, prm_url, route.scopes, "invalid_request", "multiple Authorization headers")
-            )
+            raise BearerChallenge(400, "invalid_request", "multiple Authorization headers")
         scheme, _, token = values[0].partition(" ") if values else ("", "", "")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
-            raise BearerChallenge(challenge_response(401, prm_url, route.scopes, None, "a bearer token is required"))
+            raise BearerChallenge(401, None, "a bearer token is required")
         try:
             return self._tokens.verify(token, route.resource)
         except InvalidToken as exc:
-            raise BearerChallenge(challenge_response(401, prm_url, route.scopes, "invalid_token", str(exc))) from None
+            raise BearerChallenge(401, "invalid_token", str(exc)) from None

@@ -17,7 +17,9 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from gateway.policy import KINDS, RoutePolicy, RuleSet, describe_access, parse_rules
+from gateway.mcp_methods import KINDS
+from gateway.policy import RoutePolicy, RuleSet, describe_access, parse_rules
+from gateway.quotas import QuotaRule, parse_quotas
 from gateway.urls import canonical_url, origin_of
 
 TRANSPORTS = ("streamable-http", "sse")
@@ -37,6 +39,54 @@ _PASSWORD_PARAM = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
 # Headers the proxy owns; letting config set them would defeat token stripping or forwarding rules.
 _FORBIDDEN_UPSTREAM_HEADERS = frozenset(
     {"host", "authorization", "content-length", "transfer-encoding", "connection", "mcp-session-id"}
+)
+# The proxy vouches for these itself, so they are stripped even when strip_request_headers is set.
+ALWAYS_STRIPPED_REQUEST_HEADERS = ("X-Forwarded-*", "Forwarded", "X-Real-IP")
+# Client headers that claim a network origin or an identity which frameworks and auth proxies put in
+# front of servers commonly trust (or that rewrite the path or method an upstream sees): the gateway
+# is an upstream's only client, so none of them may pass from a client. '*' ends a prefix.
+DEFAULT_STRIP_REQUEST_HEADERS = (
+    *ALWAYS_STRIPPED_REQUEST_HEADERS,
+    "X-Client-IP",
+    "X-Cluster-Client-IP",
+    "True-Client-IP",
+    "CF-Connecting-IP",
+    "Fastly-Client-IP",
+    "X-Original-Forwarded-For",
+    "X-Remote-*",
+    "Remote-*",
+    "X-User",
+    "X-User-*",
+    "X-Email",
+    "X-Auth-*",
+    "X-Authenticated-*",
+    "X-MCP-Identity",
+    "X-Consumer-*",
+    "X-Userinfo",
+    "X-Id-Token",
+    "X-Access-Token",
+    "X-WebAuth-*",
+    "X-Goog-Authenticated-*",
+    "X-Amzn-Oidc-*",
+    "X-MS-Client-Principal*",
+    "X-SSL-Client-*",
+    "X-Client-Cert*",
+    "X-Original-URL",
+    "X-Rewrite-URL",
+    "X-HTTP-Method-Override",
+    "X-HTTP-Method",
+    "X-Method-Override",
+)
+_HEADER_PATTERN = re.compile(r"^[!#$%&'+.^_`|~0-9A-Za-z-]+\*?$")
+# Stripping these would break MCP itself (Streamable HTTP transport headers).
+_MCP_REQUEST_HEADERS = (
+    "Accept",
+    "Content-Type",
+    "Last-Event-ID",
+    "Mcp-Session-Id",
+    "MCP-Protocol-Version",
+    "Mcp-Method",
+    "Mcp-Name",
 )
 
 
@@ -78,6 +128,14 @@ class IdentityProviderConfig:
 
 
 @dataclass(frozen=True)
+class TokenRateLimitConfig:
+    """Token endpoint requests per client (EMA §7.5.1 SHOULD); ``requests_per_minute: 0`` disables it."""
+
+    requests_per_minute: int = 60
+    burst: int = 20
+
+
+@dataclass(frozen=True)
 class AuthorizationConfig:
     issuer: str
     identity_providers: tuple[IdentityProviderConfig, ...]
@@ -87,6 +145,7 @@ class AuthorizationConfig:
     clock_skew_seconds: int = 60
     max_assertion_lifetime_seconds: int = 600
     previous_signing_key_files: tuple[str, ...] = ()
+    token_rate_limit: TokenRateLimitConfig = TokenRateLimitConfig()
 
 
 @dataclass(frozen=True)
@@ -99,7 +158,9 @@ class RouteConfig:
     allow_groups: tuple[str, ...] | None = None
     scopes: tuple[str, ...] = ("mcp",)
     upstream_headers: tuple[tuple[str, Secret], ...] = ()
+    max_connections: int = 256
     policy: RoutePolicy = field(default_factory=RoutePolicy.unrestricted, compare=False)
+    quotas: tuple[QuotaRule, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)
@@ -110,6 +171,10 @@ class LimitsConfig:
     stream_keepalive_seconds: float = 15.0
     stream_idle_timeout_seconds: float = 0.0
     request_body_timeout_seconds: float = 30.0
+    request_header_timeout_seconds: float = 10.0
+    max_client_connections: int = 10_000
+    max_streams_per_principal: int = 32
+    upstream_pool_timeout_seconds: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -131,6 +196,7 @@ class GatewayConfig:
     audit_argument_hashes: bool = False
     shutdown_grace_seconds: float = 20.0
     reload_watch_seconds: float = 2.0
+    strip_request_headers: tuple[str, ...] = DEFAULT_STRIP_REQUEST_HEADERS
 
 
 class _Node:
@@ -300,6 +366,7 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None =
     reload_node = root.child("reload")
     watch = reload_node.number("watch_interval_seconds", 2.0, minimum=0, maximum=3600, integer=False)
     reload_node.finish()
+    strip_request_headers = _parse_strip_request_headers(root)
     root.finish()
     return GatewayConfig(
         source=source,
@@ -318,6 +385,7 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None =
         audit_argument_hashes=bool(audit_hashes),
         shutdown_grace_seconds=shutdown_grace,
         reload_watch_seconds=watch,
+        strip_request_headers=strip_request_headers,
     )
 
 
@@ -339,6 +407,10 @@ def _url(node: _Node, name: str, *, required: bool = False) -> str | None:
         _ = parts.port  # urlsplit accepts ':abc' and ':99999'; only reading .port rejects them
     except ValueError as exc:
         raise node.error(name, f"is not a valid URL ({exc})") from None
+    if "#" in value:
+        # urlsplit reports an empty fragment ('https://x#') as none, and canonical_url drops any:
+        # a configured URL with one would not be the identifier it appears to be (RFC 8707 §2).
+        raise node.error(name, "must not contain a fragment ('#')")
     if "@" in parts.netloc:
         # `check` prints URLs and the proxy logs them: credentials belong in upstream_headers (a Secret).
         raise node.error(name, "must not contain credentials (user:password@); use upstream_headers")
@@ -400,6 +472,22 @@ def _origin(node: _Node, value: str) -> str:
     return origin_of(value)
 
 
+def _parse_strip_request_headers(root: _Node) -> tuple[str, ...]:
+    patterns = root.string_list("strip_request_headers")
+    if patterns is None:
+        return DEFAULT_STRIP_REQUEST_HEADERS
+    for pattern in patterns:
+        if not _HEADER_PATTERN.match(pattern):
+            raise root.error(
+                "strip_request_headers", f"{pattern!r} is not a header name (or a prefix ending in '*', like X-Auth-*)"
+            )
+        prefix = pattern.lower().removesuffix("*")
+        for needed in _MCP_REQUEST_HEADERS:
+            if needed.lower() == prefix or (pattern.endswith("*") and needed.lower().startswith(prefix)):
+                raise root.error("strip_request_headers", f"{pattern!r} would strip {needed}, which MCP needs")
+    return patterns
+
+
 def _parse_limits(node: _Node) -> LimitsConfig:
     limits = LimitsConfig(
         max_request_bytes=node.number("max_request_bytes", 4 * 1024 * 1024, minimum=1024, maximum=1 << 30),
@@ -415,6 +503,14 @@ def _parse_limits(node: _Node) -> LimitsConfig:
         ),
         request_body_timeout_seconds=node.number(
             "request_body_timeout_seconds", 30.0, minimum=0.1, maximum=3600, integer=False
+        ),
+        request_header_timeout_seconds=node.number(
+            "request_header_timeout_seconds", 10.0, minimum=0.1, maximum=3600, integer=False
+        ),
+        max_client_connections=node.number("max_client_connections", 10_000, minimum=1, maximum=1_000_000),
+        max_streams_per_principal=node.number("max_streams_per_principal", 32, minimum=1, maximum=100_000),
+        upstream_pool_timeout_seconds=node.number(
+            "upstream_pool_timeout_seconds", 5.0, minimum=0.01, maximum=300, integer=False
         ),
     )
     node.finish()
@@ -449,11 +545,21 @@ def _parse_authorization(node: _Node, public_url: str, base_dir: Path | None) ->
         clock_skew_seconds=node.number("clock_skew_seconds", 60, minimum=0, maximum=300),
         max_assertion_lifetime_seconds=node.number("max_assertion_lifetime_seconds", 600, minimum=30, maximum=3600),
         previous_signing_key_files=tuple(previous_keys),
+        token_rate_limit=_parse_token_rate_limit(node.child("token_rate_limit")),
         clients=_parse_clients(node, base_dir),
         identity_providers=_parse_idps(node, issuer),
     )
     node.finish()
     return config
+
+
+def _parse_token_rate_limit(node: _Node) -> TokenRateLimitConfig:
+    limit = TokenRateLimitConfig(
+        requests_per_minute=node.number("requests_per_minute", 60, minimum=0, maximum=1_000_000),
+        burst=node.number("burst", 20, minimum=1, maximum=1_000_000),
+    )
+    node.finish()
+    return limit
 
 
 def _parse_clients(node: _Node, base_dir: Path | None) -> tuple[ClientConfig, ...]:
@@ -556,10 +662,25 @@ def _parse_route(item: _Node, public_url: str, earlier: list[RouteConfig]) -> Ro
         allow_groups=item.string_list("allow_groups"),
         scopes=scopes,
         upstream_headers=_parse_upstream_headers(item.child("upstream_headers")),
+        max_connections=item.number("max_connections", 256, minimum=1, maximum=100_000),
         policy=_parse_policy(item, scopes),
+        quotas=_parse_route_quotas(item),
     )
     item.finish()
     return route
+
+
+def _parse_route_quotas(item: _Node) -> tuple[QuotaRule, ...]:
+    def error(key: str, problem: str) -> ConfigError:
+        return ConfigError(item.source, key, problem)
+
+    if "quotas" in item.data and item.data["quotas"] is None:
+        raise item.error("quotas", "is empty: list quotas or remove the key")
+    quotas = parse_quotas(item.raw("quotas"), item.key("quotas"), error)
+    for i, quota in enumerate(quotas):
+        if quota.cost_source is not None:
+            raise error(f"{item.key('quotas')}[{i}].cost", "cost expressions are not supported yet (each call costs 1)")
+    return quotas
 
 
 def _parse_policy(item: _Node, scopes: tuple[str, ...]) -> RoutePolicy:
@@ -646,6 +767,8 @@ def describe(config: GatewayConfig, *, emit: Callable[[str], None], as_groups: f
             f"groups_claim={idp.groups_claim} algorithms={','.join(idp.algorithms)}"
         )
     emit(f"allowed origins: {', '.join(config.allowed_origins)}")
+    stripped = dict.fromkeys((*ALWAYS_STRIPPED_REQUEST_HEADERS, *config.strip_request_headers), None)
+    emit(f"stripped request headers: {', '.join(stripped)}")
     emit("routes:")
     for route in config.routes:
         groups = ", ".join(route.allow_groups) if route.allow_groups is not None else "any authenticated user"

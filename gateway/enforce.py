@@ -1,41 +1,42 @@
-"""Runtime policy applied to one client request's JSON-RPC messages, before anything is forwarded.
+"""Applying decisions to one client request: what is forwarded, what the gateway answers itself,
+and which results are rewritten on the way back.
 
-The decision is made on the JSON body, never on the 2026-07-28 ``Mcp-Method`` / ``Mcp-Name`` mirror
-headers alone (SPEC §5.2: intermediaries enforcing policy on mirrored headers must validate them
-against the body); a request whose headers and body disagree is refused, because an upstream that
-routes on headers while we authorize on the body would otherwise execute something we never checked.
-Batches are decided element by element: permitted elements are forwarded, denied ones are answered
-by the gateway and never reach the upstream. A named call is decided even when it lacks a usable
-``id`` (a notification, or ``"id": null``): the SDK servers ignore such a message, but a server
-that runs it anyway must not run something the gateway never checked.
+The messages were read strictly once (gateway/proxy/request_body.py) and classified purely
+(gateway/classify.py); each decidable message goes to the decision engine (gateway/engine.py). Batches
+are decided element by element: allowed elements are forwarded, refused ones are answered by the
+gateway and never reach the upstream. A named call is decided even when it has no ``id`` (a
+notification): the SDK servers ignore such a message, but a server that runs it anyway must not run
+something the gateway never checked. What is forwarded is the canonical JSON of the kept messages.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from multidict import MultiMapping
-
-from gateway.audit import arguments_digest
-from gateway.policy import CALL_METHODS, LIST_METHODS, Decision, RoutePolicy
-from gateway.proxy.jsonrpc import HANDSHAKE_METHODS, ResultRewriter, RpcMessage, advertise_ema_extension
+from gateway.classify import classify, decidable, header_mismatch
+from gateway.config import RouteConfig
+from gateway.engine import Decision, DecisionContext, DecisionEngine, Effect
+from gateway.mcp_methods import HANDSHAKE_METHODS, NOUNS
+from gateway.oauth.access_token import Principal
+from gateway.policy import RoutePolicy
+from gateway.proxy.jsonrpc import ResultRewriter, advertise_ema_extension
+from gateway.proxy.request_body import RpcBody, RpcMessage, canonical_json
 
 # JSON-RPC codes the gateway answers with (implementation-defined server errors, JSON-RPC 2.0 §5.1;
 # -32020 is MCP 2026-07-28's HeaderMismatch).
 FORBIDDEN = -32003
-COMPLETION_REFS = {"ref/prompt": ("prompts", "name"), "ref/resource": ("resources", "uri")}
+QUOTA_EXCEEDED = -32029
 HEADER_MISMATCH = -32020
+AUDIT_TARGET_CHARS = 256
 
 
 @dataclass(frozen=True)
 class CallRecord:
-    """One JSON-RPC request as decided, for the audit trail."""
+    """One JSON-RPC request as decided, for the audit trail and metrics."""
 
     method: str
     kind: str | None
@@ -43,6 +44,7 @@ class CallRecord:
     allowed: bool
     reason: str
     args_sha256: str | None = None
+    rule: str | None = None
 
 
 @dataclass
@@ -57,132 +59,85 @@ class Plan:
     request_id: Any = None  # the first request's id, for gateway-made error bodies
 
 
-def _decode_header(value: str) -> str:
-    """MCP 2026-07-28 mirrors non-ASCII values as ``=?base64?...?=``."""
-    if value.startswith("=?base64?") and value.endswith("?="):
-        try:
-            return base64.b64decode(value[9:-2], validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
-            return value
-    return value
+def list_filter_for(policy: RoutePolicy, groups: frozenset[str]) -> ResultRewriter:
+    """A rewriter that filters every list-shaped result for ``groups`` (none needed on open routes)."""
+    return ResultRewriter(partial(policy.filter_lists, groups=groups) if policy.restricts_lists else None)
 
 
-def _target(message: RpcMessage) -> tuple[str | None, str | None]:
-    if message.method == "completion/complete":
-        # Completions reveal a prompt's or resource template's arguments: same rule as using it.
-        ref = (message.params or {}).get("ref")
-        if isinstance(ref, dict) and ref.get("type") in COMPLETION_REFS:
-            kind, key = COMPLETION_REFS[ref["type"]]
-            value = ref.get(key)
-            return kind, value if isinstance(value, str) else None
-        return None, None
-    spec = CALL_METHODS.get(message.method or "")
-    if spec is None:
-        return None, None
-    kind, key = spec
-    value = (message.params or {}).get(key)
-    return kind, value if isinstance(value, str) else None
+def stream_plan(policy: RoutePolicy, groups: frozenset[str]) -> Plan:
+    """GET and DELETE: nothing to decide or forward, but whatever the stream carries is filtered."""
+    return Plan(forward_body=None, rewriter=list_filter_for(policy, groups))
 
 
-def plan_request(
-    body: bytes,
-    messages: list[RpcMessage] | None,
+async def plan_request(
+    rpc: RpcBody,
     headers: Mapping[str, str],
-    policy: RoutePolicy,
-    groups: frozenset[str],
-    scopes: tuple[str, ...],
+    engine: DecisionEngine,
+    principal: Principal,
+    route: RouteConfig,
     *,
-    route_name: str,
-    hash_arguments: bool = False,
+    digest_arguments: Callable[[Any], str] | None = None,
 ) -> Plan:
-    if messages is None:
-        return Plan(forward_body=body)
-    # More than one message is a batch however the body starts (a UTF-8 BOM before '[', say).
-    batch = body.lstrip()[:1] == b"[" or len(messages) > 1
-    plan = Plan(forward_body=body, batch=batch, request_id=next((m.id for m in messages if m.is_request), None))
-    plan.mismatch = _header_mismatch(messages, headers, batch)
+    """Decide every message of one request; ``forward_body`` is the canonical JSON of the messages
+    allowed through (None when none is), so the upstream reads exactly what was decided."""
+    messages, batch = rpc.messages, rpc.batch
+    plan = Plan(
+        forward_body=None,
+        batch=batch,
+        rewriter=list_filter_for(route.policy, frozenset(principal.groups)),
+        request_id=next((m.id for m in messages if m.is_request), None),
+    )
+    plan.mismatch = header_mismatch(messages, headers, batch)
     if plan.mismatch:
         return plan
     missing: list[str] = []
     kept: list[dict[str, Any]] = []
+    now = time.time()
     for message in messages:
-        if message.method is None or not (message.is_request or message.method in CALL_METHODS):
+        if not decidable(message):
             kept.append(message.raw)
             continue
-        missing.extend(s for s in policy.missing_scopes(message.method, scopes) if s not in missing)
-        kind, target = _target(message)
-        if kind is not None:
-            decision = _decide(policy, kind, target, groups)
-            digest = None
-            if hash_arguments and message.method == "tools/call":
-                digest = arguments_digest((message.params or {}).get("arguments"))
-            plan.calls.append(CallRecord(message.method, kind, target, decision.allowed, decision.reason, digest))
-            if not decision.allowed:
-                plan.local_responses.append(_forbidden(message, kind, target, route_name))
-                continue
-        else:
-            plan.calls.append(CallRecord(message.method, kind, target, True, "not a named call"))
-        if message.is_request and message.method in LIST_METHODS:
-            plan.rewriter.expect(message.id, partial(policy.filter_list, message.method, groups=groups))
-        elif message.is_request and message.method in HANDSHAKE_METHODS:
+        call = classify(message)
+        decision = await engine.decide(DecisionContext(principal, route, call, now))
+        if decision.effect is Effect.STEP_UP:
+            missing.extend(s for s in decision.missing_scopes if s not in missing)
+            continue
+        digest = None
+        if digest_arguments is not None and call.method == "tools/call":
+            digest = digest_arguments(call.arguments)
+        target = _for_audit(call.target)
+        record = CallRecord(call.method, call.kind, target, decision.allowed, decision.reason, digest, decision.rule)
+        plan.calls.append(record)
+        if not decision.allowed:
+            plan.local_responses.append(_refused(message, call.kind, call.target, route.name, decision))
+            continue
+        if message.is_request and call.method in HANDSHAKE_METHODS:
             plan.rewriter.expect(message.id, advertise_ema_extension)
         kept.append(message.raw)
     plan.missing_scopes = tuple(missing)
-    if plan.local_responses:
-        if not kept:
-            plan.forward_body = None
-        else:
-            plan.forward_body = json.dumps(kept if batch else kept[0], separators=(",", ":")).encode()
+    if kept:
+        plan.forward_body = canonical_json(kept if batch else kept[0])
     return plan
 
 
-def _decide(policy: RoutePolicy, kind: str, target: str | None, groups: frozenset[str]) -> Decision:
-    rules = policy.rules_for(kind)
-    if target is None:
-        # No string name to match (missing, a list, a number): a restricted kind refuses it rather
-        # than let the upstream interpret (or coerce) what the gateway could not check.
-        return Decision(True, "no rules") if rules.unrestricted else Decision(False, "no name to check")
-    return rules.decide(groups, target)
+def _for_audit(target: str | None) -> str | None:
+    """Audit lines carry at most a bounded prefix of a client-chosen name."""
+    if target is None or len(target) <= AUDIT_TARGET_CHARS:
+        return target
+    return target[:AUDIT_TARGET_CHARS] + "..."
 
 
-def _header_values(headers: Mapping[str, str], name: str) -> list[str]:
-    if isinstance(headers, MultiMapping):
-        return headers.getall(name, [])
-    value = headers.get(name)
-    return [] if value is None else [value]
-
-
-def _header_mismatch(messages: list[RpcMessage], headers: Mapping[str, str], batch: bool) -> str | None:
-    methods = _header_values(headers, "Mcp-Method")
-    names = _header_values(headers, "Mcp-Name")
-    if not methods and not names:
-        return None
-    if batch:
-        return "Mcp-Method/Mcp-Name headers cannot describe a batch"
-    if len(methods) > 1 or len(names) > 1:
-        # Servers differ on which copy they read (first, last, or both joined): only one is checked.
-        return "Mcp-Method/Mcp-Name headers must not be repeated"
-    header_method = methods[0] if methods else None
-    header_name = names[0] if names else None
-    message = messages[0]
-    if header_method is not None and _decode_header(header_method) != message.method:
-        return "Mcp-Method header does not match the body"
-    if header_name is not None:
-        _, target = _target(message)
-        if _decode_header(header_name) != target:
-            return "Mcp-Name header does not match the body"
-    return None
-
-
-def _forbidden(message: RpcMessage, kind: str, target: str | None, route_name: str) -> dict[str, Any]:
-    noun = {"tools": "tool", "resources": "resource", "prompts": "prompt"}[kind]
-    what = f"{noun} '{target}'" if target is not None else f"{noun} without a string name"
-    return {
-        "jsonrpc": "2.0",
-        "id": message.id,
-        "error": {
-            "code": FORBIDDEN,
-            "message": f"Forbidden: {what} is not permitted for you on route '{route_name}'",
-            "data": {"reason": "policy", "method": message.method},
-        },
-    }
+def _refused(
+    message: RpcMessage, kind: str | None, target: str | None, route_name: str, decision: Decision
+) -> dict[str, Any]:
+    noun = NOUNS.get(kind or "", "request")
+    what = f"{noun} '{_for_audit(target)}'" if target is not None else f"{noun} without a string name"
+    if decision.effect is Effect.THROTTLE:
+        code, text = QUOTA_EXCEEDED, f"Quota exceeded: {what} on route '{route_name}' ({decision.reason})"
+    else:
+        code, text = FORBIDDEN, f"Forbidden: {what} is not permitted for you on route '{route_name}'"
+    data: dict[str, Any] = {"reason": "policy", "method": message.method}
+    if decision.rule is not None:
+        data["rule"] = decision.rule
+    data.update(decision.data or {})
+    return {"jsonrpc": "2.0", "id": message.id, "error": {"code": code, "message": text, "data": data}}

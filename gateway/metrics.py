@@ -17,32 +17,12 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from gateway import __version__
+from gateway.mcp_methods import METHODS
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 NO_ROUTE = "none"
 # JSON-RPC methods kept as label values; others are counted as "other".
-KNOWN_METHODS = frozenset(
-    {
-        "initialize",
-        "server/discover",
-        "ping",
-        "tools/list",
-        "tools/call",
-        "resources/list",
-        "resources/templates/list",
-        "resources/read",
-        "resources/subscribe",
-        "resources/unsubscribe",
-        "prompts/list",
-        "prompts/get",
-        "completion/complete",
-        "logging/setLevel",
-        "subscriptions/listen",
-        "notification",
-        "response",
-        "batch",
-    }
-)
+KNOWN_METHODS = frozenset(METHODS) | {"notification", "response", "batch"}
 # HTTP methods without a JSON-RPC body get their own classes.
 HTTP_CLASSES = {"GET": "stream", "DELETE": "session_delete"}
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)

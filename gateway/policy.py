@@ -16,29 +16,30 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-KINDS = ("tools", "resources", "prompts")
-ANY_GROUP = "*"
+from gateway.mcp_methods import KINDS, LIST_RESULT_KEYS
 
-# Requests that act on one named item: (kind, params key holding the name).
-CALL_METHODS: Mapping[str, tuple[str, str]] = {
-    "tools/call": ("tools", "name"),
-    "resources/read": ("resources", "uri"),
-    "resources/subscribe": ("resources", "uri"),
-    "resources/unsubscribe": ("resources", "uri"),
-    "prompts/get": ("prompts", "name"),
-}
-# List results to filter: method -> (kind, result key, item key holding the name).
-LIST_METHODS: Mapping[str, tuple[str, str, str]] = {
-    "tools/list": ("tools", "tools", "name"),
-    "resources/list": ("resources", "resources", "uri"),
-    "resources/templates/list": ("resources", "resourceTemplates", "uriTemplate"),
-    "prompts/list": ("prompts", "prompts", "name"),
-}
+ANY_GROUP = "*"
+_RULE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\[\]-]{0,63}$")
+# Names and URIs longer than this are refused before any decision or cache: MCP tool names are at
+# most 128 characters (2025-11-25 "Tool names"), and attacker-sized strings must not fill caches.
+MAX_TARGET_CHARS = 1024
+# Dot segments (RFC 3986 §3.3), their ';'-parameter forms that Tomcat/Jetty-style servers still
+# resolve, and percent-encoded '.', '/' and '\\' let one URI match a glob and name another resource.
+_UNSAFE_URI = re.compile(r"(?:^|[/\\])\.{1,2}(?:;[^/\\]*)?(?:[/\\?#]|$)|%2e|%2f|%5c|\\", re.IGNORECASE)
+
+
+def target_problem(kind: str, target: str) -> str | None:
+    """Why ``target`` cannot be decided on by name at all, or None."""
+    if len(target) > MAX_TARGET_CHARS:
+        return f"name longer than {MAX_TARGET_CHARS} characters"
+    if kind == "resources" and _UNSAFE_URI.search(target):
+        return "resource URI with dot segments or encoded separators"
+    return None
 
 
 def _compile(patterns: Iterable[str]) -> re.Pattern[str] | None:
@@ -53,13 +54,16 @@ class Rule:
     groups: frozenset[str]
     allow: tuple[str, ...] = ()
     deny: tuple[str, ...] = ()
+    id: str = ""  # ``id`` from the config, else its place: "tools[0]"
     _allow: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
     _deny: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def make(cls, groups: Iterable[str], allow: Iterable[str] = (), deny: Iterable[str] = ()) -> Rule:
+    def make(
+        cls, groups: Iterable[str], allow: Iterable[str] = (), deny: Iterable[str] = (), rule_id: str = ""
+    ) -> Rule:
         allow, deny = tuple(allow), tuple(deny)
-        return cls(frozenset(groups), allow, deny, _compile(allow), _compile(deny))
+        return cls(frozenset(groups), allow, deny, rule_id, _compile(allow), _compile(deny))
 
     def applies_to(self, groups: frozenset[str]) -> bool:
         return ANY_GROUP in self.groups or not self.groups.isdisjoint(groups)
@@ -67,8 +71,11 @@ class Rule:
 
 @dataclass(frozen=True)
 class Decision:
+    """What a kind's rules say about one name (the engine's input, gateway/engine.py)."""
+
     allowed: bool
     reason: str
+    rule: str | None = None
 
 
 class RuleSet:
@@ -90,12 +97,12 @@ class RuleSet:
             if not rule.applies_to(groups):
                 continue
             if rule._deny is not None and rule._deny.match(name):
-                return Decision(False, f"denied by {','.join(sorted(rule.groups))} rule")
+                return Decision(False, f"denied by {','.join(sorted(rule.groups))} rule", rule.id or None)
             if allowed_by is None and rule._allow is not None and rule._allow.match(name):
                 allowed_by = rule
         if allowed_by is None:
             return Decision(False, "no rule allows it")
-        return Decision(True, f"allowed by {','.join(sorted(allowed_by.groups))} rule")
+        return Decision(True, f"allowed by {','.join(sorted(allowed_by.groups))} rule", allowed_by.id or None)
 
 
 @dataclass(frozen=True)
@@ -124,20 +131,28 @@ class RoutePolicy:
                 missing.extend(s for s in needed if s not in have and s not in missing)
         return tuple(missing)
 
-    def filter_list(self, method: str, result: dict[str, Any], groups: frozenset[str]) -> dict[str, Any]:
-        kind, key, item_key = LIST_METHODS[method]
+    @property
+    def restricts_lists(self) -> bool:
+        return not (self.tools.unrestricted and self.resources.unrestricted and self.prompts.unrestricted)
+
+    def permits(self, kind: str, name: Any, groups: frozenset[str]) -> bool:
         rules = self.rules_for(kind)
-        items = result.get(key)
-        if rules.unrestricted or not isinstance(items, list):
-            return result
-        kept = [
-            item
-            for item in items
-            if isinstance(item, dict)
-            and isinstance(item.get(item_key), str)
-            and rules.decide(groups, item[item_key]).allowed
-        ]
-        return {**result, key: kept}
+        if rules.unrestricted:
+            return True
+        return isinstance(name, str) and target_problem(kind, name) is None and rules.decide(groups, name).allowed
+
+    def filter_lists(self, result: dict[str, Any], groups: frozenset[str]) -> dict[str, Any]:
+        """Drop the entries ``groups`` may not use from every list in a result, recognised by shape
+        (``tools``, ``resources``, ``resourceTemplates``, ``prompts``), whatever request it answers."""
+        filtered = result
+        for key, (kind, item_key) in LIST_RESULT_KEYS.items():
+            items = result.get(key)
+            if not isinstance(items, list) or self.rules_for(kind).unrestricted:
+                continue
+            kept = [item for item in items if isinstance(item, dict) and self.permits(kind, item.get(item_key), groups)]
+            if len(kept) != len(items):
+                filtered = {**filtered, key: kept}
+        return filtered
 
 
 def parse_rules(value: Any, key: str, error: Any) -> tuple[Rule, ...] | None:
@@ -147,13 +162,14 @@ def parse_rules(value: Any, key: str, error: Any) -> tuple[Rule, ...] | None:
     if not isinstance(value, list):
         raise error(key, "must be a list of rules ({groups, allow, deny})")
     rules = []
+    seen_ids: set[str] = set()
     for i, item in enumerate(value):
         where = f"{key}[{i}]"
         if not isinstance(item, dict):
             raise error(where, "must be a mapping with groups, allow and/or deny")
-        unknown = sorted(set(item) - {"groups", "allow", "deny"})
+        unknown = sorted(set(item) - {"id", "groups", "allow", "deny"})
         if unknown:
-            raise error(f"{where}.{unknown[0]}", "unknown key (expected groups, allow, deny)")
+            raise error(f"{where}.{unknown[0]}", "unknown key (expected id, groups, allow, deny)")
         lists = {}
         for name in ("groups", "allow", "deny"):
             entries = item.get(name, [])
@@ -164,7 +180,13 @@ def parse_rules(value: Any, key: str, error: Any) -> tuple[Rule, ...] | None:
             raise error(f"{where}.groups", 'is required (use ["*"] for every user)')
         if not lists["allow"] and not lists["deny"]:
             raise error(where, "needs allow and/or deny patterns")
-        rules.append(Rule.make(lists["groups"], lists["allow"], lists["deny"]))
+        rule_id = item.get("id", f"{key.rpartition('.')[2]}[{i}]")
+        if not isinstance(rule_id, str) or not _RULE_ID.match(rule_id):
+            raise error(f"{where}.id", "must be 1-64 letters, digits, '_', '-', '.', '[' or ']'")
+        if rule_id in seen_ids:
+            raise error(f"{where}.id", f"duplicate rule id '{rule_id}'")
+        seen_ids.add(rule_id)
+        rules.append(Rule.make(lists["groups"], lists["allow"], lists["deny"], rule_id))
     return tuple(rules)
 
 

@@ -5,31 +5,41 @@ succeeds does the gateway switch to it, so an invalid config never half-applies.
 snapshot (``runtime = gateway.runtime``) and use it throughout, so a request in flight during a
 reload finishes with a consistent view. Parts whose settings did not change are carried over: the
 upstream connection pools (live streams keep flowing), the IdP key sets (no refetch), the signing
-keys (tokens stay valid).
+keys (tokens stay valid). A signing key that a reload replaces keeps verifying only until it retires
+(``PreviousKey``).
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from urllib.parse import urlsplit
+from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 
+from gateway.audit import argument_digester
 from gateway.bearer import BearerGuard
-from gateway.config import GatewayConfig, RouteConfig
+from gateway.config import AuthorizationConfig, GatewayConfig, RouteConfig
+from gateway.engine import DecisionEngine
 from gateway.metrics import Metrics
-from gateway.oauth.access_token import AccessTokenService
+from gateway.oauth.access_token import AccessTokenService, PreviousKey
 from gateway.oauth.client_auth import ClientAuthenticator
 from gateway.oauth.idjag import IdJagValidator
 from gateway.oauth.jwks import KeyRing
 from gateway.oauth.keys import SigningKey, load_signing_key
+from gateway.oauth.rate_limit import ClientRateLimiter
 from gateway.oauth.replay import ReplayStore
 from gateway.oauth.token_endpoint import GrantOutcome, TokenEndpoint
 from gateway.proxy.forward import Upstream
+from gateway.proxy.headers import RequestHeaderRules
 from gateway.proxy.origin import OriginPolicy
+from gateway.quotas import QuotaStore
 from gateway.routes import RouteTable
 from gateway.sessions import SessionBinder, derive_session_key
+
+log = logging.getLogger(__name__)
 
 
 class ReloadRefused(Exception):
@@ -37,7 +47,16 @@ class ReloadRefused(Exception):
 
 
 def _upstream_key(route: RouteConfig, config: GatewayConfig) -> tuple[object, ...]:
-    return (route.name, route.upstream, route.transport, route.upstream_headers, config.limits, config.public_url)
+    return (
+        route.name,
+        route.upstream,
+        route.transport,
+        route.upstream_headers,
+        route.max_connections,
+        config.limits,
+        config.public_url,
+        config.strip_request_headers,
+    )
 
 
 @dataclass
@@ -46,13 +65,16 @@ class Runtime:
     routes: RouteTable
     origins: OriginPolicy
     signing_key: SigningKey
-    previous_keys: tuple[SigningKey, ...]
+    previous_keys: tuple[PreviousKey, ...]
     tokens: AccessTokenService
     guard: BearerGuard
     keys: KeyRing
     token_endpoint: TokenEndpoint
     upstreams: dict[str, Upstream]
     sessions: SessionBinder
+    # audit.argument_hashes: the keyed digest of tool arguments written to audit lines, or None.
+    argument_digest: Callable[[Any], str] | None = None
+    engine: DecisionEngine = field(default_factory=DecisionEngine)
 
     def is_revoked(self, subject: str, client_id: str) -> bool:
         """Revocation from config (``revoked``): applied to new grants and to live tokens at once."""
@@ -64,12 +86,14 @@ class Runtime:
         config: GatewayConfig,
         *,
         replay_store: ReplayStore,
+        quota_store: QuotaStore | None = None,
         idp_session: Callable[[], aiohttp.ClientSession],
         on_grant: Callable[[GrantOutcome], None],
         jwks_min_refresh_seconds: float,
         metrics: Metrics,
         signing_key: SigningKey | None = None,
         previous: Runtime | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> Runtime:
         """Raises ConfigError / SigningKeyError / ReloadRefused without touching ``previous``."""
         if previous is not None:
@@ -80,13 +104,10 @@ class Runtime:
                 signing_key = previous.signing_key
             else:
                 signing_key = load_signing_key(auth.signing_key_file)
-        previous_keys = tuple(SigningKey.from_file(path) for path in auth.previous_signing_key_files)
-        if previous is not None and previous.signing_key.kid != signing_key.kid:
-            # A key replaced by reload stays valid for verification until its tokens have expired.
-            previous_keys = (previous.signing_key, *previous_keys)
+        previous_keys = _previous_keys(auth, signing_key, previous, clock())
         routes = RouteTable(config.routes)
         tokens = AccessTokenService(
-            signing_key, auth.issuer, auth.access_token_ttl_seconds, previous_keys=previous_keys
+            signing_key, auth.issuer, auth.access_token_ttl_seconds, previous_keys=previous_keys, clock=clock
         )
         keys = KeyRing(
             auth.identity_providers,
@@ -107,6 +128,8 @@ class Runtime:
             token_endpoint=None,  # type: ignore[arg-type]  # set below: it needs is_revoked
             upstreams=_carry_upstreams(config, previous, metrics),
             sessions=SessionBinder(derive_session_key(signing_key.secret_material)),
+            argument_digest=argument_digester(signing_key.secret_material) if config.audit_argument_hashes else None,
+            engine=DecisionEngine(quota_store),
         )
         runtime.token_endpoint = TokenEndpoint(
             ClientAuthenticator(auth.clients),
@@ -114,6 +137,11 @@ class Runtime:
             tokens,
             on_outcome=on_grant,
             is_revoked=runtime.is_revoked,
+            rate_limiter=(
+                ClientRateLimiter(auth.token_rate_limit, (c.client_id for c in auth.clients))
+                if auth.token_rate_limit.requests_per_minute
+                else None
+            ),
         )
         return runtime
 
@@ -122,13 +150,42 @@ class Runtime:
         return [u for u in self.upstreams.values() if id(u) not in kept]
 
 
+def _previous_keys(
+    auth: AuthorizationConfig, signing_key: SigningKey, previous: Runtime | None, now: float
+) -> tuple[PreviousKey, ...]:
+    """The keys that verify but no longer sign, each with its retire time (see ``PreviousKey``).
+
+    A key this reload replaces stopped signing now, after issuing tokens of the old TTL. A key in
+    ``previous_signing_key_files`` keeps the retire time this process already gave it; one new here
+    stops signing now as far as this process can know (other replicas may still sign with it during
+    a rollout: their tokens are refused here once it retires, and clients fetch new ones)."""
+    skew = auth.clock_skew_seconds
+    known = {p.key.kid: p for p in previous.previous_keys} if previous is not None else {}
+    keys: dict[str, PreviousKey] = {}
+    if previous is not None and previous.signing_key.kid != signing_key.kid:
+        old_ttl = previous.config.authorization.access_token_ttl_seconds
+        keys[previous.signing_key.kid] = PreviousKey(previous.signing_key, now + old_ttl + skew)
+    for path in auth.previous_signing_key_files:
+        key = SigningKey.from_file(path)
+        if key.kid != signing_key.kid and key.kid not in keys:
+            keys[key.kid] = known.get(key.kid) or PreviousKey(key, now + auth.access_token_ttl_seconds + skew)
+    for kid, entry in keys.items():
+        if kid not in known:
+            log.info(
+                "signing key %s no longer signs; it verifies access tokens until %s",
+                kid,
+                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry.retire_at)),
+            )
+    return tuple(keys.values())
+
+
 def _carry_upstreams(config: GatewayConfig, previous: Runtime | None, metrics: Metrics) -> dict[str, Upstream]:
     old = {}
     if previous is not None:
         old = {_upstream_key(u.route, previous.config): u for u in previous.upstreams.values()}
-    scheme = urlsplit(config.public_url).scheme
+    rules = RequestHeaderRules(config.strip_request_headers, config.public_url)
     return {
-        r.name: old.get(_upstream_key(r, config)) or Upstream(r, config.limits, scheme, metrics) for r in config.routes
+        r.name: old.get(_upstream_key(r, config)) or Upstream(r, config.limits, rules, metrics) for r in config.routes
     }
 
 

@@ -29,6 +29,22 @@ def canonical_url(url: str) -> str:
     return urlunsplit((scheme, netloc, path, parts.query, ""))
 
 
+def resource_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a resource indicator, or None. Checked on the string as sent, before
+    ``canonical_url``, which drops a fragment and ignores userinfo: RFC 8707 §2 says the value "MUST
+    NOT include a fragment component", and userinfo would let ``https://mcp.example.com@evil/`` or
+    ``https://user@mcp.example.com/`` stand for a route it does not spell."""
+    if "#" in value:
+        return "must not include a fragment (RFC 8707 §2)"
+    try:
+        netloc = urlsplit(value).netloc
+    except ValueError:
+        return "is not a valid URL"
+    if "@" in netloc:
+        return "must not include userinfo (user@)"
+    return None
+
+
 def origin_of(url: str) -> str:
     """The RFC 6454 origin (scheme://host[:port]) of a URL, in canonical form."""
     parts = urlsplit(canonical_url(url))

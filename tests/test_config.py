@@ -107,6 +107,26 @@ INVALID = [
     pytest.param(
         {"public_url": "https://mcp.example.com?tenant=a"}, "public_url", "must be an origin", id="public-url-query"
     ),
+    pytest.param({"public_url": "https://mcp.example.com#"}, "public_url", "fragment", id="public-url-empty-fragment"),
+    pytest.param({"public_url": "https://mcp.example.com#a"}, "public_url", "fragment", id="public-url-fragment"),
+    pytest.param(
+        {"public_url": "https://ops@mcp.example.com"},
+        "public_url",
+        "must not contain credentials",
+        id="public-url-userinfo",
+    ),
+    pytest.param(
+        {"authorization.issuer": "https://mcp.example.com#x"},
+        "authorization.issuer",
+        "must not contain a fragment",
+        id="issuer-fragment",
+    ),
+    pytest.param(
+        {"routes[2].upstream": "http://wiki-mcp:8000/sse#"},
+        "routes[2].upstream",
+        "must not contain a fragment",
+        id="upstream-empty-fragment",
+    ),
     pytest.param({"listen": "0.0.0.0"}, "listen", "must be host:port, got '0.0.0.0'", id="listen-without-port"),
     pytest.param({"listen": ":8080"}, "listen", "must be host:port", id="listen-without-host"),
     pytest.param({"listen": "0.0.0.0:65536"}, "listen", "must be host:port", id="listen-port-out-of-range"),

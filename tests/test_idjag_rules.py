@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import json
 import time
+import urllib.parse
 from typing import Any
 
 import aiohttp
@@ -20,9 +21,11 @@ from jose import jwt
 from gateway.devidp import DevIdentityProvider
 from tests.support.harness import (
     CLIENT_ID,
+    JWT_BEARER,
     OTHER_CLIENT_ID,
     OTHER_CLIENT_SECRET,
     GatewayHarness,
+    running_gateway,
     start_harness,
 )
 
@@ -131,6 +134,64 @@ async def test_rule_client_auth_basic_wrong_secret_is_invalid_client(gw: Gateway
 
 async def test_rule_client_auth_basic_is_accepted(gw: GatewayHarness) -> None:
     await expect_token(gw, gw.id_jag(), basic=True)
+
+
+# RFC 6749 §2.3.1: id and secret are form-urlencoded before base64. Both contain every character
+# the encoding changes: ' ' (written '+'), '+', '%' and ':' (the Basic separator).
+ODD_CLIENT_ID = "acme agent+1%:ops"
+ODD_CLIENT_SECRET = "s3cret with space+plus%25:colon"
+# A client whose id needs no encoding, as the TypeScript SDK (which skips it) can use.
+RAW_CLIENT_ID = "raw-agent"
+RAW_CLIENT_SECRET = "raw secret+with%2Bplus"
+
+
+def basic(client_id: str, secret: str, encode: Any) -> str:
+    return "Basic " + base64.b64encode(f"{encode(client_id)}:{encode(secret)}".encode()).decode()
+
+
+@pytest.fixture(scope="module")
+async def odd_clients_gw(idp: DevIdentityProvider, upstream_json) -> Any:
+    clients = [
+        {"client_id": ODD_CLIENT_ID, "client_secret": ODD_CLIENT_SECRET},
+        {"client_id": RAW_CLIENT_ID, "client_secret": RAW_CLIENT_SECRET},
+    ]
+    routes = [{"name": "json", "path": "/json/mcp", "upstream": upstream_json.mcp_url}]
+    async with running_gateway(idp, routes, authorization={"clients": clients}) as harness:
+        yield harness
+
+
+async def basic_token_request(h: GatewayHarness, client_id: str, authorization: str) -> tuple[int, dict[str, Any]]:
+    form = {"grant_type": JWT_BEARER, "assertion": h.id_jag(client_id=client_id)}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(h.token_endpoint, data=form, headers={"Authorization": authorization}) as response:
+            return response.status, await response.json()
+
+
+@pytest.mark.parametrize(
+    "encode",
+    [
+        lambda v: urllib.parse.quote_plus(v, safe=""),  # RFC 6749 §2.3.1 / HTML forms: ' ' -> '+'
+        lambda v: urllib.parse.quote(v, safe=""),  # the Python SDK: ' ' -> '%20'
+    ],
+    ids=["form-plus", "percent-20"],
+)
+async def test_rule_client_auth_basic_credentials_are_form_urlencoded(odd_clients_gw: GatewayHarness, encode) -> None:
+    status, body = await basic_token_request(
+        odd_clients_gw, ODD_CLIENT_ID, basic(ODD_CLIENT_ID, ODD_CLIENT_SECRET, encode)
+    )
+    assert status == 200, body
+    wrong = basic(ODD_CLIENT_ID, ODD_CLIENT_SECRET.replace(" ", "_"), encode)
+    status, body = await basic_token_request(odd_clients_gw, ODD_CLIENT_ID, wrong)
+    assert (status, body["error"]) == (401, "invalid_client")
+
+
+async def test_rule_client_auth_basic_credentials_are_also_tried_as_sent(odd_clients_gw: GatewayHarness) -> None:
+    """The TypeScript SDK's btoa(id:secret): '+' and '%2B' in the secret are literal there."""
+    raw = "Basic " + base64.b64encode(f"{RAW_CLIENT_ID}:{RAW_CLIENT_SECRET}".encode()).decode()
+    status, body = await basic_token_request(odd_clients_gw, RAW_CLIENT_ID, raw)
+    assert status == 200, body
+    encoded = basic(RAW_CLIENT_ID, RAW_CLIENT_SECRET, lambda v: urllib.parse.quote_plus(v, safe=""))
+    assert (await basic_token_request(odd_clients_gw, RAW_CLIENT_ID, encoded))[0] == 200
 
 
 async def test_rule_client_auth_public_client_is_refused(gw: GatewayHarness) -> None:
@@ -314,6 +375,34 @@ async def test_rule_time_non_numeric_exp_is_refused(gw: GatewayHarness, exp: Any
     await expect_error(gw, gw.id_jag(exp=exp), "invalid_grant")
 
 
+@pytest.mark.parametrize("claim", ["exp", "iat", "nbf"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+async def test_rule_time_non_finite_time_claim_is_refused(gw: GatewayHarness, claim: str, value: float) -> None:
+    """json.dumps writes NaN / Infinity / -Infinity, which Python's json would read back."""
+    body = await expect_error(gw, gw.id_jag(**{claim: value}), "invalid_grant")
+    assert "JSON number" in body["error_description"]
+
+
+@pytest.mark.parametrize("claim", ["exp", "iat", "nbf"])
+@pytest.mark.parametrize("kind", ["fraction", "string", "huge", "negative"])
+async def test_rule_time_claims_must_be_integer_numeric_dates(gw: GatewayHarness, claim: str, kind: str) -> None:
+    now = int(time.time())
+    value = {"fraction": now + 0.5, "string": str(now), "huge": 10**400, "negative": -1}[kind]
+    body = await expect_error(gw, gw.id_jag(**{claim: value}), "invalid_grant")
+    assert f"valid {claim}" in body["error_description"]
+
+
+async def test_rule_claims_non_finite_number_anywhere_is_refused(gw: GatewayHarness) -> None:
+    body = await expect_error(gw, gw.id_jag(extra={"deep": [1, float("nan")]}), "invalid_grant")
+    assert "NaN is not a JSON number" in body["error_description"]
+
+
+async def test_rule_claims_non_finite_number_in_the_header_is_refused(gw: GatewayHarness) -> None:
+    assertion = gw.idp.sign(gw.id_jag_claims(), headers={"x": float("-inf")})
+    body = await expect_error(gw, assertion, "invalid_grant")
+    assert "-Infinity is not a JSON number" in body["error_description"]
+
+
 # -- 12. jti and replay ----------------------------------------------------------------------
 
 
@@ -394,6 +483,43 @@ async def test_rule_resource_array_with_request_parameter_selects_one(gw: Gatewa
 
 async def test_rule_resource_malformed_claim_is_refused(gw: GatewayHarness) -> None:
     await expect_error(gw, gw.id_jag(None, resource={"url": "x"}), "invalid_grant")
+
+
+def spelled_with(resource: str, kind: str) -> str:
+    """``resource`` with a fragment or userinfo that canonical_url would drop or ignore."""
+    scheme, _, rest = resource.partition("://")
+    return {
+        "fragment": resource + "#section",
+        "empty-fragment": resource + "#",
+        "user": f"{scheme}://alice@{rest}",
+        "user-password": f"{scheme}://alice:secret@{rest}",
+    }[kind]
+
+
+ODD_SPELLINGS = ["fragment", "empty-fragment", "user", "user-password"]
+
+
+@pytest.mark.parametrize("kind", ODD_SPELLINGS)
+async def test_rule_resource_parameter_with_fragment_or_userinfo_is_invalid_target(
+    gw: GatewayHarness, kind: str
+) -> None:
+    body = await expect_error(
+        gw, gw.id_jag("json"), "invalid_target", extra={"resource": spelled_with(gw.resource("json"), kind)}
+    )
+    assert ("fragment" if "fragment" in kind else "userinfo") in body["error_description"]
+
+
+@pytest.mark.parametrize("kind", ODD_SPELLINGS)
+async def test_rule_resource_claim_with_fragment_or_userinfo_is_invalid_grant(gw: GatewayHarness, kind: str) -> None:
+    odd = spelled_with(gw.resource("json"), kind)
+    body = await expect_error(gw, gw.id_jag(None, resource=[gw.resource("sse"), odd]), "invalid_grant")
+    assert ("fragment" if "fragment" in kind else "userinfo") in body["error_description"]
+    await expect_error(gw, gw.id_jag(None, resource=odd), "invalid_grant", extra={"resource": gw.resource("json")})
+
+
+async def test_rule_resource_that_is_not_a_url_is_refused_not_a_500(gw: GatewayHarness) -> None:
+    await expect_error(gw, gw.id_jag(None), "invalid_target", extra={"resource": "http://[::1/json/mcp"})
+    await expect_error(gw, gw.id_jag(None, resource="http://[::1/json/mcp"), "invalid_grant")
 
 
 # -- 14. scope -------------------------------------------------------------------------------

@@ -214,7 +214,7 @@ def test_filter_list_keeps_what_support_may_use(
 ) -> None:
     result = {key: items, "nextCursor": "page-2"}
     original = copy.deepcopy(result)
-    assert example_policy().filter_list(method, result, SUPPORT) == {key: kept, "nextCursor": "page-2"}
+    assert example_policy().filter_lists(result, SUPPORT) == {key: kept, "nextCursor": "page-2"}
     assert result == original  # the upstream's result is not mutated
 
 
@@ -238,12 +238,12 @@ def test_filter_list_keeps_what_support_may_use(
 def test_filter_list_matches_resources_by_uri_and_templates_by_uri_template(
     method: str, key: str, items: list[dict[str, Any]], kept: list[dict[str, Any]]
 ) -> None:
-    assert example_policy().filter_list(method, {key: items}, ENGINEERING) == {key: kept}
+    assert example_policy().filter_lists({key: items}, ENGINEERING) == {key: kept}
 
 
 def test_filter_list_drops_items_without_a_usable_name() -> None:
     items = [{"name": "echo"}, {"name": 5}, {"title": "no name"}, "echo", None, {"name": ["echo"]}]
-    assert example_policy().filter_list("tools/list", {"tools": items}, SUPPORT) == {"tools": [{"name": "echo"}]}
+    assert example_policy().filter_lists({"tools": items}, SUPPORT) == {"tools": [{"name": "echo"}]}
 
 
 @pytest.mark.parametrize(
@@ -251,9 +251,9 @@ def test_filter_list_drops_items_without_a_usable_name() -> None:
 )
 def test_filter_list_leaves_unrestricted_or_shapeless_results_alone(result: dict[str, Any]) -> None:
     unrestricted = RoutePolicy.unrestricted()
-    assert unrestricted.filter_list("tools/list", result, NOBODY) is result
+    assert unrestricted.filter_lists(result, NOBODY) is result
     if not isinstance(result.get("tools"), list):
-        assert example_policy().filter_list("tools/list", result, SUPPORT) is result
+        assert example_policy().filter_lists(result, SUPPORT) is result
 
 
 # -- configuration ----------------------------------------------------------------------------------

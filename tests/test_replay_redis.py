@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import os
 import signal
 import subprocess
@@ -32,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from gateway.config import ConfigError, describe, parse_config
 from gateway.devidp import DevIdentityProvider
 from gateway.oauth.replay import (
+    MAX_RETENTION_SECONDS,
     REDIS_KEY_PREFIX,
     MemoryReplayStore,
     RedisReplayStore,
@@ -172,6 +174,72 @@ async def test_an_expiry_in_the_past_is_still_recorded_once(
         return await redis_client.exists(store.key_for(key)) == 0
 
     await eventually(gone, "expiry of a record whose expiry was already past")
+
+
+# -- (a2) one bad entry never poisons the store, memory or Redis --------------------------------------
+
+# Expiries no validated assertion has, but a caller bug or a future code path might pass.
+ABSURD_EXPIRIES: list[Any] = [math.nan, math.inf, -math.inf, 1e300, 10**400, None, True, "soon"]
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def any_store(request: pytest.FixtureRequest) -> AsyncIterator[MemoryReplayStore | RedisReplayStore]:
+    if request.param == "memory":
+        yield MemoryReplayStore()
+        return
+    server: RedisServer = request.getfixturevalue("redis_server")
+    replay = RedisReplayStore.from_url(server.url, prefix=f"test:{uuid.uuid4().hex}:")
+    yield replay
+    await replay.close()
+
+
+async def test_a_key_that_is_not_a_string_is_never_a_first_use(
+    any_store: MemoryReplayStore | RedisReplayStore,
+) -> None:
+    expires_at = time.time() + 60
+    for bad in (5, None, b"iss\x00jti", ("iss", "jti"), 1.5):
+        assert await any_store.first_use(bad, expires_at) is False  # type: ignore[arg-type]
+    # Entries with the same expiry next to them still work (the memory heap once compared keys).
+    assert await any_store.first_use("iss\x00after-bad-keys", expires_at) is True
+    assert await any_store.first_use("iss\x00after-bad-keys", expires_at) is False
+
+
+async def test_an_absurd_expiry_is_recorded_once_without_raising(
+    any_store: MemoryReplayStore | RedisReplayStore,
+) -> None:
+    for i, expires_at in enumerate(ABSURD_EXPIRIES):
+        key = f"iss\x00absurd-{i}"
+        assert await any_store.first_use(key, expires_at) is True, expires_at
+        assert await any_store.first_use(key, time.time() + 60) is False, expires_at
+    assert await any_store.first_use("iss\x00after-absurd", time.time() + 60) is True
+
+
+async def test_redis_never_keeps_a_key_longer_than_the_maximum_retention(
+    store: RedisReplayStore, redis_client: redis.asyncio.Redis
+) -> None:
+    for i, expires_at in enumerate(ABSURD_EXPIRIES):
+        key = f"iss\x00bounded-{i}"
+        assert await store.first_use(key, expires_at) is True
+        ttl_ms = await redis_client.pttl(store.key_for(key))
+        assert MAX_RETENTION_SECONDS * 1000 - 60_000 < ttl_ms <= MAX_RETENTION_SECONDS * 1000, expires_at
+
+
+async def test_memory_store_forgets_absurd_expiries_and_still_evicts_the_others() -> None:
+    now = [1_000_000.0]
+    replay = MemoryReplayStore(clock=lambda: now[0])
+    for i, expires_at in enumerate(ABSURD_EXPIRIES):
+        assert await replay.first_use(f"absurd-{i}", expires_at)
+    assert await replay.first_use("short", now[0] + 10)
+    # A NaN at the top of the expiry heap once stopped every later eviction.
+    now[0] += 11
+    assert await replay.first_use("probe", now[0] + 10)
+    assert await replay.first_use("short", now[0] + 10) is True
+    assert len(replay) == len(ABSURD_EXPIRIES) + 2
+    now[0] += MAX_RETENTION_SECONDS
+    assert await replay.first_use("probe-2", now[0] + 10)
+    assert len(replay) == 1
+    for i in range(len(ABSURD_EXPIRIES)):
+        assert await replay.first_use(f"absurd-{i}", now[0] + 10) is True
 
 
 async def test_a_redis_restart_does_not_refuse_the_next_grant(tmp_path: Path) -> None:

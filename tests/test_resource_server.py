@@ -3,12 +3,15 @@ metadata, audience binding per route, and the discovery documents clients depend
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
 import time
+import uuid
 
 import aiohttp
 import pytest
-from jose import jwt
+from jose import jws, jwt
 
 from gateway.oauth.access_token import AccessTokenService
 from gateway.oauth.idjag import Grant
@@ -73,6 +76,85 @@ async def test_token_signed_by_another_key_is_refused(gw: GatewayHarness) -> Non
     forged = forger.issue(Grant(claims["sub"], claims["idp"], claims["client_id"], route, ("mcp",), (), "x"))
     status, _, _ = await post(gw.route_url("json"), forged.access_token)
     assert status == 401
+
+
+def own_token(gw: GatewayHarness, **raw_claims: str) -> str:
+    """A token signed with the gateway's real key whose claims are given as raw JSON text, so
+    values json.dumps would never write (1e400) can be tried too."""
+    now = int(time.time())
+    claims = {
+        "iss": json.dumps(gw.issuer),
+        "sub": '"alice"',
+        "aud": json.dumps(gw.resource("json")),
+        "client_id": '"test-agent"',
+        "scope": '"mcp"',
+        "groups": "[]",
+        "idp": json.dumps(gw.idp.issuer),
+        "jti": json.dumps(uuid.uuid4().hex),
+        "iat": str(now),
+        "exp": str(now + 300),
+        **raw_claims,
+    }
+    payload = "{" + ",".join(f'"{name}":{value}' for name, value in claims.items()) + "}"
+    key = gw.gateway.signing_key
+    return jws.sign(payload.encode(), key.private, headers={"kid": key.kid, "typ": "at+jwt"}, algorithm=key.algorithm)
+
+
+async def test_own_token_helper_makes_a_token_the_gateway_accepts(gw: GatewayHarness) -> None:
+    assert (await post(gw.route_url("json"), own_token(gw)))[0] == 400  # past the gateway: no MCP session
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"exp": "NaN"},
+        {"exp": "Infinity"},
+        {"exp": "1e400"},
+        {"exp": '"9999999999"'},
+        {"exp": "9999999999.5"},
+        {"iat": "-Infinity"},
+        {"iat": "NaN"},
+        {"iat": '"now"'},
+        {"groups": '["a", NaN]'},
+    ],
+)
+async def test_own_token_with_non_finite_or_non_integer_numbers_is_refused(
+    gw: GatewayHarness, raw: dict[str, str]
+) -> None:
+    status, body, headers = await post(gw.route_url("json"), own_token(gw, **raw))
+    assert status == 401, body
+    assert challenge_params(headers["WWW-Authenticate"])["error"] == "invalid_token"
+
+
+@pytest.mark.parametrize("iat_offset, exp_offset", [(0, 301), (-3600, 60), (0, 10**9)])
+async def test_own_token_living_longer_than_the_configured_ttl_is_refused(
+    gw: GatewayHarness, iat_offset: int, exp_offset: int
+) -> None:
+    assert gw.config.authorization.access_token_ttl_seconds == 300
+    now = int(time.time())
+    token = own_token(gw, iat=str(now + iat_offset), exp=str(now + exp_offset))
+    status, _, headers = await post(gw.route_url("json"), token)
+    assert status == 401
+    assert "lives longer" in challenge_params(headers["WWW-Authenticate"])["error_description"]
+
+
+async def test_own_token_living_exactly_the_ttl_is_accepted(gw: GatewayHarness) -> None:
+    now = int(time.time())
+    assert (await post(gw.route_url("json"), own_token(gw, iat=str(now - 299), exp=str(now + 1))))[0] == 400
+
+
+async def test_token_with_bytes_that_are_not_utf8_gets_401_not_500(gw: GatewayHarness) -> None:
+    host, port = gw.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(
+            f"POST {gw.route_url('json').removeprefix(gw.url)} HTTP/1.1\r\nHost: {host}\r\n".encode()
+            + b"Authorization: Bearer ab\xff\xfe.cd.ef\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        status_line = await asyncio.wait_for(reader.readline(), 5)
+    finally:
+        writer.close()
+    assert status_line.split()[1] == b"401"
 
 
 async def test_expired_token_is_refused_even_when_cached(gw: GatewayHarness) -> None:

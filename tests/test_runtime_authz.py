@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
 import re
 import subprocess
@@ -27,6 +28,8 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from mcp import Client
 from mcp.client.auth.extensions.identity_assertion import IdentityAssertionOAuthProvider
 from mcp.client.streamable_http import streamable_http_client
@@ -92,8 +95,10 @@ AUDIT_EVENTS = {
     "prompt.denied",
     "session.mismatch",
     "config.reload",
+    "request.completed",
 }
-CALL_KINDS = {"tool", "resource", "prompt"}  # the prefixes of the per-call audit events
+CALL_KINDS = {"tool", "resource", "prompt"}
+DONE = "request.completed"  # the prefixes of the per-call audit events
 
 
 def policy_routes(json_upstream: str, sse_upstream: str, legacy_upstream: str) -> list[dict[str, Any]]:
@@ -273,19 +278,12 @@ async def test_denied_call_is_answered_by_the_gateway_and_never_forwarded(
     assert forwarded(upstream) == []
 
 
-@pytest.mark.parametrize(
-    "message",
-    [
-        {"jsonrpc": "2.0", "method": "tools/call", "params": {"name": "delete_everything", "arguments": {}}},
-        {"jsonrpc": "2.0", "id": None, "method": "tools/call", "params": {"name": "delete_everything"}},
-    ],
-    ids=["notification", "null-id"],
-)
 async def test_named_call_without_a_request_id_is_still_decided(
-    authz: GatewayHarness, http: aiohttp.ClientSession, upstream_json: RunningUpstream, message: dict[str, Any]
+    authz: GatewayHarness, http: aiohttp.ClientSession, upstream_json: RunningUpstream
 ) -> None:
-    """SDK servers ignore such a message, but a server that reads ``"id": null`` as a request (or runs
-    a notification-style call) must not get a call the gateway never checked."""
+    """SDK servers ignore such a message, but a server that runs a notification-style call must not
+    get a call the gateway never checked."""
+    message = {"jsonrpc": "2.0", "method": "tools/call", "params": {"name": "delete_everything", "arguments": {}}}
     client = await session_for(authz, http, "tools", "bob")
     upstream_json.reset()
     async with client.post(message) as response:
@@ -293,6 +291,21 @@ async def test_named_call_without_a_request_id_is_still_decided(
         answer = await response.json()
     assert_forbidden(answer, None, "delete_everything", "tools")
     assert upstream_json.recorded() == []  # not even as a notification
+
+
+async def test_null_request_id_is_refused_as_invalid_request(
+    authz: GatewayHarness, http: aiohttp.ClientSession, upstream_json: RunningUpstream
+) -> None:
+    """MCP: a request id MUST NOT be null. A server that reads ``"id": null`` as a request and one that
+    reads it as a notification disagree on what runs: refused before any decision."""
+    message = {"jsonrpc": "2.0", "id": None, "method": "tools/call", "params": {"name": "echo", "arguments": {}}}
+    client = await session_for(authz, http, "tools", "bob")
+    upstream_json.reset()
+    async with client.post(message) as response:
+        assert response.status == 400
+        answer = await response.json()
+    assert answer["error"]["code"] == -32600
+    assert upstream_json.recorded() == []
 
 
 @pytest.mark.parametrize(
@@ -566,10 +579,11 @@ async def test_repeated_mirror_header_is_refused(
     assert forwarded(upstream_json) == []
 
 
-async def test_batch_behind_a_byte_order_mark_cannot_carry_mirror_headers(
+async def test_batch_behind_a_byte_order_mark_is_refused(
     authz: GatewayHarness, http: aiohttp.ClientSession, upstream_json: RunningUpstream
 ) -> None:
-    """JSON parsers skip a UTF-8 BOM, so this body is a batch, whatever its first byte says."""
+    """Some JSON parsers skip a UTF-8 BOM and some refuse it (RFC 8259 §8.1 lets them choose): the
+    gateway refuses it, so the body cannot mean one thing here and another upstream."""
     client = await session_for(authz, http, "tools", "alice")
     upstream_json.reset()
     batch = [tool_call(12, "echo", {"text": "x"}), tool_call(13, "delete_everything")]
@@ -578,8 +592,7 @@ async def test_batch_behind_a_byte_order_mark_cannot_carry_mirror_headers(
     async with http.post(client.url, data=body, headers=headers) as response:
         assert response.status == 400
         answer = await response.json()
-    assert answer["error"]["code"] == HEADER_MISMATCH
-    assert "batch" in answer["error"]["message"]
+    assert answer["error"]["code"] == -32700
     assert forwarded(upstream_json) == []
 
 
@@ -787,10 +800,13 @@ async def test_revocation_cuts_off_live_tokens_and_new_grants_at_once(
 # -- audit trail ----------------------------------------------------------------------------------
 
 
-def canonical_sha256(arguments: Any) -> str:
-    return hashlib.sha256(
-        json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-    ).hexdigest()
+def keyed_digest(secret_material: bytes, arguments: Any) -> str:
+    """HMAC-SHA256 of the canonical arguments under the HKDF-derived audit key (README "Audit log")."""
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"mcp-gateway", info=b"audit-arguments/v1").derive(
+        secret_material
+    )
+    canonical = json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return hmac.new(key, canonical, hashlib.sha256).hexdigest()
 
 
 async def read_audit(path: Path, request_ids: set[str]) -> None:
@@ -825,27 +841,28 @@ async def test_every_decision_is_audited_once_with_documented_fields_and_no_secr
         async with client.post(message, **headers) as response:
             await response.read()
             expected[response.headers["X-Request-Id"]] = events
-            if events in (["tool.called"], ["tool.denied"]):
-                hashes[response.headers["X-Request-Id"]] = canonical_sha256(message["params"]["arguments"])
+            if events in (["tool.called", DONE], ["tool.denied", DONE]):
+                digest = keyed_digest(h.gateway.signing_key.secret_material, message["params"]["arguments"])
+                hashes[response.headers["X-Request-Id"]] = digest
 
     try:
         alice = McpHttp(http, h.route_url("tools"), await token("alice", FULL_SCOPE))
         async with alice.post(initialize_request()) as response:
             assert response.status == 200
             alice.session_id = response.headers["Mcp-Session-Id"]
-            expected[response.headers["X-Request-Id"]] = ["request.allowed"]
-        await send(alice, INITIALIZED, ["request.allowed"])
+            expected[response.headers["X-Request-Id"]] = ["request.allowed", DONE]
+        await send(alice, INITIALIZED, ["request.allowed", DONE])
         argument_values = ["argument-value-ü-71c3", "argument-value-92ad", "argument-value-0f4e"]
-        await send(alice, tool_call(2, "echo", {"text": argument_values[0]}), ["tool.called"])
+        await send(alice, tool_call(2, "echo", {"text": argument_values[0]}), ["tool.called", DONE])
         nested = {"z": argument_values[1], "a": [1, {"y": "ü", "x": None}]}
-        await send(alice, tool_call(3, "delete_everything", nested), ["tool.denied"])
-        await send(alice, request(4, "resources/read", {"uri": "config://app"}), ["resource.accessed"])
-        await send(alice, request(5, "resources/read", {"uri": "secret://payroll"}), ["resource.denied"])
+        await send(alice, tool_call(3, "delete_everything", nested), ["tool.denied", DONE])
+        await send(alice, request(4, "resources/read", {"uri": "config://app"}), ["resource.accessed", DONE])
+        await send(alice, request(5, "resources/read", {"uri": "secret://payroll"}), ["resource.denied", DONE])
         greeting = {"name": "greeting", "arguments": {"name": argument_values[2]}}
-        await send(alice, request(6, "prompts/get", greeting), ["prompt.got"])
-        await send(alice, request(7, "prompts/get", {"name": "admin_prompt"}), ["prompt.denied"])
+        await send(alice, request(6, "prompts/get", greeting), ["prompt.got", DONE])
+        await send(alice, request(7, "prompts/get", {"name": "admin_prompt"}), ["prompt.denied", DONE])
         batch = [tool_call(8, "echo", {"text": "b"}), tool_call(9, "delete_everything")]
-        await send(alice, batch, ["tool.called", "tool.denied"])
+        await send(alice, batch, ["tool.called", "tool.denied", DONE])
         await send(alice, tool_call(10, "delete_everything"), ["request.denied"], **{"Mcp-Name": "echo"})
         narrow = McpHttp(http, alice.url, await token("alice", "mcp"))
         narrow.session_id = alice.session_id
@@ -869,7 +886,10 @@ async def test_every_decision_is_audited_once_with_documented_fields_and_no_secr
         assert set(line) <= set(FIELDS), line
         assert line["event"] in AUDIT_EVENTS
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["ts"])
-        assert line["decision"] in ("allow", "deny")
+        if line["event"] == DONE:  # how a request ended, not a decision
+            assert "decision" not in line and isinstance(line["status"], int) and line["latency_ms"] >= 0
+        else:
+            assert line["decision"] in ("allow", "deny")
         if "request_id" in line:
             by_request.setdefault(line["request_id"], []).append(line)
     assert {rid: [line["event"] for line in got] for rid, got in by_request.items()} == expected
@@ -889,9 +909,9 @@ async def test_every_decision_is_audited_once_with_documented_fields_and_no_secr
     for line in calls:
         assert {"request_id", "route", "sub", "client_id", "idp", "groups", "method", "target", "reason"} <= set(line)
         assert (line["sub"], line["client_id"], line["idp"], line["route"]) == ("alice", CLIENT_ID, idp.issuer, "tools")
-        assert ("status" in line) is (line["decision"] == "allow")
+        assert "status" not in line  # decided before the upstream answered: the status is on request.completed
     for request_id, digest in hashes.items():
-        (line,) = by_request[request_id]
+        line = by_request[request_id][0]
         assert line["args_sha256"] == digest
     denied = next(line for line in calls if line["target"] == "delete_everything" and "args_sha256" in line)
     assert denied["reason"] == "denied by engineering rule"

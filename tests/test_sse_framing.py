@@ -13,15 +13,14 @@ from typing import Any
 
 import pytest
 
-from gateway.enforce import plan_request
-from gateway.policy import RoutePolicy
 from gateway.proxy.jsonrpc import (
     EMA_EXTENSION,
     ResultRewriter,
     advertise_ema_extension,
-    parse_body,
 )
+from gateway.proxy.request_body import BodyRefused, read_rpc_body
 from gateway.proxy.sse import Event, EventSplitter, EventTooLarge, parse_event
+from tests.support.planning import plan_body
 
 # -- EventSplitter ------------------------------------------------------------------------------
 
@@ -274,7 +273,7 @@ def test_only_the_tracked_event_of_a_stream_changes() -> None:
 # -- what the gateway tracks ---------------------------------------------------------------------
 
 
-def test_rewriter_tracks_handshake_requests_only() -> None:
+async def test_rewriter_tracks_handshake_requests_only() -> None:
     body = json.dumps(
         [
             rpc(1, method="initialize", params={}),
@@ -283,9 +282,8 @@ def test_rewriter_tracks_handshake_requests_only() -> None:
             rpc("d", method="server/discover", params={}),
         ]
     ).encode()
-    tracked = plan_request(
-        body, parse_body(body), {}, RoutePolicy.unrestricted(), frozenset(), (), route_name="r"
-    ).rewriter
+    plan = await plan_body(body)
+    tracked = plan.rewriter
     responses = [rpc(i, result={"capabilities": {}}) for i in (1, 2, "d")]
     out = json.loads(tracked.rewrite_json(json.dumps(responses).encode()))
     assert [EMA_EXTENSION in r["result"]["capabilities"].get("extensions", {}) for r in out] == [True, False, True]
@@ -296,15 +294,17 @@ def test_rewriter_tracks_handshake_requests_only() -> None:
     [b"", b"not json", b"[1, 2]", b'"text"', b"\xff", b"[" * 100_000 + b"]" * 100_000],
     ids=["empty", "not json", "batch of non-objects", "string", "bad utf-8", "nested too deep"],
 )
-def test_parse_body_refuses_non_jsonrpc(body: bytes) -> None:
-    assert parse_body(body) is None
+def test_read_rpc_body_refuses_non_jsonrpc(body: bytes) -> None:
+    with pytest.raises(BodyRefused) as refused:
+        read_rpc_body(body)
+    assert refused.value.status == 400
 
 
-def test_parse_body_reads_batches_and_ids() -> None:
+def test_read_rpc_body_reads_batches_and_ids() -> None:
     body = json.dumps([rpc(1, method="initialize", params={"x": 1}), {"jsonrpc": "2.0", "method": "n"}]).encode()
-    messages = parse_body(body)
-    assert messages is not None
-    assert [(m.method, m.id, m.is_request) for m in messages] == [("initialize", 1, True), ("n", None, False)]
+    rpc_body = read_rpc_body(body)
+    assert rpc_body.batch
+    assert [(m.method, m.id, m.is_request) for m in rpc_body.messages] == [("initialize", 1, True), ("n", None, False)]
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from cachetools import TTLCache
 from jose import jws
 from jose.exceptions import JOSEError
 
+from gateway.oauth import jose_json
 from gateway.oauth.idjag import Grant
 from gateway.oauth.keys import SigningKey
 
@@ -45,6 +47,18 @@ class Principal:
 
 
 @dataclass(frozen=True)
+class PreviousKey:
+    """A key that no longer signs but still verifies, until ``retire_at``.
+
+    Retire time = when it stopped signing + the access token TTL + clock skew: by then the longest
+    token it could have signed has expired, even on a verifier whose clock is behind. Past it, a
+    token signed by the key is forged (the key leaked) or stale, and is refused."""
+
+    key: SigningKey
+    retire_at: float
+
+
+@dataclass(frozen=True)
 class IssuedToken:
     access_token: str
     expires_in: int
@@ -61,16 +75,23 @@ class AccessTokenService:
         *,
         cache_size: int = 100_000,
         clock: Callable[[], float] = time.time,
-        previous_keys: tuple[SigningKey, ...] = (),
+        previous_keys: tuple[PreviousKey, ...] = (),
     ) -> None:
         self._key = key
-        # Rotation: tokens signed by a previous key stay valid until they expire (<= ttl).
-        self.keys = (key, *previous_keys)
-        self._by_kid = {k.kid: k for k in self.keys}
+        # Rotation: tokens signed by a previous key stay valid until the key retires.
+        self.previous_keys = tuple(p for p in previous_keys if p.key.kid != key.kid)
+        self._retire_at = {p.key.kid: p.retire_at for p in self.previous_keys}
+        self._by_kid = {p.key.kid: p.key for p in self.previous_keys} | {key.kid: key}
         self._issuer = issuer
         self._ttl = ttl_seconds
         self._clock = clock
         self._cache: TTLCache[bytes, Principal] = TTLCache(maxsize=cache_size, ttl=ttl_seconds)
+
+    def trusted_keys(self) -> list[SigningKey]:
+        """The keys that verify tokens now (published at ``jwks_uri``): the signing key and every
+        previous key not yet retired."""
+        now = self._clock()
+        return [self._key, *(p.key for p in self.previous_keys if now < p.retire_at)]
 
     def issue(self, grant: Grant) -> IssuedToken:
         now = int(self._clock())
@@ -96,6 +117,10 @@ class AccessTokenService:
         return IssuedToken(token, self._ttl, claims["scope"], token_id)
 
     def verify(self, token: str, resource: str) -> Principal:
+        if not token.isascii():
+            # RFC 6750 §2.1: a b64token is ASCII. aiohttp hands non-UTF-8 header bytes over as
+            # surrogates, which would not even encode for hashing.
+            raise InvalidToken("the access token is malformed")
         digest = hashlib.sha256(token.encode()).digest()
         principal = self._cache.get(digest)
         if principal is None:
@@ -109,21 +134,35 @@ class AccessTokenService:
 
     def _verify_uncached(self, token: str) -> Principal:
         try:
-            header = jws.get_unverified_header(token)
-        except (JOSEError, ValueError, TypeError):
+            header = jose_json.unverified_header(token)
+        except ValueError:
             raise InvalidToken("the access token is malformed") from None
         # RFC 9068 §4: check typ, so an IdP's ID-JAG or ID token is never accepted as a bearer token.
         key = self._by_kid.get(header.get("kid")) if isinstance(header.get("kid"), str) else None
         if key is None:
             raise InvalidToken("the access token was signed with an unknown key")
+        retire_at = self._retire_at.get(key.kid, math.inf)
+        if self._clock() >= retire_at:
+            raise InvalidToken("the access token was signed with a retired key")
         if header.get("typ") != ACCESS_TOKEN_TYP or header.get("alg") != key.algorithm:
             raise InvalidToken("the access token was not issued by this gateway")
         try:
-            claims = json.loads(jws.verify(token, key.public, algorithms=[key.algorithm]))
+            payload = jws.verify(token, key.public, algorithms=[key.algorithm])
         except (JOSEError, ValueError):
             raise InvalidToken("the access token signature is invalid") from None
+        try:
+            claims = jose_json.loads(payload)
+        except ValueError:
+            raise InvalidToken("the access token is malformed") from None
         if not isinstance(claims, dict) or claims.get("iss") != self._issuer:
             raise InvalidToken("the access token was not issued by this gateway")
+        expires_at, issued_at = jose_json.numeric_date(claims.get("exp")), jose_json.numeric_date(claims.get("iat"))
+        if expires_at is None or issued_at is None:
+            raise InvalidToken("the access token has no valid exp or iat")
+        if expires_at - issued_at > self._ttl:
+            # Every token we sign lives exactly the TTL: a longer one was not made by this gateway's
+            # code (a leaked key) or predates a shorter TTL. No skew: both times are our own.
+            raise InvalidToken("the access token lives longer than this gateway issues tokens for")
         try:
             return Principal(
                 subject=str(claims["sub"]),
@@ -132,7 +171,8 @@ class AccessTokenService:
                 audience=str(claims["aud"]),
                 scopes=tuple(str(claims.get("scope", "")).split()),
                 groups=tuple(str(g) for g in claims.get("groups", [])),
-                expires_at=float(claims["exp"]),
+                # A cached principal must not outlive its key's trust either.
+                expires_at=min(float(expires_at), retire_at),
                 token_id=str(claims["jti"]),
             )
         except (KeyError, TypeError, ValueError):

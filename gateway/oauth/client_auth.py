@@ -5,6 +5,12 @@ claim is compared with the *authenticated* client (never the unauthenticated req
 Both ``client_secret_basic`` (the TypeScript SDK, the conformance AS) and ``client_secret_post`` (the
 Python SDK's default) are accepted; secrets are compared in constant time, including for unknown
 client ids, so response timing does not reveal which client ids exist.
+
+RFC 6749 §2.3.1: for ``client_secret_basic`` the client id and secret are each encoded with
+``application/x-www-form-urlencoded`` before base64, so ``+`` is a space and ``%XX`` a byte. The
+TypeScript SDK skips that encoding (``btoa(id:secret)``), which matters only for ids or secrets
+containing ``+`` or ``%``: the credentials exactly as sent are tried as well, second. Either way the
+client must present its exact secret, so this widens nothing.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import base64
 import binascii
 import hmac
 from collections.abc import Mapping
-from urllib.parse import unquote
+from urllib.parse import unquote_plus
 
 from multidict import MultiDictProxy
 
@@ -34,23 +40,27 @@ class ClientAuthenticator:
         if authorization is not None and authorization[:6].lower() == "basic ":
             if form_secret is not None:
                 raise InvalidRequest("use exactly one client authentication method")
-            client_id, secret = _decode_basic(authorization[6:])
-            if form_id is not None and form_id != client_id:
+            candidates = _decode_basic(authorization[6:])
+            if form_id is not None and all(form_id != client_id for client_id, _ in candidates):
                 raise InvalidRequest("client_id parameter does not match the authenticated client")
         elif form_secret is not None:
             if form_id is None:
                 raise InvalidRequest("client_secret was given without client_id")
-            client_id, secret = form_id, form_secret
+            candidates = [(form_id, form_secret)]
         else:
             raise InvalidClient(
                 "client authentication is required (client_secret_basic or client_secret_post)",
                 reason="client_auth_missing",
             )
-        expected = self._secrets.get(client_id)
-        matches = hmac.compare_digest(secret.encode(), expected or _UNKNOWN_CLIENT_SECRET)
-        if expected is None or not matches:
+        authenticated = None
+        for client_id, secret in candidates:
+            expected = self._secrets.get(client_id)
+            matches = hmac.compare_digest(secret.encode(), expected or _UNKNOWN_CLIENT_SECRET)
+            if expected is not None and matches and authenticated is None:
+                authenticated = client_id
+        if authenticated is None:
             raise InvalidClient("client authentication failed", reason="client_auth_failed")
-        return client_id
+        return authenticated
 
 
 def _single(form: MultiDictProxy[str], name: str) -> str | None:
@@ -61,7 +71,8 @@ def _single(form: MultiDictProxy[str], name: str) -> str | None:
     return values[0] if values else None
 
 
-def _decode_basic(encoded: str) -> tuple[str, str]:
+def _decode_basic(encoded: str) -> list[tuple[str, str]]:
+    """(client_id, secret) candidates: form-decoded (RFC 6749 §2.3.1) first, then as sent if different."""
     try:
         decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
     except (binascii.Error, UnicodeDecodeError):
@@ -69,6 +80,9 @@ def _decode_basic(encoded: str) -> tuple[str, str]:
     client_id, sep, secret = decoded.partition(":")
     if not sep or not client_id:
         raise InvalidClient("malformed Basic credentials", reason="client_auth_failed")
-    # RFC 6749 §2.3.1 form-encodes both parts; percent-decoding (not '+' -> space) also accepts
-    # clients that skip the encoding, such as the TypeScript SDK (SPEC §1.2 note).
-    return unquote(client_id), unquote(secret)
+    # The ':' is split before decoding: an encoded id may contain one ('%3A').
+    try:
+        form_decoded = (unquote_plus(client_id, errors="strict"), unquote_plus(secret, errors="strict"))
+    except UnicodeDecodeError:
+        return [(client_id, secret)]  # '%XX' that is not UTF-8: it can only be meant as sent
+    return [form_decoded] if form_decoded == (client_id, secret) else [form_decoded, (client_id, secret)]

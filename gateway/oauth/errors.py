@@ -79,3 +79,20 @@ class TemporarilyUnavailable(OAuthError):
 
     def __init__(self, description: str, *, reason: str | None = None) -> None:
         super().__init__(description, reason=reason, headers={"Retry-After": "5"})
+
+
+class RateLimited(OAuthError):
+    """EMA §7.5.1: "Token endpoints SHOULD apply rate limiting". 429 (RFC 6585 §4) with an integer
+    ``Retry-After``. RFC 6749 §5.2 registers no code for it; ``temporarily_unavailable`` (RFC 6749
+    §4.1.2.1) is the registered one that tells a client to come back later (``slow_down`` belongs to
+    the device flow, RFC 8628 §3.5)."""
+
+    error = "temporarily_unavailable"
+    status = 429
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(
+            f"too many token requests; retry in {retry_after} s",
+            reason="rate_limited",
+            headers={"Retry-After": str(retry_after)},
+        )

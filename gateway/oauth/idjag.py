@@ -10,7 +10,6 @@ Every assertion failure is ``invalid_grant`` (RFC 7523 §3.1); a bad ``resource`
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,11 +19,12 @@ from jose import jws
 from jose.exceptions import JOSEError
 
 from gateway.config import ASYMMETRIC_ALGORITHMS, AuthorizationConfig, IdentityProviderConfig, RouteConfig
+from gateway.oauth import jose_json
 from gateway.oauth.errors import InvalidGrant, InvalidScope, InvalidTarget, TemporarilyUnavailable
 from gateway.oauth.jwks import KeyRing, KeyUnavailable
 from gateway.oauth.replay import ReplayStore, ReplayStoreUnavailable
 from gateway.routes import RouteTable
-from gateway.urls import canonical_url
+from gateway.urls import canonical_url, resource_problem
 
 ID_JAG_TYP = "oauth-id-jag+jwt"
 _MAX_ASSERTION_BYTES = 16 * 1024
@@ -99,11 +99,11 @@ class IdJagValidator:
         if parts != 2:
             raise InvalidGrant("assertion is not a compact JWS", reason="malformed")
         try:
-            header = jws.get_unverified_header(assertion)
-        except (JOSEError, ValueError, TypeError):
+            header = jose_json.unverified_header(assertion)
+        except jose_json.JoseJSONError as exc:
+            raise InvalidGrant(f"assertion header is malformed: {exc}", reason="malformed") from None
+        except ValueError:
             raise InvalidGrant("assertion header is malformed", reason="malformed") from None
-        if not isinstance(header, dict):
-            raise InvalidGrant("assertion header is malformed", reason="malformed")
         if "crit" in header:
             # RFC 7515 §4.1.11: unknown critical extensions must make the JWS invalid.
             raise InvalidGrant("critical header extensions are not supported", reason="malformed")
@@ -111,7 +111,9 @@ class IdJagValidator:
 
     def _unverified_claims(self, assertion: str) -> dict[str, Any]:
         try:
-            claims = json.loads(jws.get_unverified_claims(assertion))
+            claims = jose_json.loads(jws.get_unverified_claims(assertion))
+        except jose_json.JoseJSONError as exc:
+            raise InvalidGrant(f"assertion claims are malformed: {exc}", reason="malformed") from None
         except (JOSEError, ValueError, TypeError):
             raise InvalidGrant("assertion claims are not a JSON object", reason="malformed") from None
         if not isinstance(claims, dict):
@@ -162,7 +164,8 @@ class IdJagValidator:
             payload = jws.verify(assertion, key, algorithms=[alg])
         except JOSEError:
             raise InvalidGrant("assertion signature is invalid", reason="signature") from None
-        claims = json.loads(payload)
+        # The same bytes _unverified_claims already parsed strictly, so this cannot fail.
+        claims = jose_json.loads(payload)
         if claims.get("iss") != idp.issuer:
             raise InvalidGrant("assertion issuer is not a trusted identity provider", reason="issuer")
         return claims
@@ -195,18 +198,22 @@ class IdJagValidator:
 
     def _check_times(self, claims: dict[str, Any], now: float) -> None:
         """EMA §7.4.2 validity window with minimal skew; RFC 7523 §3 items 4-6; ID-JAGs "MUST be
-        short-lived", so a lifetime above ``max_assertion_lifetime_seconds`` is refused."""
+        short-lived", so a lifetime above ``max_assertion_lifetime_seconds`` is refused. Times must
+        be integer NumericDates (``jose_json.numeric_date``), so no comparison below meets a NaN."""
         skew = self._config.clock_skew_seconds
-        exp, iat, nbf = claims.get("exp"), claims.get("iat"), claims.get("nbf")
-        if not _is_number(exp):
-            raise InvalidGrant("assertion has no valid exp", reason="expired")
-        if not _is_number(iat):
-            raise InvalidGrant("assertion has no valid iat", reason="issued_at")
+        exp, iat = jose_json.numeric_date(claims.get("exp")), jose_json.numeric_date(claims.get("iat"))
+        if exp is None:
+            raise InvalidGrant("assertion has no valid exp (an integer NumericDate)", reason="expired")
+        if iat is None:
+            raise InvalidGrant("assertion has no valid iat (an integer NumericDate)", reason="issued_at")
+        nbf = claims.get("nbf")
+        if nbf is not None and jose_json.numeric_date(nbf) is None:
+            raise InvalidGrant("assertion has no valid nbf (an integer NumericDate)", reason="not_before")
         if now > exp + skew:
             raise InvalidGrant("assertion has expired", reason="expired")
         if iat > now + skew:
             raise InvalidGrant("assertion is issued in the future", reason="issued_at")
-        if nbf is not None and (not _is_number(nbf) or nbf > now + skew):
+        if nbf is not None and nbf > now + skew:
             raise InvalidGrant("assertion is not yet valid", reason="not_before")
         if exp - iat > self._config.max_assertion_lifetime_seconds:
             raise InvalidGrant("assertion lifetime exceeds the allowed maximum", reason="lifetime")
@@ -230,7 +237,8 @@ class IdJagValidator:
             raise InvalidGrant("assertion tenant is not the configured tenant", reason="tenant")
 
     def _check_resource(self, claims: dict[str, Any], requested: str | None) -> RouteConfig:
-        """EMA §7.6.2 + RFC 8707 §2, with the binding policy of SPEC §9.1."""
+        """EMA §7.6.2 + RFC 8707 §2, with the binding policy of SPEC §9.1. Values with a fragment or
+        userinfo are refused as sent, before the canonical comparison could hide either."""
         raw = claims.get("resource")
         if raw is None:
             resources: list[str] = []
@@ -240,6 +248,11 @@ class IdJagValidator:
             resources = raw
         else:
             raise InvalidGrant("assertion resource claim is malformed", reason="resource")
+        for value in resources:
+            if problem := resource_problem(value):
+                raise InvalidGrant(f"assertion resource claim {problem}", reason="resource")
+        if requested is not None and (problem := resource_problem(requested)):
+            raise InvalidTarget(f"the resource parameter {problem}", reason="resource")
         routes = [self._routes.for_resource(r) for r in resources]
         if any(r is None for r in routes):
             raise InvalidGrant("assertion names a resource this gateway does not serve", reason="resource")
@@ -303,7 +316,3 @@ class IdJagValidator:
             ) from None
         if not first_use:
             raise InvalidGrant("assertion has already been used", reason="replay")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)

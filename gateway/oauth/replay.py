@@ -7,6 +7,11 @@ holds if they share one store, or an assertion refused by one replica could be r
 
 A store that cannot answer fails closed: it raises ``ReplayStoreUnavailable`` and the grant is
 refused with a retryable error, because "unknown" must never be read as "first use".
+
+One bad entry must not poison a store shared by every client: a key that is not a string is never a
+first use, and an expiry that is absurd (NaN, infinite, huge, in the past, not a number) is clamped
+to ``[now, now + MAX_RETENTION_SECONDS]`` before it is stored, so no entry lives forever and the
+memory store's expiry heap only ever holds finite numbers and bytes.
 """
 
 from __future__ import annotations
@@ -32,6 +37,10 @@ log = logging.getLogger(__name__)
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 REDIS_KEY_PREFIX = "mcp-gateway:jti:"
 REDIS_TIMEOUT_SECONDS = 2.0
+# The longest a key is remembered. Above any window the ID-JAG validator can ask for (exp <= iat +
+# max_assertion_lifetime_seconds <= 3600 with iat <= now + clock_skew_seconds <= 300, plus the skew
+# again), so it never shortens replay protection; it only stops an absurd expiry living forever.
+MAX_RETENTION_SECONDS = 24 * 3600
 
 
 class ReplayStoreUnavailable(Exception):
@@ -40,7 +49,8 @@ class ReplayStoreUnavailable(Exception):
 
 class ReplayStore(Protocol):
     async def first_use(self, key: str, expires_at: float) -> bool:
-        """Record ``key`` until ``expires_at``; False if it was already recorded (a replay).
+        """Record ``key`` until ``expires_at`` (see ``retention_until``); False if it was already
+        recorded (a replay) or is not a string.
 
         Raises ``ReplayStoreUnavailable`` when that cannot be decided."""
         ...
@@ -50,24 +60,50 @@ class ReplayStore(Protocol):
         ...
 
 
+def retention_until(expires_at: object, now: float) -> float:
+    """When to forget a key: ``expires_at`` clamped to ``[now, now + MAX_RETENTION_SECONDS]``.
+
+    Anything that is not a finite number (NaN, infinities, bool, None, text) gets the maximum: when
+    in doubt a key is remembered longer, never shorter."""
+    longest = now + MAX_RETENTION_SECONDS
+    if isinstance(expires_at, bool) or not isinstance(expires_at, int | float):
+        return longest
+    if isinstance(expires_at, float) and not math.isfinite(expires_at):
+        return longest
+    return float(min(max(expires_at, now), longest))
+
+
+def _refuse_non_string(key: object) -> bool:
+    if isinstance(key, str):
+        return False
+    log.warning("replay store: refused a key of type %s (not a string)", type(key).__name__)
+    return True
+
+
 class MemoryReplayStore:
     """A bounded in-process store. When full it refuses new keys instead of evicting live ones,
-    because evicting an unexpired ``jti`` would let that assertion be replayed."""
+    because evicting an unexpired ``jti`` would let that assertion be replayed. Keys are kept as
+    SHA-256 digests: fixed size whatever the caller passes."""
 
-    def __init__(self, max_entries: int = 1_000_000) -> None:
-        self._expiry: dict[str, float] = {}
-        self._heap: list[tuple[float, str]] = []
+    def __init__(self, max_entries: int = 1_000_000, *, clock: Callable[[], float] = time.time) -> None:
+        self._expiry: dict[bytes, float] = {}
+        self._heap: list[tuple[float, bytes]] = []
         self._max_entries = max_entries
+        self._clock = clock
 
     async def first_use(self, key: str, expires_at: float) -> bool:
-        now = time.time()
+        if _refuse_non_string(key):
+            return False
+        now = self._clock()
         self._purge(now)
-        if key in self._expiry:
+        digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+        if digest in self._expiry:
             return False
         if len(self._expiry) >= self._max_entries:
             return False
-        self._expiry[key] = expires_at
-        heapq.heappush(self._heap, (expires_at, key))
+        until = retention_until(expires_at, now)
+        self._expiry[digest] = until
+        heapq.heappush(self._heap, (until, digest))
         return True
 
     async def close(self) -> None:
@@ -131,12 +167,15 @@ class RedisReplayStore:
 
     def key_for(self, key: str) -> str:
         """The Redis key holding ``key`` (public so tests and operators can find it)."""
-        return self._prefix + hashlib.sha256(key.encode()).hexdigest()
+        return self._prefix + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
     async def first_use(self, key: str, expires_at: float) -> bool:
+        if _refuse_non_string(key):
+            return False
         name = self.key_for(key)
+        now = self._clock()
         # Redis refuses PX 0 or less; an already expired assertion was refused before it got here.
-        ttl_ms = max(1, math.ceil((expires_at - self._clock()) * 1000))
+        ttl_ms = max(1, math.ceil((retention_until(expires_at, now) - now) * 1000))
         marker = secrets.token_hex(8).encode()
         try:
             async with asyncio.timeout(self._timeout):

@@ -1,9 +1,10 @@
 """The token endpoint: RFC 7523 jwt-bearer grant carrying an ID-JAG (SEP-990 leg 3).
 
 Order of checks: the form must parse, then the client must authenticate (so unauthenticated callers
-learn nothing about assertions, SPEC §2.3), then the grant type and the single assertion, then every
-ID-JAG rule (``IdJagValidator``). Responses follow RFC 6749 §5.1/§5.2 with ``Cache-Control: no-store``;
-no refresh token is issued (draft "Refresh Token": SHOULD NOT).
+learn nothing about assertions, SPEC §2.3) and be within its rate limit (``ClientRateLimiter``), then
+the grant type and the single assertion, then every ID-JAG rule (``IdJagValidator``). Responses
+follow RFC 6749 §5.1/§5.2 with ``Cache-Control: no-store``; no refresh token is issued (draft
+"Refresh Token": SHOULD NOT).
 """
 
 from __future__ import annotations
@@ -20,8 +21,16 @@ from multidict import MultiDict, MultiDictProxy
 from gateway.http import BodyTooLarge, BodyTooSlow, read_limited
 from gateway.oauth.access_token import AccessTokenService
 from gateway.oauth.client_auth import ClientAuthenticator
-from gateway.oauth.errors import NO_STORE, InvalidGrant, InvalidRequest, OAuthError, UnsupportedGrantType
+from gateway.oauth.errors import (
+    NO_STORE,
+    InvalidGrant,
+    InvalidRequest,
+    OAuthError,
+    RateLimited,
+    UnsupportedGrantType,
+)
 from gateway.oauth.idjag import Grant, IdJagValidator
+from gateway.oauth.rate_limit import ClientRateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +56,10 @@ class TokenEndpoint:
         *,
         on_outcome: Callable[[GrantOutcome], None] | None = None,
         is_revoked: Callable[[str, str], bool] | None = None,
+        rate_limiter: ClientRateLimiter | None = None,
     ) -> None:
         self._is_revoked = is_revoked
+        self._rate_limiter = rate_limiter
         self._clients = clients
         self._validator = validator
         self._tokens = tokens
@@ -57,8 +68,8 @@ class TokenEndpoint:
     async def handle(self, request: web.Request) -> web.Response:
         client_id: str | None = None
         try:
-            form = await self._read_form(request)
-            client_id = self._clients.authenticate(request.headers.get("Authorization"), form)
+            form, client_id = await self._authenticate(request)
+            self._throttle(client_id)
             assertion = self._assertion(form)
             grant = await self._validator.validate(
                 assertion,
@@ -92,6 +103,22 @@ class TokenEndpoint:
             "resource": grant.route.resource,
         }
         return web.Response(text=json.dumps(body), content_type="application/json", headers=NO_STORE)
+
+    async def _authenticate(self, request: web.Request) -> tuple[MultiDictProxy[str], str]:
+        """The form and the authenticated client. A request that fails before authenticating draws
+        from the rate limiter's shared bucket, never from the client it names."""
+        try:
+            form = await self._read_form(request)
+            return form, self._clients.authenticate(request.headers.get("Authorization"), form)
+        except OAuthError:
+            self._throttle(None)
+            raise
+
+    def _throttle(self, client_id: str | None) -> None:
+        """EMA §7.5.1 rate limiting, before any costly check of the assertion."""
+        retry_after = self._rate_limiter.acquire(client_id) if self._rate_limiter is not None else 0
+        if retry_after:
+            raise RateLimited(retry_after)
 
     async def _read_form(self, request: web.Request) -> MultiDictProxy[str]:
         if request.content_type != "application/x-www-form-urlencoded":

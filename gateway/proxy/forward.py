@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, unquote, urljoin, urlsplit
+from urllib.parse import quote, unquote, unquote_plus, urljoin, urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -26,8 +26,14 @@ from yarl import URL
 
 from gateway.config import LimitsConfig, RouteConfig
 from gateway.metrics import Metrics
-from gateway.proxy.headers import SESSION_HEADER, client_response_headers, upstream_request_headers
+from gateway.proxy.headers import (
+    SESSION_HEADER,
+    RequestHeaderRules,
+    client_response_headers,
+    upstream_request_headers,
+)
 from gateway.proxy.jsonrpc import ResultRewriter
+from gateway.proxy.request_body import CANONICAL_CONTENT_TYPE
 from gateway.proxy.sse import EventSplitter, EventTooLarge, parse_event
 from gateway.urls import origin_of
 
@@ -39,6 +45,8 @@ _MAX_REWRITE_BYTES = 16 * 1024 * 1024
 UPSTREAM_UNAVAILABLE = -32010
 UPSTREAM_TIMEOUT = -32011
 UPSTREAM_PROTOCOL = -32012
+TOO_MANY_STREAMS = -32013
+RETRY_AFTER_SECONDS = 5
 
 
 def upstream_path_remainder(raw_path: str, route_path: str) -> str | None:
@@ -51,15 +59,21 @@ def upstream_path_remainder(raw_path: str, route_path: str) -> str | None:
     would reach '/admin' on the upstream host, outside the prefix the route and its token cover. So
     a '.' or '..' segment, raw or percent-encoded, is refused (backslashes count as separators
     because some servers treat them so), and so is a request that percent-encodes the route prefix
-    itself.
+    itself. A segment counts as a dot segment whatever path parameters follow it: RFC 2396 §3.3
+    allowed ``segment = *pchar *( ";" param )``, and Servlet containers (Tomcat, Jetty) still strip
+    the parameters before resolving dot segments, so '..;' or '..;x=y' is '..' to them.
     """
     if raw_path != route_path and not raw_path.startswith(route_path + "/"):
         return None
     rest = raw_path[len(route_path) :]
     for form in (rest, unquote(rest)):
-        if any(segment in (".", "..") for segment in form.replace("\\", "/").split("/")):
+        if any(_is_dot_segment(segment) for segment in form.replace("\\", "/").split("/")):
             return None
     return rest
+
+
+def _is_dot_segment(segment: str) -> bool:
+    return segment.partition(";")[0] in (".", "..")
 
 
 def jsonrpc_error(status: int, code: int, message: str, request_id: Any = None, **headers: str) -> web.Response:
@@ -71,8 +85,8 @@ class LegacyStream:
     """A live legacy HTTP+SSE GET stream: where the responses to that session's POSTs are delivered,
     so the gateway rewrites them there and writes its own answers (denied calls) into it."""
 
-    def __init__(self) -> None:
-        self.rewriter = ResultRewriter()
+    def __init__(self, rewriter: ResultRewriter) -> None:
+        self.rewriter = rewriter
         self.response: web.StreamResponse | None = None
 
     async def send(self, message: dict[str, Any]) -> None:
@@ -101,37 +115,78 @@ class ForwardRequest:
     query: str | None = None
     wrap_session: Callable[[str], str] | None = None
     legacy_stream: LegacyStream | None = None
+    # The principal (gateway/sessions.py principal_key) whose open requests count against
+    # limits.max_streams_per_principal.
+    owner: str | None = None
 
 
-class Upstream:
-    """One pooled client session per route (keep-alive connections are reused across requests)."""
+class StreamLimitReached(Exception):
+    """The principal already has ``limits.max_streams_per_principal`` requests open on the route:
+    answered 429 without forwarding, and audited as a refusal."""
 
-    def __init__(
-        self, route: RouteConfig, limits: LimitsConfig, public_scheme: str, metrics: Metrics | None = None
-    ) -> None:
-        self.route = route
-        self._metrics = metrics
-        self._base = str(URL(route.upstream))  # the upstream in encoded form, ready for raw path joins
+    code = TOO_MANY_STREAMS
+    retry_after_seconds = RETRY_AFTER_SECONDS
+
+    def __init__(self, message: str, request_id: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.request_id = request_id
+
+
+class _Pool:
+    """A client session whose connections at most ``size`` requests hold at once. A request waits
+    at most ``limits.upstream_pool_timeout_seconds`` for one (then 503), never the upstream timeout."""
+
+    def __init__(self, size: int, limits: LimitsConfig) -> None:
+        self.size = size
         self._limits = limits
-        self._public_scheme = public_scheme
+        self.permits = asyncio.Semaphore(size)
         self._session: aiohttp.ClientSession | None = None
-        # Live event streams -> whether it is a listening (GET) stream, so a drain (shutdown) or a
-        # route removal can end them cleanly.
-        self.streams: dict[aiohttp.ClientResponse, bool] = {}
-        self._ended: set[aiohttp.ClientResponse] = set()
-        self._in_flight = 0
-        self._retired = False
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=60),
+                # The permits are the limit; the connector's matches it, so it never makes a request wait.
+                connector=aiohttp.TCPConnector(limit=self.size, ttl_dns_cache=60),
                 auto_decompress=False,
                 # Streams have no total timeout; the header wait and body reads are bounded below.
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._limits.upstream_connect_timeout_seconds),
                 cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+class Upstream:
+    """The connection pools of one route (keep-alive connections are reused across requests).
+
+    Listening GET streams (the Streamable HTTP GET stream, the legacy HTTP+SSE stream) live for as
+    long as the client keeps them, so they get a pool of their own: however many are open, calls
+    (POST, DELETE) still find a connection. Each pool has ``routes[].max_connections``. One principal
+    holds at most ``limits.max_streams_per_principal`` requests open on the route (event streams, and
+    calls still waiting for their answer), so one user's idle streams cannot take a pool from others.
+    """
+
+    def __init__(
+        self, route: RouteConfig, limits: LimitsConfig, header_rules: RequestHeaderRules, metrics: Metrics | None = None
+    ) -> None:
+        self.route = route
+        self._metrics = metrics
+        self._base = str(URL(route.upstream))  # the upstream in encoded form, ready for raw path joins
+        self._limits = limits
+        self._header_rules = header_rules
+        self._calls = _Pool(route.max_connections, limits)
+        self._listening = _Pool(route.max_connections, limits)
+        self._open_by_owner: dict[str, int] = {}
+        # Live event streams -> whether it is a listening (GET) stream, so a drain (shutdown) or a
+        # route removal can end them cleanly.
+        self.streams: dict[aiohttp.ClientResponse, bool] = {}
+        self._ended: set[aiohttp.ClientResponse] = set()
+        self._in_flight = 0
+        self._retired = False
 
     def end_streams(self, *, listening_only: bool = False) -> int:
         """Close every live upstream event stream; each relay then ends its client response with a
@@ -152,33 +207,72 @@ class Upstream:
 
     async def close(self) -> None:
         self.end_streams()
-        if self._session is not None:
-            await self._session.close()
+        await self._calls.close()
+        await self._listening.close()
 
     async def forward(self, request: web.Request, fwd: ForwardRequest) -> web.StreamResponse:
+        """Raises StreamLimitReached when ``fwd.owner`` has too many requests open on this route."""
+        owner = fwd.owner
+        if owner is not None:
+            if self._open_by_owner.get(owner, 0) >= self._limits.max_streams_per_principal:
+                cap = self._limits.max_streams_per_principal
+                message = f"too many open streams on route '{fwd.route.name}' (at most {cap} per user); close one"
+                raise StreamLimitReached(message, fwd.request_id)
+            self._open_by_owner[owner] = self._open_by_owner.get(owner, 0) + 1
         self._in_flight += 1
         try:
-            return await self._forward(request, fwd)
+            pool = self._listening if request.method == "GET" else self._calls
+            try:
+                async with asyncio.timeout(self._limits.upstream_pool_timeout_seconds):
+                    await pool.permits.acquire()
+            except TimeoutError:
+                return self._pool_exhausted(fwd, pool)
+            try:
+                return await self._forward(request, fwd, pool.session())
+            finally:
+                pool.permits.release()
         finally:
             self._in_flight -= 1
+            if owner is not None:
+                left = self._open_by_owner.pop(owner) - 1
+                if left:
+                    self._open_by_owner[owner] = left
             if self._retired and self._in_flight == 0:
                 await self.close()
 
-    async def _forward(self, request: web.Request, fwd: ForwardRequest) -> web.StreamResponse:
+    def _pool_exhausted(self, fwd: ForwardRequest, pool: _Pool) -> web.Response:
+        kind = "stream" if pool is self._listening else "call"
+        wait = self._limits.upstream_pool_timeout_seconds
+        log.warning("route %s: no free %s connection within %ss (max_connections %d)", fwd.route.name, kind, wait,
+                    pool.size)  # fmt: skip
+        message = f"upstream of route '{fwd.route.name}' is busy: no free {kind} connection within {wait:g}s"
+        return jsonrpc_error(
+            503, UPSTREAM_UNAVAILABLE, message, fwd.request_id, **{"Retry-After": str(RETRY_AFTER_SECONDS)}
+        )
+
+    async def _forward(
+        self, request: web.Request, fwd: ForwardRequest, session: aiohttp.ClientSession
+    ) -> web.StreamResponse:
         route = fwd.route
         # Raw path remainder and raw query, sent without re-encoding (encoded=True): aiohttp's
         # ``query_string`` is partly decoded ('%23' becomes '#', '%25' becomes '%'), which would cut
         # or change what the upstream receives (SPEC §5.4: forward path and query byte-for-byte).
         query = fwd.query if fwd.query is not None else request.rel_url.raw_query_string
         url = URL(self._base + fwd.rest + (f"?{query}" if query else ""), encoded=True)
-        headers = upstream_request_headers(request, route, self._public_scheme)
+        headers = upstream_request_headers(request, route, self._header_rules)
+        # The body, if any, is the gateway's canonical JSON (gateway/proxy/request_body.py), never the
+        # client's bytes: describe it as such, whatever the client said about its own.
+        headers.popall("Content-Encoding", None)
+        headers.popall("Content-Type", None)
+        if fwd.body is not None:
+            headers["Content-Type"] = CANONICAL_CONTENT_TYPE
         if fwd.upstream_session_id is not None:
             headers[SESSION_HEADER] = fwd.upstream_session_id
         limits = self._limits
         started = time.monotonic()
         try:
             upstream = await asyncio.wait_for(
-                self.session().request(request.method, url, headers=headers, data=fwd.body, allow_redirects=False),
+                session.request(request.method, url, headers=headers, data=fwd.body, allow_redirects=False),
                 timeout=limits.upstream_timeout_seconds,
             )
         except TimeoutError:
@@ -211,7 +305,14 @@ class Upstream:
                     body += await asyncio.wait_for(upstream.content.read(_MAX_REWRITE_BYTES + 1), timeout)
             except (TimeoutError, aiohttp.ClientError) as exc:
                 return self._broken(fwd, exc)
-            if len(body) <= _MAX_REWRITE_BYTES and fwd.rewriter and is_json:
+            if len(body) > _MAX_REWRITE_BYTES:
+                # Too large to inspect: relaying it unread could pass an unfiltered list result, and
+                # what was read so far is not the whole body. Refused rather than truncated.
+                log.warning("route %s: JSON response over %d bytes refused", fwd.route.name, _MAX_REWRITE_BYTES)
+                return jsonrpc_error(
+                    502, UPSTREAM_PROTOCOL, f"upstream of route '{fwd.route.name}' answered too much", fwd.request_id
+                )
+            if fwd.rewriter and is_json:
                 body = fwd.rewriter.rewrite_json(body)
             headers = self._response_headers(upstream, fwd)
             if fwd.injected:
@@ -353,12 +454,22 @@ class Upstream:
 SESSION_PARAMS = frozenset({"session_id", "sessionid"})
 
 
+def _param_name(pair: str) -> str:
+    # Decoded as the upstream's framework decodes it: ``session%5Fid`` is ``session_id`` there.
+    return unquote_plus(pair.partition("=")[0]).lower()
+
+
+def session_param_names(query: str) -> list[str]:
+    """The (decoded) names of the session-id parameters in a raw query string."""
+    return [name for name in map(_param_name, query.split("&")) if name in SESSION_PARAMS]
+
+
 def wrap_session_params(query: str, transform: Callable[[str], str]) -> str:
     """Apply ``transform`` to the session-id parameters of a raw query string, keeping the rest."""
     out = []
     for pair in query.split("&"):
-        name, sep, value = pair.partition("=")
-        if sep and name.lower() in SESSION_PARAMS:
+        name, _, value = pair.partition("=")
+        if _param_name(pair) in SESSION_PARAMS:
             pair = f"{name}={quote(transform(unquote(value)), safe='')}"
         out.append(pair)
     return "&".join(out)

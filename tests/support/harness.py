@@ -127,6 +127,9 @@ def make_config(public_url: str, idps: list[DevIdentityProvider], routes: list[d
             {"client_id": OTHER_CLIENT_ID, "client_secret": OTHER_CLIENT_SECRET},
         ],
         "identity_providers": [{"issuer": idp.issuer} for idp in idps],
+        # Tests share gateways and ask for far more tokens than one client would: the limiter runs but
+        # never refuses (tests/test_token_rate_limit.py tests real limits and the defaults).
+        "token_rate_limit": {"requests_per_minute": 1_000_000, "burst": 1_000_000},
         **extra.pop("authorization", {}),
     }
     return parse_config(

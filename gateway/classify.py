@@ -1,0 +1,102 @@
+"""Pure inspection of client JSON-RPC messages: what each one asks for, before anything is decided.
+
+No policy here: a message becomes a :class:`Call` naming its method, the kind and target it acts on
+(through the one method table, gateway/mcp_methods.py) and its arguments. Deciding is the engine's
+job (gateway/engine.py) and applying the decisions is gateway/enforce.py's.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from multidict import MultiMapping
+
+from gateway.mcp_methods import CALL_METHODS, COMPLETION_REFS
+from gateway.proxy.request_body import RpcMessage
+
+
+@dataclass(frozen=True)
+class Call:
+    message: RpcMessage
+    method: str
+    kind: str | None  # tools / resources / prompts when the message names one item
+    target: str | None  # the item's name or URI, None when it is missing or not a string
+    arguments: Any  # tools/call and prompts/get ``arguments`` (None when absent)
+
+    @property
+    def names_an_item(self) -> bool:
+        return self.kind is not None
+
+
+def decidable(message: RpcMessage) -> bool:
+    """Requests, and notifications spelled like calls (a lenient server might run them), are decided;
+    responses to server requests and ordinary notifications pass."""
+    return message.method is not None and (message.is_request or message.method in CALL_METHODS)
+
+
+def classify(message: RpcMessage) -> Call:
+    assert message.method is not None
+    params = message.params or {}
+    kind, target = _target(message.method, params)
+    arguments = params.get("arguments") if message.method in ("tools/call", "prompts/get") else None
+    return Call(message, message.method, kind, target, arguments)
+
+
+def _target(method: str, params: dict[str, Any]) -> tuple[str | None, str | None]:
+    if method == "completion/complete":
+        # Completions reveal a prompt's or resource template's arguments: same rule as using it.
+        ref = params.get("ref")
+        if isinstance(ref, dict) and ref.get("type") in COMPLETION_REFS:
+            kind, key = COMPLETION_REFS[ref["type"]]
+            value = ref.get(key)
+            return kind, value if isinstance(value, str) else None
+        return None, None
+    spec = CALL_METHODS.get(method)
+    if spec is None:
+        return None, None
+    kind, key = spec
+    value = params.get(key)
+    return kind, value if isinstance(value, str) else None
+
+
+def _decode_header(value: str) -> str:
+    """MCP 2026-07-28 mirrors non-ASCII values as ``=?base64?...?=``."""
+    if value.startswith("=?base64?") and value.endswith("?="):
+        try:
+            return base64.b64decode(value[9:-2], validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return value
+    return value
+
+
+def _header_values(headers: Mapping[str, str], name: str) -> list[str]:
+    if isinstance(headers, MultiMapping):
+        return headers.getall(name, [])
+    value = headers.get(name)
+    return [] if value is None else [value]
+
+
+def header_mismatch(messages: list[RpcMessage], headers: Mapping[str, str], batch: bool) -> str | None:
+    """MCP 2026-07-28 Streamable HTTP: the ``Mcp-Method`` / ``Mcp-Name`` mirror headers must match
+    the body, or the request is refused (an upstream routing on headers would run something else)."""
+    methods = _header_values(headers, "Mcp-Method")
+    names = _header_values(headers, "Mcp-Name")
+    if not methods and not names:
+        return None
+    if batch:
+        return "Mcp-Method/Mcp-Name headers cannot describe a batch"
+    if len(methods) > 1 or len(names) > 1:
+        # Servers differ on which copy they read (first, last, or both joined): only one is checked.
+        return "Mcp-Method/Mcp-Name headers must not be repeated"
+    message = messages[0]
+    if methods and _decode_header(methods[0]) != message.method:
+        return "Mcp-Method header does not match the body"
+    if names:
+        _, target = _target(message.method or "", message.params or {})
+        if _decode_header(names[0]) != target:
+            return "Mcp-Name header does not match the body"
+    return None

@@ -1,0 +1,74 @@
+"""The proxied path as a sequence of stages, one module each, passing one request context.
+
+    origin -> authenticate (bearer + revocation) -> body -> decide (engine) -> session -> forward
+
+and the audit trail around them (decisions when made, completion when the response ends). Each stage
+either lets the request go on, answers it (:class:`Answer`), or refuses it (:class:`Refusal`);
+``run`` is the only place that turns those into HTTP responses.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from gateway.pipeline.audit import audit_completion, audit_decisions, audit_refusal
+from gateway.pipeline.authenticate import authenticate
+from gateway.pipeline.body import read_body
+from gateway.pipeline.context import Answer, Refusal, RequestContext, Services
+from gateway.pipeline.decide import decide
+from gateway.pipeline.forward import forward
+from gateway.pipeline.origin import check_origin
+from gateway.pipeline.session import bind_session
+
+__all__ = ["STAGES", "Answer", "Refusal", "RequestContext", "Services", "run"]
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that closed the connection before the answer
+
+Stage = Callable[[RequestContext], Awaitable[Answer | None]]
+STAGES: tuple[Stage, ...] = (check_origin, authenticate, read_body, decide, bind_session)
+
+
+async def run(ctx: RequestContext, stages: tuple[Stage, ...] = STAGES) -> web.StreamResponse:
+    try:
+        for stage in stages:
+            answer = await stage(ctx)
+            if answer is not None:
+                return _answer_response(answer)
+    except Refusal as refusal:
+        audit_refusal(ctx, refusal)
+        return refusal_response(refusal, ctx.cors)
+    audit_decisions(ctx)
+    status = CLIENT_CLOSED_REQUEST
+    try:
+        try:
+            response = await forward(ctx)
+        except Refusal as refusal:
+            audit_refusal(ctx, refusal)
+            response = refusal_response(refusal, ctx.cors)
+        status = response.status
+        return response
+    finally:
+        audit_completion(ctx, status)
+
+
+def refusal_response(refusal: Refusal, cors: dict[str, str]) -> web.Response:
+    return web.Response(
+        status=refusal.status,
+        text=json.dumps(refusal.body),
+        content_type="application/json",
+        headers={**refusal.headers, **cors},
+    )
+
+
+def _answer_response(answer: Answer) -> web.Response:
+    if answer.body is None:
+        return web.Response(status=answer.status, headers=dict(answer.headers))
+    return web.Response(
+        status=answer.status,
+        text=json.dumps(answer.body),
+        content_type="application/json",
+        headers=dict(answer.headers),
+    )

@@ -1,0 +1,35 @@
+"""Stage: a valid gateway access token (RFC 6750, RFC 9068) and no revocation, on every request.
+
+MCP authorization "Token Handling": the token is required on every request and invalid or expired
+ones get 401 with a challenge pointing at the RFC 9728 metadata (§5.1), so a client can discover the
+authorization server from the 401 alone.
+"""
+
+from __future__ import annotations
+
+from gateway.bearer import BearerChallenge, challenge_body, challenge_headers
+from gateway.oauth import metadata
+from gateway.pipeline.context import Refusal, RequestContext
+
+
+async def authenticate(ctx: RequestContext) -> None:
+    runtime, route = ctx.runtime, ctx.route
+    try:
+        principal = runtime.guard.authenticate(ctx.request.headers.getall("Authorization", []), route)
+    except BearerChallenge as challenge:
+        raise _challenge(ctx, challenge.status, challenge.error, challenge.description) from None
+    if runtime.is_revoked(principal.subject, principal.client_id):
+        raise _challenge(ctx, 401, "invalid_token", "access has been revoked", reason="revoked")
+    ctx.principal = principal
+
+
+def _challenge(
+    ctx: RequestContext, status: int, error: str | None, description: str, *, reason: str | None = None
+) -> Refusal:
+    prm_url = metadata.prm_url(ctx.runtime.config, ctx.route)
+    return Refusal(
+        status,
+        challenge_body(error, description),
+        reason or ("no_token" if error is None else "token"),
+        headers=challenge_headers(prm_url, ctx.route.scopes, error, description),
+    )

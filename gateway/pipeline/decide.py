@@ -1,0 +1,42 @@
+"""Stage: decide every message of the request with the decision engine, and plan what happens.
+
+A request whose ``Mcp-Method`` / ``Mcp-Name`` headers disagree with its body is refused (400,
+-32020); one that needs scopes the token lacks gets one 403 challenge naming every scope needed
+(RFC 6750 §3.1; MCP "Scope Challenge Handling": SDK clients then re-run the grant with the union).
+"""
+
+from __future__ import annotations
+
+from gateway.bearer import challenge_body, challenge_headers
+from gateway.enforce import HEADER_MISMATCH, plan_request, stream_plan
+from gateway.oauth import metadata
+from gateway.pipeline.context import Refusal, RequestContext, rpc_refusal
+
+
+async def decide(ctx: RequestContext) -> None:
+    principal, route = ctx.principal, ctx.route
+    assert principal is not None
+    if ctx.rpc is None:  # GET (a listening stream) and DELETE carry no messages; their results are filtered
+        ctx.plan = stream_plan(route.policy, frozenset(principal.groups))
+        return
+    plan = await plan_request(
+        ctx.rpc,
+        ctx.request.headers,
+        ctx.runtime.engine,
+        principal,
+        route,
+        digest_arguments=ctx.runtime.argument_digest,
+    )
+    if plan.mismatch:
+        raise rpc_refusal(400, HEADER_MISMATCH, plan.mismatch, "header_mismatch", plan.request_id)
+    if plan.missing_scopes:
+        needed = tuple(dict.fromkeys((*principal.scopes, *plan.missing_scopes)))
+        description = f"this request needs scope {' '.join(plan.missing_scopes)}"
+        prm_url = metadata.prm_url(ctx.runtime.config, route)
+        raise Refusal(
+            403,
+            challenge_body("insufficient_scope", description),
+            "insufficient_scope:" + " ".join(plan.missing_scopes),
+            headers=challenge_headers(prm_url, needed, "insufficient_scope", description),
+        )
+    ctx.plan = plan

@@ -1,0 +1,106 @@
+"""Stage: session binding, and what exactly will be sent upstream.
+
+MCP security best practices (Session Hijacking): a session id belongs to the principal that created
+it (gateway/sessions.py binds it statelessly). A session presented by another principal is refused
+with 403 and audited as ``session.mismatch``; an unknown one gets 404, so clients start a new session.
+
+The legacy HTTP+SSE transport (2024-11-05) answers POSTed requests on the long-lived GET stream, not in
+the POST response: the GET stream owns the rewriter (list filtering, capability advertisement), and
+each POST of that session hands its expectations to it, found by the upstream session id.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+from gateway.pipeline.context import FORBIDDEN, INVALID_REQUEST, SESSION_NOT_FOUND, RequestContext, rpc_refusal
+from gateway.proxy.forward import ForwardRequest, LegacyStream, session_param_names, wrap_session_params
+from gateway.proxy.headers import SESSION_HEADER
+from gateway.proxy.jsonrpc import ResultRewriter
+from gateway.sessions import SessionBinder, SessionCheck, principal_key
+
+
+async def bind_session(ctx: RequestContext) -> None:
+    principal, plan, route, request = ctx.principal, ctx.plan, ctx.route, ctx.request
+    assert principal is not None and plan is not None
+    owner = principal_key(principal.idp_issuer, principal.subject, principal.client_id)
+    binder = ctx.runtime.sessions
+    upstream_session = None
+    presented = request.headers.get(SESSION_HEADER)
+    if presented is not None:
+        upstream_session = _check(binder, route.name, owner, presented)
+    query = None
+    rewriter = plan.rewriter
+    wrap: Callable[[str], str] = functools.partial(binder.wrap, route.name, owner)
+    legacy: LegacyStream | None = None
+    if route.transport == "sse":
+        rewriter, wrap, query, legacy = _legacy_session(ctx, binder, owner)
+    if request.method == "POST" and plan.forward_body is None and legacy is None:
+        ctx.forward = None  # every message was answered by the gateway
+        return
+    ctx.forward = ForwardRequest(
+        route=route,
+        rest=ctx.rest,
+        body=plan.forward_body,
+        rewriter=rewriter,
+        request_id=plan.request_id,
+        extra_headers=(*ctx.cors.items(), ("X-Request-Id", ctx.request_id)),
+        injected=tuple(plan.local_responses),
+        upstream_session_id=upstream_session,
+        query=query,
+        wrap_session=wrap,
+        legacy_stream=legacy,
+        owner=owner,
+    )
+
+
+def _legacy_session(
+    ctx: RequestContext, binder: SessionBinder, owner: str
+) -> tuple[ResultRewriter, Callable[[str], str], str | None, LegacyStream | None]:
+    route, plan, streams = ctx.route, ctx.plan, ctx.services.legacy_streams
+    assert plan is not None
+    raw_query = ctx.request.rel_url.raw_query_string
+    if ctx.request.method == "GET":
+        stream = LegacyStream(plan.rewriter)
+
+        def wrap_and_register(upstream_id: str) -> str:
+            streams[upstream_id] = stream
+            return binder.wrap(route.name, owner, upstream_id)
+
+        return stream.rewriter, wrap_and_register, None, stream
+    if len(session_param_names(raw_query)) > 1:
+        # Which copy an upstream reads (first, last, joined) is its own choice; we check only one.
+        raise rpc_refusal(
+            400, INVALID_REQUEST, "the session id parameter must not be repeated", "repeated_session_parameter"
+        )
+    seen: list[str] = []
+
+    def check(presented: str) -> str:
+        upstream_id = _check(binder, route.name, owner, presented)
+        seen.append(upstream_id)
+        return upstream_id
+
+    query = wrap_session_params(raw_query, check) if raw_query else None
+    found = next((s for s in map(streams.get, seen) if s is not None), None)
+    if found is not None:
+        found.rewriter.absorb(plan.rewriter)
+    return plan.rewriter, functools.partial(binder.wrap, route.name, owner), query, found
+
+
+def _check(binder: SessionBinder, route_name: str, owner: str, presented: str) -> str:
+    status, upstream_id = binder.unwrap(route_name, owner, presented)
+    if status is SessionCheck.OK:
+        assert upstream_id is not None
+        return upstream_id
+    if status is SessionCheck.FOREIGN:
+        # Session theft across principals: refused and audited (MCP security best practices).
+        raise rpc_refusal(
+            403,
+            FORBIDDEN,
+            "this session belongs to another user or client",
+            "session belongs to another principal",
+            event="session.mismatch",
+        )
+    # Unknown (or from before a key change): 404 makes MCP clients start a new session.
+    raise rpc_refusal(404, SESSION_NOT_FOUND, "session not found", "unknown session")
