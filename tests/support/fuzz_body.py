@@ -2,17 +2,18 @@
 
 Not part of the test suite: run for a bounded time, by hand or in a scheduled job (docs/fuzz.md)::
 
-    pip install atheris
+    pip install -e '.[fuzz]'
     PYTHONPATH=. python -m tests.support.fuzz_body -max_total_time=300 -print_final_stats=1
 
-Target: ``gateway.proxy.jsonrpc.parse_body`` then ``gateway.enforce.plan_request`` (the gateway's
-parse-and-decide entry point today) with a route policy that allows ``echo`` and denies
-``secret_tool``. Each input is one POST body. Two oracles:
+Target: the gateway's parse-and-decide entry point, ``gateway.proxy.request_body.read_rpc_body``
+then ``gateway.enforce.plan_request`` (the decision engine without quotas), for a route whose policy
+allows ``echo`` and denies ``secret_tool``. Each input is one POST body. Two oracles:
 
-* no exception may escape (in the gateway it would become a 500);
+* no exception may escape, except :class:`BodyRefused` (a 400 with a JSON-RPC error): in the
+  gateway anything else would be a 500;
 * differential: what the plan would forward, read the way a Node server reads it (UTF-8 decoded
   with replacement as ``TextDecoder`` does, BOM dropped, ``JSON.parse``: last duplicate key wins, no
-  ``NaN``), must not contain a ``tools/call`` the plan did not allow.
+  ``NaN``), must not contain a ``tools/call`` with a string name the plan did not allow.
 
 Violations do not stop the run: each distinct kind is recorded once, with the first input that
 showed it, printed when found and (re)written as JSON to ``$FUZZ_FINDINGS`` (default
@@ -32,12 +33,13 @@ from typing import Any
 import atheris
 
 with atheris.instrument_imports():
+    from gateway.config import RouteConfig, parse_config
     from gateway.enforce import plan_request
-    from gateway.policy import RoutePolicy, RuleSet, parse_rules
-    from gateway.proxy.jsonrpc import parse_body
+    from gateway.engine import DecisionEngine
+    from gateway.oauth.access_token import Principal
+    from gateway.proxy.request_body import BodyRefused, RpcBody, read_rpc_body
 
 RULES = [{"groups": ["*"], "allow": ["echo"], "deny": ["secret_tool"]}]
-GROUPS = frozenset({"engineering"})
 SEEDS = (
     b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"secret_tool","arguments":{}}}',
     b'[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"text":"hi"}}}]',
@@ -52,15 +54,24 @@ TOKENS = (
 )  # fmt: skip
 
 
-def _policy() -> RoutePolicy:
-    def error(key: str, problem: str) -> ValueError:
-        return ValueError(f"{key}: {problem}")
+def _route() -> RouteConfig:
+    config = parse_config(
+        {
+            "public_url": "http://gateway.test",
+            "authorization": {
+                "clients": [{"client_id": "fuzz", "client_secret": "fuzz-secret-0123456789abcdef"}],
+                "identity_providers": [{"issuer": "http://idp.test"}],
+            },
+            "routes": [{"name": "fuzz", "path": "/fuzz/mcp", "upstream": "http://127.0.0.1:9/mcp", "tools": RULES}],
+        },
+        source="<fuzz>",
+    )
+    return config.routes[0]
 
-    tools = RuleSet(parse_rules(RULES, "tools", error))
-    return RoutePolicy(tools, RuleSet(None), RuleSet(None))
 
-
-POLICY = _policy()
+ROUTE = _route()
+PRINCIPAL = Principal("alice", "fuzz", "http://idp.test", ROUTE.resource, ("mcp",), ("engineering",), 2e9, "jti")
+ENGINE = DecisionEngine()
 findings: dict[str, str] = {}
 
 
@@ -93,23 +104,24 @@ def _calls_in(value: Any) -> list[Any]:
     ]
 
 
-def _why_unparsed(body: bytes) -> str:
+def _plan(rpc: RpcBody) -> Any:
+    """Run ``plan_request`` to completion: without quotas the engine never waits, so the coroutine
+    finishes on its first step (no event loop per input)."""
+    coroutine = plan_request(rpc, {}, ENGINE, PRINCIPAL, ROUTE)
     try:
-        json.loads(body)
-    except RecursionError:
-        return "nesting too deep for the gateway's parser"
-    except UnicodeDecodeError:
-        return "invalid UTF-8"
-    except ValueError as exc:
-        return f"gateway JSON error: {str(exc).split(':')[0]}"
-    return "non-object element in a batch"
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value
+    coroutine.close()
+    raise RuntimeError("plan_request waited on something")
 
 
 def one_input(data: bytes) -> None:
     try:
-        messages = parse_body(data)
-        plan = plan_request(data, messages, {}, POLICY, GROUPS, ("mcp",), route_name="fuzz")
-    except Exception as exc:  # the oracle: anything escaping here is a 500 in the gateway
+        plan = _plan(read_rpc_body(data))
+    except BodyRefused:
+        return  # refused with a 400 and a JSON-RPC error: nothing reaches the upstream
+    except Exception as exc:  # the oracle: anything else escaping here is a 500 in the gateway
         where = traceback.extract_tb(exc.__traceback__)[-1]
         _record(f"exception {type(exc).__name__} at {os.path.basename(where.filename)}:{where.lineno}", data)
         return
@@ -117,11 +129,9 @@ def one_input(data: bytes) -> None:
         return
     allowed = {call.target for call in plan.calls if call.method == "tools/call" and call.allowed}
     for name in _calls_in(_node_reading(plan.forward_body)):
-        if not isinstance(name, str) or name in allowed:
-            continue  # a call without a string name runs nowhere
-        why = "parsed alike" if messages is not None else _why_unparsed(data)
-        what = "denied tool" if name == "secret_tool" else "undecided call"
-        _record(f"{what} forwarded ({why})", data)
+        if isinstance(name, str) and name not in allowed:
+            what = "denied tool" if name == "secret_tool" else "undecided call"
+            _record(f"{what} forwarded", data)
 
 
 def _write_findings() -> None:
