@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 import socket
 import time
 import uuid
@@ -21,7 +22,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from gateway import pipeline
+from gateway import logs, pipeline
 from gateway.audit import AuditLog
 from gateway.bearer import BearerGuard
 from gateway.config import ConfigError, GatewayConfig, load_config
@@ -46,6 +47,10 @@ log = logging.getLogger("gateway")
 
 REQUEST_ID = web.RequestKey("request_id", str)
 _JWKS_RETRY_SECONDS = 10.0
+# Incoming X-Request-Id values kept as they are: short, and only characters that are safe in a log line,
+# a header and a JSON string (UUIDs, hex, base64, ULIDs, "Root=1-..." trace ids).
+_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+/=-]{0,127}")
+_QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 class Gateway:
@@ -70,7 +75,13 @@ class Gateway:
         self._config_digest: bytes | None = None
         self.draining = False
         self._retrying_jwks = False
-        self.metrics = Metrics(lambda: dict(self.runtime.keys.sets))
+        self.metrics = Metrics(
+            lambda: dict(self.runtime.keys.sets),
+            audit_dropped=lambda: self.audit.dropped,
+            pools=lambda: {name: u.pool_usage for name, u in self.runtime.upstreams.items()},
+            upstream_timeout_seconds=config.limits.upstream_timeout_seconds,
+        )
+        self.metrics.precreate(config)
         # Quota counters live beside the replay cache (memory, or the same Redis for every replica).
         self._owns_quota_store = quota_store is None
         self.quota_store = quota_store if quota_store is not None else open_quota_store(config.replay_store)
@@ -114,13 +125,15 @@ class Gateway:
 
     def idp_session(self) -> aiohttp.ClientSession:
         if self._idp_session is None or self._idp_session.closed:
-            self._idp_session = aiohttp.ClientSession(headers={"User-Agent": "mcp-auth-gateway"})
+            # trust_env: HTTPS_PROXY / HTTP_PROXY / NO_PROXY, so clusters with an egress proxy reach their IdP.
+            self._idp_session = aiohttp.ClientSession(headers={"User-Agent": "mcp-auth-gateway"}, trust_env=True)
         return self._idp_session
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def make_app(self) -> web.Application:
         app = web.Application(middlewares=[self._request_id_and_errors], client_max_size=1024**2)
+        app.on_response_prepare.append(_server_header)
         app.on_startup.append(self._on_startup)
         app.on_shutdown.append(self._on_shutdown)
         app.on_cleanup.append(self._on_cleanup)
@@ -132,6 +145,7 @@ class Gateway:
         if self.config.metrics_listen is not None:
             # A separate port that carries no auth and is not exposed publicly (scraped in-cluster).
             metrics_app = web.Application()
+            metrics_app.on_response_prepare.append(_server_header)
             metrics_app.router.add_get("/metrics", self.metrics_endpoint)
             self._metrics_runner = web.AppRunner(metrics_app, access_log=None)
             await self._metrics_runner.setup()
@@ -146,8 +160,8 @@ class Gateway:
 
     async def _retry_jwks(self) -> None:
         """Keep trying IdPs whose keys could not be fetched (at startup or after a reload added
-        them), so /readyz turns green without waiting for a token request that an unready pod
-        behind a load balancer would never get."""
+        them), so their grants work again as soon as the IdP answers, not only after a token request
+        happens to arrive outside the refetch rate limit."""
         self._retrying_jwks = True
         try:
             while not self.runtime.keys.ready:
@@ -214,6 +228,7 @@ class Gateway:
             self.audit.emit("config.reload", decision="deny", reason=str(exc))
             return False
         old, self.runtime = self.runtime, new
+        self.metrics.precreate(new.config)
         for upstream in old.retired_upstreams(new):
             self._spawn(upstream.retire())  # ends its streams now, closes once its requests finish
         await new.keys.prefetch_missing()
@@ -253,9 +268,22 @@ class Gateway:
 
     @web.middleware
     async def _request_id_and_errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        """Every response carries X-Request-Id; no exception ever reaches a client as a traceback."""
-        request_id = uuid.uuid4().hex
+        """Every response carries X-Request-Id; no exception ever reaches a client as a traceback.
+
+        A well-formed incoming X-Request-Id (from the ingress or the client) is kept, so ingress logs,
+        gateway logs and audit lines join on it; anything else gets a fresh id. It only correlates:
+        nothing trusts it. Probes and scrapes are logged at DEBUG, not INFO, so they do not drown the
+        log (a readiness probe every 5 s per pod)."""
+        incoming = request.headers.get("X-Request-Id", "")
+        request_id = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
         request[REQUEST_ID] = request_id
+        context = logs.REQUEST_ID.set(request_id)  # reset below: requests of one connection share a task
+        try:
+            return await self._answer_and_log(request, handler, request_id)
+        finally:
+            logs.REQUEST_ID.reset(context)
+
+    async def _answer_and_log(self, request: web.Request, handler: Any, request_id: str) -> web.StreamResponse:
         started = time.monotonic()
         try:
             response = await handler(request)
@@ -269,7 +297,8 @@ class Gateway:
             response = _plain_error(500, "internal error")
         if not response.prepared:
             response.headers["X-Request-Id"] = request_id
-        log.info(
+        log.log(
+            logging.DEBUG if request.path in _QUIET_PATHS else logging.INFO,
             "%s %s -> %d in %.3fs (request %s)",
             request.method,
             request.path,
@@ -285,15 +314,18 @@ class Gateway:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        """Ready once config is loaded and every trusted IdP's keys were fetched at least once;
-        not ready while draining, so load balancers stop sending new requests."""
+        """Ready once the config is loaded; not ready while draining, so load balancers stop sending
+        new requests. IdP keys do not count: an IdP without keys fails only its own grants (503
+        ``temporarily_unavailable``) and shows in ``mcp_gateway_idp_keys_available``. Gating readiness on
+        them would keep new pods out through any IdP outage, and a reload adding one unreachable IdP
+        would take every route of every pod down at once. The body names such IdPs, for people."""
         if self.draining:
             return web.json_response({"status": "draining"}, status=503)
-        keys = self.runtime.keys
-        if not keys.ready:
-            missing = [issuer for issuer, s in keys.sets.items() if not s.has_keys]
-            return web.json_response({"status": "not ready", "idp_keys_missing": missing}, status=503)
-        return web.json_response({"status": "ready"})
+        missing = [issuer for issuer, s in self.runtime.keys.sets.items() if not s.has_keys]
+        body: dict[str, Any] = {"status": "ready"}
+        if missing:
+            body["idp_keys_missing"] = missing
+        return web.json_response(body)
 
     async def authorization_server_metadata(self, request: web.Request) -> web.Response:
         return web.json_response(metadata.authorization_server_metadata(self.config), headers=metadata.DISCOVERY_CORS)
@@ -315,7 +347,6 @@ class Gateway:
         return web.json_response(document, headers=metadata.DISCOVERY_CORS)
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
-        self.metrics.audit_dropped.set(self.audit.dropped)
         return web.Response(body=self.metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     async def discovery_preflight(self, request: web.Request) -> web.Response:
@@ -382,6 +413,12 @@ class Gateway:
             in_flight.dec()
             self.metrics.requests.labels(route.name, request[METHOD_CLASS], str(status)).inc()
             self.metrics.request_duration.labels(route.name).observe(time.monotonic() - started)
+
+
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """aiohttp announces ``Python/3.x aiohttp/3.y`` (and a proxied upstream its own software): versions
+    tell only an attacker which advisories apply, so every answer names just the product."""
+    response.headers["Server"] = "mcp-gateway"
 
 
 def _digest(path: str) -> bytes | None:

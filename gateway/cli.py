@@ -14,7 +14,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from gateway import __version__
+from gateway import __version__, logs
 from gateway.config import ConfigError, GatewayConfig, describe, load_config
 from gateway.oauth.keys import SigningKey, SigningKeyError, load_signing_key
 
@@ -29,26 +29,31 @@ def _parser() -> argparse.ArgumentParser:
         prog="mcp-gateway", description="Enterprise-managed (ID-JAG) authorization gateway for MCP servers."
     )
     parser.add_argument("--version", action="version", version=f"mcp-gateway {__version__}")
-    parser.add_argument(
-        "--log-level", default=None, choices=["debug", "info", "warning", "error"], help="default info (demo: warning)"
-    )
+    parser.add_argument("--log-level", default=None, choices=logs.LEVELS, help="default info (demo: warning)")
+    # Also accepted after the command (`serve --config F --log-level debug`), where container args and
+    # the Helm chart's extraArgs put it; SUPPRESS keeps an absent one from overriding one given before.
+    after = argparse.ArgumentParser(add_help=False)
+    after.add_argument("--log-level", default=argparse.SUPPRESS, choices=logs.LEVELS, help="default info")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the gateway")
+    def add_command(name: str, summary: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=summary, parents=[after])
+
+    serve = add_command("serve", "run the gateway")
     serve.add_argument("--config", required=True, help="path to the YAML config")
 
-    check = commands.add_parser("check", help="validate a config and print the effective route table")
+    check = add_command("check", "validate a config and print the effective route table")
     check.add_argument("--config", required=True, help="path to the YAML config")
     check.add_argument(
         "--as-groups", default=None, metavar="G1,G2", help="also show what a user in these IdP groups may see"
     )
 
-    demo = commands.add_parser("demo", help="run upstream + development IdP + gateway and the whole flow")
+    demo = add_command("demo", "run upstream + development IdP + gateway and the whole flow")
     demo.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     demo.add_argument("--port", type=int, default=8080, help="gateway port (default 8080; 0 = any free port)")
     demo.add_argument("--once", action="store_true", help="exit after the flow instead of serving")
 
-    idp = commands.add_parser("dev-idp", help="run the development IdP alone (NOT for production)")
+    idp = add_command("dev-idp", "run the development IdP alone (NOT for production)")
     idp.add_argument("--host", default="127.0.0.1")
     idp.add_argument("--port", type=int, default=9000)
     idp.add_argument("--issuer", default=None, help="issuer URL (default http://HOST:PORT)")
@@ -59,14 +64,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     level = args.log_level or ("warning" if args.command == "demo" else "info")
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    logs.configure(level)
     try:
         if args.command == "check":
             return _check(args.config, args.as_groups)
         if args.command == "serve":
-            return asyncio.run(_serve(args.config))
+            return asyncio.run(_serve(args.config, level))
         if args.command == "demo":
             return asyncio.run(_demo(args.host, args.port, args.once))
         return asyncio.run(_dev_idp(args.host, args.port, args.issuer, args.algorithm))
@@ -103,7 +106,7 @@ async def _wait_for_signal() -> None:
     await stop.wait()
 
 
-async def _serve(path: str) -> int:
+async def _serve(path: str, log_level: str) -> int:
     """Run until SIGTERM/SIGINT; SIGHUP reloads the config (as does a change of the file).
 
     Shutdown is graceful: readiness turns 503 and live SSE streams are ended cleanly at once (clients
@@ -113,6 +116,7 @@ async def _serve(path: str) -> int:
     from gateway.app import Gateway, start_gateway
 
     config = load_config(path)
+    logs.configure(log_level, config.logging_format)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -7,6 +7,7 @@ unknown keys are errors: a typo such as ``alow_groups`` must never silently open
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -17,12 +18,14 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from gateway.conditions import ConditionError, compile_cost
 from gateway.mcp_methods import KINDS
 from gateway.policy import RoutePolicy, RuleSet, describe_access, parse_rules
 from gateway.quotas import QuotaRule, parse_quotas
 from gateway.urls import canonical_url, origin_of
 
 TRANSPORTS = ("streamable-http", "sse")
+LOG_FORMATS = ("text", "json")
 # python-jose implements these asymmetric JWS algorithms. HMAC is never accepted for IdP
 # assertions: an HS* header verified against a public JWKS is the classic key-confusion attack
 # (RFC 8725 §2.1, §3.1), and `none` is refused by EMA §7.4.1.
@@ -197,6 +200,7 @@ class GatewayConfig:
     shutdown_grace_seconds: float = 20.0
     reload_watch_seconds: float = 2.0
     strip_request_headers: tuple[str, ...] = DEFAULT_STRIP_REQUEST_HEADERS
+    logging_format: str = "text"
 
 
 class _Node:
@@ -367,6 +371,11 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None =
     watch = reload_node.number("watch_interval_seconds", 2.0, minimum=0, maximum=3600, integer=False)
     reload_node.finish()
     strip_request_headers = _parse_strip_request_headers(root)
+    logging_node = root.child("logging")
+    logging_format = logging_node.string("format", "text")
+    if logging_format not in LOG_FORMATS:
+        raise logging_node.error("format", f"must be one of {', '.join(LOG_FORMATS)}, got {logging_format!r}")
+    logging_node.finish()
     root.finish()
     return GatewayConfig(
         source=source,
@@ -386,6 +395,7 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None =
         shutdown_grace_seconds=shutdown_grace,
         reload_watch_seconds=watch,
         strip_request_headers=strip_request_headers,
+        logging_format=logging_format,
     )
 
 
@@ -677,10 +687,15 @@ def _parse_route_quotas(item: _Node) -> tuple[QuotaRule, ...]:
     if "quotas" in item.data and item.data["quotas"] is None:
         raise item.error("quotas", "is empty: list quotas or remove the key")
     quotas = parse_quotas(item.raw("quotas"), item.key("quotas"), error)
+    compiled = []
     for i, quota in enumerate(quotas):
         if quota.cost_source is not None:
-            raise error(f"{item.key('quotas')}[{i}].cost", "cost expressions are not supported yet (each call costs 1)")
-    return quotas
+            try:
+                quota = dataclasses.replace(quota, cost=compile_cost(quota.cost_source, kind="tools"))
+            except ConditionError as exc:
+                raise error(f"{item.key('quotas')}[{i}].cost", str(exc)) from None
+        compiled.append(quota)
+    return tuple(compiled)
 
 
 def _parse_policy(item: _Node, scopes: tuple[str, ...]) -> RoutePolicy:

@@ -7,8 +7,10 @@ each able to end the decision:
 
 1. scopes: a method that needs a scope the token lacks -> ``step_up`` (RFC 6750 §3.1
    ``insufficient_scope``; MCP authorization "Scope Challenge Handling");
-2. rules: the route's tools / resources / prompts rules (gateway/policy.py) -> ``deny`` naming the
-   rule id, or the rule that allows;
+2. rules: the route's tools / resources / prompts rules (gateway/policy.py), with their ``when``
+   conditions in CEL (gateway/conditions.py) evaluated on the call's arguments, user, client, route
+   and time -> ``deny`` naming the rule id (and ``condition`` when a condition decided, or
+   ``condition_error`` when it could not be evaluated), or the rule that allows;
 3. quotas: a ``tools/call`` counted by the route's quotas (gateway/quotas.py) -> ``throttle`` with the
    quota id and when to retry; a quota store that cannot answer -> ``deny`` (fail closed).
 
@@ -22,12 +24,14 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from gateway.classify import Call
+from gateway.conditions import ConditionEvaluationError, ConditionInput, ConditionUser
 from gateway.config import RouteConfig
 from gateway.oauth.access_token import Principal
-from gateway.policy import RoutePolicy, target_problem
+from gateway.policy import RoutePolicy, Rule, target_problem
 from gateway.quotas import Charge, QuotaStore, QuotaStoreUnavailable, user_identity
 
 log = logging.getLogger(__name__)
@@ -80,12 +84,13 @@ class DecisionEngine:
         call = ctx.call
         if call.kind is None:
             return NOT_A_NAMED_CALL
-        decision = _by_rules(policy, call.kind, call.target, ctx.groups)
+        facts = _Facts(ctx)
+        decision = _by_rules(policy, call.kind, call.target, ctx.groups, facts)
         if decision.allowed and call.method == "tools/call" and ctx.route.quotas and call.target is not None:
-            return await self._charge(ctx, call.target) or decision
+            return await self._charge(ctx, call.target, facts) or decision
         return decision
 
-    async def _charge(self, ctx: DecisionContext, tool: str) -> Decision | None:
+    async def _charge(self, ctx: DecisionContext, tool: str, facts: _Facts) -> Decision | None:
         """Charge every quota counting this call, all or nothing; None when it fits them all."""
         principal = ctx.principal
         identity = user_identity(principal.idp_issuer, principal.subject)
@@ -94,9 +99,16 @@ class DecisionEngine:
         for quota in ctx.route.quotas:
             if not quota.applies_to(tool):
                 continue
-            for key in quota.subject_key(ctx.route.name, identity, principal.client_id, principal.groups):
-                charges.append(Charge(key, 1.0, quota.limit, quota.window_seconds))
-                quota_of.append(quota.id)
+            try:
+                cost = quota.cost.evaluate(facts.input) if quota.cost is not None else 1.0
+                keys = quota.subject_key(ctx.route.name, identity, principal.client_id, principal.groups)
+                for key in keys:
+                    charges.append(Charge(key, cost, quota.limit, quota.window_seconds))
+                    quota_of.append(quota.id)
+            except (ConditionEvaluationError, ValueError) as exc:
+                detail = exc.reason if isinstance(exc, ConditionEvaluationError) else str(exc)
+                data = {"reason": "quota_cost", "quota": quota.id, "detail": detail}
+                return Decision(Effect.DENY, f"cost of quota {quota.id}: {detail}", rule=quota.id, data=data)
         if not charges:
             return None
         if self._quotas is None:
@@ -113,7 +125,38 @@ class DecisionEngine:
         return None
 
 
-def _by_rules(policy: RoutePolicy, kind: str, target: str | None, groups: frozenset[str]) -> Decision:
+class _Facts:
+    """The call as conditions see it (gateway/conditions.py), built once, only if a condition needs it."""
+
+    def __init__(self, ctx: DecisionContext) -> None:
+        self._ctx = ctx
+        self._input: ConditionInput | None = None
+        self.evaluating: str | None = None  # the rule whose condition is being evaluated
+
+    @property
+    def input(self) -> ConditionInput:
+        if self._input is None:
+            ctx, call = self._ctx, self._ctx.call
+            principal = ctx.principal
+            named = call.target or ""
+            self._input = ConditionInput(
+                args=call.arguments if isinstance(call.arguments, dict) else {},
+                user=ConditionUser(principal.subject, principal.idp_issuer, principal.groups),
+                client=principal.client_id,
+                route=ctx.route.name,
+                tool=named if call.kind in ("tools", "prompts") else "",
+                uri=named if call.kind == "resources" else "",
+                now=datetime.fromtimestamp(ctx.now, UTC),
+            )
+        return self._input
+
+    def holds(self, rule: Rule) -> bool:
+        assert rule.when is not None
+        self.evaluating = rule.id
+        return rule.when.evaluate(self.input)
+
+
+def _by_rules(policy: RoutePolicy, kind: str, target: str | None, groups: frozenset[str], facts: _Facts) -> Decision:
     rules = policy.rules_for(kind)
     if rules.unrestricted:
         return Decision(Effect.ALLOW, "no rules")
@@ -124,8 +167,15 @@ def _by_rules(policy: RoutePolicy, kind: str, target: str | None, groups: frozen
     problem = target_problem(kind, target)
     if problem is not None:
         return Decision(Effect.DENY, problem)
-    verdict = rules.decide(groups, target)
-    return Decision(Effect.ALLOW if verdict.allowed else Effect.DENY, verdict.reason, rule=verdict.rule)
+    try:
+        verdict = rules.decide_call(groups, target, facts.holds)
+    except ConditionEvaluationError as exc:
+        # A condition that cannot be decided (a missing argument, a value of the wrong type) refuses.
+        data = {"reason": "condition_error", "rule": facts.evaluating, "detail": exc.reason}
+        return Decision(Effect.DENY, f"condition of rule {facts.evaluating}: {exc.reason}", facts.evaluating, data=data)
+    effect = Effect.ALLOW if verdict.allowed else Effect.DENY
+    data = {"reason": "condition", "rule": verdict.rule} if verdict.by_condition else None
+    return Decision(effect, verdict.reason, rule=verdict.rule, data=data)
 
 
 def decision_context(principal: Principal, route: RouteConfig, call: Call) -> DecisionContext:

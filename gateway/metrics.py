@@ -5,6 +5,12 @@ counters. Every label value comes from a bounded set: route names and IdP issuer
 JSON-RPC methods from the fixed list below (anything else is ``other``), OAuth error reasons from the
 gateway's own codes. Nothing a client sends becomes a label value unchecked, so a client cannot
 blow up the time-series count. docs/metrics.md lists every metric with example queries.
+
+Series whose label values are known in advance (routes, issuers, outcomes) are created at zero
+(``precreate``): ``increase(x[5m]) > 0`` cannot see a counter's first increment when the series only
+appears with the value 1, so an alert on the first failure would never fire. The registry also
+carries prometheus-client's standard ``process_*`` (open fds, RSS, CPU) and ``python_*`` collectors:
+a proxy holding thousands of long-lived streams runs out of file descriptors or memory first.
 """
 
 from __future__ import annotations
@@ -12,11 +18,21 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from gateway import __version__
+from gateway.config import GatewayConfig
 from gateway.mcp_methods import METHODS
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -26,6 +42,33 @@ KNOWN_METHODS = frozenset(METHODS) | {"notification", "response", "batch"}
 # HTTP methods without a JSON-RPC body get their own classes.
 HTTP_CLASSES = {"GET": "stream", "DELETE": "session_delete"}
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_LONG_BUCKETS = (120, 300, 600, 1800, 3600, 7200, 21600, 43200, 86400)
+# Token endpoint outcomes (result = the OAuth error code of RFC 6749 §5.2 / RFC 8707, reason = the
+# gateway's own code); docs/metrics.md explains each.
+_INVALID_GRANT_REASONS = (
+    "malformed typ algorithm issuer signature audience client_id subject tenant expired issued_at not_before "
+    "lifetime jti replay cnf resource group scope revoked"
+).split()
+GRANT_OUTCOMES = (
+    ("issued", "ok"),
+    ("invalid_request", "invalid_request"),
+    ("unsupported_grant_type", "unsupported_grant_type"),
+    ("invalid_client", "client_auth_missing"),
+    ("invalid_client", "client_auth_failed"),
+    *(("invalid_grant", reason) for reason in _INVALID_GRANT_REASONS),
+    ("invalid_scope", "scope"),
+    ("invalid_target", "resource"),
+    ("temporarily_unavailable", "jwks_unavailable"),
+    ("temporarily_unavailable", "replay_store_unavailable"),
+)
+POLICY_KINDS = ("tools", "resources", "prompts")
+
+
+def upstream_buckets(timeout_seconds: float) -> tuple[float, ...]:
+    """Latency buckets up to the upstream timeout, so a request that hit the timeout lands in a bucket
+    of its own instead of only in +Inf with everything else slower than a minute."""
+    below = tuple(b for b in (*LATENCY_BUCKETS, *_LONG_BUCKETS) if b < timeout_seconds)
+    return (*below, timeout_seconds)
 
 
 def method_class(http_method: str, jsonrpc_methods: Iterable[str | None] | None) -> str:
@@ -40,35 +83,100 @@ def method_class(http_method: str, jsonrpc_methods: Iterable[str | None] | None)
     return method if method in KNOWN_METHODS else ("notification" if method.startswith("notifications/") else "other")
 
 
-class _JwksAgeCollector(Collector):
-    """Computed at scrape time: the age of each IdP's cached keys (staleness alerting)."""
+class _IdpKeysCollector(Collector):
+    """Computed at scrape time from each IdP's key set: whether it holds keys (an IdP without keys
+    fails its own grants with 503; readiness does not depend on it) and their age (staleness)."""
 
     def __init__(self, key_sets: Callable[[], dict[str, object]]) -> None:
         self._key_sets = key_sets
 
     @staticmethod
-    def _family() -> GaugeMetricFamily:
-        return GaugeMetricFamily(
-            "mcp_gateway_jwks_age_seconds", "Seconds since the IdP's signing keys were last fetched", labels=["issuer"]
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily(
+                "mcp_gateway_idp_keys_available",
+                "1 when the IdP's signing keys have been fetched (its grants can be verified), else 0",
+                labels=["issuer"],
+            ),
+            GaugeMetricFamily(
+                "mcp_gateway_jwks_age_seconds",
+                "Seconds since the IdP's signing keys were last fetched",
+                labels=["issuer"],
+            ),
         )
 
     def describe(self) -> Iterable[GaugeMetricFamily]:
-        yield self._family()
+        yield from self._families()
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        family = self._family()
+        available, age = self._families()
         now = time.monotonic()
         for issuer, key_set in self._key_sets().items():
             fetched_at = getattr(key_set, "fetched_at", None)
+            available.add_metric([issuer], 0 if fetched_at is None else 1)
             if fetched_at is not None:
-                family.add_metric([issuer], now - fetched_at)
-        yield family
+                age.add_metric([issuer], now - fetched_at)
+        yield available
+        yield age
+
+
+class _CallbackCollector(Collector):
+    """Values the gateway keeps anyway (audit drops, pool usage), read at scrape time."""
+
+    def __init__(
+        self, audit_dropped: Callable[[], int], pools: Callable[[], dict[str, tuple[int, int | None]]]
+    ) -> None:
+        self._audit_dropped = audit_dropped
+        self._pools = pools
+
+    @staticmethod
+    def _families() -> tuple[CounterMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            CounterMetricFamily(
+                "mcp_gateway_audit_dropped_lines", "Audit lines dropped because the sink could not keep up"
+            ),
+            GaugeMetricFamily(
+                "mcp_gateway_upstream_pool_in_use",
+                "Requests using or waiting for one of the route's upstream connections",
+                labels=["route"],
+            ),
+            GaugeMetricFamily(
+                "mcp_gateway_upstream_pool_limit",
+                "Connections the route's upstream pool may open (absent until the first request)",
+                labels=["route"],
+            ),
+        )
+
+    def describe(self) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
+        yield from self._families()
+
+    def collect(self) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
+        dropped, in_use, limit = self._families()
+        dropped.add_metric([], self._audit_dropped())
+        for route, (using, most) in self._pools().items():
+            in_use.add_metric([route], using)
+            if most is not None:
+                limit.add_metric([route], most)
+        yield dropped
+        yield in_use
+        yield limit
 
 
 class Metrics:
-    def __init__(self, key_sets: Callable[[], dict[str, object]]) -> None:
+    def __init__(
+        self,
+        key_sets: Callable[[], dict[str, object]],
+        *,
+        audit_dropped: Callable[[], int] = lambda: 0,
+        pools: Callable[[], dict[str, tuple[int, int | None]]] = dict,
+        upstream_timeout_seconds: float = 300.0,
+    ) -> None:
+        """``upstream_timeout_seconds`` shapes the upstream histogram's buckets (fixed at start)."""
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         self.build_info = Gauge("mcp_gateway_build_info", "Gateway build information", ["version"], registry=r)
         self.build_info.labels(__version__).set(1)
         self.requests = Counter(
@@ -86,9 +194,9 @@ class Metrics:
         )
         self.upstream_duration = Histogram(
             "mcp_gateway_upstream_duration_seconds",
-            "Time until the upstream's response headers arrived",
+            "Time until the upstream's response headers arrived, or until the attempt failed or timed out",
             ["route"],
-            buckets=LATENCY_BUCKETS,
+            buckets=upstream_buckets(upstream_timeout_seconds),
             registry=r,
         )
         self.in_flight = Gauge("mcp_gateway_in_flight_requests", "Proxied requests in progress", ["route"], registry=r)
@@ -109,10 +217,25 @@ class Metrics:
             registry=r,
         )
         self.reloads = Counter("mcp_gateway_config_reloads_total", "Config reloads by result", ["result"], registry=r)
-        self.audit_dropped = Gauge(
-            "mcp_gateway_audit_dropped_lines", "Audit lines dropped because the sink could not keep up", registry=r
-        )
-        r.register(_JwksAgeCollector(key_sets))
+        r.register(_IdpKeysCollector(key_sets))
+        r.register(_CallbackCollector(audit_dropped, pools))
+
+    def precreate(self, config: GatewayConfig) -> None:
+        """Create at zero every series whose labels the config and the code already determine (at
+        start and after each reload, for added routes and IdPs)."""
+        for result in ("success", "failure"):
+            self.reloads.labels(result)
+        for result, reason in GRANT_OUTCOMES:
+            self.grants.labels(result, reason)
+        for idp in config.authorization.identity_providers:
+            for result in ("ok", "error"):
+                self.jwks_fetches.labels(idp.issuer, result)
+        for route in config.routes:
+            for metric in (self.request_duration, self.upstream_duration, self.in_flight, self.open_streams):
+                metric.labels(route.name)
+            for kind in POLICY_KINDS:
+                for decision in ("allow", "deny"):
+                    self.policy_decisions.labels(route.name, kind, decision)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

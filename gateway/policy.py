@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from gateway.conditions import Condition, ConditionError, compile_condition
 from gateway.mcp_methods import KINDS, LIST_RESULT_KEYS
 
 ANY_GROUP = "*"
@@ -55,15 +56,22 @@ class Rule:
     allow: tuple[str, ...] = ()
     deny: tuple[str, ...] = ()
     id: str = ""  # ``id`` from the config, else its place: "tools[0]"
+    # ``when``: the rule applies only when this CEL condition holds for the call (gateway/conditions.py).
+    when: Condition | None = field(default=None, compare=False)
     _allow: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
     _deny: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def make(
-        cls, groups: Iterable[str], allow: Iterable[str] = (), deny: Iterable[str] = (), rule_id: str = ""
+        cls,
+        groups: Iterable[str],
+        allow: Iterable[str] = (),
+        deny: Iterable[str] = (),
+        rule_id: str = "",
+        when: Condition | None = None,
     ) -> Rule:
         allow, deny = tuple(allow), tuple(deny)
-        return cls(frozenset(groups), allow, deny, rule_id, _compile(allow), _compile(deny))
+        return cls(frozenset(groups), allow, deny, rule_id, when, _compile(allow), _compile(deny))
 
     def applies_to(self, groups: frozenset[str]) -> bool:
         return ANY_GROUP in self.groups or not self.groups.isdisjoint(groups)
@@ -76,6 +84,8 @@ class Decision:
     allowed: bool
     reason: str
     rule: str | None = None
+    # Refused because a ``when`` condition was false (or could not be evaluated), not by a name rule.
+    by_condition: bool = False
 
 
 class RuleSet:
@@ -84,25 +94,54 @@ class RuleSet:
     def __init__(self, rules: tuple[Rule, ...] | None) -> None:
         self.rules = rules
         self.decide = lru_cache(maxsize=4096)(self._decide)
+        self.conditional = any(rule.when is not None for rule in rules or ())
 
     @property
     def unrestricted(self) -> bool:
         return self.rules is None
 
     def _decide(self, groups: frozenset[str], name: str) -> Decision:
+        """By names alone, for lists: a conditional allow may hold for some call, so it lists the name;
+        a conditional deny may not, so it does not hide it. Calls use ``decide_call``."""
         if self.rules is None:
             return Decision(True, "no rules")
         allowed_by: Rule | None = None
         for rule in self.rules:
             if not rule.applies_to(groups):
                 continue
-            if rule._deny is not None and rule._deny.match(name):
+            if rule._deny is not None and rule.when is None and rule._deny.match(name):
                 return Decision(False, f"denied by {','.join(sorted(rule.groups))} rule", rule.id or None)
             if allowed_by is None and rule._allow is not None and rule._allow.match(name):
                 allowed_by = rule
         if allowed_by is None:
             return Decision(False, "no rule allows it")
         return Decision(True, f"allowed by {','.join(sorted(allowed_by.groups))} rule", allowed_by.id or None)
+
+    def decide_call(self, groups: frozenset[str], name: str, holds: Callable[[Rule], bool]) -> Decision:
+        """For one call: a rule with ``when`` applies only if ``holds(rule)`` (its condition is true for
+        this call); deny still wins. ``holds`` raises ``ConditionEvaluationError`` when a condition
+        cannot be decided, which refuses the call."""
+        if not self.conditional:
+            return self.decide(groups, name)
+        allowed_by: Rule | None = None
+        refused_by: Rule | None = None  # a matching allow rule whose condition is false
+        for rule in self.rules or ():
+            if not rule.applies_to(groups):
+                continue
+            if rule._deny is not None and rule._deny.match(name) and (rule.when is None or holds(rule)):
+                by_condition = rule.when is not None
+                reason = f"denied by {','.join(sorted(rule.groups))} rule" + (" (condition)" if by_condition else "")
+                return Decision(False, reason, rule.id or None, by_condition)
+            if allowed_by is None and rule._allow is not None and rule._allow.match(name):
+                if rule.when is None or holds(rule):
+                    allowed_by = rule
+                elif refused_by is None:
+                    refused_by = rule
+        if allowed_by is not None:
+            return Decision(True, f"allowed by {','.join(sorted(allowed_by.groups))} rule", allowed_by.id or None)
+        if refused_by is not None:
+            return Decision(False, f"condition of rule {refused_by.id} is false", refused_by.id or None, True)
+        return Decision(False, "no rule allows it")
 
 
 @dataclass(frozen=True)
@@ -163,13 +202,14 @@ def parse_rules(value: Any, key: str, error: Any) -> tuple[Rule, ...] | None:
         raise error(key, "must be a list of rules ({groups, allow, deny})")
     rules = []
     seen_ids: set[str] = set()
+    kind = key.rpartition(".")[2]
     for i, item in enumerate(value):
         where = f"{key}[{i}]"
         if not isinstance(item, dict):
             raise error(where, "must be a mapping with groups, allow and/or deny")
-        unknown = sorted(set(item) - {"id", "groups", "allow", "deny"})
+        unknown = sorted(set(item) - {"id", "groups", "allow", "deny", "when"})
         if unknown:
-            raise error(f"{where}.{unknown[0]}", "unknown key (expected id, groups, allow, deny)")
+            raise error(f"{where}.{unknown[0]}", "unknown key (expected id, groups, allow, deny, when)")
         lists = {}
         for name in ("groups", "allow", "deny"):
             entries = item.get(name, [])
@@ -186,8 +226,22 @@ def parse_rules(value: Any, key: str, error: Any) -> tuple[Rule, ...] | None:
         if rule_id in seen_ids:
             raise error(f"{where}.id", f"duplicate rule id '{rule_id}'")
         seen_ids.add(rule_id)
-        rules.append(Rule.make(lists["groups"], lists["allow"], lists["deny"], rule_id))
+        rules.append(
+            Rule.make(lists["groups"], lists["allow"], lists["deny"], rule_id, _when(item, where, kind, error))
+        )
     return tuple(rules)
+
+
+def _when(item: dict[str, Any], where: str, kind: str, error: Any) -> Condition | None:
+    if "when" not in item:
+        return None
+    source = item["when"]
+    if not isinstance(source, str) or not source.strip():
+        raise error(f"{where}.when", "must be a CEL expression (a non-empty string)")
+    try:
+        return compile_condition(source, kind=kind)
+    except ConditionError as exc:
+        raise error(f"{where}.when", str(exc)) from None
 
 
 def describe_access(policy: RoutePolicy, groups: frozenset[str]) -> list[str]:

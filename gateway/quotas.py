@@ -329,6 +329,8 @@ class QuotaRule:
     window_seconds: int
     cost_source: str | None
     _tools: re.Pattern[str] = field(compare=False, repr=False)
+    # The compiled ``cost`` (set when the config is loaded: gateway/config.py compiles it).
+    cost: Any = field(default=None, compare=False, repr=False)
 
     @classmethod
     def make(

@@ -12,6 +12,7 @@ keys (tokens stay valid). A signing key that a reload replaces keeps verifying o
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -127,7 +128,10 @@ class Runtime:
             keys=keys,
             token_endpoint=None,  # type: ignore[arg-type]  # set below: it needs is_revoked
             upstreams=_carry_upstreams(config, previous, metrics),
-            sessions=SessionBinder(derive_session_key(signing_key.secret_material)),
+            sessions=SessionBinder(
+                derive_session_key(signing_key.secret_material),
+                [derive_session_key(k.key.secret_material) for k in previous_keys],
+            ),
             argument_digest=argument_digester(signing_key.secret_material) if config.audit_argument_hashes else None,
             engine=DecisionEngine(quota_store),
         )
@@ -155,25 +159,32 @@ def _previous_keys(
 ) -> tuple[PreviousKey, ...]:
     """The keys that verify but no longer sign, each with its retire time (see ``PreviousKey``).
 
-    A key this reload replaces stopped signing now, after issuing tokens of the old TTL. A key in
-    ``previous_signing_key_files`` keeps the retire time this process already gave it; one new here
-    stops signing now as far as this process can know (other replicas may still sign with it during
-    a rollout: their tokens are refused here once it retires, and clients fetch new ones)."""
+    A key in ``previous_signing_key_files`` is accepted for as long as it is configured: the operator
+    lists it on purpose, as the next key (phase 1 of a rotation, before any replica signs with it) or
+    the old one (phase 2), and removes it in phase 3. A key that a reload replaced without listing it
+    stopped signing now, after issuing tokens of the old TTL: it verifies only until the longest of
+    those has expired (TTL + clock skew), and keeps that retire time across later reloads."""
     skew = auth.clock_skew_seconds
     known = {p.key.kid: p for p in previous.previous_keys} if previous is not None else {}
     keys: dict[str, PreviousKey] = {}
-    if previous is not None and previous.signing_key.kid != signing_key.kid:
-        old_ttl = previous.config.authorization.access_token_ttl_seconds
-        keys[previous.signing_key.kid] = PreviousKey(previous.signing_key, now + old_ttl + skew)
     for path in auth.previous_signing_key_files:
         key = SigningKey.from_file(path)
-        if key.kid != signing_key.kid and key.kid not in keys:
-            keys[key.kid] = known.get(key.kid) or PreviousKey(key, now + auth.access_token_ttl_seconds + skew)
-    for kid, entry in keys.items():
-        if kid not in known:
+        if key.kid != signing_key.kid:
+            keys[key.kid] = PreviousKey(key, math.inf)
+    replaced: list[PreviousKey] = []
+    if previous is not None and previous.signing_key.kid != signing_key.kid:
+        old_ttl = previous.config.authorization.access_token_ttl_seconds
+        replaced.append(PreviousKey(previous.signing_key, now + old_ttl + skew))
+    # Keys an earlier reload replaced keep their retire time until it passes.
+    replaced.extend(p for p in known.values() if p.retire_at != math.inf and p.retire_at > now)
+    for entry in replaced:
+        if entry.key.kid in keys or entry.key.kid == signing_key.kid:
+            continue
+        keys[entry.key.kid] = entry
+        if entry.key.kid not in known:
             log.info(
                 "signing key %s no longer signs; it verifies access tokens until %s",
-                kid,
+                entry.key.kid,
                 time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry.retire_at)),
             )
     return tuple(keys.values())
@@ -197,6 +208,7 @@ def _check_reloadable(old: GatewayConfig, new: GatewayConfig) -> None:
         ("authorization.issuer", old.authorization.issuer, new.authorization.issuer),
         ("audit", (old.audit_sink, old.audit_argument_hashes), (new.audit_sink, new.audit_argument_hashes)),
         ("replay_store", old.replay_store, new.replay_store),
+        ("logging", old.logging_format, new.logging_format),
     ):
         if before != after:
             raise ReloadRefused(f"{name} changed; restart the gateway to apply it")

@@ -12,6 +12,11 @@ on *this* route; the upstream then receives its own id back. ``k`` is derived wi
 from the gateway's signing key, so replicas sharing that key share sessions and nothing new needs
 distributing. The same wrapping protects the ``sessionId`` query parameter of the legacy HTTP+SSE
 transport.
+
+Key rotation: ids are wrapped with the current key but verified with every key the gateway accepts
+tokens from (``authorization.previous_signing_key_files``). During a rolling rotation pods that already
+sign with the new key and pods that still sign with the old one therefore accept each other's session
+ids, and sessions started before the switch survive it until the old key is dropped.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import binascii
 import enum
 import hashlib
 import hmac
+from collections.abc import Sequence
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -50,17 +56,20 @@ class SessionCheck(enum.Enum):
 
 
 class SessionBinder:
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, other_keys: Sequence[bytes] = ()) -> None:
+        """``key`` wraps new session ids; ids wrapped with ``other_keys`` are still accepted."""
         self._key = key
+        self._keys = (key, *other_keys)
 
-    def _digest(self, *parts: str) -> bytes:
-        return hmac.new(self._key, "\x00".join(parts).encode(), hashlib.sha256).digest()[:_MAC_BYTES]
+    @staticmethod
+    def _digest(key: bytes, *parts: str) -> bytes:
+        return hmac.new(key, "\x00".join(parts).encode(), hashlib.sha256).digest()[:_MAC_BYTES]
 
     def wrap(self, route: str, principal: str, upstream_id: str) -> str:
         """The session id the client sees (visible ASCII, as MCP requires): upstream id, a keyed
         fingerprint of the owner (no identity is readable from it), and a MAC over all three."""
-        owner = self._digest("owner", route, principal)
-        mac = self._digest("session", upstream_id, _b64(owner))
+        owner = self._digest(self._key, "owner", route, principal)
+        mac = self._digest(self._key, "session", upstream_id, _b64(owner))
         return f"{_b64(upstream_id.encode())}.{_b64(owner)}.{_b64(mac)}"
 
     def unwrap(self, route: str, principal: str, client_id: str) -> tuple[SessionCheck, str | None]:
@@ -73,9 +82,12 @@ class SessionBinder:
             mac = _unb64(parts[2])
         except (binascii.Error, ValueError, UnicodeDecodeError):
             return SessionCheck.UNKNOWN, None
-        if not hmac.compare_digest(mac, self._digest("session", upstream_id, parts[1])):
+        key = next(
+            (k for k in self._keys if hmac.compare_digest(mac, self._digest(k, "session", upstream_id, parts[1]))), None
+        )
+        if key is None:
             return SessionCheck.UNKNOWN, None
-        if not hmac.compare_digest(parts[1], _b64(self._digest("owner", route, principal))):
+        if not hmac.compare_digest(parts[1], _b64(self._digest(key, "owner", route, principal))):
             return SessionCheck.FOREIGN, None
         return SessionCheck.OK, upstream_id
 

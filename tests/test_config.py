@@ -401,6 +401,8 @@ INVALID = [
         "must contain origins like",
         id="allowed-origin-with-path",
     ),
+    pytest.param({"logging": {"format": "xml"}}, "logging.format", "must be one of text, json", id="log-format"),
+    pytest.param({"logging": {"level": "debug"}}, "logging.level", "unknown key", id="log-level-is-a-flag"),
 ]
 
 

@@ -15,11 +15,14 @@ import re
 import shlex
 import subprocess
 import sys
+import tomllib
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"
@@ -224,13 +227,68 @@ def test_builder_stage_builds_wheels(stages):
     assert any(re.search(r"\bpip wheel\b", i.args) for i in builder.all("RUN"))
 
 
+BASE_IMAGE = re.compile(r"python:3\.11-slim@sha256:[0-9a-f]{64}")
+
+
+def test_every_stage_starts_from_the_same_base_image_pinned_by_digest(stages):
+    """A tag moves (every Debian or CPython patch release); a digest names exact bytes."""
+    assert {stage.image for stage in stages} == {stages[-1].image}
+    assert BASE_IMAGE.fullmatch(stages[-1].image), stages[-1].image
+
+
 def test_final_stage_installs_only_built_wheels(final):
-    assert final.image == "python:3.11-slim"
     assert not final.all("COPY") or all("--from=" in i.args for i in final.all("COPY"))
     installs = [i.args for i in final.all("RUN") if re.search(r"\bpip install\b", i.args)]
     assert installs, "the runtime stage installs nothing"
     for command in installs:
-        assert "--no-index" in command, "the runtime stage must install from the builder's wheels only"
+        for step in re.findall(r"pip install [^&]*", command):
+            assert "--no-index" in step, "the runtime stage must install from the builder's wheels only"
+    assert any("--require-hashes -r /tmp/requirements.lock" in command for command in installs)
+
+
+def test_builder_downloads_only_hashed_locked_files(stages):
+    """Every download in the builder is checked against a hash from a lock file; the project itself is
+    built offline with the locked build tools."""
+    builder = stages[0]
+    commands = [step for i in builder.all("RUN") for step in re.split(r"\s*&&\s*", i.args)]
+    fetching = [c for c in commands if re.search(r"\bpip (install|wheel|download)\b", c) and "--no-index" not in c]
+    assert fetching, "the builder downloads nothing?"
+    for command in fetching:
+        assert "--require-hashes" in command, command
+        assert re.search(r"-r (build-)?requirements\.lock\b", command), command
+    project_builds = [c for c in commands if re.search(r"\bpip wheel\b.* \.$", c)]
+    assert project_builds and all("--no-build-isolation" in c and "--no-index" in c for c in project_builds)
+
+
+def _locked(path: Path) -> dict[str, tuple[str, int]]:
+    """name -> (pinned version, number of hashes) of a pip-compile --generate-hashes file."""
+    pins: dict[str, tuple[str, int]] = {}
+    for requirement in re.split(r"\n(?=[A-Za-z0-9])", path.read_text()):
+        first = requirement.splitlines()[0]
+        if first.startswith("#") or not first.strip():
+            continue
+        match = re.match(r"([A-Za-z0-9._-]+)==([^ \\;]+)", first)
+        assert match, f"{path.name}: not pinned with ==: {first}"
+        hashes = re.findall(r"--hash=sha256:[0-9a-f]{64}", requirement)
+        pins[canonicalize_name(match.group(1))] = (match.group(2), len(hashes))
+    return pins
+
+
+def test_lock_files_pin_every_dependency_with_hashes():
+    """The locks cover pyproject.toml (runtime dependencies and build-system requirements) with
+    versions its specifiers allow; the real install from the lock is the `installed` fixture below."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    for lock, declared in [
+        ("requirements.lock", project["project"]["dependencies"]),
+        ("build-requirements.lock", project["build-system"]["requires"]),
+    ]:
+        pins = _locked(REPO / lock)
+        assert all(count >= 1 for _, count in pins.values()), lock
+        for text in declared:
+            requirement = Requirement(text)
+            name = canonicalize_name(requirement.name)
+            assert name in pins, f"{lock} does not pin {name}"
+            assert requirement.specifier.contains(pins[name][0], prereleases=True), (lock, text, pins[name])
 
 
 def test_final_stage_runs_as_fixed_non_root_user(final):
@@ -274,7 +332,8 @@ def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Installed:
-    """`pip wheel --no-deps` of the project, installed into a fresh venv (once per session)."""
+    """`pip wheel --no-deps` of the project, installed into a fresh venv (once per session) as the image
+    does: the dependencies from requirements.lock with --require-hashes, then the wheel alone."""
     root = tmp_path_factory.mktemp("image")
     wheels = root / "wheels"
     built = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--wheel-dir", str(wheels), str(REPO)])
@@ -283,10 +342,14 @@ def installed(tmp_path_factory) -> Installed:
     venv = root / "venv"
     created = _run([sys.executable, "-m", "venv", str(venv)])
     assert created.returncode == 0, created.stderr
-    pip = _run(
-        [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(wheel)]
-    )
-    assert pip.returncode == 0, pip.stderr
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    # Without PYTHONPATH: a checkout on it would make the project look installed already.
+    locked = _run([*pip, "--require-hashes", "-r", str(REPO / "requirements.lock")], env=_clean_env())
+    assert locked.returncode == 0, locked.stderr
+    project = _run([*pip, "--no-deps", str(wheel)], env=_clean_env())
+    assert project.returncode == 0, project.stderr
+    check = _run([str(venv / "bin" / "python"), "-m", "pip", "check"], env=_clean_env())
+    assert check.returncode == 0, check.stdout + check.stderr  # the lock satisfies every requirement
     workdir = root / "elsewhere"
     workdir.mkdir()
     return Installed(wheel=wheel, venv=venv, workdir=workdir)

@@ -8,6 +8,7 @@ monitors and policies refer to, the config the gateway will actually read, and n
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import re
@@ -18,10 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import helm_python as helm
+import kubernetes_validate
 import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from gateway import cli
+from tests.support.harness import running_gateway
 
 REPO = Path(__file__).resolve().parent.parent
 CHART = REPO / "helm" / "mcp-gateway"
@@ -32,13 +37,20 @@ CONFIG_PATH = "/etc/mcp-gateway/config.yaml"
 SIGNING_KEY_PATH = "/etc/mcp-gateway/signing-key/signing-key.pem"
 ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
-BASE_KINDS = {"ConfigMap", "Deployment", "Service", "ServiceAccount", "PodDisruptionBudget"}
+# The Pod is the `helm test` hook (templates/tests/).
+BASE_KINDS = {"ConfigMap", "Deployment", "Service", "ServiceAccount", "PodDisruptionBudget", "Pod"}
 EXPECTED_KINDS = {
     "default": BASE_KINDS,
     "minimal": BASE_KINDS,
     "existing-secret": BASE_KINDS,
-    "full": BASE_KINDS | {"HorizontalPodAutoscaler", "ServiceMonitor", "PodMonitor", "NetworkPolicy"},
+    "full": BASE_KINDS | {"HorizontalPodAutoscaler", "ServiceMonitor", "PrometheusRule", "Ingress", "NetworkPolicy"},
+    "gateway-api": BASE_KINDS | {"HTTPRoute", "PodMonitor", "NetworkPolicy"},
 }
+# Custom resources: kubernetes-validate has no schema for them; their fields are checked below.
+CRD_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "HTTPRoute"}
+# The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest kubernetes-validate knows.
+K8S_VERSIONS = ("1.25.0", kubernetes_validate.latest_version())
+DOCS = REPO / "docs" / "metrics.md"
 
 
 def scenario_values(scenario: str) -> dict[str, Any]:
@@ -138,22 +150,86 @@ def test_schema_rejects_misspelled_keys(chart, values, bad_key):
         chart.render(values, name=RELEASE, namespace=NAMESPACE)
 
 
+SHARED_KEY = {"signingKey": {"existingSecret": "signing-key"}}
+SHARED_STORE = {"config": {"replay_store": "redis://redis:6379/0"}}
+IN_MEMORY_REPLAY = "config.replay_store must be a Redis URL shared by every pod"
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [
         ({"replicaCount": 2}, "signingKey.existingSecret is required"),
         ({"autoscaling": {"enabled": True}}, "signingKey.existingSecret is required"),
         ({"clientSecrets": {"env": {"A_SECRET": "a"}}}, "clientSecrets.existingSecret is required"),
+        ({"replicaCount": 2, **SHARED_KEY}, IN_MEMORY_REPLAY),
+        ({"autoscaling": {"enabled": True}, **SHARED_KEY}, IN_MEMORY_REPLAY),
+        ({"replicaCount": 3, **SHARED_KEY, "config": {"replay_store": "memory"}}, IN_MEMORY_REPLAY),
+        ({"config": {"audit": {"sink": "/tmp/audit.jsonl"}}}, "config.audit.sink must be stdout in Kubernetes"),
     ],
 )
 def test_render_refuses_unworkable_values(chart, values, message):
-    with pytest.raises(helm.HelmRenderError, match=message):
+    with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
         chart.render(values, name=RELEASE, namespace=NAMESPACE)
 
 
+LEGACY_ROUTE = {"name": "legacy", "path": "/legacy", "upstream": "http://legacy:8000", "transport": "sse"}
+LEGACY_AFFINITY = "routes with transport: sse need session affinity with more than one replica"
+
+
+def several_pods_with_legacy_route(**values: Any) -> dict[str, Any]:
+    config = {**SHARED_STORE["config"], "routes": [LEGACY_ROUTE]}  # merged over the chart's example config
+    return {"replicaCount": 3, **SHARED_KEY, "config": config, **values}
+
+
+@pytest.mark.parametrize("scaling", [{"replicaCount": 3}, {"autoscaling": {"enabled": True}}], ids=["replicas", "hpa"])
+def test_legacy_sse_routes_with_several_pods_need_affinity(chart, scaling):
+    """HTTP+SSE answers each POST on the client's GET stream, held by one pod: a POST landing on another
+    pod would get unfiltered lists or no answer, so the chart refuses that setup."""
+    with pytest.raises(helm.HelmRenderError, match=re.escape(LEGACY_AFFINITY)):
+        chart.render(several_pods_with_legacy_route(**scaling), name=RELEASE, namespace=NAMESPACE)
+    one_pod = {**several_pods_with_legacy_route(), "replicaCount": 1}
+    assert "sessionAffinity" not in one(objects(one_pod), "Service")["spec"]
+    streamable_only = {**several_pods_with_legacy_route(), "config": {**SHARED_STORE["config"]}}
+    assert "sessionAffinity" not in one(objects(streamable_only), "Service")["spec"]
+
+
+def test_legacy_sse_affinity_by_client_ip_or_at_the_ingress():
+    service = one(objects(several_pods_with_legacy_route(legacySseAffinity="ClientIP")), "Service")
+    assert service["spec"]["sessionAffinity"] == "ClientIP"
+    assert service["spec"]["sessionAffinityConfig"] == {"clientIP": {"timeoutSeconds": 10800}}
+    service = one(objects(several_pods_with_legacy_route(legacySseAffinity="ingress")), "Service")
+    assert "sessionAffinity" not in service["spec"]
+
+
+def test_audit_to_stdout_renders():
+    values = {"config": {"audit": {"sink": "stdout", "argument_hashes": True}}}
+    assert rendered_config(objects(values))["audit"] == {"sink": "stdout", "argument_hashes": True}
+
+
 def test_user_mounted_signing_key_allows_replicas():
-    values = {"replicaCount": 2, "config": {"authorization": {"signing_key_file": "/keys/k.pem"}}}
+    values = {
+        "replicaCount": 2,
+        "config": {"authorization": {"signing_key_file": "/keys/k.pem"}, **SHARED_STORE["config"]},
+    }
     assert one(objects(values), "Deployment")["spec"]["replicas"] == 2
+
+
+def test_in_memory_replay_store_with_replicas_renders_only_when_acknowledged():
+    values = {"replicaCount": 2, **SHARED_KEY, "acknowledgeInMemoryReplayStore": True}
+    assert one(objects(values), "Deployment")["spec"]["replicas"] == 2
+    assert "replay_store" not in rendered_config(objects(values))
+    assert "WARNING: several replicas with the in-memory replay store" in notes(values)
+    assert "in-memory replay store" not in notes({"replicaCount": 2, **SHARED_KEY, **SHARED_STORE})
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_scenarios_with_several_pods_share_a_replay_store(scenario):
+    """The examples the README points at must not teach a setup where an ID-JAG is redeemable per pod."""
+    values = scenario_values(scenario)
+    if values.get("replicaCount", 1) > 1 or values.get("autoscaling", {}).get("enabled"):
+        store = rendered_config(objects(values))["replay_store"]
+        assert store.startswith(("redis://", "rediss://", "unix://")), store
+        assert not values.get("acknowledgeInMemoryReplayStore")
 
 
 # --- what each scenario renders -------------------------------------------------------------------
@@ -165,9 +241,27 @@ def test_scenario_kinds(scenario):
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_objects_validate_strictly_against_kubernetes_schemas(scenario, version):
+    """Every built-in object against the official OpenAPI schemas, strict: an unknown or misplaced
+    field (which the API server would drop or reject) fails here."""
+    for doc in objects(scenario_values(scenario)):
+        if doc["kind"] not in CRD_KINDS:
+            kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_strict_validation_catches_a_misplaced_field():
+    deployment = one(objects(), "Deployment")
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {"httpGet": {"port": 80}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, K8S_VERSIONS[0], strict=True)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
 def test_objects_are_named_and_namespaced(scenario):
     for doc in objects(scenario_values(scenario)):
-        assert doc["metadata"]["name"] == f"{RELEASE}-mcp-gateway"
+        hook = doc["metadata"].get("annotations", {}).get("helm.sh/hook")
+        assert doc["metadata"]["name"] == f"{RELEASE}-mcp-gateway" + ("-test" if hook == "test" else "")
         assert doc["metadata"]["namespace"] == NAMESPACE
         assert doc["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE
 
@@ -256,6 +350,25 @@ def test_config_is_mounted_where_the_container_reads_it(scenario):
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
+def test_container_args_are_accepted_by_the_gateway_cli(scenario):
+    """The rendered args, with extra arguments after them, parse with the gateway's own CLI parser:
+    an argument it does not know would crash-loop the pod."""
+    values = {**scenario_values(scenario), "extraArgs": ["--log-level", "debug"]}
+    args = cli._parser().parse_args(gateway_container(objects(values))["args"])
+    assert (args.command, args.config, args.log_level) == ("serve", CONFIG_PATH, "debug")
+    args = cli._parser().parse_args(gateway_container(objects(scenario_values(scenario)))["args"])
+    assert args.log_level == scenario_values(scenario).get("logLevel", "info")
+
+
+def test_log_level_and_format_values():
+    docs = objects({"logLevel": "warning", "logFormat": "text"})
+    assert gateway_container(docs)["args"][3:5] == ["--log-level", "warning"]
+    assert rendered_config(docs)["logging"] == {"format": "text"}
+    assert rendered_config(objects())["logging"] == {"format": "json"}
+    assert rendered_config(objects({"config": {"logging": {"format": "text"}}}))["logging"] == {"format": "json"}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
 def test_listen_is_forced_to_the_container_port(scenario):
     values = scenario_values(scenario)
     docs = objects(values)
@@ -299,39 +412,76 @@ def test_metrics_port_equal_to_container_port_is_not_separate():
 
 # --- monitoring -----------------------------------------------------------------------------------
 
-MONITORS_ON_MAIN_PORT = {"metrics": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}}}
+SEPARATE_PORT = {"metrics": {"port": 9090}}
 
 
-@pytest.mark.parametrize(
-    ("values", "port_name"),
-    [(scenario_values("full"), "metrics"), (MONITORS_ON_MAIN_PORT, "http")],
-    ids=["separate-metrics-port", "metrics-on-http-port"],
-)
-def test_monitors_scrape_a_port_that_exists(values, port_name):
-    docs = objects(values)
+@pytest.mark.parametrize("values", [{}, SEPARATE_PORT], ids=["metrics-on-http-port", "separate-metrics-port"])
+def test_service_monitor_scrapes_a_service_port_that_exists(values):
+    docs = objects({"metrics": {**values.get("metrics", {}), "serviceMonitor": {"enabled": True}}})
     service = one(docs, "Service")
-    pod_labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
-
     service_monitor = one(docs, "ServiceMonitor")
     assert service_monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert service_monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
     (endpoint,) = service_monitor["spec"]["endpoints"]
-    assert endpoint["port"] == port_name
+    assert endpoint["port"] == ("metrics" if values else "http")
     assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
     assert endpoint["path"] == "/metrics"
 
+
+@pytest.mark.parametrize("values", [{}, SEPARATE_PORT], ids=["metrics-on-http-port", "separate-metrics-port"])
+def test_pod_monitor_scrapes_a_container_port_that_exists(values):
+    docs = objects({"metrics": {**values.get("metrics", {}), "podMonitor": {"enabled": True}}})
+    pod_labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
     pod_monitor = one(docs, "PodMonitor")
     assert pod_monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     (pod_endpoint,) = pod_monitor["spec"]["podMetricsEndpoints"]
-    assert pod_endpoint["port"] == port_name
+    assert pod_endpoint["port"] == ("metrics" if values else "http")
     assert pod_endpoint["port"] in container_ports(docs)
     assert pod_endpoint["path"] == "/metrics"
 
 
-def test_monitor_labels_let_prometheus_select_them():
-    docs = objects(scenario_values("full"))
-    for kind in ("ServiceMonitor", "PodMonitor"):
-        assert one(docs, kind)["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+def test_schema_refuses_both_monitors(chart):
+    """Both would scrape every pod twice (doubling every rate); the examples enable one each."""
+    both = {"metrics": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}}}
+    with pytest.raises(helm.HelmValuesError, match="/metrics"):
+        chart.render(both, name=RELEASE, namespace=NAMESPACE)
+    assert _problems(helm.lint(CHART, both, strict=True))
+    for scenario in SCENARIOS:
+        monitors = scenario_values(scenario).get("metrics", {})
+        assert sum(monitors.get(kind, {}).get("enabled", False) for kind in ("serviceMonitor", "podMonitor")) <= 1
+
+
+@pytest.mark.parametrize(("scenario", "kind"), [("full", "ServiceMonitor"), ("gateway-api", "PodMonitor")])
+def test_monitor_labels_let_prometheus_select_them(scenario, kind):
+    assert one(objects(scenario_values(scenario)), kind)["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+def _normalized(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_prometheus_rule_carries_the_documented_alerts():
+    """The rule's expressions are the ones docs/metrics.md documents, word for word, and name only
+    metrics the docs describe (tests/test_metrics.py checks the docs against a live scrape)."""
+    values = {
+        "metrics": {"prometheusRule": {"enabled": True, "labels": {"release": "kps"}, "alertLabels": {"team": "x"}}}
+    }
+    rule = one(objects(values), "PrometheusRule")
+    assert rule["metadata"]["labels"]["release"] == "kps"
+    docs = DOCS.read_text()
+    alerts_section = _normalized(docs[docs.index("## Alerts") :])
+    (group,) = rule["spec"]["groups"]
+    names = [r["alert"] for r in group["rules"]]
+    assert len(names) == len(set(names)) >= 8
+    for alert in group["rules"]:
+        assert f"`{alert['alert']}`" in docs
+        assert _normalized(alert["expr"]) in alerts_section, alert["alert"]
+        assert alert["labels"]["severity"] in {"warning", "critical"}
+        assert alert["labels"]["team"] == "x"
+        assert "{{ $labels." in alert["annotations"]["summary"]  # left for Prometheus, not expanded by Helm
+        for metric in re.findall(r"\b(?:mcp_gateway|process)_[a-z_]+", alert["expr"]):
+            assert f"`{metric}`" in docs, metric
+    assert "PrometheusRule" not in {d["kind"] for d in objects()}
 
 
 # --- availability, scaling, shutdown --------------------------------------------------------------
@@ -529,3 +679,191 @@ def test_rendered_config_passes_gateway_check(scenario, tmp_path):
         check=False,
     )
     assert result.returncode == 0, f"check rejected the {scenario} config:\n{result.stdout}{result.stderr}"
+
+
+# --- network policy, placement, resources ---------------------------------------------------------
+
+
+def _http_port_sources(docs: list[dict[str, Any]]) -> list[Any]:
+    policy = one(docs, "NetworkPolicy")
+    return [
+        rule.get("from") for rule in policy["spec"]["ingress"] if {"port": "http", "protocol": "TCP"} in rule["ports"]
+    ]
+
+
+def test_metrics_from_is_honoured_when_metrics_share_the_http_port():
+    scrapers = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    clients = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]
+    policy = {"enabled": True, "ingressFrom": clients, "metricsFrom": scrapers}
+    assert _http_port_sources(objects({"networkPolicy": policy})) == [clients, scrapers]
+    # Metrics on their own port: the scrapers get that port only.
+    docs = objects({"networkPolicy": policy, **SEPARATE_PORT})
+    assert _http_port_sources(docs) == [clients]
+    rules = one(docs, "NetworkPolicy")["spec"]["ingress"]
+    assert {"ports": [{"port": "metrics", "protocol": "TCP"}], "from": scrapers} in rules
+    # No ingressFrom: the http port admits any source already, scrapers included.
+    assert _http_port_sources(objects({"networkPolicy": {"enabled": True, "metricsFrom": scrapers}})) == [None]
+
+
+def test_pods_spread_softly_over_zones_and_nodes_by_default():
+    docs = objects()
+    constraints = pod_spec(docs)["topologySpreadConstraints"]
+    selector = one(docs, "Deployment")["spec"]["selector"]
+    assert [c["topologyKey"] for c in constraints] == ["topology.kubernetes.io/zone", "kubernetes.io/hostname"]
+    for constraint in constraints:
+        assert (constraint["maxSkew"], constraint["whenUnsatisfiable"]) == (1, "ScheduleAnyway")
+        assert constraint["labelSelector"] == selector
+    custom = scenario_values("full")["topologySpreadConstraints"]
+    assert pod_spec(objects(scenario_values("full")))["topologySpreadConstraints"] == custom
+    assert "topologySpreadConstraints" not in pod_spec(objects({"defaultTopologySpread": False}))
+
+
+def _cores(quantity: str | int) -> float:
+    text = str(quantity)
+    return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def test_cpu_request_makes_the_hpa_target_meaningful():
+    """The HPA's utilization is a share of the request: a tiny request next to a one-core limit would
+    scale out at a trickle of traffic."""
+    resources = gateway_container(objects())["resources"]
+    assert _cores(resources["requests"]["cpu"]) >= _cores(resources["limits"]["cpu"]) / 2
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 3}},
+            "autoscaling.minReplicas (5) must not exceed autoscaling.maxReplicas (3)",
+        ),
+        (
+            {"autoscaling": {"enabled": True}, "resources": {"requests": {"cpu": None}}},
+            "resources.requests.cpu is required with autoscaling.targetCPUUtilizationPercentage",
+        ),
+        (
+            {
+                "autoscaling": {"enabled": True, "targetMemoryUtilizationPercentage": 80},
+                "resources": {"requests": {"memory": None}},
+            },
+            "resources.requests.memory is required with autoscaling.targetMemoryUtilizationPercentage",
+        ),
+        ({"httpRoute": {"enabled": True}}, "httpRoute.parentRefs is required"),
+    ],
+)
+def test_render_refuses_unworkable_autoscaling_and_routing(chart, values, message):
+    values = {**SHARED_KEY, **SHARED_STORE, **values}
+    with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+@pytest.mark.parametrize(
+    "resources",
+    [
+        {"requests": {"cpu": "half"}},
+        {"limits": {"memory": "512 MB"}},
+        {"requests": {"cpu": -1}},
+        {"request": {"cpu": "1"}},
+        {"autoscaling": {"targetCPUUtilizationPercentage": 150}},
+    ],
+)
+def test_schema_rejects_bad_resources(chart, resources):
+    values = resources if "autoscaling" in resources else {"resources": resources}
+    with pytest.raises(helm.HelmValuesError):
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+# --- ingress and Gateway API ----------------------------------------------------------------------
+
+
+def test_ingress_serves_the_public_url_host_on_the_http_port():
+    docs = objects(scenario_values("full"))
+    ingress = one(docs, "Ingress")
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["host"] == "mcp.example.com"  # from config.public_url
+    (path,) = rule["http"]["paths"]
+    assert (path["path"], path["pathType"]) == ("/", "Prefix")
+    assert path["backend"]["service"] == {"name": one(docs, "Service")["metadata"]["name"], "port": {"name": "http"}}
+    assert ingress["spec"]["tls"] == [{"hosts": ["mcp.example.com"], "secretName": "mcp-example-com-tls"}]
+    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/affinity"] == "cookie"
+    assert (
+        one(objects({"ingress": {"enabled": True, "host": "other.example.com"}}), "Ingress")["spec"]["rules"][0]["host"]
+        == "other.example.com"
+    )
+
+
+def test_http_route_attaches_to_the_gateway_and_serves_the_public_url_host():
+    values = scenario_values("gateway-api")
+    docs = objects(values)
+    route = one(docs, "HTTPRoute")
+    assert route["apiVersion"] == "gateway.networking.k8s.io/v1"
+    assert route["spec"]["parentRefs"] == values["httpRoute"]["parentRefs"]
+    assert route["spec"]["hostnames"] == ["tools.example.org"]
+    (rule,) = route["spec"]["rules"]
+    assert rule["matches"] == [{"path": {"type": "PathPrefix", "value": "/"}}]
+    service = one(docs, "Service")
+    assert rule["backendRefs"] == [{"name": service["metadata"]["name"], "port": service["spec"]["ports"][0]["port"]}]
+
+
+def test_notes_warn_when_the_ingress_exposes_metrics():
+    assert "WARNING: /metrics is reachable through the Ingress" in notes({"ingress": {"enabled": True}})
+    assert "WARNING: /metrics" not in notes({"ingress": {"enabled": True}, **SEPARATE_PORT})
+    assert "WARNING: /metrics is reachable through the HTTPRoute" in notes(scenario_values("gateway-api"))
+
+
+# --- the `helm test` hook -------------------------------------------------------------------------
+
+
+def _hook(values: dict[str, Any] | None = None) -> dict[str, Any]:
+    return next(d for d in objects(values) if d["kind"] == "Pod")
+
+
+def test_helm_test_hook_runs_the_gateway_image_locked_down():
+    docs = objects()
+    hook = _hook()
+    assert hook["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    (container,) = hook["spec"]["containers"]
+    assert container["image"] == gateway_container(docs)["image"]
+    assert container["command"][:2] == ["python", "-c"]
+    security = container["securityContext"]
+    assert (security["runAsNonRoot"], security["readOnlyRootFilesystem"], security["allowPrivilegeEscalation"]) == (
+        True,
+        True,
+        False,
+    )
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    env = {e["name"]: e["value"] for e in container["env"]}
+    service = one(docs, "Service")
+    assert (
+        env["GATEWAY_URL"]
+        == f"http://{service['metadata']['name']}.{NAMESPACE}.svc:{service['spec']['ports'][0]['port']}"
+    )
+    assert env["EXPECTED_ISSUER"] == "https://mcp.example.com"
+    assert "Pod" not in {d["kind"] for d in objects({"tests": {"enabled": False}})}
+
+
+def _run_hook(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    (container,) = _hook()["spec"]["containers"]
+    return subprocess.run(
+        [sys.executable, *container["command"][1:]],
+        env={"PATH": os.environ["PATH"], **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+async def test_helm_test_hook_script_passes_against_a_ready_gateway_and_fails_otherwise(idp, upstream_json):
+    """The hook's own script, run against a real gateway: what `helm test` does in the cluster."""
+    routes = [{"name": "json", "path": "/json/mcp", "upstream": upstream_json.mcp_url}]
+    async with running_gateway(idp, routes) as harness:
+        env = {"GATEWAY_URL": harness.url, "EXPECTED_ISSUER": harness.issuer}
+        passed = await asyncio.to_thread(_run_hook, env)
+        assert passed.returncode == 0, passed.stdout + passed.stderr
+        assert "readyz: 200" in passed.stdout
+        wrong_issuer = await asyncio.to_thread(_run_hook, {**env, "EXPECTED_ISSUER": "https://elsewhere.example"})
+        assert wrong_issuer.returncode == 1
+        harness.gateway.drain()
+        draining = await asyncio.to_thread(_run_hook, env)
+        assert draining.returncode != 0

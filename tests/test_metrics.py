@@ -22,12 +22,13 @@ import pytest
 
 from gateway import __version__
 from gateway.devidp import DevIdentityProvider
-from gateway.metrics import HTTP_CLASSES, KNOWN_METHODS, NO_ROUTE
-from tests.support.harness import GatewayHarness, running_gateway, start_harness
+from gateway.metrics import GRANT_OUTCOMES, HTTP_CLASSES, KNOWN_METHODS, NO_ROUTE
+from tests.support.harness import GatewayHarness, make_config, running_gateway, start_harness
 from tests.support.loopback import free_port
 from tests.support.mcp_http import (
     ACCEPT,
     WAIT,
+    McpHttp,
     new_gate,
     next_message,
     open_session,
@@ -53,14 +54,28 @@ FAMILIES = {
     "mcp_gateway_token_grants": "counter",
     "mcp_gateway_jwks_fetches": "counter",
     "mcp_gateway_jwks_age_seconds": "gauge",
+    "mcp_gateway_idp_keys_available": "gauge",
     "mcp_gateway_policy_decisions": "counter",
     "mcp_gateway_config_reloads": "counter",
-    "mcp_gateway_audit_dropped_lines": "gauge",
+    "mcp_gateway_audit_dropped_lines": "counter",
+    "mcp_gateway_upstream_pool_in_use": "gauge",
+    "mcp_gateway_upstream_pool_limit": "gauge",
+}
+# prometheus-client's standard process and Python collectors: fds and memory of a proxy holding streams.
+STANDARD = {
+    "process_open_fds": "gauge",
+    "process_max_fds": "gauge",
+    "process_resident_memory_bytes": "gauge",
+    "process_cpu_seconds": "counter",
+    "python_info": "gauge",
+    "python_gc_collections": "counter",
 }
 REQUESTS = "mcp_gateway_requests_total"
 GRANTS = "mcp_gateway_token_grants_total"
 FETCHES = "mcp_gateway_jwks_fetches_total"
 DECISIONS = "mcp_gateway_policy_decisions_total"
+RELOADS = "mcp_gateway_config_reloads_total"
+UPSTREAM = "mcp_gateway_upstream_duration_seconds"
 
 
 @pytest.fixture(scope="module")
@@ -119,16 +134,25 @@ async def test_scrape_parses_and_every_family_is_prefixed_and_typed(
     mgw: GatewayHarness, http: aiohttp.ClientSession
 ) -> None:
     current = await metrics(mgw, http)
-    assert current.families == FAMILIES
+    assert gateway_families(current) == FAMILIES
+    assert current.families.items() >= STANDARD.items()
+    assert all(f.startswith(("process_", "python_")) for f in set(current.families) - set(FAMILIES))
     assert current.value("mcp_gateway_build_info", version=__version__) == 1
-    assert current.value("mcp_gateway_audit_dropped_lines") == 0
+    assert current.value("mcp_gateway_audit_dropped_lines_total") == 0
+    assert current.value("process_open_fds") > 0
+    assert current.value("process_resident_memory_bytes") > 0
+
+
+def gateway_families(current: Scrape) -> dict[str, str]:
+    return {name: kind for name, kind in current.families.items() if name.startswith("mcp_gateway_")}
 
 
 async def test_docs_describe_every_metric(mgw: GatewayHarness, http: aiohttp.ClientSession) -> None:
     text = DOCS.read_text()
-    for family, kind in (await metrics(mgw, http)).families.items():
+    for family, kind in gateway_families(await metrics(mgw, http)).items():
         name = family + "_total" if kind == "counter" else family
         assert f"`{name}`" in text, f"docs/metrics.md does not describe {name}"
+    assert "`process_*`" in text and "`python_*`" in text
 
 
 # -- counters and histograms move with traffic -----------------------------------------------------
@@ -229,6 +253,103 @@ async def test_policy_decisions_count_allowed_and_denied_calls(
     # The denied call was answered by the gateway: one upstream round trip fewer than requests.
     assert delta(REQUESTS, route="policy", method="tools/call", status="200") == 2
     assert delta("mcp_gateway_upstream_duration_seconds_count", route="policy") == 3  # init, notif, echo
+
+
+# -- known series exist from the start -------------------------------------------------------------
+
+
+async def test_known_series_exist_at_zero_from_the_start_and_after_a_reload(
+    idp: DevIdentityProvider, unreachable_idp: DevIdentityProvider, upstream_json: RunningUpstream, http
+) -> None:
+    """`increase(x[5m]) > 0` cannot see the first increment of a series that appears with value 1, so an
+    alert on the first failure would never fire: every series whose labels are known is created at 0."""
+    routes = [{"name": "json", "path": "/json/mcp", "upstream": upstream_json.mcp_url}]
+    async with running_gateway(idp, routes) as harness:
+        current = await metrics(harness, http)
+        for result, reason in GRANT_OUTCOMES:
+            assert current.has(GRANTS, result=result, reason=reason), (result, reason)
+            assert current.value(GRANTS, result=result, reason=reason) == 0
+        for result in ("success", "failure"):
+            assert current.has(RELOADS, result=result)
+        assert current.has(FETCHES, issuer=idp.issuer, result="error")
+        for kind in ("tools", "resources", "prompts"):
+            for decision in ("allow", "deny"):
+                assert current.has(DECISIONS, route="json", kind=kind, decision=decision)
+        assert current.has("mcp_gateway_upstream_duration_seconds_count", route="json")
+        assert current.has("mcp_gateway_open_streams", route="json")
+        assert current.has("mcp_gateway_upstream_pool_in_use", route="json")
+
+        extra = [*routes, {"name": "extra", "path": "/extra/mcp", "upstream": upstream_json.mcp_url}]
+        assert await harness.gateway.reload(make_config(harness.url, [idp, unreachable_idp], extra))
+        current = await metrics(harness, http)
+        assert current.value(RELOADS, result="success") == 1
+        assert current.has(RELOADS, result="failure")
+        assert current.has(FETCHES, issuer=unreachable_idp.issuer, result="ok")
+        assert current.has(DECISIONS, route="extra", kind="tools", decision="deny")
+        assert current.has("mcp_gateway_in_flight_requests", route="extra")
+
+
+# -- upstream failures, timeouts and pool usage --------------------------------------------------------
+
+
+async def test_upstream_failures_and_timeouts_are_observed_in_buckets_up_to_the_timeout(
+    idp: DevIdentityProvider, upstream_json: RunningUpstream, http
+) -> None:
+    routes = [
+        {"name": "json", "path": "/json/mcp", "upstream": upstream_json.mcp_url},
+        {"name": "down", "path": "/down/mcp", "upstream": f"http://127.0.0.1:{free_port()}/mcp"},
+    ]
+    timeout = 1  # the smallest upstream_timeout_seconds
+    async with running_gateway(idp, routes, limits={"upstream_timeout_seconds": timeout}) as harness:
+        client = await open_session(harness, http, "json")
+        down = McpHttp(http, harness.route_url("down"), await harness.access_token("down"))
+        gate = new_gate("metrics")
+
+        async def failures() -> None:
+            try:
+                async with client.post(tool_call(2, "gated_stream", {"gate": gate})) as response:
+                    assert response.status == 504
+            finally:
+                upstream_json.release(gate)
+            async with down.post(request(1, "initialize")) as response:
+                assert response.status == 502
+
+        delta = await moved(harness, http, failures)
+        assert delta(UPSTREAM + "_count", route="json") == 1
+        assert delta(UPSTREAM + "_sum", route="json") >= timeout
+        assert delta(UPSTREAM + "_count", route="down") == 1
+        current = await metrics(harness, http)
+        buckets = {
+            float(dict(labels)["le"]): value
+            for (name, labels), value in current.samples.items()
+            if name == UPSTREAM + "_bucket" and dict(labels)["route"] == "json"
+        }
+        assert sorted(buckets)[-2:] == [timeout, float("inf")]
+        assert buckets[float("inf")] - buckets[timeout] == 1  # the timed-out call: above the last finite bucket
+
+
+async def test_pool_usage_per_route(
+    mgw: GatewayHarness, http: aiohttp.ClientSession, upstream_json: RunningUpstream
+) -> None:
+    client = await open_session(mgw, http, "json")
+    gate = new_gate("metrics")
+
+    async def in_use() -> float:
+        return (await metrics(mgw, http)).value("mcp_gateway_upstream_pool_in_use", route="json")
+
+    idle = await in_use()
+    call = asyncio.create_task(client.call(tool_call(2, "gated_stream", {"gate": gate})))
+    try:
+        async with asyncio.timeout(WAIT):
+            while await in_use() != idle + 1:
+                await asyncio.sleep(0.02)
+        assert (await metrics(mgw, http)).value("mcp_gateway_upstream_pool_limit", route="json") > 0
+    finally:
+        upstream_json.release(gate)
+    assert tool_text(await call) == f"gate {gate} released"
+    async with asyncio.timeout(WAIT):
+        while await in_use() != idle:
+            await asyncio.sleep(0.02)
 
 
 # -- gauges follow a live stream -------------------------------------------------------------------
@@ -355,7 +476,7 @@ async def test_metrics_listen_serves_metrics_only_on_its_own_port(
         async with http.get(f"http://127.0.0.1:{port}/healthz") as response:
             assert response.status == 404  # the metrics port serves nothing else
         current = await scrape(http, f"http://127.0.0.1:{port}/metrics")
-        assert current.families == FAMILIES
+        assert gateway_families(current) == FAMILIES
         assert current.value(REQUESTS, route=NO_ROUTE, method="other", status="404") == 1
     finally:
         await harness.runner.cleanup()

@@ -14,20 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import sys
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 
 import gateway.app
 from gateway.devidp import DevIdentityProvider
@@ -43,156 +38,9 @@ from tests.support.mcp_http import (
     tool_call,
     tool_text,
 )
-from tests.support.scrape import Scrape, scrape
+from tests.support.scrape import scrape
+from tests.support.serve import POLL, RELOADS, WAIT, ServedGateway, config_document, served
 from tests.support.upstreams import RunningUpstream
-
-REPO = Path(__file__).resolve().parent.parent
-CLIENT_ID = "ops-agent"
-CLIENT_SECRET = "ops-agent-secret-0123456789"
-JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
-START = 15.0  # for the process to start and fetch the IdP's keys
-WAIT = 10.0  # for anything else; tests finish far sooner
-POLL = 0.02
-RELOADS = "mcp_gateway_config_reloads_total"
-
-
-def config_document(port: int, idp: DevIdentityProvider, routes: dict[str, str], **extra: Any) -> dict[str, Any]:
-    """A gateway config; route ``name`` is served at ``/<name>/mcp``. The file watcher is off unless
-    ``reload`` is given, so a test that signals is not raced by a reload of the same change."""
-    return {
-        "listen": f"127.0.0.1:{port}",
-        "public_url": f"http://127.0.0.1:{port}",
-        "authorization": {
-            "clients": [{"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}],
-            "identity_providers": [{"issuer": idp.issuer}],
-        },
-        "routes": [{"name": name, "path": f"/{name}/mcp", "upstream": url} for name, url in routes.items()],
-        "reload": {"watch_interval_seconds": 0},
-        **extra,
-    }
-
-
-@dataclass
-class ServedGateway:
-    """A running ``mcp-gateway serve`` process and what a test does with it."""
-
-    process: asyncio.subprocess.Process
-    config_path: Path
-    stderr_path: Path
-    base: str
-    idp: DevIdentityProvider
-    http: aiohttp.ClientSession
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text()
-
-    def write_config(self, document: dict[str, Any]) -> None:
-        """Replace the file in one rename, as Kubernetes swaps a mounted ConfigMap."""
-        staged = self.config_path.with_suffix(".staged")
-        staged.write_text(yaml.safe_dump(document))
-        os.replace(staged, self.config_path)
-
-    def send(self, sig: signal.Signals) -> None:
-        self.process.send_signal(sig)
-
-    async def eventually(self, probe: Callable[[], Awaitable[Any]], expected: Any, what: str) -> None:
-        """Poll ``probe`` until it returns ``expected``; fail after WAIT seconds or if the process died."""
-        deadline = time.monotonic() + WAIT
-        while (got := await probe()) != expected:
-            if self.process.returncode is not None or time.monotonic() > deadline:
-                pytest.fail(f"{what}: got {got!r}, expected {expected!r}\n--- gateway stderr ---\n{self.stderr()}")
-            await asyncio.sleep(POLL)
-
-    async def wait_ready(self) -> None:
-        deadline = time.monotonic() + START
-        while True:
-            try:
-                async with self.http.get(self.base + "/readyz") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            if self.process.returncode is not None or time.monotonic() > deadline:
-                pytest.fail(f"gateway not ready within {START}s\n--- gateway stderr ---\n{self.stderr()}")
-            await asyncio.sleep(POLL)
-
-    async def status(self, path: str) -> int:
-        """Status of an unauthenticated POST: 404 while no route serves ``path``, 401 once one does."""
-        async with self.http.post(self.base + path, json={}) as response:
-            return response.status
-
-    async def token(self, route: str) -> str:
-        """RFC 7523 jwt-bearer grant with an ID-JAG the IdP signed for ``route``."""
-        now = int(time.time())
-        claims = {
-            "iss": self.idp.issuer,
-            "sub": "alice",
-            "aud": self.base,
-            "client_id": CLIENT_ID,
-            "jti": uuid.uuid4().hex,
-            "iat": now,
-            "exp": now + 300,
-            "scope": "mcp",
-            "resource": f"{self.base}/{route}/mcp",
-        }
-        form = {
-            "grant_type": JWT_BEARER,
-            "assertion": self.idp.sign(claims),
-            "client_id": CLIENT_ID,
-            "client_secret": CLIENT_SECRET,
-        }
-        async with self.http.post(self.base + "/oauth2/token", data=form) as response:
-            body = await response.json()
-            assert response.status == 200, body
-            return body["access_token"]
-
-    async def client(self, route: str) -> McpHttp:
-        client = McpHttp(self.http, f"{self.base}/{route}/mcp", await self.token(route))
-        await client.initialize()
-        return client
-
-    async def metrics(self) -> Scrape:
-        return await scrape(self.http, self.base + "/metrics")
-
-    async def reloads(self, result: str) -> float:
-        return (await self.metrics()).value(RELOADS, result=result)
-
-    async def exit_code(self, within: float) -> int:
-        try:
-            async with asyncio.timeout(within):
-                return await self.process.wait()
-        except TimeoutError:
-            pytest.fail(f"gateway still running {within}s after being told to stop\n{self.stderr()}")
-
-
-@asynccontextmanager
-async def served(tmp_path: Path, idp: DevIdentityProvider, document: dict[str, Any]) -> AsyncIterator[ServedGateway]:
-    config_path = tmp_path / "gateway.yaml"
-    config_path.write_text(yaml.safe_dump(document))
-    stderr_path = tmp_path / "gateway.stderr"
-    with stderr_path.open("w") as stderr:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gateway",
-            "serve",
-            "--config",
-            str(config_path),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=stderr,
-            cwd=REPO,
-        )
-    try:
-        async with aiohttp.ClientSession() as http:
-            running = ServedGateway(process, config_path, stderr_path, document["public_url"], idp, http)
-            await running.wait_ready()
-            yield running
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert "Traceback" not in stderr_path.read_text()
 
 
 @asynccontextmanager
@@ -448,9 +296,10 @@ async def test_a_request_in_flight_finishes_when_a_reload_replaces_its_upstream_
         await harness.runner.cleanup()
 
 
-async def test_readiness_recovers_when_an_idp_added_by_reload_comes_back(
+async def test_keys_of_an_idp_added_by_reload_are_fetched_when_it_comes_back(
     idp: DevIdentityProvider, upstream_json: RunningUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The pod stays ready throughout; a retry loop, not a token request, fetches the keys."""
     monkeypatch.setattr(gateway.app, "_JWKS_RETRY_SECONDS", POLL)
     routes = [{"name": "json", "path": "/json/mcp", "upstream": upstream_json.mcp_url}]
     harness = await start_harness(idp, routes, jwks_min_refresh_seconds=0)
@@ -458,17 +307,22 @@ async def test_readiness_recovers_when_an_idp_added_by_reload_comes_back(
     late_idp = DevIdentityProvider(issuer=f"http://127.0.0.1:{port}")
     try:
         async with aiohttp.ClientSession() as http:
+
+            async def available() -> float:
+                scraped = await scrape(http, harness.url + "/metrics")
+                return scraped.value("mcp_gateway_idp_keys_available", issuer=late_idp.issuer)
+
             assert await harness.gateway.reload(make_config(harness.url, [idp, late_idp], routes))
             async with http.get(harness.url + "/readyz") as response:
-                assert (response.status, (await response.json())["idp_keys_missing"]) == (503, [late_idp.issuer])
+                assert (response.status, (await response.json())["idp_keys_missing"]) == (200, [late_idp.issuer])
+            assert await available() == 0
             await late_idp.start(port=port)
             deadline = time.monotonic() + 2  # a retry loop would need one POLL interval
-            while True:
-                async with http.get(harness.url + "/readyz") as response:
-                    if response.status == 200:
-                        break
-                assert time.monotonic() < deadline, "still not ready after the IdP came back"
+            while await available() != 1:
+                assert time.monotonic() < deadline, "keys not fetched after the IdP came back"
                 await asyncio.sleep(POLL)
+            async with http.get(harness.url + "/readyz") as response:
+                assert (response.status, await response.json()) == (200, {"status": "ready"})
     finally:
         await late_idp.stop()
         await harness.runner.cleanup()

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 # used with an algorithm of another (key confusion, RFC 8725 §2.1).
 _KTY_FOR_ALG = {"RS": "RSA", "PS": "RSA", "ES": "EC"}
 _MAX_DOCUMENT_BYTES = 256 * 1024
+_ALG_FOR_CURVE = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}  # RFC 7518 §3.4
 
 
 class KeyUnavailable(Exception):
@@ -133,6 +134,11 @@ class IdpKeySet:
                 keys = document.get("keys") if isinstance(document, dict) else None
                 if not isinstance(keys, list) or not all(isinstance(k, dict) for k in keys):
                     raise ValueError("JWKS document has no 'keys' list")
+                keys = [k for k in keys if _is_usable(k)]
+                if not keys:
+                    # RFC 7517 §5: keys of a type not understood, missing members or out of range
+                    # are ignored; a set with nothing left is a failed fetch, not a replacement.
+                    raise ValueError("JWKS document has no usable signing key")
             except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
                 self.last_error = _describe(exc)
                 log.warning(
@@ -189,6 +195,28 @@ class IdpKeySet:
                 return json.loads(body)
             except ValueError:
                 raise ValueError(f"document at {url} is not JSON") from None
+
+
+def _is_usable(key: dict[str, Any]) -> bool:
+    """A signature key of a type and curve we verify with, whose members make a key (RFC 7517 §4,
+    RFC 7518 §6). Checked when the set is fetched, so that a malformed entry can neither displace
+    good keys nor fail later, per request, in ways the token endpoint cannot name."""
+    kty, crv, kid, alg = key.get("kty"), key.get("crv"), key.get("kid"), key.get("alg")
+    if key.get("use", "sig") != "sig" or not isinstance(kid, str | None) or not isinstance(alg, str | None):
+        return False
+    if kty == "RSA":
+        default_alg = "RS256"
+    elif kty == "EC" and isinstance(crv, str) and crv in _ALG_FOR_CURVE:
+        default_alg = _ALG_FOR_CURVE[crv]
+    else:
+        return False
+    if alg is not None and _KTY_FOR_ALG.get(alg[:2]) != kty:
+        return False
+    try:
+        jwk.construct(key, alg or default_alg)
+    except Exception:  # python-jose raises assorted types (KeyError, TypeError, ...) on malformed members
+        return False
+    return True
 
 
 def _describe(exc: BaseException) -> str:

@@ -19,7 +19,10 @@ Test hooks (plain HTTP, outside MCP, never behind the gateway):
 
 * ``GET /_test/recorded`` — JSON list of every JSON-RPC message the MCP endpoints received, in order,
   as ``{"method", "name", "kind", "path"}``.  Lets tests prove that a denied call never reached upstream.
-* ``POST /_test/reset`` — clears that list.
+* ``POST /_test/reset`` — clears that list and the disconnects.
+* ``GET /_test/disconnects?count=N`` — JSON list of the MCP requests (``{"method", "path"}``) whose
+  client closed the connection before the answer ended, returned as soon as there are N (or after
+  10 s with fewer): shows that the gateway dropped an upstream request when its client left.
 * ``POST /_test/release/<gate>`` — opens the gate that the ``gated_stream`` tool waits on (safe to call
   before the tool starts waiting).
 """
@@ -48,6 +51,7 @@ MCP_PATH = "/mcp"
 SSE_PATH = "/sse"
 MESSAGES_PATH = "/messages/"
 GATE_TIMEOUT_SECONDS = 30.0
+DISCONNECT_WAIT_SECONDS = 10.0
 # Requests to these paths carry JSON-RPC bodies worth recording; the test hooks do not.
 _RECORDED_PREFIXES = (MCP_PATH, MESSAGES_PATH.rstrip("/"))
 # Which params field names the target of a targeted method, so policy tests can assert on it.
@@ -60,10 +64,25 @@ class UpstreamHooks:
 
     recorded: list[dict[str, Any]] = field(default_factory=list)
     gates: dict[str, asyncio.Event] = field(default_factory=dict)
+    disconnects: list[dict[str, str]] = field(default_factory=list)
+    disconnected: asyncio.Event = field(default_factory=asyncio.Event)
 
     def gate(self, name: str) -> asyncio.Event:
         """Return the gate's event, creating it on first use so release-before-wait is not lost."""
         return self.gates.setdefault(name, asyncio.Event())
+
+    def record_disconnect(self, method: str, path: str) -> None:
+        self.disconnects.append({"method": method, "path": path})
+        self.disconnected.set()
+
+    async def wait_for_disconnects(self, count: int, timeout: float) -> list[dict[str, str]]:
+        """The disconnects recorded since the last reset, once there are at least ``count`` (or at
+        ``timeout``, with fewer)."""
+        async with asyncio.timeout(timeout):
+            while len(self.disconnects) < count:
+                self.disconnected.clear()
+                await self.disconnected.wait()
+        return list(self.disconnects)
 
     def record_body(self, body: bytes, path: str) -> None:
         """Append one entry per JSON-RPC message in ``body``; unparseable bodies are recorded as such."""
@@ -119,6 +138,36 @@ class RecorderMiddleware:
         body = b"".join(chunks)
         self.hooks.record_body(body, path)
         await self.app(scope, _replay([{"type": "http.request", "body": body, "more_body": False}], receive), send)
+
+
+class DisconnectRecorder:
+    """ASGI middleware that records each MCP request whose client went away before the answer ended.
+
+    The SDK listens for ``http.disconnect`` on its event streams (sse-starlette), so a stream whose
+    connection the gateway closes shows up here as ``{"method", "path"}``: proof, seen from the
+    upstream, that the gateway dropped its upstream request when its own client left.
+    """
+
+    def __init__(self, app: ASGIApp, hooks: UpstreamHooks) -> None:
+        self.app = app
+        self.hooks = hooks
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith((*_RECORDED_PREFIXES, SSE_PATH)):
+            await self.app(scope, receive, send)
+            return
+        recorded = False
+
+        async def observing_receive() -> Message:
+            nonlocal recorded
+            message = await receive()
+            if message["type"] == "http.disconnect" and not recorded:
+                recorded = True
+                self.hooks.record_disconnect(scope["method"], path)
+            return message
+
+        await self.app(scope, observing_receive, send)
 
 
 def _replay(messages: list[Message], receive: Receive) -> Receive:
@@ -213,7 +262,16 @@ def build_server(hooks: UpstreamHooks, *, log_level: LogLevel = "WARNING") -> MC
     @mcp.custom_route("/_test/reset", methods=["POST"])
     async def reset(_request: Request) -> Response:
         hooks.recorded.clear()
+        hooks.disconnects.clear()
         return Response(status_code=204)
+
+    @mcp.custom_route("/_test/disconnects", methods=["GET"])
+    async def disconnects(request: Request) -> Response:
+        count = int(request.query_params.get("count", "1"))
+        try:
+            return JSONResponse(await hooks.wait_for_disconnects(count, DISCONNECT_WAIT_SECONDS))
+        except TimeoutError:
+            return JSONResponse(hooks.disconnects)
 
     @mcp.custom_route("/_test/release/{gate}", methods=["POST"])
     async def release(request: Request) -> Response:
@@ -249,7 +307,7 @@ def build_app(
             stateless_http=stateless,
             host=host,
         )
-    return RecorderMiddleware(app, hooks), hooks
+    return DisconnectRecorder(RecorderMiddleware(app, hooks), hooks), hooks
 
 
 class _AnnouncingServer(uvicorn.Server):

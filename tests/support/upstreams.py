@@ -30,6 +30,8 @@ from types import TracebackType
 from typing import IO, Any
 from urllib.parse import quote
 
+import aiohttp
+
 from tests.support.processes import read_so_far, stop_process
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -104,6 +106,17 @@ class RunningUpstream:
         """Let a ``gated_stream(gate=...)`` call finish (safe before the call starts waiting)."""
         self._request("POST", "/_test/release/" + quote(gate, safe=""))
 
+    async def disconnects(self, count: int = 1) -> list[dict[str, str]]:
+        """The MCP requests whose client (the gateway) closed the connection before the answer ended,
+        as ``{"method", "path"}``, returned as soon as there are ``count`` (or after 10 s with fewer).
+
+        Asynchronous, unlike the other hooks: the wait lasts until the gateway acts, and the gateway
+        may run in the caller's event loop."""
+        timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT_SECONDS + 5)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            async with http.get(f"{self.base_url}/_test/disconnects", params={"count": str(count)}) as response:
+                return await response.json()
+
     def stderr_text(self) -> str:
         """What the upstream has logged so far — for assertion messages."""
         return read_so_far(self._stderr_file).decode(errors="replace")
@@ -136,14 +149,16 @@ def start_upstream(
     transport: str,
     *,
     host: str = "127.0.0.1",
+    port: int = 0,
     stateless: bool = False,
     startup_timeout: float = STARTUP_TIMEOUT_SECONDS,
     module: str = "tests.support.upstream_server",
 ) -> RunningUpstream:
     """Launch ``python -m <module>`` (the SDK server by default) and wait until it announces its URL.
 
-    Raises :class:`UpstreamStartError` (with the child's stderr) if it exits or does not announce
-    within ``startup_timeout`` seconds; the child is killed in that case.
+    ``port`` 0 (the default) lets the OS pick one; a given port restarts an upstream where a route
+    already points. Raises :class:`UpstreamStartError` (with the child's stderr) if it exits or does
+    not announce within ``startup_timeout`` seconds; the child is killed in that case.
     """
     command = [
         sys.executable,
@@ -153,6 +168,8 @@ def start_upstream(
         transport,
         "--host",
         host,
+        "--port",
+        str(port),
     ]
     command.append("--exit-on-stdin-eof")
     if stateless:

@@ -74,13 +74,15 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{/*
 The gateway configuration file. The chart owns the keys that must agree with the pod spec:
 `listen` (the container port), `metrics_listen` (only when metrics have their own port),
-`shutdown_grace_seconds` (shutdownGracePeriodSeconds, which terminationGracePeriodSeconds covers)
-and, when signingKey.existingSecret is set, authorization.signing_key_file (the mounted Secret).
+`shutdown_grace_seconds` (shutdownGracePeriodSeconds, which terminationGracePeriodSeconds covers),
+`logging.format` (logFormat) and, when signingKey.existingSecret is set,
+authorization.signing_key_file (the mounted Secret).
 */}}
 {{- define "mcp-gateway.config" -}}
 {{- $config := deepCopy (.Values.config | default dict) }}
 {{- $_ := set $config "listen" (printf "0.0.0.0:%d" (int .Values.containerPort)) }}
 {{- $_ := set $config "shutdown_grace_seconds" (int .Values.shutdownGracePeriodSeconds) }}
+{{- $_ := set $config "logging" (dict "format" .Values.logFormat) }}
 {{- if include "mcp-gateway.separateMetricsPort" . }}
 {{- $_ := set $config "metrics_listen" (printf "0.0.0.0:%s" (include "mcp-gateway.metricsPort" .)) }}
 {{- else }}
@@ -109,10 +111,64 @@ and, when signingKey.existingSecret is set, authorization.signing_key_file (the 
 {{- range .Values.extraEnv }}{{ .name }} {{ end }}
 {{- end }}
 
+{{/* The host name of config.public_url (the default host of the Ingress and HTTPRoute). */}}
+{{- define "mcp-gateway.publicHost" -}}
+{{- (urlParse (get (.Values.config | default dict) "public_url" | default "")).hostname }}
+{{- end }}
+
+{{/* The issuer (authorization.issuer, else public_url), for the helm test's metadata check. */}}
+{{- define "mcp-gateway.issuer" -}}
+{{- $config := .Values.config | default dict }}
+{{- get (get $config "authorization" | default dict) "issuer" | default (get $config "public_url") | trimSuffix "/" }}
+{{- end }}
+
+{{/* "true" when more than one pod may run: replicaCount > 1 or the HorizontalPodAutoscaler. */}}
+{{- define "mcp-gateway.multiReplica" -}}
+{{- if or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1) }}true{{ end }}
+{{- end }}
+
+{{/* config.replay_store as the gateway reads it: "memory" unless set. */}}
+{{- define "mcp-gateway.replayStore" -}}
+{{- get (.Values.config | default dict) "replay_store" | default "memory" }}
+{{- end }}
+
+{{/* "true" when a route uses the legacy HTTP+SSE transport (transport: sse). */}}
+{{- define "mcp-gateway.hasLegacySseRoute" -}}
+{{- range (get (.Values.config | default dict) "routes" | default list) }}
+{{- if eq (get . "transport" | default "") "sse" }}true{{ end }}
+{{- end }}
+{{- end }}
+
 {{/* Fail rendering on combinations that would deploy a gateway that cannot work. */}}
 {{- define "mcp-gateway.validate" -}}
-{{- if and (or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1)) (not (include "mcp-gateway.hasSharedSigningKey" .)) }}
+{{- $multi := include "mcp-gateway.multiReplica" . }}
+{{- if and $multi (not (include "mcp-gateway.hasSharedSigningKey" .)) }}
 {{- fail "signingKey.existingSecret is required with more than one replica (replicaCount > 1 or autoscaling.enabled): without a shared key each pod signs tokens the other pods reject" }}
+{{- end }}
+{{- if and $multi (eq (include "mcp-gateway.replayStore" .) "memory") (not .Values.acknowledgeInMemoryReplayStore) }}
+{{- fail "config.replay_store must be a Redis URL shared by every pod with more than one replica (replicaCount > 1 or autoscaling.enabled): with the in-memory store an ID-JAG can be redeemed once per pod. Set config.replay_store (e.g. redis://:${REDIS_PASSWORD}@redis:6379/0), or acknowledgeInMemoryReplayStore: true to accept that risk" }}
+{{- end }}
+{{- if and $multi (include "mcp-gateway.hasLegacySseRoute" .) (not .Values.legacySseAffinity) }}
+{{- fail "routes with transport: sse need session affinity with more than one replica (replicaCount > 1 or autoscaling.enabled): the legacy HTTP+SSE transport answers each POST on the client's GET stream, which lives in one pod. Set legacySseAffinity to ClientIP (the Service pins client addresses) or ingress (your ingress pins clients with a cookie or source hash), or run one replica" }}
+{{- end }}
+{{- if .Values.autoscaling.enabled }}
+{{- if gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas) }}
+{{- fail (printf "autoscaling.minReplicas (%d) must not exceed autoscaling.maxReplicas (%d)" (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
+{{- end }}
+{{- $requests := (.Values.resources | default dict).requests | default dict }}
+{{- if and .Values.autoscaling.targetCPUUtilizationPercentage (not $requests.cpu) }}
+{{- fail "resources.requests.cpu is required with autoscaling.targetCPUUtilizationPercentage: the HPA's utilization is a share of the request" }}
+{{- end }}
+{{- if and .Values.autoscaling.targetMemoryUtilizationPercentage (not $requests.memory) }}
+{{- fail "resources.requests.memory is required with autoscaling.targetMemoryUtilizationPercentage: the HPA's utilization is a share of the request" }}
+{{- end }}
+{{- end }}
+{{- if and .Values.httpRoute.enabled (not .Values.httpRoute.parentRefs) }}
+{{- fail "httpRoute.parentRefs is required when httpRoute.enabled: the Gateway(s) the route attaches to" }}
+{{- end }}
+{{- $audit := get (.Values.config | default dict) "audit" | default dict }}
+{{- if ne (get $audit "sink" | default "stdout") "stdout" }}
+{{- fail "config.audit.sink must be stdout in Kubernetes: the audit trail is collected with the pod's logs. The root filesystem is read-only; a file could only live in the small /tmp emptyDir, which the gateway does not rotate and would fill (evicting the pod)" }}
 {{- end }}
 {{- if and .Values.clientSecrets.env (not .Values.clientSecrets.existingSecret) }}
 {{- fail "clientSecrets.existingSecret is required when clientSecrets.env is set" }}

@@ -1,0 +1,48 @@
+"""The process log (stderr): text lines for people, or one JSON object per line for log pipelines.
+
+``logging.format: json`` makes every line a JSON object with ``ts``, ``level``, ``logger``, ``message``
+and, for lines written while a request is handled, ``request_id``: the same id the client receives as
+``X-Request-Id`` and the audit trail records, so ingress logs, gateway logs and audit lines join on it.
+The id travels in a context variable, which asyncio copies into every task a request starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from contextvars import ContextVar
+from datetime import UTC, datetime
+
+LEVELS = ("debug", "info", "warning", "error")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        request_id = REQUEST_ID.get()
+        if request_id is not None:
+            entry["request_id"] = request_id
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def configure(level: str, log_format: str = "text") -> None:
+    """Send every logger's records at ``level`` and above to stderr in ``log_format``; replaces any
+    earlier configuration (``serve`` configures text at once, then the config's format)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    for old in root.handlers[:]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
