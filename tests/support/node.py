@@ -25,6 +25,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.request
 from functools import cache
 from pathlib import Path
 from types import TracebackType
@@ -38,11 +39,15 @@ NODE_MODULES = NODE_DIR / "node_modules"
 XAA_CLIENT = NODE_DIR / "xaa_client.mjs"
 LISTEN_PRELOAD = NODE_DIR / "listen_loopback.mjs"
 EVERYTHING_ENTRY = NODE_MODULES / "@modelcontextprotocol" / "server-everything" / "dist" / "index.js"
+TS_EXPRESS_ENTRY = NODE_DIR / "ts_express_server.mjs"
 
 MIN_NODE_MAJOR = 20
 STARTUP_TIMEOUT_SECONDS = 20.0
 STOP_TIMEOUT_SECONDS = 5.0
 _LISTENING = "MCP_TEST_LISTENING "
+HOOK_TIMEOUT_SECONDS = 10.0
+# Loopback test hooks must never go through an environment-configured HTTP proxy.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 # server-everything's CLI names for its transports -> the path its MCP endpoint is served on.
 EVERYTHING_PATHS = {"streamableHttp": "/mcp", "sse": "/sse"}
 
@@ -245,6 +250,23 @@ class EverythingServer:
         self.stop()
 
 
+class TsExpressServer(EverythingServer):
+    """A running ``tests/node/ts_express_server.mjs``: Streamable HTTP at ``/mcp``, and it records which
+    tools ran (``GET /_test/executed``)."""
+
+    def executed(self) -> list[str]:
+        """Names of the tools that ran since the last :meth:`reset`, in order."""
+        with _OPENER.open(self.base_url + "/_test/executed", timeout=HOOK_TIMEOUT_SECONDS) as response:
+            names = json.loads(response.read())
+        assert isinstance(names, list)
+        return names
+
+    def reset(self) -> None:
+        request = urllib.request.Request(self.base_url + "/_test/reset", method="POST", data=b"")
+        with _OPENER.open(request, timeout=HOOK_TIMEOUT_SECONDS):
+            pass
+
+
 def start_everything(
     transport: str = "streamableHttp", *, startup_timeout: float = STARTUP_TIMEOUT_SECONDS
 ) -> EverythingServer:
@@ -258,8 +280,24 @@ def start_everything(
     """
     if transport not in EVERYTHING_PATHS:
         raise ValueError(f"transport must be one of {sorted(EVERYTHING_PATHS)}, got {transport!r}")
+    process, host, port, log = _start_node_server(
+        "server-everything", [str(EVERYTHING_ENTRY), transport], startup_timeout
+    )
+    return EverythingServer(transport, process, host, port, log)
+
+
+def start_ts_express(*, startup_timeout: float = STARTUP_TIMEOUT_SECONDS) -> TsExpressServer:
+    """Start ``tests/node/ts_express_server.mjs`` (the TypeScript SDK's Streamable HTTP server on Express,
+    as its documentation deploys it) on 127.0.0.1, like :func:`start_everything`."""
+    process, host, port, log = _start_node_server("ts_express_server.mjs", [str(TS_EXPRESS_ENTRY)], startup_timeout)
+    return TsExpressServer("streamableHttp", process, host, port, log)
+
+
+def _start_node_server(
+    label: str, arguments: list[str], startup_timeout: float
+) -> tuple[subprocess.Popen[bytes], str, int, _LogCollector]:
     ensure_node_modules()
-    command = [node_bin(), "--import", str(LISTEN_PRELOAD), str(EVERYTHING_ENTRY), transport]
+    command = [node_bin(), "--import", str(LISTEN_PRELOAD), *arguments]
     stdout_file = tempfile.TemporaryFile()  # chatty ("Received MCP POST request"); a file never fills up
     process = subprocess.Popen(
         command,
@@ -272,20 +310,22 @@ def start_everything(
     assert process.stderr is not None
     log = _LogCollector(process.stderr, stdout_file)
     try:
-        host, port = _wait_for_listening(process, log, startup_timeout)
+        host, port = _wait_for_listening(label, process, log, startup_timeout)
     except BaseException:
         stop_process(process, STOP_TIMEOUT_SECONDS)
         log.close()
         raise
-    return EverythingServer(transport, process, host, port, log)
+    return process, host, port, log
 
 
-def _wait_for_listening(process: subprocess.Popen[bytes], log: _LogCollector, timeout: float) -> tuple[str, int]:
+def _wait_for_listening(
+    label: str, process: subprocess.Popen[bytes], log: _LogCollector, timeout: float
+) -> tuple[str, int]:
     deadline = time.monotonic() + timeout
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise NodeSupportError(f"server-everything did not report listening within {timeout} s\n{log.text()}")
+            raise NodeSupportError(f"{label} did not report listening within {timeout} s\n{log.text()}")
         try:
             line = log.stderr_lines.get(timeout=remaining)
         except queue.Empty:
@@ -295,7 +335,7 @@ def _wait_for_listening(process: subprocess.Popen[bytes], log: _LogCollector, ti
                 process.wait(timeout=STOP_TIMEOUT_SECONDS)
             except subprocess.TimeoutExpired:
                 pass
-            raise NodeSupportError(f"server-everything exited ({process.returncode}) before listening\n{log.text()}")
+            raise NodeSupportError(f"{label} exited ({process.returncode}) before listening\n{log.text()}")
         if line.startswith(_LISTENING):
             address = json.loads(line[len(_LISTENING) :])
             return str(address["host"]), int(address["port"])

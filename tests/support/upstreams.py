@@ -91,6 +91,13 @@ class RunningUpstream:
         """Shorthand: just the method names of :meth:`recorded` (responses omitted)."""
         return [entry["method"] for entry in self.recorded() if entry["method"] is not None]
 
+    def executed(self) -> list[str]:
+        """Names of the tools that ran since the last reset (servers that record executions:
+        :mod:`tests.support.lenient_server`)."""
+        result = self._request("GET", "/_test/executed")
+        assert isinstance(result, list)
+        return result
+
     def reset(self) -> None:
         """Forget everything recorded so far."""
         self._request("POST", "/_test/reset")
@@ -145,8 +152,9 @@ def start_upstream(
     port: int = 0,
     stateless: bool = False,
     startup_timeout: float = STARTUP_TIMEOUT_SECONDS,
+    module: str = "tests.support.upstream_server",
 ) -> RunningUpstream:
-    """Launch ``python -m tests.support.upstream_server`` and wait until it announces its URL.
+    """Launch ``python -m <module>`` (the SDK server by default) and wait until it announces its URL.
 
     ``port`` 0 (the default) lets the OS pick one; a given port restarts an upstream where a route
     already points. Raises :class:`UpstreamStartError` (with the child's stderr) if it exits or does
@@ -155,7 +163,7 @@ def start_upstream(
     command = [
         sys.executable,
         "-m",
-        "tests.support.upstream_server",
+        module,
         "--transport",
         transport,
         "--host",
@@ -189,6 +197,11 @@ def start_upstream(
         stderr_file.close()
         raise
     return RunningUpstream(transport, process, base_url, stderr_file, drain)
+
+
+def start_lenient() -> RunningUpstream:
+    """The deliberately lenient JSON-RPC server (:mod:`tests.support.lenient_server`) at ``/mcp``."""
+    return start_upstream("streamable-json", module="tests.support.lenient_server")
 
 
 def _wait_for_announcement(
