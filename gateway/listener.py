@@ -19,6 +19,7 @@ Limits are read from the running config when a connection opens, so a reload app
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import time
@@ -26,9 +27,12 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import ContentEncodingError
 from yarl import URL
 
 from gateway.config import LimitsConfig
+from gateway.pipeline.context import INVALID_REQUEST, rpc_error
+from gateway.proxy.request_body import PARSE_ERROR
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +120,26 @@ class _GuardedRequestHandler(web.RequestHandler):
         if self._header_deadline is not None:
             self._header_deadline.cancel()
             self._header_deadline = None
+
+    def handle_error(
+        self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
+        """Requests aiohttp refuses before any handler runs (a malformed request, a ``Content-Encoding``
+        it cannot undo such as ``br`` without Brotli) get the error format of the endpoint they were
+        sent to, JSON-RPC on MCP routes and RFC 6749 §5.2 JSON on ``/oauth2``, never a text page."""
+        if status >= 500 or request.writer.output_size > 0:
+            return super().handle_error(request, status, exc, message)
+        log.debug("refused a malformed request: %s", type(exc).__name__ if exc else status)
+        body: dict[str, Any]
+        if request.path.startswith("/oauth2/"):
+            body = {"error": "invalid_request", "error_description": "malformed HTTP request"}
+        elif isinstance(exc, ContentEncodingError):
+            body = rpc_error(PARSE_ERROR, "Parse error: unsupported Content-Encoding (send identity or one gzip)")
+        else:
+            body = rpc_error(INVALID_REQUEST, "Invalid Request: malformed HTTP request")
+        response = web.Response(status=status, text=json.dumps(body), content_type="application/json")
+        response.force_close()
+        return response
 
     def _headers_too_slow(self) -> None:
         self._header_deadline = None

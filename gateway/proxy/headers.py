@@ -76,7 +76,11 @@ def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
 
 def upstream_request_headers(request: web.Request, route: RouteConfig, rules: RequestHeaderRules) -> CIMultiDict[str]:
     drop = _REQUEST_DROP | _connection_tokens(request.headers)
-    headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in drop and not rules.strips(k))
+    # Names with "_" are dropped, as nginx does by default: CGI/WSGI-style servers read "Mcp_Name" as
+    # "Mcp-Name" (both become HTTP_MCP_NAME), a header the gateway checked only in its "-" spelling.
+    headers = CIMultiDict(
+        (k, v) for k, v in request.headers.items() if k.lower() not in drop and "_" not in k and not rules.strips(k)
+    )
     headers["X-Forwarded-For"] = client_ip(request)
     headers["X-Forwarded-Proto"] = rules.public_proto
     headers["X-Forwarded-Host"] = rules.public_host

@@ -18,6 +18,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.mcp_methods import METHODS
+
 # JSON-RPC 2.0 §5.1 error codes.
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
@@ -30,6 +32,7 @@ MAX_SAFE_INTEGER = 2**53 - 1
 # The one Content-Encoding layer aiohttp's server undoes itself (aiohttp.http_parser: a single
 # ASCII token among these, matched case-insensitively).
 SERVER_DECODED_ENCODINGS = frozenset({"gzip", "deflate", "br", "zstd"})
+_FOLDED_METHODS = frozenset(name.casefold() for name in METHODS)
 JSON_MEDIA_TYPE = "application/json"
 CANONICAL_CONTENT_TYPE = "application/json"
 
@@ -137,6 +140,10 @@ def _message(item: Any) -> RpcMessage:
         method = item["method"]
         if not isinstance(method, str) or "result" in item or "error" in item:
             raise BodyRefused(400, INVALID_REQUEST, "Invalid Request: method must be a string", reply_id)
+        if method != method.strip() or (method not in METHODS and method.casefold() in _FOLDED_METHODS):
+            # "TOOLS/CALL" or " tools/call" is no MCP method to us, but a server that folds case or trims
+            # would run it: a near-spelling of a known method is refused, not forwarded undecided.
+            raise BodyRefused(400, INVALID_REQUEST, "Invalid Request: method must be spelled exactly", reply_id)
         return RpcMessage(method, request_id, params if isinstance(params, dict) else None, item)
     # A response to a request the server sent the client (sampling, elicitation, roots).
     if "id" not in item or ("result" in item) == ("error" in item):
