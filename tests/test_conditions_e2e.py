@@ -19,7 +19,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -513,7 +513,7 @@ async def test_per_user_and_per_client_quotas_count_different_principals(
 
 
 @pytest.fixture
-def redis_server(tmp_path: Path) -> RedisServer:
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A Redis of this test's own: the tests stop it, or need counters nobody else has touched."""
     with running_redis(tmp_path / "redis") as server:
         yield server
