@@ -12,7 +12,8 @@ each able to end the decision:
    and time -> ``deny`` naming the rule id (and ``condition`` when a condition decided, or
    ``condition_error`` when it could not be evaluated), or the rule that allows;
 3. quotas: a ``tools/call`` counted by the route's quotas (gateway/quotas.py) -> ``throttle`` with the
-   quota id and when to retry; a quota store that cannot answer -> ``deny`` (fail closed).
+   quota id and when to retry; a quota store that cannot answer -> ``deny`` (fail closed). Each quota's
+   outcome (charged, exhausted, unavailable) goes to ``on_quota``: the metrics.
 
 Everything runs in-process, before anything reaches the upstream.
 """
@@ -22,7 +23,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -70,11 +71,15 @@ class DecisionContext:
 
 
 NOT_A_NAMED_CALL = Decision(Effect.ALLOW, "not a named call")
+# Told (route, quota id, result) for each quota a call was checked against: "charged" (the call fits and
+# was counted), "exhausted" (the quota that refused it), "unavailable" (the store could not answer).
+QuotaObserver = Callable[[str, str, str], None]
 
 
 class DecisionEngine:
-    def __init__(self, quota_store: QuotaStore | None = None) -> None:
+    def __init__(self, quota_store: QuotaStore | None = None, *, on_quota: QuotaObserver | None = None) -> None:
         self._quotas = quota_store
+        self._on_quota = on_quota
 
     async def decide(self, ctx: DecisionContext) -> Decision:
         policy = ctx.route.policy
@@ -112,17 +117,26 @@ class DecisionEngine:
         if not charges:
             return None
         if self._quotas is None:
+            self._observe(ctx.route.name, quota_of, "unavailable")
             return Decision(Effect.DENY, "no quota store", data={"reason": "quota_unavailable"})
         try:
             outcomes = await self._quotas.consume_all(charges, now=ctx.now)
         except QuotaStoreUnavailable as exc:
             log.error("route %s: quota store unavailable, refusing the call: %s", ctx.route.name, exc)
+            self._observe(ctx.route.name, quota_of, "unavailable")
             return Decision(Effect.DENY, "quota store unavailable", data={"reason": "quota_unavailable"})
         for quota_id, outcome in zip(quota_of, outcomes, strict=True):
             if not outcome.allowed:
+                self._observe(ctx.route.name, [quota_id], "exhausted")
                 data = {"reason": "quota", "quota": quota_id, "retryAfterSeconds": outcome.retry_after_seconds}
                 return Decision(Effect.THROTTLE, f"quota {quota_id} exhausted", rule=quota_id, data=data)
+        self._observe(ctx.route.name, quota_of, "charged")
         return None
+
+    def _observe(self, route: str, quota_ids: list[str], result: str) -> None:
+        if self._on_quota is not None:
+            for quota_id in dict.fromkeys(quota_ids):  # a per-group quota charges several counters: once per quota
+                self._on_quota(route, quota_id, result)
 
 
 class _Facts:

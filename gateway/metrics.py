@@ -1,7 +1,7 @@
 """Prometheus metrics (prometheus-client), one registry per gateway instance.
 
 Naming follows Prometheus conventions: the ``mcp_gateway_`` prefix, base units (seconds), ``_total``
-counters. Every label value comes from a bounded set: route names and IdP issuers from the config,
+counters. Every label value comes from a bounded set: route names, quota ids and IdP issuers from the config,
 JSON-RPC methods from the fixed list below (anything else is ``other``), OAuth error reasons from the
 gateway's own codes. Nothing a client sends becomes a label value unchecked, so a client cannot
 blow up the time-series count. docs/metrics.md lists every metric with example queries.
@@ -62,6 +62,7 @@ GRANT_OUTCOMES = (
     ("temporarily_unavailable", "replay_store_unavailable"),
 )
 POLICY_KINDS = ("tools", "resources", "prompts")
+QUOTA_RESULTS = ("charged", "exhausted", "unavailable")
 
 
 def upstream_buckets(timeout_seconds: float) -> tuple[float, ...]:
@@ -216,6 +217,12 @@ class Metrics:
             ["route", "kind", "decision"],
             registry=r,
         )
+        self.quota_decisions = Counter(
+            "mcp_gateway_quota_decisions_total",
+            "Quota checks of tool calls by route, quota id and result (charged, exhausted, unavailable)",
+            ["route", "quota", "result"],
+            registry=r,
+        )
         self.reloads = Counter("mcp_gateway_config_reloads_total", "Config reloads by result", ["result"], registry=r)
         r.register(_IdpKeysCollector(key_sets))
         r.register(_CallbackCollector(audit_dropped, pools))
@@ -236,6 +243,9 @@ class Metrics:
             for kind in POLICY_KINDS:
                 for decision in ("allow", "deny"):
                     self.policy_decisions.labels(route.name, kind, decision)
+            for quota in route.quotas:
+                for result in QUOTA_RESULTS:
+                    self.quota_decisions.labels(route.name, quota.id, result)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

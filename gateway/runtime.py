@@ -133,7 +133,10 @@ class Runtime:
                 [derive_session_key(k.key.secret_material) for k in previous_keys],
             ),
             argument_digest=argument_digester(signing_key.secret_material) if config.audit_argument_hashes else None,
-            engine=DecisionEngine(quota_store),
+            engine=DecisionEngine(
+                quota_store,
+                on_quota=lambda route, quota, result: metrics.quota_decisions.labels(route, quota, result).inc(),
+            ),
         )
         runtime.token_endpoint = TokenEndpoint(
             ClientAuthenticator(auth.clients),

@@ -56,6 +56,7 @@ FAMILIES = {
     "mcp_gateway_jwks_age_seconds": "gauge",
     "mcp_gateway_idp_keys_available": "gauge",
     "mcp_gateway_policy_decisions": "counter",
+    "mcp_gateway_quota_decisions": "counter",
     "mcp_gateway_config_reloads": "counter",
     "mcp_gateway_audit_dropped_lines": "counter",
     "mcp_gateway_upstream_pool_in_use": "gauge",

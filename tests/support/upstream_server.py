@@ -102,10 +102,20 @@ class UpstreamHooks:
             else:
                 kind = "notification"
             params = message.get("params")
-            name = None
+            name = arguments = None
             if isinstance(params, dict) and method in _NAME_FIELDS:
                 name = params.get(_NAME_FIELDS[method])
-            self.recorded.append({"method": method, "name": name, "kind": kind, "path": path})
+                arguments = params.get("arguments")
+            self.recorded.append(
+                {
+                    "method": method,
+                    "name": name,
+                    "kind": kind,
+                    "path": path,
+                    "id": message.get("id"),
+                    "arguments": arguments,
+                }
+            )
 
 
 class RecorderMiddleware:

@@ -81,7 +81,9 @@ class RunningUpstream:
         """Every JSON-RPC message the MCP endpoints received since the last reset, in arrival order.
 
         Each entry is ``{"method": str | None, "name": str | None, "kind": "request" | "notification" |
-        "response" | "unparseable", "path": str}``; ``name`` is the tool/prompt name or the resource URI.
+        "response" | "unparseable", "path": str, "id": Any, "arguments": Any}``; ``name`` is the tool/prompt
+        name or the resource URI, ``arguments`` the call's arguments (tools/call, prompts/get), ``id`` the
+        JSON-RPC id (None for a notification). An unparseable body has neither ``id`` nor ``arguments``.
         """
         result = self._request("GET", "/_test/recorded")
         assert isinstance(result, list)
