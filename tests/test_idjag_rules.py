@@ -221,11 +221,16 @@ async def test_rule_jws_garbage_assertion_is_refused(gw: GatewayHarness) -> None
 # -- 4. typ ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("typ", ["JWT", "at+jwt", "OAUTH-ID-JAG+JWT", None])
+@pytest.mark.parametrize("typ", ["JWT", "at+jwt", "text/oauth-id-jag+jwt", "oauth-id-jag+jwt+x", None])
 async def test_rule_typ_must_be_oauth_id_jag_jwt(gw: GatewayHarness, typ: str | None) -> None:
     assertion = gw.idp.sign(gw.id_jag_claims(), typ=typ)
     body = await expect_error(gw, assertion, "invalid_grant")
     assert "typ" in body["error_description"]
+
+
+@pytest.mark.parametrize("typ", ["OAUTH-ID-JAG+JWT", "application/oauth-id-jag+jwt", "Application/OAuth-ID-JAG+JWT"])
+async def test_rfc7515_s4_1_9_id_jag_typ_is_a_case_insensitive_media_type(gw: GatewayHarness, typ: str) -> None:
+    await expect_token(gw, gw.idp.sign(gw.id_jag_claims(), typ=typ))
 
 
 async def test_rule_typ_an_id_token_is_not_an_id_jag(gw: GatewayHarness) -> None:

@@ -78,7 +78,7 @@ async def test_token_signed_by_another_key_is_refused(gw: GatewayHarness) -> Non
     assert status == 401
 
 
-def own_token(gw: GatewayHarness, **raw_claims: str) -> str:
+def own_token(gw: GatewayHarness, typ: str = "at+jwt", **raw_claims: str) -> str:
     """A token signed with the gateway's real key whose claims are given as raw JSON text, so
     values json.dumps would never write (1e400) can be tried too."""
     now = int(time.time())
@@ -97,11 +97,23 @@ def own_token(gw: GatewayHarness, **raw_claims: str) -> str:
     }
     payload = "{" + ",".join(f'"{name}":{value}' for name, value in claims.items()) + "}"
     key = gw.gateway.signing_key
-    return jws.sign(payload.encode(), key.private, headers={"kid": key.kid, "typ": "at+jwt"}, algorithm=key.algorithm)
+    return jws.sign(payload.encode(), key.private, headers={"kid": key.kid, "typ": typ}, algorithm=key.algorithm)
 
 
 async def test_own_token_helper_makes_a_token_the_gateway_accepts(gw: GatewayHarness) -> None:
     assert (await post(gw.route_url("json"), own_token(gw)))[0] == 400  # past the gateway: no MCP session
+
+
+@pytest.mark.parametrize("typ", ["AT+JWT", "application/at+jwt", "Application/AT+JWT"])
+async def test_rfc7515_s4_1_9_access_token_typ_is_a_case_insensitive_media_type(gw: GatewayHarness, typ: str) -> None:
+    assert (await post(gw.route_url("json"), own_token(gw, typ=typ)))[0] == 400  # past the gateway
+
+
+@pytest.mark.parametrize("typ", ["JWT", "oauth-id-jag+jwt", "text/at+jwt", "application/at+jwt; x=1", "at+jwt+x"])
+async def test_rfc9068_s4_access_token_of_another_type_is_refused(gw: GatewayHarness, typ: str) -> None:
+    status, _, headers = await post(gw.route_url("json"), own_token(gw, typ=typ))
+    assert status == 401
+    assert challenge_params(headers["WWW-Authenticate"])["error"] == "invalid_token"
 
 
 @pytest.mark.parametrize(

@@ -137,14 +137,15 @@ class AccessTokenService:
             header = jose_json.unverified_header(token)
         except ValueError:
             raise InvalidToken("the access token is malformed") from None
-        # RFC 9068 §4: check typ, so an IdP's ID-JAG or ID token is never accepted as a bearer token.
+        # RFC 9068 §4: check typ (a media type, RFC 7515 §4.1.9), so an IdP's ID-JAG or ID token is
+        # never accepted as a bearer token.
         key = self._by_kid.get(header.get("kid")) if isinstance(header.get("kid"), str) else None
         if key is None:
             raise InvalidToken("the access token was signed with an unknown key")
         retire_at = self._retire_at.get(key.kid, math.inf)
         if self._clock() >= retire_at:
             raise InvalidToken("the access token was signed with a retired key")
-        if header.get("typ") != ACCESS_TOKEN_TYP or header.get("alg") != key.algorithm:
+        if not jose_json.typ_is(header.get("typ"), ACCESS_TOKEN_TYP) or header.get("alg") != key.algorithm:
             raise InvalidToken("the access token was not issued by this gateway")
         try:
             payload = jws.verify(token, key.public, algorithms=[key.algorithm])

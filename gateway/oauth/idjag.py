@@ -121,9 +121,9 @@ class IdJagValidator:
         return claims
 
     def _check_typ(self, header: dict[str, Any]) -> None:
-        """Draft "Processing Rules" + RFC 8725 §3.11: explicit typing stops an ID token or an
-        access token from being replayed as an ID-JAG."""
-        if header.get("typ") != ID_JAG_TYP:
+        """Draft §4.4.1 + RFC 8725 §3.11: explicit typing stops an ID token or an access token from
+        being replayed as an ID-JAG. Compared as a media type (RFC 7515 §4.1.9)."""
+        if not jose_json.typ_is(header.get("typ"), ID_JAG_TYP):
             raise InvalidGrant(f"assertion typ must be {ID_JAG_TYP}", reason="typ")
 
     def _check_algorithm(self, header: dict[str, Any], allowed: tuple[str, ...]) -> str:
