@@ -563,6 +563,22 @@ async def test_rule_cnf_bound_assertion_is_refused(gw: GatewayHarness) -> None:
     assert "cnf" in body["error_description"]
 
 
+# -- authorization_details (RAR) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "details",
+    [[{"type": "mcp_tool", "actions": ["read"], "locations": ["https://mcp.example.com/json/mcp"]}], []],
+    ids=["restricting", "empty"],
+)
+async def test_draft_s4_4_1_authorization_details_is_refused_not_ignored(gw: GatewayHarness, details: list) -> None:
+    """An IdP that restricted access only through RAR must not have its ID-JAG widened to every scope."""
+    claims = gw.id_jag_claims("eng", scope=None, authorization_details=details)
+    body = await expect_error(gw, gw.idp.sign(claims), "invalid_grant")
+    assert "authorization_details" in body["error_description"]
+    await expect_token(gw, gw.id_jag("eng", scope=None))  # the same grant without RAR
+
+
 # -- 16. tenant ------------------------------------------------------------------------------
 
 

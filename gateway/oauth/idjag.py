@@ -76,6 +76,7 @@ class IdJagValidator:
         self._check_times(claims, now)
         jti = self._check_jti(claims)
         self._check_no_confirmation(claims)
+        self._check_no_authorization_details(claims)
         self._check_tenant(claims, idp)
         route = self._check_resource(claims, resource)
         groups = self._groups(claims, idp)
@@ -230,6 +231,17 @@ class IdJagValidator:
         not implemented yet (SPEC §9.6), so such assertions are refused rather than unbound."""
         if "cnf" in claims:
             raise InvalidGrant("sender-constrained (cnf) assertions are not supported", reason="cnf")
+
+    def _check_no_authorization_details(self, claims: dict[str, Any]) -> None:
+        """Draft §4.4.1: the Resource AS "MUST parse" ``authorization_details`` and grant only what its
+        policy allows of each detail (RFC 9396 §2). The gateway has no RAR types, so it cannot honour
+        them; granting the route's scopes instead would widen what an IdP restricted through RAR."""
+        if "authorization_details" in claims:
+            raise InvalidGrant(
+                "assertions with authorization_details (RFC 9396) are not supported here; "
+                "ask the identity provider for scopes instead",
+                reason="authorization_details",
+            )
 
     def _check_tenant(self, claims: dict[str, Any], idp: IdentityProviderConfig) -> None:
         """Draft "Tenant Relationships": for a multi-tenant IdP, the tenant is part of the subject."""
