@@ -473,10 +473,98 @@ async def test_rule_resource_absent_binds_to_the_only_route(idp: DevIdentityProv
         await h.runner.cleanup()
 
 
-async def test_rule_resource_below_a_route_maps_to_that_route(gw: GatewayHarness) -> None:
+async def test_rule_resource_legacy_sse_endpoint_names_its_route(gw: GatewayHarness) -> None:
+    """The Python SDK's resource for a legacy HTTP+SSE server is the URL it connects to, path/sse."""
     sse_url = gw.resource("legacy") + "/sse"
     body = await expect_token(gw, gw.id_jag(None, resource=sse_url), extra={"resource": sse_url})
     assert jwt.get_unverified_claims(body["access_token"])["aud"] == gw.resource("legacy")
+    assert body["resource"] == sse_url
+
+
+@pytest.mark.parametrize("below", ["/tools", "/sse", "/x/y"])
+async def test_ema_s5_1_resource_claim_below_a_route_is_refused(gw: GatewayHarness, below: str) -> None:
+    """A token must be audience-restricted to what the ID-JAG named: a path below a route is not the route."""
+    narrower = gw.resource("json") + below
+    body = await expect_error(gw, gw.id_jag(None, resource=narrower), "invalid_grant")
+    assert "exact resource identifier" in body["error_description"]
+    await expect_error(gw, gw.id_jag(None, resource=narrower), "invalid_grant", extra={"resource": narrower})
+    await expect_error(gw, gw.id_jag("json"), "invalid_target", extra={"resource": narrower})
+    await expect_error(gw, gw.id_jag(None), "invalid_target", extra={"resource": narrower})
+
+
+async def test_draft_s4_4_2_resource_is_echoed_as_the_claim_spelled_it(gw: GatewayHarness) -> None:
+    """xaa.dev appends a trailing slash; clients check the returned set is a subset of the claim."""
+    slashed = gw.resource("json") + "/"
+    body = await expect_token(gw, gw.id_jag(None, resource=slashed))
+    assert body["resource"] == slashed
+    assert jwt.get_unverified_claims(body["access_token"])["aud"] == gw.resource("json")
+    body = await expect_token(gw, gw.id_jag(None, resource=slashed), extra={"resource": gw.resource("json")})
+    assert body["resource"] == slashed
+    upper = gw.resource("json").replace("http://", "HTTP://")
+    body = await expect_token(gw, gw.id_jag(None, resource=[slashed, gw.resource("sse")]), extra={"resource": upper})
+    assert body["resource"] == slashed
+
+
+async def test_draft_s4_4_2_resource_is_echoed_as_the_client_sent_it(gw: GatewayHarness) -> None:
+    sent = gw.resource("sse").replace("http://", "HTTP://") + "/"
+    body = await expect_token(gw, gw.id_jag(None), extra={"resource": sent})
+    assert body["resource"] == sent
+
+
+async def test_rfc8707_s2_several_resource_parameters_naming_one_route_are_served(gw: GatewayHarness) -> None:
+    spellings = [gw.resource("json"), gw.resource("json") + "/"]
+    body = await expect_token(gw, gw.id_jag(None), extra_pairs=[("resource", r) for r in spellings])
+    assert body["resource"] == spellings
+    assert jwt.get_unverified_claims(body["access_token"])["aud"] == gw.resource("json")
+    body = await expect_token(gw, gw.id_jag("json"), extra_pairs=[("resource", r) for r in spellings])
+    assert body["resource"] == gw.resource("json")
+
+
+async def test_rfc8707_s2_several_resource_parameters_naming_two_routes_are_invalid_target(gw: GatewayHarness) -> None:
+    both = [("resource", gw.resource("json")), ("resource", gw.resource("sse"))]
+    body = await expect_error(gw, gw.id_jag(None), "invalid_target", extra_pairs=both)
+    assert "more than one route" in body["error_description"]
+    claim = [gw.resource("json"), gw.resource("sse")]
+    await expect_error(gw, gw.id_jag(None, resource=claim), "invalid_target", extra_pairs=both)
+    unknown = [("resource", gw.resource("json")), ("resource", "https://nowhere.example.com/mcp")]
+    await expect_error(gw, gw.id_jag(None), "invalid_target", extra_pairs=unknown)
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "{base}/%6Aso%6E/mcp",  # unreserved characters percent-encoded (§6.2.2.2)
+        "{base}/json/./mcp",  # dot segments (§6.2.2.3)
+        "{base}/eng/../json/mcp",
+        "{base}/json/mcp/extra/..",
+        "{base}/json/%2e/mcp",
+        "{scheme}://{HOST}/json/mcp",  # case (§6.2.2.1)
+    ],
+)
+async def test_rfc3986_s6_2_2_resource_is_normalised_before_matching(gw: GatewayHarness, spelling: str) -> None:
+    scheme, _, host = gw.url.partition("://")
+    value = spelling.format(base=gw.url, scheme=scheme.upper(), HOST=host.upper())
+    body = await expect_token(gw, gw.id_jag(None), extra={"resource": value})
+    assert jwt.get_unverified_claims(body["access_token"])["aud"] == gw.resource("json")
+    assert body["resource"] == value
+    await expect_token(gw, gw.id_jag(None, resource=value))
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "{base}/JSON/mcp",  # the path is case-sensitive
+        "{base}/json%2Fmcp",  # a reserved character stays encoded
+        "{base}/json/mcp//",  # only one trailing slash is tolerated
+        "{base}/json/mcp/.%2e/x",
+    ],
+)
+async def test_rfc3986_s6_2_2_normalisation_does_not_merge_different_resources(
+    gw: GatewayHarness, spelling: str
+) -> None:
+    value = spelling.format(base=gw.url)
+    await expect_error(gw, gw.id_jag(None), "invalid_target", extra={"resource": value})
+    await expect_error(gw, gw.id_jag(None, resource=value), "invalid_grant")
 
 
 async def test_rule_resource_array_with_request_parameter_selects_one(gw: GatewayHarness) -> None:
@@ -505,7 +593,7 @@ ODD_SPELLINGS = ["fragment", "empty-fragment", "user", "user-password"]
 
 
 @pytest.mark.parametrize("kind", ODD_SPELLINGS)
-async def test_rule_resource_parameter_with_fragment_or_userinfo_is_invalid_target(
+async def test_rfc8707_s2_resource_parameter_with_fragment_or_userinfo_is_invalid_target(
     gw: GatewayHarness, kind: str
 ) -> None:
     body = await expect_error(
@@ -515,7 +603,9 @@ async def test_rule_resource_parameter_with_fragment_or_userinfo_is_invalid_targ
 
 
 @pytest.mark.parametrize("kind", ODD_SPELLINGS)
-async def test_rule_resource_claim_with_fragment_or_userinfo_is_invalid_grant(gw: GatewayHarness, kind: str) -> None:
+async def test_rfc8707_s2_resource_claim_with_fragment_or_userinfo_is_invalid_grant(
+    gw: GatewayHarness, kind: str
+) -> None:
     odd = spelled_with(gw.resource("json"), kind)
     body = await expect_error(gw, gw.id_jag(None, resource=[gw.resource("sse"), odd]), "invalid_grant")
     assert ("fragment" if "fragment" in kind else "userinfo") in body["error_description"]

@@ -43,6 +43,8 @@ class Grant:
     groups: tuple[str, ...]
     assertion_jti: str
     email: str | None = None
+    # The ``resource`` values to return in the token response (``IdJagValidator._check_resource``).
+    resources: tuple[str, ...] = ()
 
 
 class IdJagValidator:
@@ -62,7 +64,7 @@ class IdJagValidator:
         self._clock = clock
         self._idps = {idp.issuer: idp for idp in config.identity_providers}
 
-    async def validate(self, assertion: str, *, client_id: str, resource: str | None, scope: str | None) -> Grant:
+    async def validate(self, assertion: str, *, client_id: str, resources: tuple[str, ...], scope: str | None) -> Grant:
         header = self._parse_header(assertion)
         self._check_typ(header)
         alg = self._check_algorithm(header, ASYMMETRIC_ALGORITHMS)
@@ -78,14 +80,14 @@ class IdJagValidator:
         self._check_no_confirmation(claims)
         self._check_no_authorization_details(claims)
         self._check_tenant(claims, idp)
-        route = self._check_resource(claims, resource)
+        route, granted_resources = self._check_resource(claims, resources)
         groups = self._groups(claims, idp)
         self._check_groups(route, groups)
         scopes = self._check_scope(claims, route, scope)
         # Last: an assertion that fails any other rule must not consume its jti.
         await self._check_replay(idp, jti, float(claims["exp"]))
         email = claims.get("email") if isinstance(claims.get("email"), str) else None
-        return Grant(subject, idp.issuer, client_id, route, scopes, groups, jti, email)
+        return Grant(subject, idp.issuer, client_id, route, scopes, groups, jti, email, resources=granted_resources)
 
     # -- structure ------------------------------------------------------------------------
 
@@ -248,9 +250,20 @@ class IdJagValidator:
         if idp.tenant is not None and claims.get("tenant") != idp.tenant:
             raise InvalidGrant("assertion tenant is not the configured tenant", reason="tenant")
 
-    def _check_resource(self, claims: dict[str, Any], requested: str | None) -> RouteConfig:
-        """EMA §7.6.2 + RFC 8707 §2, with the binding policy of SPEC §9.1. Values with a fragment or
-        userinfo are refused as sent, before the canonical comparison could hide either."""
+    def _check_resource(
+        self, claims: dict[str, Any], requested: tuple[str, ...]
+    ) -> tuple[RouteConfig, tuple[str, ...]]:
+        """The route the token is for, and the ``resource`` values to return for it.
+
+        EMA §7.6.2: a ``resource`` claim must name a resource served here; draft §4.4.1 processes it by
+        RFC 8707 §2, so the ``resource`` parameters (several are allowed) must be among its values,
+        else ``invalid_target``. Only a route's exact resource identifier names it
+        (``RouteTable.for_resource``), compared in RFC 3986 §6.2.2 normal form. Values with a fragment
+        or userinfo are refused as sent, before the normal form could hide either. Without a claim, the
+        parameters choose the route, or else the only route does (our binding decision, README).
+
+        The returned values are spelled as the claim spelled them (else as the client sent them): draft
+        §4.4.2 has clients check that the returned ``resource`` set is a subset of the claim."""
         raw = claims.get("resource")
         if raw is None:
             resources: list[str] = []
@@ -263,24 +276,44 @@ class IdJagValidator:
         for value in resources:
             if problem := resource_problem(value):
                 raise InvalidGrant(f"assertion resource claim {problem}", reason="resource")
-        if requested is not None and (problem := resource_problem(requested)):
-            raise InvalidTarget(f"the resource parameter {problem}", reason="resource")
-        routes = [self._routes.for_resource(r) for r in resources]
-        if any(r is None for r in routes):
-            raise InvalidGrant("assertion names a resource this gateway does not serve", reason="resource")
-        if requested is not None:
-            requested_route = self._routes.for_resource(requested)
-            if requested_route is None:
-                raise InvalidTarget("the requested resource is not served here", reason="resource")
-            if resources and canonical_url(requested) not in {canonical_url(r) for r in resources}:
-                raise InvalidTarget("the requested resource is not granted by the assertion", reason="resource")
-            return requested_route
-        distinct = {r.name: r for r in routes if r is not None}
+        for value in requested:
+            if problem := resource_problem(value):
+                raise InvalidTarget(f"the resource parameter {problem}", reason="resource")
+        claimed = [self._routes.for_resource(r) for r in resources]
+        if any(r is None for r in claimed):
+            raise InvalidGrant(
+                "assertion names a resource this gateway does not serve (only a route's exact resource "
+                "identifier names it)",
+                reason="resource",
+            )
+        if requested:
+            return self._requested_route(resources, requested)
+        distinct = {r.name: r for r in claimed if r is not None}
         if len(distinct) == 1:
-            return next(iter(distinct.values()))
+            return next(iter(distinct.values())), tuple(dict.fromkeys(resources))
         if not resources and len(self._routes) == 1:
-            return next(iter(self._routes))
+            route = next(iter(self._routes))
+            return route, (route.resource,)
         raise InvalidTarget("specify the resource parameter: the target route is ambiguous", reason="resource")
+
+    def _requested_route(self, resources: list[str], requested: tuple[str, ...]) -> tuple[RouteConfig, tuple[str, ...]]:
+        """RFC 8707 §2: several ``resource`` parameters are served when they name one route."""
+        routes = {}
+        for value in requested:
+            route = self._routes.for_resource(value)
+            if route is None:
+                raise InvalidTarget("the requested resource is not served here", reason="resource")
+            routes[route.name] = route
+        if len(routes) > 1:
+            raise InvalidTarget("the resource parameters name more than one route", reason="resource")
+        (route,) = routes.values()
+        if not resources:
+            return route, tuple(dict.fromkeys(requested))
+        wanted = {canonical_url(r) for r in requested}
+        granted = tuple(dict.fromkeys(r for r in resources if canonical_url(r) in wanted))
+        if {canonical_url(r) for r in granted} != wanted:
+            raise InvalidTarget("the requested resource is not granted by the assertion", reason="resource")
+        return route, granted
 
     def _groups(self, claims: dict[str, Any], idp: IdentityProviderConfig) -> tuple[str, ...]:
         value = claims.get(idp.groups_claim)

@@ -74,7 +74,7 @@ class TokenEndpoint:
             grant = await self._validator.validate(
                 assertion,
                 client_id=client_id,
-                resource=_optional(form, "resource"),
+                resources=_resources(form),
                 scope=_optional(form, "scope"),
             )
             if self._is_revoked is not None and self._is_revoked(grant.subject, client_id):
@@ -100,7 +100,8 @@ class TokenEndpoint:
             "token_type": "Bearer",
             "expires_in": issued.expires_in,
             "scope": issued.scope,
-            "resource": grant.route.resource,
+            # Draft §4.4.2: the granted resources, as the assertion (or the client) spelled them.
+            "resource": grant.resources[0] if len(grant.resources) == 1 else list(grant.resources),
         }
         return web.Response(text=json.dumps(body), content_type="application/json", headers=NO_STORE)
 
@@ -148,6 +149,11 @@ class TokenEndpoint:
     def _report(self, outcome: GrantOutcome) -> None:
         if self._on_outcome is not None:
             self._on_outcome(outcome)
+
+
+def _resources(form: MultiDictProxy[str]) -> tuple[str, ...]:
+    """RFC 8707 §2: ``resource`` may be repeated; RFC 6749 §3.1: one without a value is omitted."""
+    return tuple(value for value in form.getall("resource", []) if value)
 
 
 def _optional(form: MultiDictProxy[str], name: str) -> str | None:
