@@ -155,6 +155,8 @@ class RouteConfig:
     transport: str = "streamable-http"
     allow_groups: tuple[str, ...] | None = None
     scopes: tuple[str, ...] = ("mcp",)
+    # What an ID-JAG without a ``scope`` claim is granted (``IdJagValidator._check_scope``).
+    default_scopes: tuple[str, ...] = ("mcp",)
     upstream_headers: tuple[tuple[str, Secret], ...] = ()
     max_connections: int = 256
     policy: RoutePolicy = field(default_factory=RoutePolicy.unrestricted, compare=False)
@@ -645,6 +647,13 @@ def _parse_route(item: _Node, public_url: str, earlier: list[RouteConfig]) -> Ro
     for scope in scopes:
         if " " in scope or '"' in scope or "\\" in scope:
             raise item.error("scopes", f"invalid scope token {scope!r} (RFC 6749 §3.3)")
+    default_scopes = item.string_list("default_scopes")
+    if default_scopes == ():
+        raise item.error("default_scopes", "must be a non-empty list of scopes (omit it for the first scope)")
+    default_scopes = default_scopes or scopes[:1]
+    for scope in default_scopes:
+        if scope not in scopes:
+            raise item.error("default_scopes", f"scope {scope!r} is not in this route's scopes")
     for other in earlier:
         if other.name == name:
             raise item.error("name", f"duplicate route name {name!r}")
@@ -658,6 +667,7 @@ def _parse_route(item: _Node, public_url: str, earlier: list[RouteConfig]) -> Ro
         transport=transport,
         allow_groups=item.string_list("allow_groups"),
         scopes=scopes,
+        default_scopes=default_scopes,
         upstream_headers=_parse_upstream_headers(item.child("upstream_headers")),
         max_connections=item.number("max_connections", 256, minimum=1, maximum=100_000),
         policy=_parse_policy(item, scopes),

@@ -226,6 +226,15 @@ INVALID = [
         {"routes[0].scopes": ["mcp read"]}, "routes[0].scopes", "invalid scope token 'mcp read'", id="scope-with-space"
     ),
     pytest.param(
+        {"routes[0].default_scopes": ["mcp:admin"]},
+        "routes[0].default_scopes",
+        "scope 'mcp:admin' is not in this route's scopes",
+        id="default-scope-outside-scopes",
+    ),
+    pytest.param(
+        {"routes[0].default_scopes": []}, "routes[0].default_scopes", "non-empty list", id="default-scopes-empty"
+    ),
+    pytest.param(
         {"routes[0].allow_groups": "engineering"},
         "routes[0].allow_groups",
         "must be a list of non-empty strings",

@@ -638,9 +638,25 @@ async def test_rule_scope_request_disjoint_from_grant_is_invalid_scope(gw: Gatew
     await expect_error(gw, gw.id_jag("eng", scope="mcp"), "invalid_scope", extra={"scope": "mcp:admin"})
 
 
-async def test_rule_scope_absent_grants_the_route_scopes(gw: GatewayHarness) -> None:
+async def test_ema_s7_2_1_scope_less_id_jag_gets_the_default_scopes_not_every_scope(gw: GatewayHarness) -> None:
     body = await expect_token(gw, gw.id_jag("eng", scope=None))
-    assert body["scope"] == "mcp mcp:admin"
+    assert body["scope"] == "mcp"  # the route's first scope: it has no default_scopes
+    await expect_error(gw, gw.id_jag("eng", scope=None), "invalid_scope", extra={"scope": "mcp:admin"})
+    body = await expect_token(gw, gw.id_jag("eng", scope=None), extra={"scope": "mcp mcp:admin"})
+    assert body["scope"] == "mcp"
+
+
+async def test_ema_s7_2_1_scope_less_id_jag_gets_the_configured_default_scopes(
+    idp: DevIdentityProvider, upstream_json
+) -> None:
+    route = {"name": "r", "path": "/r/mcp", "upstream": upstream_json.mcp_url, "scopes": ["read", "write", "admin"]}
+    async with running_gateway(idp, [{**route, "default_scopes": ["read", "write"]}]) as h:
+        body = await expect_token(h, h.id_jag("r", scope=None))
+        assert body["scope"] == "read write"
+        body = await expect_token(h, h.id_jag("r", scope=None), extra={"scope": "write admin"})
+        assert body["scope"] == "write"
+        body = await expect_token(h, h.id_jag("r", scope="admin"))  # what the IdP names is granted
+        assert body["scope"] == "admin"
 
 
 # -- 15. cnf (DPoP) --------------------------------------------------------------------------

@@ -329,11 +329,16 @@ class IdJagValidator:
             raise InvalidGrant("the user is not in a group allowed on this resource", reason="group")
 
     def _check_scope(self, claims: dict[str, Any], route: RouteConfig, requested: str | None) -> tuple[str, ...]:
-        """SPEC §9.2: granted = ID-JAG scopes ∩ route scopes ∩ requested scopes; never more than the
-        ID-JAG (EMA §7.2.1). An ID-JAG scope with nothing valid here is a mismatch (EMA §7.6.2)."""
+        """Granted = the ID-JAG's scopes (the route's ``default_scopes`` if it has no ``scope`` claim)
+        ∩ the route's scopes ∩ the requested scopes, when a ``scope`` parameter is sent.
+
+        Never more than the ID-JAG (EMA §7.2.1): an IdP that named no scope authorised no particular
+        scope, so it gets the route's least-privileged default rather than every scope of the route.
+        A ``scope`` claim granting nothing here is a mismatch (EMA §7.6.2, ``invalid_grant``); a
+        request leaving nothing is ``invalid_scope`` (RFC 6749 §5.2)."""
         raw = claims.get("scope")
         if raw is None:
-            base = route.scopes
+            base = route.default_scopes
         elif isinstance(raw, str):
             granted_by_idp = set(raw.split())
             base = tuple(s for s in route.scopes if s in granted_by_idp)
