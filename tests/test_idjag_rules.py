@@ -347,9 +347,33 @@ async def test_rule_time_expired_assertion_is_refused(gw: GatewayHarness) -> Non
     await expect_error(gw, gw.id_jag(iat=now - 400, exp=now - 61), "invalid_grant")
 
 
-async def test_rule_time_expiry_within_clock_skew_is_accepted(gw: GatewayHarness) -> None:
+async def test_rule_time_issued_in_the_past_within_its_lifetime_is_accepted(gw: GatewayHarness) -> None:
     now = int(time.time())
-    await expect_token(gw, gw.id_jag(iat=now - 300, exp=now - 30))
+    await expect_token(gw, gw.id_jag(iat=now - 250, exp=now + 50))
+
+
+async def test_gateways_draft_s4_access_token_never_outlives_the_id_jag(gw: GatewayHarness) -> None:
+    now = int(time.time())
+    body = await expect_token(gw, gw.id_jag(iat=now - 200, exp=now + 100))
+    claims = jwt.get_unverified_claims(body["access_token"])
+    assert claims["exp"] == now + 100  # not iat + the 300 s TTL
+    assert body["expires_in"] == claims["exp"] - claims["iat"] <= 100
+    # The token is good until then (the resource server accepts the shorter lifetime).
+    async with aiohttp.ClientSession() as http:
+        headers = {"Authorization": f"Bearer {body['access_token']}"}
+        async with http.post(gw.route_url("json"), json={"jsonrpc": "2.0", "id": 1, "method": "ping"}) as response:
+            assert response.status == 401
+        async with http.post(
+            gw.route_url("json"), json={"jsonrpc": "2.0", "id": 1, "method": "ping"}, headers=headers
+        ) as response:
+            assert response.status != 401
+
+
+async def test_gateways_draft_s4_assertion_past_its_exp_is_refused_even_within_clock_skew(gw: GatewayHarness) -> None:
+    """The clock skew no longer extends exp: a token for it could not outlive it and be usable."""
+    now = int(time.time())
+    body = await expect_error(gw, gw.id_jag(iat=now - 300, exp=now - 30), "invalid_grant")
+    assert "expired" in body["error_description"]
 
 
 async def test_rule_time_missing_exp_is_refused(gw: GatewayHarness) -> None:

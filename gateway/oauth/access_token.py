@@ -94,7 +94,12 @@ class AccessTokenService:
         return [self._key, *(p.key for p in self.previous_keys if now < p.retire_at)]
 
     def issue(self, grant: Grant) -> IssuedToken:
+        """Sign an access token for ``grant``. It lives the configured TTL, but never past the ID-JAG
+        it came from: draft-parecki-oauth-identity-assertion-gateways §4 ("MUST NOT issue an access
+        token whose expiration is later than the expiration of the ID-JAG"): the IdP's decision of
+        how long the delegation lasts is kept, whatever TTL is configured here."""
         now = int(self._clock())
+        expires_at = int(min(now + self._ttl, grant.assertion_expires_at))
         token_id = secrets.token_urlsafe(16)
         claims = {
             "iss": self._issuer,
@@ -106,7 +111,7 @@ class AccessTokenService:
             "idp": grant.idp_issuer,
             "jti": token_id,
             "iat": now,
-            "exp": now + self._ttl,
+            "exp": expires_at,
         }
         token = jws.sign(
             json.dumps(claims, separators=(",", ":")).encode(),
@@ -114,7 +119,7 @@ class AccessTokenService:
             headers={"kid": self._key.kid, "typ": ACCESS_TOKEN_TYP},
             algorithm=self._key.algorithm,
         )
-        return IssuedToken(token, self._ttl, claims["scope"], token_id)
+        return IssuedToken(token, expires_at - now, claims["scope"], token_id)
 
     def verify(self, token: str, resource: str) -> Principal:
         if not token.isascii():

@@ -10,6 +10,7 @@ Every assertion failure is ``invalid_grant`` (RFC 7523 §3.1); a bad ``resource`
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +46,8 @@ class Grant:
     email: str | None = None
     # The ``resource`` values to return in the token response (``IdJagValidator._check_resource``).
     resources: tuple[str, ...] = ()
+    # The ID-JAG's ``exp``: no access token issued for it may expire later.
+    assertion_expires_at: float = math.inf
 
 
 class IdJagValidator:
@@ -87,7 +90,18 @@ class IdJagValidator:
         # Last: an assertion that fails any other rule must not consume its jti.
         await self._check_replay(idp, jti, float(claims["exp"]))
         email = claims.get("email") if isinstance(claims.get("email"), str) else None
-        return Grant(subject, idp.issuer, client_id, route, scopes, groups, jti, email, resources=granted_resources)
+        return Grant(
+            subject,
+            idp.issuer,
+            client_id,
+            route,
+            scopes,
+            groups,
+            jti,
+            email,
+            resources=granted_resources,
+            assertion_expires_at=claims["exp"],
+        )
 
     # -- structure ------------------------------------------------------------------------
 
@@ -200,9 +214,10 @@ class IdJagValidator:
         return sub
 
     def _check_times(self, claims: dict[str, Any], now: float) -> None:
-        """EMA §7.4.2 validity window with minimal skew; RFC 7523 §3 items 4-6; ID-JAGs "MUST be
-        short-lived", so a lifetime above ``max_assertion_lifetime_seconds`` is refused. Times must
-        be integer NumericDates (``jose_json.numeric_date``), so no comparison below meets a NaN."""
+        """EMA §7.4.2 validity window with minimal skew (for ``iat`` and ``nbf``); RFC 7523 §3 items
+        4-6; ID-JAGs "MUST be short-lived", so a lifetime above ``max_assertion_lifetime_seconds`` is
+        refused. Times must be integer NumericDates (``jose_json.numeric_date``), so no comparison
+        below meets a NaN."""
         skew = self._config.clock_skew_seconds
         exp, iat = jose_json.numeric_date(claims.get("exp")), jose_json.numeric_date(claims.get("iat"))
         if exp is None:
@@ -212,7 +227,9 @@ class IdJagValidator:
         nbf = claims.get("nbf")
         if nbf is not None and jose_json.numeric_date(nbf) is None:
             raise InvalidGrant("assertion has no valid nbf (an integer NumericDate)", reason="not_before")
-        if now > exp + skew:
+        if now >= exp:
+            # No skew here: the access token may not outlive the ID-JAG (AccessTokenService.issue), so
+            # one issued for an assertion already past its exp would be dead on arrival.
             raise InvalidGrant("assertion has expired", reason="expired")
         if iat > now + skew:
             raise InvalidGrant("assertion is issued in the future", reason="issued_at")
