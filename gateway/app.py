@@ -506,7 +506,7 @@ class Gateway:
         except BearerChallenge as challenge:
             reason = "no_token" if "error=" not in challenge.response.headers.get("WWW-Authenticate", "") else "token"
             raise _Refusal(challenge.response, reason) from None
-        if runtime.is_revoked(principal.subject, principal.client_id):
+        if runtime.is_revoked(principal.identity, principal.client_id):
             response = challenge_response(401, prm_url, route.scopes, "invalid_token", "access has been revoked")
             raise _Refusal(response, "revoked")
         return principal

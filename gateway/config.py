@@ -147,6 +147,19 @@ class AuthorizationConfig:
 
 
 @dataclass(frozen=True)
+class RevokedSubject:
+    """A ``revoked.subjects`` entry: a user of one IdP (draft-ietf-oauth-identity-assertion-authz-grant
+    §6.3: ``sub`` is unique only per issuer, and per tenant there). ``tenant`` None revokes the subject
+    in every tenant of the IdP, since revocation should err towards refusing. ``bare``: written as a
+    plain ``sub``, which names a user only while exactly one IdP is configured."""
+
+    issuer: str
+    subject: str
+    tenant: str | None = None
+    bare: bool = False
+
+
+@dataclass(frozen=True)
 class RouteConfig:
     name: str
     path: str
@@ -189,7 +202,7 @@ class GatewayConfig:
     metrics_listen: tuple[str, int] | None = None
     # "memory" or a redis://, rediss:// or unix:// URL; it may carry a Redis password, hence repr=False.
     replay_store: str = field(default="memory", repr=False)
-    revoked_subjects: frozenset[str] = frozenset()
+    revoked_subjects: frozenset[RevokedSubject] = frozenset()
     revoked_clients: frozenset[str] = frozenset()
     audit_sink: str = "stdout"
     audit_argument_hashes: bool = False
@@ -349,7 +362,7 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None =
         raise root.error("metrics_listen", "must differ from listen")
     replay_store = _parse_replay_store(root)
     revoked = root.child("revoked")
-    revoked_subjects = frozenset(revoked.string_list("subjects") or ())
+    revoked_subjects = _parse_revoked_subjects(revoked, authorization.identity_providers)
     revoked_clients = frozenset(revoked.string_list("clients") or ())
     revoked.finish()
     audit = root.child("audit")
@@ -621,6 +634,40 @@ def _parse_idps(node: _Node, own_issuer: str) -> tuple[IdentityProviderConfig, .
     return tuple(idps)
 
 
+def _parse_revoked_subjects(revoked: _Node, idps: tuple[IdentityProviderConfig, ...]) -> frozenset[RevokedSubject]:
+    """Entries are ``{issuer, sub[, tenant]}``; a bare ``sub`` string only with exactly one IdP."""
+    entries = revoked.raw("subjects")
+    if entries is None:
+        return frozenset()
+    if not isinstance(entries, list):
+        raise revoked.error("subjects", "must be a list of {issuer, sub, tenant} entries")
+    subjects: list[RevokedSubject] = []
+    for i, entry in enumerate(entries):
+        key = f"subjects[{i}]"
+        if isinstance(entry, str) and entry:
+            if len(idps) != 1:
+                raise revoked.error(
+                    key,
+                    f"a bare subject is ambiguous with {len(idps)} identity providers (a sub is unique only "
+                    f"per issuer): write {{issuer: ..., sub: {entry!r}}}",
+                )
+            subjects.append(RevokedSubject(idps[0].issuer, revoked.expand(key, entry), idps[0].tenant, bare=True))
+            continue
+        node = _Node(revoked.source, revoked.key(key), entry)
+        issuer = node.string("issuer", required=True)
+        sub = node.string("sub", required=True)
+        tenant = node.string("tenant")
+        assert issuer is not None and sub is not None
+        idp = next((p for p in idps if canonical_url(p.issuer) == canonical_url(issuer)), None)
+        if idp is None:
+            raise node.error("issuer", f"{issuer!r} is not one of authorization.identity_providers")
+        if idp.tenant is not None and tenant not in (None, idp.tenant):
+            raise node.error("tenant", f"the identity provider accepts only tenant {idp.tenant!r}")
+        node.finish()
+        subjects.append(RevokedSubject(idp.issuer, sub, tenant or idp.tenant))
+    return frozenset(subjects)
+
+
 def _parse_routes(root: _Node, public_url: str) -> tuple[RouteConfig, ...]:
     routes: list[RouteConfig] = []
     for item in root.children("routes", required=True):
@@ -779,4 +826,11 @@ def describe(config: GatewayConfig, *, emit: Callable[[str], None], as_groups: f
             emit(f"    as {', '.join(sorted(as_groups)) or '(no groups)'}: {line}")
     if config.revoked_subjects or config.revoked_clients:
         emit(f"revoked: {len(config.revoked_subjects)} subjects, {len(config.revoked_clients)} clients")
+    bare = sorted(s.subject for s in config.revoked_subjects if s.bare)
+    if bare:
+        emit(
+            f"revoked subjects {', '.join(map(repr, bare))} are bare: they name users of "
+            f"{auth.identity_providers[0].issuer}, the only identity provider; adding another makes them "
+            "ambiguous (a config error), so prefer {issuer, sub} entries"
+        )
     emit(f"audit: {config.audit_sink}{' (argument hashes)' if config.audit_argument_hashes else ''}")

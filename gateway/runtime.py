@@ -25,6 +25,7 @@ from gateway.config import AuthorizationConfig, GatewayConfig, RouteConfig
 from gateway.metrics import Metrics
 from gateway.oauth.access_token import AccessTokenService, PreviousKey
 from gateway.oauth.client_auth import ClientAuthenticator
+from gateway.oauth.identity import SubjectIdentity
 from gateway.oauth.idjag import IdJagValidator
 from gateway.oauth.jwks import KeyRing
 from gateway.oauth.keys import SigningKey, load_signing_key
@@ -72,10 +73,18 @@ class Runtime:
     sessions: SessionBinder
     # audit.argument_hashes: the keyed digest of tool arguments written to audit lines, or None.
     argument_digest: Callable[[Any], str] | None = None
+    # revoked.subjects as (issuer, tenant or None for every tenant, subject).
+    revoked_users: frozenset[tuple[str, str | None, str]] = frozenset()
 
-    def is_revoked(self, subject: str, client_id: str) -> bool:
-        """Revocation from config (``revoked``): applied to new grants and to live tokens at once."""
-        return subject in self.config.revoked_subjects or client_id in self.config.revoked_clients
+    def is_revoked(self, user: SubjectIdentity, client_id: str) -> bool:
+        """Revocation from config (``revoked``): applied to new grants and to live tokens at once. A
+        user is named by issuer, tenant and subject (gateway/oauth/identity.py); an entry without a
+        tenant covers every tenant of its IdP."""
+        return (
+            client_id in self.config.revoked_clients
+            or (user.issuer, user.tenant, user.subject) in self.revoked_users
+            or (user.issuer, None, user.subject) in self.revoked_users
+        )
 
     @classmethod
     def build(
@@ -125,6 +134,7 @@ class Runtime:
             upstreams=_carry_upstreams(config, previous, metrics),
             sessions=SessionBinder(derive_session_key(signing_key.secret_material)),
             argument_digest=argument_digester(signing_key.secret_material) if config.audit_argument_hashes else None,
+            revoked_users=frozenset((s.issuer, s.tenant, s.subject) for s in config.revoked_subjects),
         )
         runtime.token_endpoint = TokenEndpoint(
             ClientAuthenticator(auth.clients),

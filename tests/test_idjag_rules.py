@@ -67,7 +67,8 @@ async def test_valid_id_jag_gets_an_audience_restricted_access_token(gw: Gateway
     claims = jwt.get_unverified_claims(body["access_token"])
     assert claims["aud"] == gw.resource("json")
     assert claims["iss"] == gw.issuer
-    assert claims["sub"] == "alice"
+    assert claims["idp_sub"] == "alice"
+    assert json.loads(claims["sub"]) == [gw.idp.issuer, None, "alice"]
     assert claims["client_id"] == CLIENT_ID
     assert claims["groups"] == ["engineering", "support"]
     assert claims["exp"] - claims["iat"] == 300

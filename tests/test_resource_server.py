@@ -249,7 +249,7 @@ async def test_jwks_publishes_the_key_that_verifies_access_tokens(gw: GatewayHar
         async with http.get(gw.url + "/oauth2/jwks") as response:
             jwks = await response.json()
     claims = jwt.decode(token, jwks, algorithms=["ES256"], audience=gw.resource("json"), issuer=gw.issuer)
-    assert claims["sub"] == "alice"
+    assert claims["idp_sub"] == "alice"
     assert all("d" not in key for key in jwks["keys"])  # never the private part
 
 

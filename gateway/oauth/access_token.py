@@ -22,6 +22,7 @@ from jose import jws
 from jose.exceptions import JOSEError
 
 from gateway.oauth import jose_json
+from gateway.oauth.identity import SubjectIdentity
 from gateway.oauth.idjag import Grant
 from gateway.oauth.keys import SigningKey
 
@@ -44,6 +45,13 @@ class Principal:
     groups: tuple[str, ...]
     expires_at: float
     token_id: str
+    tenant: str | None = None
+
+    @property
+    def identity(self) -> SubjectIdentity:
+        """The user, namespaced by IdP and tenant: key every per-user decision on this, never on
+        ``subject`` alone (gateway/oauth/identity.py)."""
+        return SubjectIdentity(self.idp_issuer, self.tenant, self.subject)
 
 
 @dataclass(frozen=True)
@@ -103,12 +111,16 @@ class AccessTokenService:
         token_id = secrets.token_urlsafe(16)
         claims = {
             "iss": self._issuer,
-            "sub": grant.subject,
+            # RFC 7519 §4.1.2 / RFC 9068 §2.2: ``sub`` must be unique for *this* issuer, which
+            # serves users of several IdPs; ``idp``, ``tenant`` and ``idp_sub`` say who it is.
+            "sub": grant.identity.key,
+            "idp_sub": grant.subject,
             "aud": grant.route.resource,
             "client_id": grant.client_id,
             "scope": " ".join(grant.scopes),
             "groups": list(grant.groups),
             "idp": grant.idp_issuer,
+            **({"tenant": grant.tenant} if grant.tenant is not None else {}),
             "jti": token_id,
             "iat": now,
             "exp": expires_at,
@@ -171,7 +183,8 @@ class AccessTokenService:
             raise InvalidToken("the access token lives longer than this gateway issues tokens for")
         try:
             return Principal(
-                subject=str(claims["sub"]),
+                # A token without ``idp_sub`` predates namespaced subjects: its ``sub`` is the IdP's.
+                subject=str(claims.get("idp_sub", claims["sub"])),
                 client_id=str(claims["client_id"]),
                 idp_issuer=str(claims.get("idp", "")),
                 audience=str(claims["aud"]),
@@ -180,6 +193,15 @@ class AccessTokenService:
                 # A cached principal must not outlive its key's trust either.
                 expires_at=min(float(expires_at), retire_at),
                 token_id=str(claims["jti"]),
+                tenant=_optional_string(claims.get("tenant")),
             )
         except (KeyError, TypeError, ValueError):
             raise InvalidToken("the access token is malformed") from None
+
+
+def _optional_string(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError("not a string")
+    return value

@@ -22,6 +22,7 @@ from jose.exceptions import JOSEError
 from gateway.config import ASYMMETRIC_ALGORITHMS, AuthorizationConfig, IdentityProviderConfig, RouteConfig
 from gateway.oauth import jose_json
 from gateway.oauth.errors import InvalidGrant, InvalidScope, InvalidTarget, TemporarilyUnavailable
+from gateway.oauth.identity import SubjectIdentity
 from gateway.oauth.jwks import KeyRing, KeyUnavailable
 from gateway.oauth.replay import ReplayStore, ReplayStoreUnavailable
 from gateway.routes import RouteTable
@@ -48,6 +49,12 @@ class Grant:
     resources: tuple[str, ...] = ()
     # The ID-JAG's ``exp``: no access token issued for it may expire later.
     assertion_expires_at: float = math.inf
+    # The ``tenant`` claim of a multi-tenant IdP: part of who the subject is.
+    tenant: str | None = None
+
+    @property
+    def identity(self) -> SubjectIdentity:
+        return SubjectIdentity(self.idp_issuer, self.tenant, self.subject)
 
 
 class IdJagValidator:
@@ -82,7 +89,7 @@ class IdJagValidator:
         jti = self._check_jti(claims)
         self._check_no_confirmation(claims)
         self._check_no_authorization_details(claims)
-        self._check_tenant(claims, idp)
+        tenant = self._check_tenant(claims, idp)
         route, granted_resources = self._check_resource(claims, resources)
         groups = self._groups(claims, idp)
         self._check_groups(route, groups)
@@ -101,6 +108,7 @@ class IdJagValidator:
             email,
             resources=granted_resources,
             assertion_expires_at=claims["exp"],
+            tenant=tenant,
         )
 
     # -- structure ------------------------------------------------------------------------
@@ -262,10 +270,15 @@ class IdJagValidator:
                 reason="authorization_details",
             )
 
-    def _check_tenant(self, claims: dict[str, Any], idp: IdentityProviderConfig) -> None:
-        """Draft "Tenant Relationships": for a multi-tenant IdP, the tenant is part of the subject."""
-        if idp.tenant is not None and claims.get("tenant") != idp.tenant:
+    def _check_tenant(self, claims: dict[str, Any], idp: IdentityProviderConfig) -> str | None:
+        """Draft §6: for a multi-tenant IdP the ``tenant`` claim is part of who the subject is (§6.3),
+        so it is returned for the principal's identity; a configured ``tenant`` must match it."""
+        tenant = claims.get("tenant")
+        if tenant is not None and (not isinstance(tenant, str) or not tenant):
+            raise InvalidGrant("assertion tenant claim is malformed", reason="tenant")
+        if idp.tenant is not None and tenant != idp.tenant:
             raise InvalidGrant("assertion tenant is not the configured tenant", reason="tenant")
+        return tenant
 
     def _check_resource(
         self, claims: dict[str, Any], requested: tuple[str, ...]

@@ -29,6 +29,7 @@ from gateway.oauth.errors import (
     RateLimited,
     UnsupportedGrantType,
 )
+from gateway.oauth.identity import SubjectIdentity
 from gateway.oauth.idjag import Grant, IdJagValidator
 from gateway.oauth.rate_limit import ClientRateLimiter
 
@@ -55,7 +56,7 @@ class TokenEndpoint:
         tokens: AccessTokenService,
         *,
         on_outcome: Callable[[GrantOutcome], None] | None = None,
-        is_revoked: Callable[[str, str], bool] | None = None,
+        is_revoked: Callable[[SubjectIdentity, str], bool] | None = None,
         rate_limiter: ClientRateLimiter | None = None,
     ) -> None:
         self._is_revoked = is_revoked
@@ -77,7 +78,7 @@ class TokenEndpoint:
                 resources=_resources(form),
                 scope=_optional(form, "scope"),
             )
-            if self._is_revoked is not None and self._is_revoked(grant.subject, client_id):
+            if self._is_revoked is not None and self._is_revoked(grant.identity, client_id):
                 # Deprovisioning stops new ID-JAGs at the IdP; this covers ID-JAGs already issued.
                 raise InvalidGrant("access for this user or client has been revoked", reason="revoked")
         except OAuthError as error:
@@ -87,10 +88,9 @@ class TokenEndpoint:
         issued = self._tokens.issue(grant)
         self._report(GrantOutcome(client_id, grant, None))
         log.info(
-            "access token issued: client=%s sub=%s idp=%s route=%s scope=%r token_id=%s",
+            "access token issued: client=%s user=%s route=%s scope=%r token_id=%s",
             client_id,
-            grant.subject,
-            grant.idp_issuer,
+            grant.identity.key,
             grant.route.name,
             issued.scope,
             issued.token_id,
