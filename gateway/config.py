@@ -7,6 +7,7 @@ unknown keys are errors: a typo such as ``alow_groups`` must never silently open
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -209,6 +210,8 @@ class GatewayConfig:
     shutdown_grace_seconds: float = 20.0
     reload_watch_seconds: float = 2.0
     strip_request_headers: tuple[str, ...] = DEFAULT_STRIP_REQUEST_HEADERS
+    # Plain-http public_url, issuers and JWKS URLs on non-loopback hosts (test setups only).
+    allow_insecure_http: bool = False
 
 
 class _Node:
@@ -343,7 +346,11 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None =
     """Validate an already-parsed YAML document (used by tests and the demo)."""
     root = _Node(source, "", data)
     host, port = _parse_listen(root)
-    public_url = _url(root, "public_url", required=True)
+    allow_insecure_http = root.raw("allow_insecure_http")
+    if allow_insecure_http is not None and not isinstance(allow_insecure_http, bool):
+        raise root.error("allow_insecure_http", "must be true or false")
+    insecure_ok = bool(allow_insecure_http)
+    public_url = _url(root, "public_url", required=True, tls=not insecure_ok)
     assert public_url is not None
     public_url = public_url.rstrip("/")
     if urlsplit(public_url).path or urlsplit(public_url).query or urlsplit(public_url).fragment:
@@ -352,7 +359,7 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None =
     origins = root.string_list("allowed_origins")
     allowed_origins = tuple(_origin(root, o) for o in origins) if origins is not None else (origin_of(public_url),)
     limits = _parse_limits(root.child("limits"))
-    authorization = _parse_authorization(root.child("authorization"), public_url, base_dir)
+    authorization = _parse_authorization(root.child("authorization"), public_url, base_dir, insecure_ok)
     routes = _parse_routes(root, public_url)
     # A separate, unauthenticated listener for Prometheus (keeps /metrics off the public port).
     metrics_listen = _parse_listen(root, "metrics_listen", None) if root.data.get("metrics_listen") else None
@@ -398,6 +405,7 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None =
         shutdown_grace_seconds=shutdown_grace,
         reload_watch_seconds=watch,
         strip_request_headers=strip_request_headers,
+        allow_insecure_http=insecure_ok,
     )
 
 
@@ -410,7 +418,10 @@ def _parse_listen(root: _Node, name: str = "listen", default: str | None = "0.0.
     return host.strip("[]"), int(port_text)
 
 
-def _url(node: _Node, name: str, *, required: bool = False) -> str | None:
+def _url(node: _Node, name: str, *, required: bool = False, tls: bool = False) -> str | None:
+    """An absolute http(s) URL with its host lower-cased. ``tls``: it must be ``https`` unless the
+    host is loopback (RFC 8414 §2 issuers, EMA §7.3 and §7.4.1 metadata and key endpoints, MCP
+    authorization "Communication Security")."""
     value = node.string(name, required=required)
     if value is None:
         return None
@@ -428,7 +439,26 @@ def _url(node: _Node, name: str, *, required: bool = False) -> str | None:
         raise node.error(name, "must not contain credentials (user:password@); use upstream_headers")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise node.error(name, f"must be an absolute http(s) URL, got {value!r}")
-    return value
+    if tls and parts.scheme != "https" and not is_loopback(parts.hostname):
+        raise node.error(
+            name,
+            f"must be an https URL (tokens and keys must travel over TLS), got {value!r}; plain http is "
+            "allowed for loopback hosts, or everywhere with allow_insecure_http: true (test setups only)",
+        )
+    scheme, _, rest = value.partition("://")
+    end = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    return f"{scheme}://{rest[:end].lower()}{rest[end:]}"
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` (RFC 6761 §6.3) or a loopback address: traffic that never leaves the machine."""
+    host = host.lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _parse_replay_store(root: _Node) -> str:
@@ -529,8 +559,8 @@ def _parse_limits(node: _Node) -> LimitsConfig:
     return limits
 
 
-def _parse_authorization(node: _Node, public_url: str, base_dir: Path | None) -> AuthorizationConfig:
-    issuer = (_url(node, "issuer") or public_url).rstrip("/")
+def _parse_authorization(node: _Node, public_url: str, base_dir: Path | None, insecure_ok: bool) -> AuthorizationConfig:
+    issuer = (_url(node, "issuer", tls=not insecure_ok) or public_url).rstrip("/")
     if origin_of(issuer) != origin_of(public_url):
         # The token endpoint lives on public_url, and MCP SDK clients refuse a token endpoint
         # whose origin differs from the issuer's (mcp client identity_assertion.py).
@@ -559,7 +589,7 @@ def _parse_authorization(node: _Node, public_url: str, base_dir: Path | None) ->
         previous_signing_key_files=tuple(previous_keys),
         token_rate_limit=_parse_token_rate_limit(node.child("token_rate_limit")),
         clients=_parse_clients(node, base_dir),
-        identity_providers=_parse_idps(node, issuer),
+        identity_providers=_parse_idps(node, issuer, insecure_ok),
     )
     node.finish()
     return config
@@ -602,10 +632,10 @@ def _parse_clients(node: _Node, base_dir: Path | None) -> tuple[ClientConfig, ..
     return tuple(clients)
 
 
-def _parse_idps(node: _Node, own_issuer: str) -> tuple[IdentityProviderConfig, ...]:
+def _parse_idps(node: _Node, own_issuer: str, insecure_ok: bool) -> tuple[IdentityProviderConfig, ...]:
     idps: list[IdentityProviderConfig] = []
     for item in node.children("identity_providers", required=True):
-        issuer = _url(item, "issuer", required=True)
+        issuer = _url(item, "issuer", required=True, tls=not insecure_ok)
         assert issuer is not None
         # Compared canonically: "https://MCP.example.com:443/" is still the gateway's own issuer.
         if canonical_url(issuer) == canonical_url(own_issuer):
@@ -624,7 +654,7 @@ def _parse_idps(node: _Node, own_issuer: str) -> tuple[IdentityProviderConfig, .
         idps.append(
             IdentityProviderConfig(
                 issuer=issuer,
-                jwks_uri=_url(item, "jwks_uri"),
+                jwks_uri=_url(item, "jwks_uri", tls=not insecure_ok),
                 groups_claim=groups_claim,
                 algorithms=algorithms,
                 tenant=item.string("tenant"),
@@ -793,6 +823,10 @@ def describe(config: GatewayConfig, *, emit: Callable[[str], None], as_groups: f
     if config.metrics_listen:
         emit(f"metrics listen: {config.metrics_listen[0]}:{config.metrics_listen[1]}")
     emit(f"public_url: {config.public_url}")
+    if config.allow_insecure_http:
+        emit(
+            "WARNING: allow_insecure_http is set: tokens, assertions and keys may travel without TLS (test setups only)"
+        )
     emit(f"issuer: {auth.issuer}")
     emit(f"signing key: {auth.signing_key_file or 'EPHEMERAL (tokens die with the process; set signing_key_file)'}")
     emit(f"access token ttl: {auth.access_token_ttl_seconds}s")

@@ -104,6 +104,11 @@ class Runtime:
         if previous is not None:
             _check_reloadable(previous.config, config)
         auth = config.authorization
+        if config.allow_insecure_http:
+            log.warning(
+                "allow_insecure_http is set: public_url, issuers or JWKS URLs may use plain http, so tokens, "
+                "assertions and keys can travel without TLS. Use this for test setups only."
+            )
         if signing_key is None:
             if previous is not None and previous.config.authorization.signing_key_file == auth.signing_key_file:
                 signing_key = previous.signing_key

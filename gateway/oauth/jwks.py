@@ -174,9 +174,12 @@ class IdpKeySet:
                 last = ValueError(f"metadata at {url} names a different issuer")
                 continue
             jwks_uri = metadata.get("jwks_uri")
-            if isinstance(jwks_uri, str) and jwks_uri.startswith(("https://", "http://")):
+            # EMA §7.4.1: keys are fetched "over authenticated TLS"; the configured issuer passed
+            # that rule (gateway/config.py), so an https issuer may not send us to a plain-http JWKS.
+            allowed = ("https://",) if issuer.startswith("https://") else ("https://", "http://")
+            if isinstance(jwks_uri, str) and jwks_uri.startswith(allowed):
                 return jwks_uri
-            last = ValueError(f"metadata at {url} has no jwks_uri")
+            last = ValueError(f"metadata at {url} has no jwks_uri starting with {' or '.join(allowed)}")
         raise ValueError(f"cannot discover jwks_uri: {_describe(last) if last else 'no metadata'}")
 
     async def _get_json(self, url: str) -> Any:
