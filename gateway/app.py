@@ -268,10 +268,9 @@ class Gateway:
         router = app.router
         router.add_get("/healthz", self.healthz)
         router.add_get("/readyz", self.readyz)
-        as_metadata = self.authorization_server_metadata
-        for path in metadata.metadata_paths(self.config.authorization.issuer):
-            router.add_get(path, as_metadata)
-            router.add_route("OPTIONS", path, self.discovery_preflight)
+        as_metadata_path = metadata.metadata_path(self.config.authorization.issuer)
+        router.add_get(as_metadata_path, self.authorization_server_metadata)
+        router.add_route("OPTIONS", as_metadata_path, self.discovery_preflight)
         router.add_get(metadata.PRM_PREFIX + "{tail:(/.*)?}", self.protected_resource_metadata)
         router.add_route("OPTIONS", metadata.PRM_PREFIX + "{tail:(/.*)?}", self.discovery_preflight)
         router.add_get(metadata.JWKS_PATH, self.jwks)

@@ -221,9 +221,18 @@ async def test_protected_resource_metadata_per_route(gw: GatewayHarness) -> None
             assert response.status == 404
 
 
+async def test_rfc8414_s5_openid_configuration_is_not_served(gw: GatewayHarness) -> None:
+    """The gateway is no OpenID provider; both SDK clients find the RFC 8414 document first."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(gw.url + "/.well-known/openid-configuration") as response:
+            assert response.status == 404
+        async with http.options(gw.url + "/.well-known/openid-configuration") as response:
+            assert response.status != 204
+
+
 async def test_authorization_server_metadata(gw: GatewayHarness) -> None:
     async with aiohttp.ClientSession() as http:
-        for path in ("/.well-known/oauth-authorization-server", "/.well-known/openid-configuration"):
+        for path in ("/.well-known/oauth-authorization-server",):
             async with http.get(gw.url + path) as response:
                 assert response.status == 200, path
                 document = await response.json()
