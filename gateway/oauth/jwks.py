@@ -43,6 +43,10 @@ class KeyUnavailable(Exception):
         self.unreachable = unreachable
 
 
+class IssuerMismatch(ValueError):
+    """The IdP's metadata names another issuer than the one configured (RFC 8414 §3.3)."""
+
+
 @dataclass
 class JwksFetchResult:
     issuer: str
@@ -135,7 +139,9 @@ class IdpKeySet:
                     raise ValueError("JWKS document has no 'keys' list")
             except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
                 self.last_error = _describe(exc)
-                log.warning(
+                # A misconfigured issuer never heals by retrying: say so loudly, at start.
+                log.log(
+                    logging.ERROR if isinstance(exc, IssuerMismatch) else logging.WARNING,
                     "JWKS refresh for %s failed: %s (keeping %d cached keys)",
                     self.idp.issuer,
                     self.last_error,
@@ -155,7 +161,11 @@ class IdpKeySet:
         return result
 
     async def _discover_jwks_uri(self) -> str:
-        """OIDC Discovery §4 (issuer + path) first, then RFC 8414 §3 (path inserted after well-known)."""
+        """OIDC Discovery §4 (issuer + path) first, then RFC 8414 §3 (path inserted after well-known).
+
+        RFC 8414 §3.3 (and OIDC Discovery §4.3): the ``issuer`` in the metadata MUST be identical to
+        the configured issuer, compared as strings; a document that differs, even by a trailing
+        slash, is not used (mix-up defence), and the mismatch is reported as the problem."""
         issuer = self.idp.issuer.rstrip("/")
         parts = urlsplit(issuer)
         candidates = [
@@ -163,15 +173,19 @@ class IdpKeySet:
             f"{parts.scheme}://{parts.netloc}/.well-known/oauth-authorization-server{parts.path}",
         ]
         last: Exception | None = None
+        mismatch: IssuerMismatch | None = None
         for url in candidates:
             try:
                 metadata = await self._get_json(url)
             except (aiohttp.ClientResponseError, ValueError) as exc:
                 last = exc
                 continue
-            if not isinstance(metadata, dict) or metadata.get("issuer", "").rstrip("/") != issuer:
-                # RFC 8414 §3.3: metadata whose issuer differs must not be used (mix-up defence).
-                last = ValueError(f"metadata at {url} names a different issuer")
+            named = metadata.get("issuer") if isinstance(metadata, dict) else None
+            if named != self.idp.issuer:
+                mismatch = mismatch or IssuerMismatch(
+                    f"metadata at {url} names issuer {named!r}, not the configured {self.idp.issuer!r}; "
+                    "RFC 8414 §3.3 requires them identical: correct the identity provider's issuer in the config"
+                )
                 continue
             jwks_uri = metadata.get("jwks_uri")
             # EMA §7.4.1: keys are fetched "over authenticated TLS"; the configured issuer passed
@@ -180,6 +194,8 @@ class IdpKeySet:
             if isinstance(jwks_uri, str) and jwks_uri.startswith(allowed):
                 return jwks_uri
             last = ValueError(f"metadata at {url} has no jwks_uri starting with {' or '.join(allowed)}")
+        if mismatch is not None:
+            raise mismatch
         raise ValueError(f"cannot discover jwks_uri: {_describe(last) if last else 'no metadata'}")
 
     async def _get_json(self, url: str) -> Any:
