@@ -35,6 +35,7 @@ from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import NO_ROUTE, Metrics, method_class
 from gateway.oauth import metadata
 from gateway.oauth.access_token import AccessTokenService, Principal
+from gateway.oauth.errors import MethodNotAllowed, OriginRefused
 from gateway.oauth.jwks import KeyRing
 from gateway.oauth.keys import SigningKey, SigningKeyError
 from gateway.oauth.replay import ReplayStore, open_replay_store
@@ -275,7 +276,7 @@ class Gateway:
         router.add_route("OPTIONS", metadata.PRM_PREFIX + "{tail:(/.*)?}", self.discovery_preflight)
         router.add_get(metadata.JWKS_PATH, self.jwks)
         router.add_get(metadata.AUTHORIZE_PATH, metadata.authorize_refusal)
-        router.add_post(metadata.TOKEN_PATH, self.token)
+        router.add_route("*", metadata.TOKEN_PATH, self.token)
         if self.config.metrics_listen is None:
             router.add_get("/metrics", self.metrics_endpoint)
         router.add_route("*", "/{tail:.*}", self.handle_route)
@@ -355,9 +356,13 @@ class Gateway:
         return web.json_response(metadata.jwks_document(keys), headers={"Cache-Control": "public, max-age=300"})
 
     async def token(self, request: web.Request) -> web.Response:
+        """Every answer, refusals before the endpoint proper included, is RFC 6749 §5.2 JSON with
+        ``Cache-Control: no-store``."""
         runtime = self.runtime
+        if request.method != "POST":
+            return MethodNotAllowed(request.method).to_response()
         if not runtime.origins.is_allowed(request.headers.get("Origin")):
-            return _plain_error(403, "origin not allowed")
+            return OriginRefused().to_response()
         return await runtime.token_endpoint.handle(request)
 
     def _audit_grant(self, outcome: GrantOutcome) -> None:
