@@ -17,6 +17,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
+from jose import jwk
+from jose.exceptions import JWKError
 
 from gateway.policy import KINDS, RoutePolicy, RuleSet, describe_access, parse_rules
 from gateway.urls import canonical_url, origin_of
@@ -113,8 +115,14 @@ class Secret:
 
 @dataclass(frozen=True)
 class ClientConfig:
+    """A confidential client: it authenticates with a secret (``client_secret_basic``/``_post``) or,
+    recommended, with a JWT signed by its private key (``private_key_jwt``, RFC 7523 §2.2), whose
+    public keys are given inline (``jwks``) or fetched (``jwks_uri``). Exactly one of the three."""
+
     client_id: str
-    client_secret: Secret
+    client_secret: Secret | None = None
+    jwks: tuple[dict[str, Any], ...] | None = None
+    jwks_uri: str | None = None
 
 
 @dataclass(frozen=True)
@@ -588,7 +596,7 @@ def _parse_authorization(node: _Node, public_url: str, base_dir: Path | None, in
         max_assertion_lifetime_seconds=node.number("max_assertion_lifetime_seconds", 600, minimum=30, maximum=3600),
         previous_signing_key_files=tuple(previous_keys),
         token_rate_limit=_parse_token_rate_limit(node.child("token_rate_limit")),
-        clients=_parse_clients(node, base_dir),
+        clients=_parse_clients(node, base_dir, insecure_ok),
         identity_providers=_parse_idps(node, issuer, insecure_ok),
     )
     node.finish()
@@ -604,32 +612,69 @@ def _parse_token_rate_limit(node: _Node) -> TokenRateLimitConfig:
     return limit
 
 
-def _parse_clients(node: _Node, base_dir: Path | None) -> tuple[ClientConfig, ...]:
+def _parse_clients(node: _Node, base_dir: Path | None, insecure_ok: bool) -> tuple[ClientConfig, ...]:
     clients: list[ClientConfig] = []
     for item in node.children("clients", required=True):
         client_id = item.string("client_id", required=True)
         assert client_id is not None
-        secret = item.string("client_secret")
-        secret_file = item.string("client_secret_file")
-        if (secret is None) == (secret_file is None):
-            raise item.error("client_secret", "set exactly one of client_secret or client_secret_file")
-        secret_key = "client_secret" if secret_file is None else "client_secret_file"
-        if secret_file is not None:
-            try:
-                secret = _resolve(base_dir, secret_file).read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                raise item.error("client_secret_file", f"cannot read: {exc.strerror or exc}") from None
-            except UnicodeDecodeError:
-                raise item.error("client_secret_file", "must contain UTF-8 text") from None
-        assert secret is not None
-        if len(secret) < 16:
-            # Name the key the secret came from, so a short file is not reported as client_secret.
-            raise item.error(secret_key, "must be at least 16 characters")
         if any(c.client_id == client_id for c in clients):
             raise item.error("client_id", f"duplicate client_id {client_id!r}")
+        given = [key for key in ("client_secret", "client_secret_file", "jwks", "jwks_uri") if key in item.data]
+        if len(given) != 1:
+            raise item.error(
+                "client_secret",
+                "set exactly one of client_secret, client_secret_file, jwks or jwks_uri (private_key_jwt)",
+            )
+        if given[0] == "jwks":
+            clients.append(ClientConfig(client_id, jwks=_parse_client_jwks(item)))
+        elif given[0] == "jwks_uri":
+            clients.append(ClientConfig(client_id, jwks_uri=_url(item, "jwks_uri", tls=not insecure_ok)))
+        else:
+            clients.append(ClientConfig(client_id, client_secret=Secret(_client_secret(item, base_dir))))
         item.finish()
-        clients.append(ClientConfig(client_id=client_id, client_secret=Secret(secret)))
     return tuple(clients)
+
+
+def _client_secret(item: _Node, base_dir: Path | None) -> str:
+    secret = item.string("client_secret")
+    secret_file = item.string("client_secret_file")
+    secret_key = "client_secret" if secret_file is None else "client_secret_file"
+    if secret_file is not None:
+        try:
+            secret = _resolve(base_dir, secret_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise item.error("client_secret_file", f"cannot read: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise item.error("client_secret_file", "must contain UTF-8 text") from None
+    assert secret is not None
+    if len(secret) < 16:
+        # Name the key the secret came from, so a short file is not reported as client_secret.
+        raise item.error(secret_key, "must be at least 16 characters")
+    return secret
+
+
+# Members of a private JWK (RFC 7518 §6.2.2, §6.3.2): a client's private key never belongs here.
+_PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth"})
+_JWK_ALGORITHM = {"RSA": "RS256", "P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}
+
+
+def _parse_client_jwks(item: _Node) -> tuple[dict[str, Any], ...]:
+    """A JWK Set (RFC 7517 §5) of the client's public signing keys, checked to be usable now."""
+    value = item.raw("jwks")
+    keys = value.get("keys") if isinstance(value, Mapping) else None
+    if not isinstance(keys, list) or not keys or not all(isinstance(k, Mapping) for k in keys):
+        raise item.error("jwks", "must be a JWK Set: {keys: [ {kty: ..., ...}, ... ]}")
+    for i, key in enumerate(keys):
+        if _PRIVATE_JWK_MEMBERS & set(key):
+            raise item.error(f"jwks.keys[{i}]", "is a private key: give the client's public key only")
+        alg = _JWK_ALGORITHM.get(key.get("crv") if key.get("kty") == "EC" else key.get("kty"))
+        if alg is None:
+            raise item.error(f"jwks.keys[{i}]", "must be an RSA or EC (P-256, P-384, P-521) public key")
+        try:
+            jwk.construct(dict(key), key.get("alg", alg))
+        except (JWKError, ValueError, TypeError) as exc:
+            raise item.error(f"jwks.keys[{i}]", f"is not a usable key ({exc})") from None
+    return tuple(dict(k) for k in keys)
 
 
 def _parse_idps(node: _Node, own_issuer: str, insecure_ok: bool) -> tuple[IdentityProviderConfig, ...]:
@@ -835,6 +880,12 @@ def describe(config: GatewayConfig, *, emit: Callable[[str], None], as_groups: f
     else:
         emit(f"replay store: {redact_url(config.replay_store)}")
     emit("clients: " + ", ".join(c.client_id for c in auth.clients))
+    with_secret = [c.client_id for c in auth.clients if c.client_secret is not None]
+    if with_secret:
+        emit(
+            f"clients authenticating with a secret: {', '.join(with_secret)} (private_key_jwt, with jwks or "
+            "jwks_uri, is recommended for production: EMA §7.5.1)"
+        )
     for idp in auth.identity_providers:
         emit(
             f"identity provider: {idp.issuer} jwks={idp.jwks_uri or '(discovered)'} "

@@ -29,6 +29,7 @@ from gateway.oauth.identity import SubjectIdentity
 from gateway.oauth.idjag import IdJagValidator
 from gateway.oauth.jwks import KeyRing
 from gateway.oauth.keys import SigningKey, load_signing_key
+from gateway.oauth.metadata import TOKEN_PATH
 from gateway.oauth.rate_limit import ClientRateLimiter
 from gateway.oauth.replay import ReplayStore
 from gateway.oauth.token_endpoint import GrantOutcome, TokenEndpoint
@@ -142,7 +143,13 @@ class Runtime:
             revoked_users=frozenset((s.issuer, s.tenant, s.subject) for s in config.revoked_subjects),
         )
         runtime.token_endpoint = TokenEndpoint(
-            ClientAuthenticator(auth.clients),
+            ClientAuthenticator(
+                auth,
+                token_endpoint=config.public_url + TOKEN_PATH,
+                replay=replay_store,
+                session=idp_session,
+                clock=clock,
+            ),
             IdJagValidator(auth, routes, keys, replay_store),
             tokens,
             on_outcome=on_grant,

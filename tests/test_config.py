@@ -273,13 +273,13 @@ INVALID = [
     pytest.param(
         {"authorization.clients[0].client_secret_file": "claude.secret"},
         "authorization.clients[0].client_secret",
-        "set exactly one of client_secret or client_secret_file",
+        "set exactly one of client_secret, client_secret_file, jwks or jwks_uri",
         id="client-secret-and-file",
     ),
     pytest.param(
         {"authorization.clients[0].client_secret": DELETE},
         "authorization.clients[0].client_secret",
-        "set exactly one of client_secret or client_secret_file",
+        "set exactly one of client_secret, client_secret_file, jwks or jwks_uri",
         id="client-secret-neither",
     ),
     pytest.param(

@@ -241,6 +241,7 @@ async def test_authorization_server_metadata(gw: GatewayHarness) -> None:
             assert "urn:ietf:params:oauth:grant-type:jwt-bearer" in document["grant_types_supported"]
             assert document["authorization_grant_profiles_supported"] == ["urn:ietf:params:oauth:grant-profile:id-jag"]
             assert set(document["token_endpoint_auth_methods_supported"]) == {
+                "private_key_jwt",
                 "client_secret_basic",
                 "client_secret_post",
             }

@@ -90,10 +90,10 @@ class IdpKeySet:
         stale = self.fetched_at is None or time.monotonic() - self.fetched_at > self._max_age
         if stale:
             await self.refresh()
-        found = self._find(kid, alg)
+        found = select_jwk(self._keys, kid, alg)
         if found is None and not stale:
             await self.refresh()
-            found = self._find(kid, alg)
+            found = select_jwk(self._keys, kid, alg)
         if found is None:
             if not self.has_keys:
                 raise KeyUnavailable(f"keys of {self.idp.issuer} could not be fetched", unreachable=True)
@@ -101,27 +101,9 @@ class IdpKeySet:
         cache_key = (found.get("kid"), alg)
         key = self._constructed.get(cache_key)
         if key is None:
-            try:
-                key = jwk.construct(found, alg)
-            except (JWKError, ValueError, TypeError) as exc:
-                raise KeyUnavailable(f"unusable key {kid!r}: {exc}", unreachable=False) from None
+            key = construct_key(found, kid, alg)
             self._constructed[cache_key] = key
         return key
-
-    def _find(self, kid: str | None, alg: str) -> dict[str, Any] | None:
-        kty = _KTY_FOR_ALG.get(alg[:2])
-        candidates = [
-            k
-            for k in self._keys
-            if k.get("kty") == kty
-            and k.get("use", "sig") == "sig"
-            and k.get("alg", alg) == alg
-            and (kid is None or k.get("kid") == kid)
-        ]
-        # Without a kid the choice is only unambiguous when exactly one key fits.
-        if kid is None and len(candidates) != 1:
-            return None
-        return candidates[0] if candidates else None
 
     async def refresh(self, *, force: bool = False) -> JwksFetchResult:
         """Fetch the JWKS (single-flight, rate-limited); on failure keep the keys already held."""
@@ -208,6 +190,43 @@ class IdpKeySet:
                 return json.loads(body)
             except ValueError:
                 raise ValueError(f"document at {url} is not JSON") from None
+
+
+class StaticKeySet:
+    """Keys given in the configuration (a client's inline ``jwks``): nothing to fetch or refresh."""
+
+    def __init__(self, keys: list[dict[str, Any]]) -> None:
+        self._keys = keys
+
+    async def get_key(self, kid: str | None, alg: str) -> Key:
+        found = select_jwk(self._keys, kid, alg)
+        if found is None:
+            raise KeyUnavailable(f"no key {kid!r} for {alg}", unreachable=False)
+        return construct_key(found, kid, alg)
+
+
+def select_jwk(keys: list[dict[str, Any]], kid: str | None, alg: str) -> dict[str, Any] | None:
+    """The JWK verifying a JWS with this ``kid`` and ``alg``: of the algorithm's key type, for
+    signatures, not bound to another algorithm. Without a ``kid`` only an unambiguous single match."""
+    kty = _KTY_FOR_ALG.get(alg[:2])
+    candidates = [
+        k
+        for k in keys
+        if k.get("kty") == kty
+        and k.get("use", "sig") == "sig"
+        and k.get("alg", alg) == alg
+        and (kid is None or k.get("kid") == kid)
+    ]
+    if kid is None and len(candidates) != 1:
+        return None
+    return candidates[0] if candidates else None
+
+
+def construct_key(found: dict[str, Any], kid: str | None, alg: str) -> Key:
+    try:
+        return jwk.construct(found, alg)
+    except (JWKError, ValueError, TypeError) as exc:
+        raise KeyUnavailable(f"unusable key {kid!r}: {exc}", unreachable=False) from None
 
 
 def _describe(exc: BaseException) -> str:

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from gateway.config import GatewayConfig, RouteConfig
+from gateway.config import ASYMMETRIC_ALGORITHMS, GatewayConfig, RouteConfig
 from gateway.oauth.keys import SigningKey
 from gateway.oauth.token_endpoint import JWT_BEARER
 
@@ -48,7 +48,9 @@ def authorization_server_metadata(config: GatewayConfig) -> dict[str, Any]:
         "scopes_supported": scopes,
         "response_types_supported": ["code"],
         "grant_types_supported": [JWT_BEARER],
-        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+        "token_endpoint_auth_methods_supported": ["private_key_jwt", "client_secret_basic", "client_secret_post"],
+        # RFC 8414 §2: required when private_key_jwt is listed.
+        "token_endpoint_auth_signing_alg_values_supported": list(ASYMMETRIC_ALGORITHMS),
         "code_challenge_methods_supported": ["S256"],
         "authorization_grant_profiles_supported": [ID_JAG_PROFILE],
     }

@@ -110,7 +110,7 @@ class TokenEndpoint:
         from the rate limiter's shared bucket, never from the client it names."""
         try:
             form = await self._read_form(request)
-            return form, self._clients.authenticate(request.headers.get("Authorization"), form)
+            return form, await self._clients.authenticate(request.headers.get("Authorization"), form)
         except OAuthError:
             self._throttle(None)
             raise
