@@ -1,9 +1,9 @@
 """Validation of Identity Assertion JWT Authorization Grants (ID-JAGs) at the resource AS.
 
-Sources: draft-ietf-oauth-identity-assertion-authz-grant "Access Token Request -> Processing Rules"
-(which applies RFC 7521 §5.2 and RFC 7523 §3), and the MCP Enterprise-Managed Authorization profile
-(EMA §5.1, §7.2.1, §7.4, §7.6.2), digested rule by rule in SPEC.md §2.2. Each rule is one method
-named after it, so "where is the jti checked?" is answered by searching ``_check_jti``.
+Sources: draft-ietf-oauth-identity-assertion-authz-grant ("the draft") §4.4.1 "Processing Rules"
+(which applies RFC 7521 §5.2 and RFC 7523 §3) and §3.1 "ID-JAG Claims", and the MCP Enterprise-Managed
+Authorization extension (EMA §5.1, §7.2.1, §7.4, §7.6.2). Each rule is one method named after it, so
+"where is the jti checked?" is answered by searching ``_check_jti``.
 Every assertion failure is ``invalid_grant`` (RFC 7523 §3.1); a bad ``resource`` *parameter* is
 ``invalid_target`` (RFC 8707 §2) and an unsatisfiable ``scope`` parameter ``invalid_scope``.
 """
@@ -161,7 +161,7 @@ class IdJagValidator:
     # -- issuer and signature --------------------------------------------------------------
 
     def _check_trusted_issuer(self, claims: dict[str, Any]) -> IdentityProviderConfig:
-        """Draft: the AS "MUST be configured to recognize" each trusted issuer."""
+        """Draft §4.2: the AS "MUST be configured to recognize" each trusted issuer."""
         iss = claims.get("iss")
         idp = self._idps.get(iss) if isinstance(iss, str) else None
         if idp is None:
@@ -198,8 +198,9 @@ class IdJagValidator:
     # -- claims ----------------------------------------------------------------------------
 
     def _check_audience(self, claims: dict[str, Any]) -> None:
-        """Draft: ``aud`` is our issuer, as a string or a one-element array; EMA §7.6.2. One
-        trailing slash is tolerated for interop (SPEC §9.4)."""
+        """Draft §4.4.1: ``aud`` is our issuer, as a string or a one-element array; EMA §7.6.2. One
+        trailing slash is tolerated for interop (our decision, README "Decisions"; the conformance
+        suite's reference AS tolerates it too)."""
         aud = claims.get("aud")
         if isinstance(aud, list):
             if len(aud) != 1:
@@ -210,7 +211,7 @@ class IdJagValidator:
             raise InvalidGrant("assertion aud is not this authorization server", reason="audience")
 
     def _check_client_id(self, claims: dict[str, Any], client_id: str) -> None:
-        """Draft: the ``client_id`` claim must equal the authenticated client, else invalid_grant."""
+        """Draft §4.4.1: the ``client_id`` claim must equal the authenticated client, else invalid_grant."""
         if claims.get("client_id") != client_id:
             raise InvalidGrant("assertion client_id does not match the authenticated client", reason="client_id")
 
@@ -254,8 +255,8 @@ class IdJagValidator:
         return jti
 
     def _check_no_confirmation(self, claims: dict[str, Any]) -> None:
-        """Draft "Sender Constraining Tokens": a ``cnf``-bound ID-JAG needs a DPoP proof. DPoP is
-        not implemented yet (SPEC §9.6), so such assertions are refused rather than unbound."""
+        """Draft §8.6 "Sender Constraining Tokens": a ``cnf``-bound ID-JAG needs a DPoP proof. DPoP
+        is not implemented yet (README "Decisions"), so such assertions are refused, not unbound."""
         if "cnf" in claims:
             raise InvalidGrant("sender-constrained (cnf) assertions are not supported", reason="cnf")
 
@@ -385,7 +386,8 @@ class IdJagValidator:
         return narrowed
 
     async def _check_replay(self, idp: IdentityProviderConfig, jti: str, exp: float) -> None:
-        """EMA §7.4.2 / SPEC §9.3: single use until exp (+ skew), keyed by (iss, jti)."""
+        """EMA §7.4.2: single use until exp (+ skew), keyed by (iss, jti). The draft's §4.4.3 lets a
+        client re-submit an ID-JAG; the MCP profile's replay rule wins (README "Decisions")."""
         try:
             first_use = await self._replay.first_use(f"{idp.issuer}\x00{jti}", exp + self._config.clock_skew_seconds)
         except ReplayStoreUnavailable:

@@ -1,9 +1,10 @@
 """The token endpoint: RFC 7523 jwt-bearer grant carrying an ID-JAG (SEP-990 leg 3).
 
 Order of checks: the form must parse, then the client must authenticate (so unauthenticated callers
-learn nothing about assertions, SPEC §2.3) and be within its rate limit (``ClientRateLimiter``), then
-the grant type and the single assertion, then every ID-JAG rule (``IdJagValidator``). Responses
-follow RFC 6749 §5.1/§5.2 with ``Cache-Control: no-store``; no refresh token is issued (draft
+learn nothing about assertions; the ID-JAG draft §4.4.1 binds the assertion to the authenticated
+client) and be within its rate limit (``ClientRateLimiter``, EMA §7.5.1), then the grant type and the
+single assertion (RFC 7523 §2.1), then every ID-JAG rule (``IdJagValidator``). Responses follow
+RFC 6749 §5.1/§5.2 with ``Cache-Control: no-store``; no refresh token is issued (draft §4.4.3
 "Refresh Token": SHOULD NOT).
 """
 
