@@ -31,6 +31,7 @@ from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import NO_ROUTE, Metrics, method_class
 from gateway.oauth import metadata
 from gateway.oauth.access_token import AccessTokenService
+from gateway.oauth.errors import MethodNotAllowed, OriginRefused
 from gateway.oauth.jwks import KeyRing
 from gateway.oauth.keys import SigningKey, SigningKeyError
 from gateway.oauth.replay import ReplayStore, open_replay_store
@@ -253,15 +254,14 @@ class Gateway:
         router = app.router
         router.add_get("/healthz", self.healthz)
         router.add_get("/readyz", self.readyz)
-        as_metadata = self.authorization_server_metadata
-        for path in metadata.metadata_paths(self.config.authorization.issuer):
-            router.add_get(path, as_metadata)
-            router.add_route("OPTIONS", path, self.discovery_preflight)
+        as_metadata_path = metadata.metadata_path(self.config.authorization.issuer)
+        router.add_get(as_metadata_path, self.authorization_server_metadata)
+        router.add_route("OPTIONS", as_metadata_path, self.discovery_preflight)
         router.add_get(metadata.PRM_PREFIX + "{tail:(/.*)?}", self.protected_resource_metadata)
         router.add_route("OPTIONS", metadata.PRM_PREFIX + "{tail:(/.*)?}", self.discovery_preflight)
         router.add_get(metadata.JWKS_PATH, self.jwks)
         router.add_get(metadata.AUTHORIZE_PATH, metadata.authorize_refusal)
-        router.add_post(metadata.TOKEN_PATH, self.token)
+        router.add_route("*", metadata.TOKEN_PATH, self.token)
         if self.config.metrics_listen is None:
             router.add_get("/metrics", self.metrics_endpoint)
         router.add_route("*", "/{tail:.*}", self.handle_route)
@@ -357,9 +357,13 @@ class Gateway:
         return web.json_response(metadata.jwks_document(keys), headers={"Cache-Control": "public, max-age=300"})
 
     async def token(self, request: web.Request) -> web.Response:
+        """Every answer, refusals before the endpoint proper included, is RFC 6749 §5.2 JSON with
+        ``Cache-Control: no-store``."""
         runtime = self.runtime
+        if request.method != "POST":
+            return MethodNotAllowed(request.method).to_response()
         if not runtime.origins.is_allowed(request.headers.get("Origin")):
-            return _plain_error(403, "origin not allowed")
+            return OriginRefused().to_response()
         return await runtime.token_endpoint.handle(request)
 
     def _audit_grant(self, outcome: GrantOutcome) -> None:

@@ -8,6 +8,7 @@ unknown keys are errors: a typo such as ``alow_groups`` must never silently open
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -17,6 +18,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
+from jose import jwk
+from jose.exceptions import JWKError
 
 from gateway.conditions import ConditionError, compile_cost
 from gateway.mcp_methods import KINDS
@@ -117,8 +120,14 @@ class Secret:
 
 @dataclass(frozen=True)
 class ClientConfig:
+    """A confidential client: it authenticates with a secret (``client_secret_basic``/``_post``) or,
+    recommended, with a JWT signed by its private key (``private_key_jwt``, RFC 7523 §2.2), whose
+    public keys are given inline (``jwks``) or fetched (``jwks_uri``). Exactly one of the three."""
+
     client_id: str
-    client_secret: Secret
+    client_secret: Secret | None = None
+    jwks: tuple[dict[str, Any], ...] | None = None
+    jwks_uri: str | None = None
 
 
 @dataclass(frozen=True)
@@ -152,6 +161,19 @@ class AuthorizationConfig:
 
 
 @dataclass(frozen=True)
+class RevokedSubject:
+    """A ``revoked.subjects`` entry: a user of one IdP (draft-ietf-oauth-identity-assertion-authz-grant
+    §6.3: ``sub`` is unique only per issuer, and per tenant there). ``tenant`` None revokes the subject
+    in every tenant of the IdP, since revocation should err towards refusing. ``bare``: written as a
+    plain ``sub``, which names a user only while exactly one IdP is configured."""
+
+    issuer: str
+    subject: str
+    tenant: str | None = None
+    bare: bool = False
+
+
+@dataclass(frozen=True)
 class RouteConfig:
     name: str
     path: str
@@ -160,6 +182,8 @@ class RouteConfig:
     transport: str = "streamable-http"
     allow_groups: tuple[str, ...] | None = None
     scopes: tuple[str, ...] = ("mcp",)
+    # What an ID-JAG without a ``scope`` claim is granted (``IdJagValidator._check_scope``).
+    default_scopes: tuple[str, ...] = ("mcp",)
     upstream_headers: tuple[tuple[str, Secret], ...] = ()
     max_connections: int = 256
     policy: RoutePolicy = field(default_factory=RoutePolicy.unrestricted, compare=False)
@@ -193,7 +217,7 @@ class GatewayConfig:
     metrics_listen: tuple[str, int] | None = None
     # "memory" or a redis://, rediss:// or unix:// URL; it may carry a Redis password, hence repr=False.
     replay_store: str = field(default="memory", repr=False)
-    revoked_subjects: frozenset[str] = frozenset()
+    revoked_subjects: frozenset[RevokedSubject] = frozenset()
     revoked_clients: frozenset[str] = frozenset()
     audit_sink: str = "stdout"
     audit_argument_hashes: bool = False
@@ -201,6 +225,8 @@ class GatewayConfig:
     reload_watch_seconds: float = 2.0
     strip_request_headers: tuple[str, ...] = DEFAULT_STRIP_REQUEST_HEADERS
     logging_format: str = "text"
+    # Plain-http public_url, issuers and JWKS URLs on non-loopback hosts (test setups only).
+    allow_insecure_http: bool = False
 
 
 class _Node:
@@ -335,7 +361,11 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None =
     """Validate an already-parsed YAML document (used by tests and the demo)."""
     root = _Node(source, "", data)
     host, port = _parse_listen(root)
-    public_url = _url(root, "public_url", required=True)
+    allow_insecure_http = root.raw("allow_insecure_http")
+    if allow_insecure_http is not None and not isinstance(allow_insecure_http, bool):
+        raise root.error("allow_insecure_http", "must be true or false")
+    insecure_ok = bool(allow_insecure_http)
+    public_url = _url(root, "public_url", required=True, tls=not insecure_ok)
     assert public_url is not None
     public_url = public_url.rstrip("/")
     if urlsplit(public_url).path or urlsplit(public_url).query or urlsplit(public_url).fragment:
@@ -344,7 +374,7 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None =
     origins = root.string_list("allowed_origins")
     allowed_origins = tuple(_origin(root, o) for o in origins) if origins is not None else (origin_of(public_url),)
     limits = _parse_limits(root.child("limits"))
-    authorization = _parse_authorization(root.child("authorization"), public_url, base_dir)
+    authorization = _parse_authorization(root.child("authorization"), public_url, base_dir, insecure_ok)
     routes = _parse_routes(root, public_url)
     # A separate, unauthenticated listener for Prometheus (keeps /metrics off the public port).
     metrics_listen = _parse_listen(root, "metrics_listen", None) if root.data.get("metrics_listen") else None
@@ -354,7 +384,7 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None =
         raise root.error("metrics_listen", "must differ from listen")
     replay_store = _parse_replay_store(root)
     revoked = root.child("revoked")
-    revoked_subjects = frozenset(revoked.string_list("subjects") or ())
+    revoked_subjects = _parse_revoked_subjects(revoked, authorization.identity_providers)
     revoked_clients = frozenset(revoked.string_list("clients") or ())
     revoked.finish()
     audit = root.child("audit")
@@ -396,6 +426,7 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None =
         reload_watch_seconds=watch,
         strip_request_headers=strip_request_headers,
         logging_format=logging_format,
+        allow_insecure_http=insecure_ok,
     )
 
 
@@ -408,7 +439,10 @@ def _parse_listen(root: _Node, name: str = "listen", default: str | None = "0.0.
     return host.strip("[]"), int(port_text)
 
 
-def _url(node: _Node, name: str, *, required: bool = False) -> str | None:
+def _url(node: _Node, name: str, *, required: bool = False, tls: bool = False) -> str | None:
+    """An absolute http(s) URL with its host lower-cased. ``tls``: it must be ``https`` unless the
+    host is loopback (RFC 8414 §2 issuers, EMA §7.3 and §7.4.1 metadata and key endpoints, MCP
+    authorization "Communication Security")."""
     value = node.string(name, required=required)
     if value is None:
         return None
@@ -426,7 +460,26 @@ def _url(node: _Node, name: str, *, required: bool = False) -> str | None:
         raise node.error(name, "must not contain credentials (user:password@); use upstream_headers")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise node.error(name, f"must be an absolute http(s) URL, got {value!r}")
-    return value
+    if tls and parts.scheme != "https" and not is_loopback(parts.hostname):
+        raise node.error(
+            name,
+            f"must be an https URL (tokens and keys must travel over TLS), got {value!r}; plain http is "
+            "allowed for loopback hosts, or everywhere with allow_insecure_http: true (test setups only)",
+        )
+    scheme, _, rest = value.partition("://")
+    end = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    return f"{scheme}://{rest[:end].lower()}{rest[end:]}"
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` (RFC 6761 §6.3) or a loopback address: traffic that never leaves the machine."""
+    host = host.lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _parse_replay_store(root: _Node) -> str:
@@ -527,8 +580,8 @@ def _parse_limits(node: _Node) -> LimitsConfig:
     return limits
 
 
-def _parse_authorization(node: _Node, public_url: str, base_dir: Path | None) -> AuthorizationConfig:
-    issuer = (_url(node, "issuer") or public_url).rstrip("/")
+def _parse_authorization(node: _Node, public_url: str, base_dir: Path | None, insecure_ok: bool) -> AuthorizationConfig:
+    issuer = (_url(node, "issuer", tls=not insecure_ok) or public_url).rstrip("/")
     if origin_of(issuer) != origin_of(public_url):
         # The token endpoint lives on public_url, and MCP SDK clients refuse a token endpoint
         # whose origin differs from the issuer's (mcp client identity_assertion.py).
@@ -556,8 +609,8 @@ def _parse_authorization(node: _Node, public_url: str, base_dir: Path | None) ->
         max_assertion_lifetime_seconds=node.number("max_assertion_lifetime_seconds", 600, minimum=30, maximum=3600),
         previous_signing_key_files=tuple(previous_keys),
         token_rate_limit=_parse_token_rate_limit(node.child("token_rate_limit")),
-        clients=_parse_clients(node, base_dir),
-        identity_providers=_parse_idps(node, issuer),
+        clients=_parse_clients(node, base_dir, insecure_ok),
+        identity_providers=_parse_idps(node, issuer, insecure_ok),
     )
     node.finish()
     return config
@@ -572,38 +625,75 @@ def _parse_token_rate_limit(node: _Node) -> TokenRateLimitConfig:
     return limit
 
 
-def _parse_clients(node: _Node, base_dir: Path | None) -> tuple[ClientConfig, ...]:
+def _parse_clients(node: _Node, base_dir: Path | None, insecure_ok: bool) -> tuple[ClientConfig, ...]:
     clients: list[ClientConfig] = []
     for item in node.children("clients", required=True):
         client_id = item.string("client_id", required=True)
         assert client_id is not None
-        secret = item.string("client_secret")
-        secret_file = item.string("client_secret_file")
-        if (secret is None) == (secret_file is None):
-            raise item.error("client_secret", "set exactly one of client_secret or client_secret_file")
-        secret_key = "client_secret" if secret_file is None else "client_secret_file"
-        if secret_file is not None:
-            try:
-                secret = _resolve(base_dir, secret_file).read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                raise item.error("client_secret_file", f"cannot read: {exc.strerror or exc}") from None
-            except UnicodeDecodeError:
-                raise item.error("client_secret_file", "must contain UTF-8 text") from None
-        assert secret is not None
-        if len(secret) < 16:
-            # Name the key the secret came from, so a short file is not reported as client_secret.
-            raise item.error(secret_key, "must be at least 16 characters")
         if any(c.client_id == client_id for c in clients):
             raise item.error("client_id", f"duplicate client_id {client_id!r}")
+        given = [key for key in ("client_secret", "client_secret_file", "jwks", "jwks_uri") if key in item.data]
+        if len(given) != 1:
+            raise item.error(
+                "client_secret",
+                "set exactly one of client_secret, client_secret_file, jwks or jwks_uri (private_key_jwt)",
+            )
+        if given[0] == "jwks":
+            clients.append(ClientConfig(client_id, jwks=_parse_client_jwks(item)))
+        elif given[0] == "jwks_uri":
+            clients.append(ClientConfig(client_id, jwks_uri=_url(item, "jwks_uri", tls=not insecure_ok)))
+        else:
+            clients.append(ClientConfig(client_id, client_secret=Secret(_client_secret(item, base_dir))))
         item.finish()
-        clients.append(ClientConfig(client_id=client_id, client_secret=Secret(secret)))
     return tuple(clients)
 
 
-def _parse_idps(node: _Node, own_issuer: str) -> tuple[IdentityProviderConfig, ...]:
+def _client_secret(item: _Node, base_dir: Path | None) -> str:
+    secret = item.string("client_secret")
+    secret_file = item.string("client_secret_file")
+    secret_key = "client_secret" if secret_file is None else "client_secret_file"
+    if secret_file is not None:
+        try:
+            secret = _resolve(base_dir, secret_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise item.error("client_secret_file", f"cannot read: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise item.error("client_secret_file", "must contain UTF-8 text") from None
+    assert secret is not None
+    if len(secret) < 16:
+        # Name the key the secret came from, so a short file is not reported as client_secret.
+        raise item.error(secret_key, "must be at least 16 characters")
+    return secret
+
+
+# Members of a private JWK (RFC 7518 §6.2.2, §6.3.2): a client's private key never belongs here.
+_PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth"})
+_JWK_ALGORITHM = {"RSA": "RS256", "P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}
+
+
+def _parse_client_jwks(item: _Node) -> tuple[dict[str, Any], ...]:
+    """A JWK Set (RFC 7517 §5) of the client's public signing keys, checked to be usable now."""
+    value = item.raw("jwks")
+    keys = value.get("keys") if isinstance(value, Mapping) else None
+    if not isinstance(keys, list) or not keys or not all(isinstance(k, Mapping) for k in keys):
+        raise item.error("jwks", "must be a JWK Set: {keys: [ {kty: ..., ...}, ... ]}")
+    for i, key in enumerate(keys):
+        if _PRIVATE_JWK_MEMBERS & set(key):
+            raise item.error(f"jwks.keys[{i}]", "is a private key: give the client's public key only")
+        alg = _JWK_ALGORITHM.get(key.get("crv") if key.get("kty") == "EC" else key.get("kty"))
+        if alg is None:
+            raise item.error(f"jwks.keys[{i}]", "must be an RSA or EC (P-256, P-384, P-521) public key")
+        try:
+            jwk.construct(dict(key), key.get("alg", alg))
+        except (JWKError, ValueError, TypeError) as exc:
+            raise item.error(f"jwks.keys[{i}]", f"is not a usable key ({exc})") from None
+    return tuple(dict(k) for k in keys)
+
+
+def _parse_idps(node: _Node, own_issuer: str, insecure_ok: bool) -> tuple[IdentityProviderConfig, ...]:
     idps: list[IdentityProviderConfig] = []
     for item in node.children("identity_providers", required=True):
-        issuer = _url(item, "issuer", required=True)
+        issuer = _url(item, "issuer", required=True, tls=not insecure_ok)
         assert issuer is not None
         # Compared canonically: "https://MCP.example.com:443/" is still the gateway's own issuer.
         if canonical_url(issuer) == canonical_url(own_issuer):
@@ -622,7 +712,7 @@ def _parse_idps(node: _Node, own_issuer: str) -> tuple[IdentityProviderConfig, .
         idps.append(
             IdentityProviderConfig(
                 issuer=issuer,
-                jwks_uri=_url(item, "jwks_uri"),
+                jwks_uri=_url(item, "jwks_uri", tls=not insecure_ok),
                 groups_claim=groups_claim,
                 algorithms=algorithms,
                 tenant=item.string("tenant"),
@@ -630,6 +720,40 @@ def _parse_idps(node: _Node, own_issuer: str) -> tuple[IdentityProviderConfig, .
         )
         item.finish()
     return tuple(idps)
+
+
+def _parse_revoked_subjects(revoked: _Node, idps: tuple[IdentityProviderConfig, ...]) -> frozenset[RevokedSubject]:
+    """Entries are ``{issuer, sub[, tenant]}``; a bare ``sub`` string only with exactly one IdP."""
+    entries = revoked.raw("subjects")
+    if entries is None:
+        return frozenset()
+    if not isinstance(entries, list):
+        raise revoked.error("subjects", "must be a list of {issuer, sub, tenant} entries")
+    subjects: list[RevokedSubject] = []
+    for i, entry in enumerate(entries):
+        key = f"subjects[{i}]"
+        if isinstance(entry, str) and entry:
+            if len(idps) != 1:
+                raise revoked.error(
+                    key,
+                    f"a bare subject is ambiguous with {len(idps)} identity providers (a sub is unique only "
+                    f"per issuer): write {{issuer: ..., sub: {entry!r}}}",
+                )
+            subjects.append(RevokedSubject(idps[0].issuer, revoked.expand(key, entry), idps[0].tenant, bare=True))
+            continue
+        node = _Node(revoked.source, revoked.key(key), entry)
+        issuer = node.string("issuer", required=True)
+        sub = node.string("sub", required=True)
+        tenant = node.string("tenant")
+        assert issuer is not None and sub is not None
+        idp = next((p for p in idps if canonical_url(p.issuer) == canonical_url(issuer)), None)
+        if idp is None:
+            raise node.error("issuer", f"{issuer!r} is not one of authorization.identity_providers")
+        if idp.tenant is not None and tenant not in (None, idp.tenant):
+            raise node.error("tenant", f"the identity provider accepts only tenant {idp.tenant!r}")
+        node.finish()
+        subjects.append(RevokedSubject(idp.issuer, sub, tenant or idp.tenant))
+    return frozenset(subjects)
 
 
 def _parse_routes(root: _Node, public_url: str) -> tuple[RouteConfig, ...]:
@@ -658,6 +782,13 @@ def _parse_route(item: _Node, public_url: str, earlier: list[RouteConfig]) -> Ro
     for scope in scopes:
         if " " in scope or '"' in scope or "\\" in scope:
             raise item.error("scopes", f"invalid scope token {scope!r} (RFC 6749 §3.3)")
+    default_scopes = item.string_list("default_scopes")
+    if default_scopes == ():
+        raise item.error("default_scopes", "must be a non-empty list of scopes (omit it for the first scope)")
+    default_scopes = default_scopes or scopes[:1]
+    for scope in default_scopes:
+        if scope not in scopes:
+            raise item.error("default_scopes", f"scope {scope!r} is not in this route's scopes")
     for other in earlier:
         if other.name == name:
             raise item.error("name", f"duplicate route name {name!r}")
@@ -671,6 +802,7 @@ def _parse_route(item: _Node, public_url: str, earlier: list[RouteConfig]) -> Ro
         transport=transport,
         allow_groups=item.string_list("allow_groups"),
         scopes=scopes,
+        default_scopes=default_scopes,
         upstream_headers=_parse_upstream_headers(item.child("upstream_headers")),
         max_connections=item.number("max_connections", 256, minimum=1, maximum=100_000),
         policy=_parse_policy(item, scopes),
@@ -768,6 +900,10 @@ def describe(config: GatewayConfig, *, emit: Callable[[str], None], as_groups: f
     if config.metrics_listen:
         emit(f"metrics listen: {config.metrics_listen[0]}:{config.metrics_listen[1]}")
     emit(f"public_url: {config.public_url}")
+    if config.allow_insecure_http:
+        emit(
+            "WARNING: allow_insecure_http is set: tokens, assertions and keys may travel without TLS (test setups only)"
+        )
     emit(f"issuer: {auth.issuer}")
     emit(f"signing key: {auth.signing_key_file or 'EPHEMERAL (tokens die with the process; set signing_key_file)'}")
     emit(f"access token ttl: {auth.access_token_ttl_seconds}s")
@@ -776,6 +912,12 @@ def describe(config: GatewayConfig, *, emit: Callable[[str], None], as_groups: f
     else:
         emit(f"replay store: {redact_url(config.replay_store)}")
     emit("clients: " + ", ".join(c.client_id for c in auth.clients))
+    with_secret = [c.client_id for c in auth.clients if c.client_secret is not None]
+    if with_secret:
+        emit(
+            f"clients authenticating with a secret: {', '.join(with_secret)} (private_key_jwt, with jwks or "
+            "jwks_uri, is recommended for production: EMA §7.5.1)"
+        )
     for idp in auth.identity_providers:
         emit(
             f"identity provider: {idp.issuer} jwks={idp.jwks_uri or '(discovered)'} "
@@ -801,4 +943,11 @@ def describe(config: GatewayConfig, *, emit: Callable[[str], None], as_groups: f
             emit(f"    as {', '.join(sorted(as_groups)) or '(no groups)'}: {line}")
     if config.revoked_subjects or config.revoked_clients:
         emit(f"revoked: {len(config.revoked_subjects)} subjects, {len(config.revoked_clients)} clients")
+    bare = sorted(s.subject for s in config.revoked_subjects if s.bare)
+    if bare:
+        emit(
+            f"revoked subjects {', '.join(map(repr, bare))} are bare: they name users of "
+            f"{auth.identity_providers[0].issuer}, the only identity provider; adding another makes them "
+            "ambiguous (a config error), so prefer {issuer, sub} entries"
+        )
     emit(f"audit: {config.audit_sink}{' (argument hashes)' if config.audit_argument_hashes else ''}")

@@ -9,7 +9,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from gateway.config import RouteConfig
-from gateway.urls import canonical_url, is_same_or_below
+from gateway.urls import canonical_url
+
+# The legacy HTTP+SSE transport's MCP endpoint relative to the route path: clients connect to path/sse.
+LEGACY_SSE_ENDPOINT = "/sse"
 
 
 class RouteTable:
@@ -36,9 +39,22 @@ class RouteTable:
         return None
 
     def for_resource(self, resource: str) -> RouteConfig | None:
-        """The route whose resource identifier is ``resource`` or a prefix of it (a URL under it)."""
+        """The route that ``resource`` identifies exactly (compared in canonical form), or None.
+
+        A URL *below* a route names no route: an access token is audience-restricted to what the
+        ID-JAG named (EMA §5.1), and the gateway cannot restrict a token to part of an upstream."""
         canonical = canonical_url(resource)
         for route in self._routes:
-            if is_same_or_below(canonical, route.resource):
+            if canonical in resource_identifiers(route):
                 return route
         return None
+
+
+def resource_identifiers(route: RouteConfig) -> tuple[str, ...]:
+    """The canonical resource identifiers (RFC 8707 §2) that name ``route``: its resource, and for a
+    legacy HTTP+SSE route also its SSE endpoint, which is that transport's MCP server URL (clients
+    such as the Python SDK derive the resource from the URL they connect to). Both name the same
+    MCP server, so a token for either is a token for the route."""
+    if route.transport == "sse":
+        return (route.resource, route.resource + LEGACY_SSE_ENDPOINT)
+    return (route.resource,)

@@ -27,9 +27,11 @@ from gateway.engine import DecisionEngine
 from gateway.metrics import Metrics
 from gateway.oauth.access_token import AccessTokenService, PreviousKey
 from gateway.oauth.client_auth import ClientAuthenticator
+from gateway.oauth.identity import SubjectIdentity
 from gateway.oauth.idjag import IdJagValidator
 from gateway.oauth.jwks import KeyRing
 from gateway.oauth.keys import SigningKey, load_signing_key
+from gateway.oauth.metadata import TOKEN_PATH
 from gateway.oauth.rate_limit import ClientRateLimiter
 from gateway.oauth.replay import ReplayStore
 from gateway.oauth.token_endpoint import GrantOutcome, TokenEndpoint
@@ -76,10 +78,18 @@ class Runtime:
     # audit.argument_hashes: the keyed digest of tool arguments written to audit lines, or None.
     argument_digest: Callable[[Any], str] | None = None
     engine: DecisionEngine = field(default_factory=DecisionEngine)
+    # revoked.subjects as (issuer, tenant or None for every tenant, subject).
+    revoked_users: frozenset[tuple[str, str | None, str]] = frozenset()
 
-    def is_revoked(self, subject: str, client_id: str) -> bool:
-        """Revocation from config (``revoked``): applied to new grants and to live tokens at once."""
-        return subject in self.config.revoked_subjects or client_id in self.config.revoked_clients
+    def is_revoked(self, user: SubjectIdentity, client_id: str) -> bool:
+        """Revocation from config (``revoked``): applied to new grants and to live tokens at once. A
+        user is named by issuer, tenant and subject (gateway/oauth/identity.py); an entry without a
+        tenant covers every tenant of its IdP."""
+        return (
+            client_id in self.config.revoked_clients
+            or (user.issuer, user.tenant, user.subject) in self.revoked_users
+            or (user.issuer, None, user.subject) in self.revoked_users
+        )
 
     @classmethod
     def build(
@@ -100,6 +110,11 @@ class Runtime:
         if previous is not None:
             _check_reloadable(previous.config, config)
         auth = config.authorization
+        if config.allow_insecure_http:
+            log.warning(
+                "allow_insecure_http is set: public_url, issuers or JWKS URLs may use plain http, so tokens, "
+                "assertions and keys can travel without TLS. Use this for test setups only."
+            )
         if signing_key is None:
             if previous is not None and previous.config.authorization.signing_key_file == auth.signing_key_file:
                 signing_key = previous.signing_key
@@ -137,9 +152,16 @@ class Runtime:
                 quota_store,
                 on_quota=lambda route, quota, result: metrics.quota_decisions.labels(route, quota, result).inc(),
             ),
+            revoked_users=frozenset((s.issuer, s.tenant, s.subject) for s in config.revoked_subjects),
         )
         runtime.token_endpoint = TokenEndpoint(
-            ClientAuthenticator(auth.clients),
+            ClientAuthenticator(
+                auth,
+                token_endpoint=config.public_url + TOKEN_PATH,
+                replay=replay_store,
+                session=idp_session,
+                clock=clock,
+            ),
             IdJagValidator(auth, routes, keys, replay_store),
             tokens,
             on_outcome=on_grant,

@@ -226,6 +226,15 @@ INVALID = [
         {"routes[0].scopes": ["mcp read"]}, "routes[0].scopes", "invalid scope token 'mcp read'", id="scope-with-space"
     ),
     pytest.param(
+        {"routes[0].default_scopes": ["mcp:admin"]},
+        "routes[0].default_scopes",
+        "scope 'mcp:admin' is not in this route's scopes",
+        id="default-scope-outside-scopes",
+    ),
+    pytest.param(
+        {"routes[0].default_scopes": []}, "routes[0].default_scopes", "non-empty list", id="default-scopes-empty"
+    ),
+    pytest.param(
         {"routes[0].allow_groups": "engineering"},
         "routes[0].allow_groups",
         "must be a list of non-empty strings",
@@ -264,13 +273,13 @@ INVALID = [
     pytest.param(
         {"authorization.clients[0].client_secret_file": "claude.secret"},
         "authorization.clients[0].client_secret",
-        "set exactly one of client_secret or client_secret_file",
+        "set exactly one of client_secret, client_secret_file, jwks or jwks_uri",
         id="client-secret-and-file",
     ),
     pytest.param(
         {"authorization.clients[0].client_secret": DELETE},
         "authorization.clients[0].client_secret",
-        "set exactly one of client_secret or client_secret_file",
+        "set exactly one of client_secret, client_secret_file, jwks or jwks_uri",
         id="client-secret-neither",
     ),
     pytest.param(
@@ -638,7 +647,7 @@ def test_every_route_gets_its_resource_and_defaults() -> None:
 
 def test_public_url_is_normalised_for_resources() -> None:
     config = parse_config(edited({"public_url": "https://MCP.example.com:443/"}), source=SOURCE)
-    assert config.public_url == "https://MCP.example.com:443"
+    assert config.public_url == "https://mcp.example.com:443"
     assert config.routes[0].resource == "https://mcp.example.com/linear/mcp"
     assert config.allowed_origins == ("https://mcp.example.com",)
 
@@ -712,3 +721,63 @@ def test_describe_shows_the_route_table_without_secrets() -> None:
     ) in lines
     assert "  wiki: /wiki/sse -> http://wiki-mcp:8000/sse [sse] " in "\n".join(lines)
     assert any(line.startswith("signing key: EPHEMERAL") for line in lines)
+
+
+# -- TLS (RFC 8414 §2, EMA §7.3 / §7.4.1, MCP authorization "Communication Security") --------------
+
+PLAIN_HTTP_KEYS = {
+    "public_url": "http://mcp.example.com",
+    "authorization.issuer": "http://mcp.example.com",
+    "authorization.identity_providers[0].issuer": "http://acme.okta.com",
+    "authorization.identity_providers[0].jwks_uri": "http://acme.okta.com/keys",
+}
+
+
+@pytest.mark.parametrize("key", PLAIN_HTTP_KEYS)
+def test_rfc8414_s2_plain_http_is_refused_off_loopback(key: str) -> None:
+    error = rejection(edited({key: PLAIN_HTTP_KEYS[key]}))
+    assert error.key == key
+    assert "must be an https URL" in error.problem and "allow_insecure_http" in error.problem
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.8.9.10", "[::1]", "localhost", "LOCALHOST", "idp.localhost"])
+def test_rfc8414_s2_plain_http_is_allowed_on_loopback(host: str) -> None:
+    config = parse_config(
+        edited(
+            {
+                "public_url": f"http://{host}:8080",
+                "authorization.identity_providers[0].issuer": f"http://{host}:9000",
+                "authorization.identity_providers[0].jwks_uri": f"http://{host}:9000/jwks",
+            }
+        ),
+        source=SOURCE,
+    )
+    assert config.public_url == f"http://{host.lower()}:8080"
+    assert not config.allow_insecure_http
+
+
+def test_rfc8414_s2_allow_insecure_http_is_an_explicit_loud_opt_out(caplog: pytest.LogCaptureFixture) -> None:
+    data = edited({**PLAIN_HTTP_KEYS, "allow_insecure_http": True})
+    config = parse_config(data, source=SOURCE)
+    assert config.allow_insecure_http
+    lines: list[str] = []
+    describe(config, emit=lines.append)
+    assert any(line.startswith("WARNING: allow_insecure_http") for line in lines)
+    assert rejection(edited({"allow_insecure_http": "yes"})).key == "allow_insecure_http"
+
+
+def test_hosts_are_lower_cased_when_the_config_is_loaded() -> None:
+    config = parse_config(
+        edited(
+            {
+                "public_url": "https://MCP.Example.COM",
+                "authorization.issuer": "https://mcp.EXAMPLE.com",
+                "authorization.identity_providers[0].issuer": "https://ACME.okta.com/oauth2/Default",
+                "authorization.identity_providers[0].jwks_uri": "https://ACME.okta.com/Keys?Kind=X",
+            }
+        ),
+        source=SOURCE,
+    )
+    idp = config.authorization.identity_providers[0]
+    assert (config.public_url, config.authorization.issuer) == ("https://mcp.example.com",) * 2
+    assert (idp.issuer, idp.jwks_uri) == ("https://acme.okta.com/oauth2/Default", "https://acme.okta.com/Keys?Kind=X")

@@ -176,7 +176,7 @@ async def test_slow_idp_bounds_the_grant_and_cached_keys_do_not_wait_for_it() ->
         async with asyncio.timeout(JWKS_TIMEOUT + WAIT):
             unknown_took, status, body = await unknown
         assert (status, body["error"]) == (400, "invalid_grant"), body
-        assert unknown_took < JWKS_TIMEOUT + SOON
+        assert unknown_took < JWKS_TIMEOUT + 3 * SOON  # bounded by the fetch timeout, with slack for a loaded machine
         never.set()
 
 

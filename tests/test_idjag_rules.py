@@ -67,7 +67,8 @@ async def test_valid_id_jag_gets_an_audience_restricted_access_token(gw: Gateway
     claims = jwt.get_unverified_claims(body["access_token"])
     assert claims["aud"] == gw.resource("json")
     assert claims["iss"] == gw.issuer
-    assert claims["sub"] == "alice"
+    assert claims["idp_sub"] == "alice"
+    assert json.loads(claims["sub"]) == [gw.idp.issuer, None, "alice"]
     assert claims["client_id"] == CLIENT_ID
     assert claims["groups"] == ["engineering", "support"]
     assert claims["exp"] - claims["iat"] == 300
@@ -221,11 +222,16 @@ async def test_rule_jws_garbage_assertion_is_refused(gw: GatewayHarness) -> None
 # -- 4. typ ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("typ", ["JWT", "at+jwt", "OAUTH-ID-JAG+JWT", None])
+@pytest.mark.parametrize("typ", ["JWT", "at+jwt", "text/oauth-id-jag+jwt", "oauth-id-jag+jwt+x", None])
 async def test_rule_typ_must_be_oauth_id_jag_jwt(gw: GatewayHarness, typ: str | None) -> None:
     assertion = gw.idp.sign(gw.id_jag_claims(), typ=typ)
     body = await expect_error(gw, assertion, "invalid_grant")
     assert "typ" in body["error_description"]
+
+
+@pytest.mark.parametrize("typ", ["OAUTH-ID-JAG+JWT", "application/oauth-id-jag+jwt", "Application/OAuth-ID-JAG+JWT"])
+async def test_rfc7515_s4_1_9_id_jag_typ_is_a_case_insensitive_media_type(gw: GatewayHarness, typ: str) -> None:
+    await expect_token(gw, gw.idp.sign(gw.id_jag_claims(), typ=typ))
 
 
 async def test_rule_typ_an_id_token_is_not_an_id_jag(gw: GatewayHarness) -> None:
@@ -342,9 +348,33 @@ async def test_rule_time_expired_assertion_is_refused(gw: GatewayHarness) -> Non
     await expect_error(gw, gw.id_jag(iat=now - 400, exp=now - 61), "invalid_grant")
 
 
-async def test_rule_time_expiry_within_clock_skew_is_accepted(gw: GatewayHarness) -> None:
+async def test_rule_time_issued_in_the_past_within_its_lifetime_is_accepted(gw: GatewayHarness) -> None:
     now = int(time.time())
-    await expect_token(gw, gw.id_jag(iat=now - 300, exp=now - 30))
+    await expect_token(gw, gw.id_jag(iat=now - 250, exp=now + 50))
+
+
+async def test_gateways_draft_s4_access_token_never_outlives_the_id_jag(gw: GatewayHarness) -> None:
+    now = int(time.time())
+    body = await expect_token(gw, gw.id_jag(iat=now - 200, exp=now + 100))
+    claims = jwt.get_unverified_claims(body["access_token"])
+    assert claims["exp"] == now + 100  # not iat + the 300 s TTL
+    assert body["expires_in"] == claims["exp"] - claims["iat"] <= 100
+    # The token is good until then (the resource server accepts the shorter lifetime).
+    async with aiohttp.ClientSession() as http:
+        headers = {"Authorization": f"Bearer {body['access_token']}"}
+        async with http.post(gw.route_url("json"), json={"jsonrpc": "2.0", "id": 1, "method": "ping"}) as response:
+            assert response.status == 401
+        async with http.post(
+            gw.route_url("json"), json={"jsonrpc": "2.0", "id": 1, "method": "ping"}, headers=headers
+        ) as response:
+            assert response.status != 401
+
+
+async def test_gateways_draft_s4_assertion_past_its_exp_is_refused_even_within_clock_skew(gw: GatewayHarness) -> None:
+    """The clock skew no longer extends exp: a token for it could not outlive it and be usable."""
+    now = int(time.time())
+    body = await expect_error(gw, gw.id_jag(iat=now - 300, exp=now - 30), "invalid_grant")
+    assert "expired" in body["error_description"]
 
 
 async def test_rule_time_missing_exp_is_refused(gw: GatewayHarness) -> None:
@@ -468,10 +498,98 @@ async def test_rule_resource_absent_binds_to_the_only_route(idp: DevIdentityProv
         await h.runner.cleanup()
 
 
-async def test_rule_resource_below_a_route_maps_to_that_route(gw: GatewayHarness) -> None:
+async def test_rule_resource_legacy_sse_endpoint_names_its_route(gw: GatewayHarness) -> None:
+    """The Python SDK's resource for a legacy HTTP+SSE server is the URL it connects to, path/sse."""
     sse_url = gw.resource("legacy") + "/sse"
     body = await expect_token(gw, gw.id_jag(None, resource=sse_url), extra={"resource": sse_url})
     assert jwt.get_unverified_claims(body["access_token"])["aud"] == gw.resource("legacy")
+    assert body["resource"] == sse_url
+
+
+@pytest.mark.parametrize("below", ["/tools", "/sse", "/x/y"])
+async def test_ema_s5_1_resource_claim_below_a_route_is_refused(gw: GatewayHarness, below: str) -> None:
+    """A token must be audience-restricted to what the ID-JAG named: a path below a route is not the route."""
+    narrower = gw.resource("json") + below
+    body = await expect_error(gw, gw.id_jag(None, resource=narrower), "invalid_grant")
+    assert "exact resource identifier" in body["error_description"]
+    await expect_error(gw, gw.id_jag(None, resource=narrower), "invalid_grant", extra={"resource": narrower})
+    await expect_error(gw, gw.id_jag("json"), "invalid_target", extra={"resource": narrower})
+    await expect_error(gw, gw.id_jag(None), "invalid_target", extra={"resource": narrower})
+
+
+async def test_draft_s4_4_2_resource_is_echoed_as_the_claim_spelled_it(gw: GatewayHarness) -> None:
+    """xaa.dev appends a trailing slash; clients check the returned set is a subset of the claim."""
+    slashed = gw.resource("json") + "/"
+    body = await expect_token(gw, gw.id_jag(None, resource=slashed))
+    assert body["resource"] == slashed
+    assert jwt.get_unverified_claims(body["access_token"])["aud"] == gw.resource("json")
+    body = await expect_token(gw, gw.id_jag(None, resource=slashed), extra={"resource": gw.resource("json")})
+    assert body["resource"] == slashed
+    upper = gw.resource("json").replace("http://", "HTTP://")
+    body = await expect_token(gw, gw.id_jag(None, resource=[slashed, gw.resource("sse")]), extra={"resource": upper})
+    assert body["resource"] == slashed
+
+
+async def test_draft_s4_4_2_resource_is_echoed_as_the_client_sent_it(gw: GatewayHarness) -> None:
+    sent = gw.resource("sse").replace("http://", "HTTP://") + "/"
+    body = await expect_token(gw, gw.id_jag(None), extra={"resource": sent})
+    assert body["resource"] == sent
+
+
+async def test_rfc8707_s2_several_resource_parameters_naming_one_route_are_served(gw: GatewayHarness) -> None:
+    spellings = [gw.resource("json"), gw.resource("json") + "/"]
+    body = await expect_token(gw, gw.id_jag(None), extra_pairs=[("resource", r) for r in spellings])
+    assert body["resource"] == spellings
+    assert jwt.get_unverified_claims(body["access_token"])["aud"] == gw.resource("json")
+    body = await expect_token(gw, gw.id_jag("json"), extra_pairs=[("resource", r) for r in spellings])
+    assert body["resource"] == gw.resource("json")
+
+
+async def test_rfc8707_s2_several_resource_parameters_naming_two_routes_are_invalid_target(gw: GatewayHarness) -> None:
+    both = [("resource", gw.resource("json")), ("resource", gw.resource("sse"))]
+    body = await expect_error(gw, gw.id_jag(None), "invalid_target", extra_pairs=both)
+    assert "more than one route" in body["error_description"]
+    claim = [gw.resource("json"), gw.resource("sse")]
+    await expect_error(gw, gw.id_jag(None, resource=claim), "invalid_target", extra_pairs=both)
+    unknown = [("resource", gw.resource("json")), ("resource", "https://nowhere.example.com/mcp")]
+    await expect_error(gw, gw.id_jag(None), "invalid_target", extra_pairs=unknown)
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "{base}/%6Aso%6E/mcp",  # unreserved characters percent-encoded (§6.2.2.2)
+        "{base}/json/./mcp",  # dot segments (§6.2.2.3)
+        "{base}/eng/../json/mcp",
+        "{base}/json/mcp/extra/..",
+        "{base}/json/%2e/mcp",
+        "{scheme}://{HOST}/json/mcp",  # case (§6.2.2.1)
+    ],
+)
+async def test_rfc3986_s6_2_2_resource_is_normalised_before_matching(gw: GatewayHarness, spelling: str) -> None:
+    scheme, _, host = gw.url.partition("://")
+    value = spelling.format(base=gw.url, scheme=scheme.upper(), HOST=host.upper())
+    body = await expect_token(gw, gw.id_jag(None), extra={"resource": value})
+    assert jwt.get_unverified_claims(body["access_token"])["aud"] == gw.resource("json")
+    assert body["resource"] == value
+    await expect_token(gw, gw.id_jag(None, resource=value))
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "{base}/JSON/mcp",  # the path is case-sensitive
+        "{base}/json%2Fmcp",  # a reserved character stays encoded
+        "{base}/json/mcp//",  # only one trailing slash is tolerated
+        "{base}/json/mcp/.%2e/x",
+    ],
+)
+async def test_rfc3986_s6_2_2_normalisation_does_not_merge_different_resources(
+    gw: GatewayHarness, spelling: str
+) -> None:
+    value = spelling.format(base=gw.url)
+    await expect_error(gw, gw.id_jag(None), "invalid_target", extra={"resource": value})
+    await expect_error(gw, gw.id_jag(None, resource=value), "invalid_grant")
 
 
 async def test_rule_resource_array_with_request_parameter_selects_one(gw: GatewayHarness) -> None:
@@ -500,7 +618,7 @@ ODD_SPELLINGS = ["fragment", "empty-fragment", "user", "user-password"]
 
 
 @pytest.mark.parametrize("kind", ODD_SPELLINGS)
-async def test_rule_resource_parameter_with_fragment_or_userinfo_is_invalid_target(
+async def test_rfc8707_s2_resource_parameter_with_fragment_or_userinfo_is_invalid_target(
     gw: GatewayHarness, kind: str
 ) -> None:
     body = await expect_error(
@@ -510,7 +628,9 @@ async def test_rule_resource_parameter_with_fragment_or_userinfo_is_invalid_targ
 
 
 @pytest.mark.parametrize("kind", ODD_SPELLINGS)
-async def test_rule_resource_claim_with_fragment_or_userinfo_is_invalid_grant(gw: GatewayHarness, kind: str) -> None:
+async def test_rfc8707_s2_resource_claim_with_fragment_or_userinfo_is_invalid_grant(
+    gw: GatewayHarness, kind: str
+) -> None:
     odd = spelled_with(gw.resource("json"), kind)
     body = await expect_error(gw, gw.id_jag(None, resource=[gw.resource("sse"), odd]), "invalid_grant")
     assert ("fragment" if "fragment" in kind else "userinfo") in body["error_description"]
@@ -543,9 +663,25 @@ async def test_rule_scope_request_disjoint_from_grant_is_invalid_scope(gw: Gatew
     await expect_error(gw, gw.id_jag("eng", scope="mcp"), "invalid_scope", extra={"scope": "mcp:admin"})
 
 
-async def test_rule_scope_absent_grants_the_route_scopes(gw: GatewayHarness) -> None:
+async def test_ema_s7_2_1_scope_less_id_jag_gets_the_default_scopes_not_every_scope(gw: GatewayHarness) -> None:
     body = await expect_token(gw, gw.id_jag("eng", scope=None))
-    assert body["scope"] == "mcp mcp:admin"
+    assert body["scope"] == "mcp"  # the route's first scope: it has no default_scopes
+    await expect_error(gw, gw.id_jag("eng", scope=None), "invalid_scope", extra={"scope": "mcp:admin"})
+    body = await expect_token(gw, gw.id_jag("eng", scope=None), extra={"scope": "mcp mcp:admin"})
+    assert body["scope"] == "mcp"
+
+
+async def test_ema_s7_2_1_scope_less_id_jag_gets_the_configured_default_scopes(
+    idp: DevIdentityProvider, upstream_json
+) -> None:
+    route = {"name": "r", "path": "/r/mcp", "upstream": upstream_json.mcp_url, "scopes": ["read", "write", "admin"]}
+    async with running_gateway(idp, [{**route, "default_scopes": ["read", "write"]}]) as h:
+        body = await expect_token(h, h.id_jag("r", scope=None))
+        assert body["scope"] == "read write"
+        body = await expect_token(h, h.id_jag("r", scope=None), extra={"scope": "write admin"})
+        assert body["scope"] == "write"
+        body = await expect_token(h, h.id_jag("r", scope="admin"))  # what the IdP names is granted
+        assert body["scope"] == "admin"
 
 
 # -- 15. cnf (DPoP) --------------------------------------------------------------------------
@@ -556,6 +692,22 @@ async def test_rule_cnf_bound_assertion_is_refused(gw: GatewayHarness) -> None:
         gw, gw.id_jag(cnf={"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}), "invalid_grant"
     )
     assert "cnf" in body["error_description"]
+
+
+# -- authorization_details (RAR) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "details",
+    [[{"type": "mcp_tool", "actions": ["read"], "locations": ["https://mcp.example.com/json/mcp"]}], []],
+    ids=["restricting", "empty"],
+)
+async def test_draft_s4_4_1_authorization_details_is_refused_not_ignored(gw: GatewayHarness, details: list) -> None:
+    """An IdP that restricted access only through RAR must not have its ID-JAG widened to every scope."""
+    claims = gw.id_jag_claims("eng", scope=None, authorization_details=details)
+    body = await expect_error(gw, gw.idp.sign(claims), "invalid_grant")
+    assert "authorization_details" in body["error_description"]
+    await expect_token(gw, gw.id_jag("eng", scope=None))  # the same grant without RAR
 
 
 # -- 16. tenant ------------------------------------------------------------------------------

@@ -119,3 +119,24 @@ async def test_jwks_uri_is_discovered_from_idp_metadata(gw: GatewayHarness) -> N
     # The shared gateway trusts the loopback IdP without a jwks_uri: the keys came from discovery.
     assert gw.config.authorization.identity_providers[0].jwks_uri is None
     assert (await gw.token_request(gw.id_jag()))[0] == 200
+
+
+async def test_rfc8414_s3_3_idp_metadata_issuer_must_match_exactly(
+    idp: DevIdentityProvider, upstream_json, caplog
+) -> None:
+    """The IdP's metadata says ``http://127.0.0.1:P``; the config says it with a trailing slash."""
+    caplog.set_level("WARNING", logger="gateway.oauth.jwks")
+    configured = idp.issuer + "/"
+    async with running_gateway(
+        idp,
+        [{"name": "json", "path": "/json/mcp", "upstream": upstream_json.mcp_url}],
+        authorization={"identity_providers": [{"issuer": configured}]},
+    ) as h:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(h.url + "/readyz") as response:
+                # The pod stays ready (only this IdP's grants fail); /readyz names the IdP without keys.
+                assert response.status == 200
+                assert (await response.json())["idp_keys_missing"] == [configured]
+    reported = [r for r in caplog.records if r.levelname == "ERROR" and "RFC 8414 §3.3" in r.getMessage()]
+    assert reported, caplog.text
+    assert f"names issuer {idp.issuer!r}, not the configured {configured!r}" in reported[0].getMessage()

@@ -78,7 +78,7 @@ async def test_token_signed_by_another_key_is_refused(gw: GatewayHarness) -> Non
     assert status == 401
 
 
-def own_token(gw: GatewayHarness, **raw_claims: str) -> str:
+def own_token(gw: GatewayHarness, typ: str = "at+jwt", **raw_claims: str) -> str:
     """A token signed with the gateway's real key whose claims are given as raw JSON text, so
     values json.dumps would never write (1e400) can be tried too."""
     now = int(time.time())
@@ -97,11 +97,23 @@ def own_token(gw: GatewayHarness, **raw_claims: str) -> str:
     }
     payload = "{" + ",".join(f'"{name}":{value}' for name, value in claims.items()) + "}"
     key = gw.gateway.signing_key
-    return jws.sign(payload.encode(), key.private, headers={"kid": key.kid, "typ": "at+jwt"}, algorithm=key.algorithm)
+    return jws.sign(payload.encode(), key.private, headers={"kid": key.kid, "typ": typ}, algorithm=key.algorithm)
 
 
 async def test_own_token_helper_makes_a_token_the_gateway_accepts(gw: GatewayHarness) -> None:
     assert (await post(gw.route_url("json"), own_token(gw)))[0] == 400  # past the gateway: no MCP session
+
+
+@pytest.mark.parametrize("typ", ["AT+JWT", "application/at+jwt", "Application/AT+JWT"])
+async def test_rfc7515_s4_1_9_access_token_typ_is_a_case_insensitive_media_type(gw: GatewayHarness, typ: str) -> None:
+    assert (await post(gw.route_url("json"), own_token(gw, typ=typ)))[0] == 400  # past the gateway
+
+
+@pytest.mark.parametrize("typ", ["JWT", "oauth-id-jag+jwt", "text/at+jwt", "application/at+jwt; x=1", "at+jwt+x"])
+async def test_rfc9068_s4_access_token_of_another_type_is_refused(gw: GatewayHarness, typ: str) -> None:
+    status, _, headers = await post(gw.route_url("json"), own_token(gw, typ=typ))
+    assert status == 401
+    assert challenge_params(headers["WWW-Authenticate"])["error"] == "invalid_token"
 
 
 @pytest.mark.parametrize(
@@ -209,9 +221,18 @@ async def test_protected_resource_metadata_per_route(gw: GatewayHarness) -> None
             assert response.status == 404
 
 
+async def test_rfc8414_s5_openid_configuration_is_not_served(gw: GatewayHarness) -> None:
+    """The gateway is no OpenID provider; both SDK clients find the RFC 8414 document first."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(gw.url + "/.well-known/openid-configuration") as response:
+            assert response.status == 404
+        async with http.options(gw.url + "/.well-known/openid-configuration") as response:
+            assert response.status != 204
+
+
 async def test_authorization_server_metadata(gw: GatewayHarness) -> None:
     async with aiohttp.ClientSession() as http:
-        for path in ("/.well-known/oauth-authorization-server", "/.well-known/openid-configuration"):
+        for path in ("/.well-known/oauth-authorization-server",):
             async with http.get(gw.url + path) as response:
                 assert response.status == 200, path
                 document = await response.json()
@@ -220,6 +241,7 @@ async def test_authorization_server_metadata(gw: GatewayHarness) -> None:
             assert "urn:ietf:params:oauth:grant-type:jwt-bearer" in document["grant_types_supported"]
             assert document["authorization_grant_profiles_supported"] == ["urn:ietf:params:oauth:grant-profile:id-jag"]
             assert set(document["token_endpoint_auth_methods_supported"]) == {
+                "private_key_jwt",
                 "client_secret_basic",
                 "client_secret_post",
             }
@@ -237,7 +259,7 @@ async def test_jwks_publishes_the_key_that_verifies_access_tokens(gw: GatewayHar
         async with http.get(gw.url + "/oauth2/jwks") as response:
             jwks = await response.json()
     claims = jwt.decode(token, jwks, algorithms=["ES256"], audience=gw.resource("json"), issuer=gw.issuer)
-    assert claims["sub"] == "alice"
+    assert claims["idp_sub"] == "alice"
     assert all("d" not in key for key in jwks["keys"])  # never the private part
 
 

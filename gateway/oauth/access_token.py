@@ -22,6 +22,7 @@ from jose import jws
 from jose.exceptions import JOSEError
 
 from gateway.oauth import jose_json
+from gateway.oauth.identity import SubjectIdentity
 from gateway.oauth.idjag import Grant
 from gateway.oauth.keys import SigningKey
 
@@ -44,6 +45,13 @@ class Principal:
     groups: tuple[str, ...]
     expires_at: float
     token_id: str
+    tenant: str | None = None
+
+    @property
+    def identity(self) -> SubjectIdentity:
+        """The user, namespaced by IdP and tenant: key every per-user decision on this, never on
+        ``subject`` alone (gateway/oauth/identity.py)."""
+        return SubjectIdentity(self.idp_issuer, self.tenant, self.subject)
 
 
 @dataclass(frozen=True)
@@ -94,19 +102,28 @@ class AccessTokenService:
         return [self._key, *(p.key for p in self.previous_keys if now < p.retire_at)]
 
     def issue(self, grant: Grant) -> IssuedToken:
+        """Sign an access token for ``grant``. It lives the configured TTL, but never past the ID-JAG
+        it came from: draft-parecki-oauth-identity-assertion-gateways §4 ("MUST NOT issue an access
+        token whose expiration is later than the expiration of the ID-JAG"): the IdP's decision of
+        how long the delegation lasts is kept, whatever TTL is configured here."""
         now = int(self._clock())
+        expires_at = int(min(now + self._ttl, grant.assertion_expires_at))
         token_id = secrets.token_urlsafe(16)
         claims = {
             "iss": self._issuer,
-            "sub": grant.subject,
+            # RFC 7519 §4.1.2 / RFC 9068 §2.2: ``sub`` must be unique for *this* issuer, which
+            # serves users of several IdPs; ``idp``, ``tenant`` and ``idp_sub`` say who it is.
+            "sub": grant.identity.key,
+            "idp_sub": grant.subject,
             "aud": grant.route.resource,
             "client_id": grant.client_id,
             "scope": " ".join(grant.scopes),
             "groups": list(grant.groups),
             "idp": grant.idp_issuer,
+            **({"tenant": grant.tenant} if grant.tenant is not None else {}),
             "jti": token_id,
             "iat": now,
-            "exp": now + self._ttl,
+            "exp": expires_at,
         }
         token = jws.sign(
             json.dumps(claims, separators=(",", ":")).encode(),
@@ -114,7 +131,7 @@ class AccessTokenService:
             headers={"kid": self._key.kid, "typ": ACCESS_TOKEN_TYP},
             algorithm=self._key.algorithm,
         )
-        return IssuedToken(token, self._ttl, claims["scope"], token_id)
+        return IssuedToken(token, expires_at - now, claims["scope"], token_id)
 
     def verify(self, token: str, resource: str) -> Principal:
         if not token.isascii():
@@ -137,14 +154,15 @@ class AccessTokenService:
             header = jose_json.unverified_header(token)
         except ValueError:
             raise InvalidToken("the access token is malformed") from None
-        # RFC 9068 §4: check typ, so an IdP's ID-JAG or ID token is never accepted as a bearer token.
+        # RFC 9068 §4: check typ (a media type, RFC 7515 §4.1.9), so an IdP's ID-JAG or ID token is
+        # never accepted as a bearer token.
         key = self._by_kid.get(header.get("kid")) if isinstance(header.get("kid"), str) else None
         if key is None:
             raise InvalidToken("the access token was signed with an unknown key")
         retire_at = self._retire_at.get(key.kid, math.inf)
         if self._clock() >= retire_at:
             raise InvalidToken("the access token was signed with a retired key")
-        if header.get("typ") != ACCESS_TOKEN_TYP or header.get("alg") != key.algorithm:
+        if not jose_json.typ_is(header.get("typ"), ACCESS_TOKEN_TYP) or header.get("alg") != key.algorithm:
             raise InvalidToken("the access token was not issued by this gateway")
         try:
             payload = jws.verify(token, key.public, algorithms=[key.algorithm])
@@ -165,7 +183,8 @@ class AccessTokenService:
             raise InvalidToken("the access token lives longer than this gateway issues tokens for")
         try:
             return Principal(
-                subject=str(claims["sub"]),
+                # A token without ``idp_sub`` predates namespaced subjects: its ``sub`` is the IdP's.
+                subject=str(claims.get("idp_sub", claims["sub"])),
                 client_id=str(claims["client_id"]),
                 idp_issuer=str(claims.get("idp", "")),
                 audience=str(claims["aud"]),
@@ -174,6 +193,15 @@ class AccessTokenService:
                 # A cached principal must not outlive its key's trust either.
                 expires_at=min(float(expires_at), retire_at),
                 token_id=str(claims["jti"]),
+                tenant=_optional_string(claims.get("tenant")),
             )
         except (KeyError, TypeError, ValueError):
             raise InvalidToken("the access token is malformed") from None
+
+
+def _optional_string(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError("not a string")
+    return value

@@ -38,6 +38,26 @@ class InvalidRequest(OAuthError):
     error = "invalid_request"
 
 
+class MethodNotAllowed(OAuthError):
+    """RFC 6749 §3.2: the client "MUST use the HTTP POST method" at the token endpoint; 405 with
+    ``Allow`` (RFC 9110 §15.5.6), and the usual error body."""
+
+    status = 405
+
+    def __init__(self, method: str) -> None:
+        super().__init__(f"{method} is not allowed: use POST", reason="method", headers={"Allow": "POST"})
+
+
+class OriginRefused(OAuthError):
+    """A browser ``Origin`` that is not in ``allowed_origins``: 403, as on the MCP routes (DNS
+    rebinding), with the RFC 6749 §5.2 body every token endpoint answer has."""
+
+    status = 403
+
+    def __init__(self) -> None:
+        super().__init__("this Origin is not allowed", reason="origin")
+
+
 class InvalidClient(OAuthError):
     """RFC 6749 §5.2: 401, with ``WWW-Authenticate`` naming the scheme the client used (or Basic)."""
 

@@ -1,15 +1,16 @@
 """Validation of Identity Assertion JWT Authorization Grants (ID-JAGs) at the resource AS.
 
-Sources: draft-ietf-oauth-identity-assertion-authz-grant "Access Token Request -> Processing Rules"
-(which applies RFC 7521 §5.2 and RFC 7523 §3), and the MCP Enterprise-Managed Authorization profile
-(EMA §5.1, §7.2.1, §7.4, §7.6.2), digested rule by rule in SPEC.md §2.2. Each rule is one method
-named after it, so "where is the jti checked?" is answered by searching ``_check_jti``.
+Sources: draft-ietf-oauth-identity-assertion-authz-grant ("the draft") §4.4.1 "Processing Rules"
+(which applies RFC 7521 §5.2 and RFC 7523 §3) and §3.1 "ID-JAG Claims", and the MCP Enterprise-Managed
+Authorization extension (EMA §5.1, §7.2.1, §7.4, §7.6.2). Each rule is one method named after it, so
+"where is the jti checked?" is answered by searching ``_check_jti``.
 Every assertion failure is ``invalid_grant`` (RFC 7523 §3.1); a bad ``resource`` *parameter* is
 ``invalid_target`` (RFC 8707 §2) and an unsatisfiable ``scope`` parameter ``invalid_scope``.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from jose.exceptions import JOSEError
 from gateway.config import ASYMMETRIC_ALGORITHMS, AuthorizationConfig, IdentityProviderConfig, RouteConfig
 from gateway.oauth import jose_json
 from gateway.oauth.errors import InvalidGrant, InvalidScope, InvalidTarget, TemporarilyUnavailable
+from gateway.oauth.identity import SubjectIdentity
 from gateway.oauth.jwks import KeyRing, KeyUnavailable
 from gateway.oauth.replay import ReplayStore, ReplayStoreUnavailable
 from gateway.routes import RouteTable
@@ -43,6 +45,16 @@ class Grant:
     groups: tuple[str, ...]
     assertion_jti: str
     email: str | None = None
+    # The ``resource`` values to return in the token response (``IdJagValidator._check_resource``).
+    resources: tuple[str, ...] = ()
+    # The ID-JAG's ``exp``: no access token issued for it may expire later.
+    assertion_expires_at: float = math.inf
+    # The ``tenant`` claim of a multi-tenant IdP: part of who the subject is.
+    tenant: str | None = None
+
+    @property
+    def identity(self) -> SubjectIdentity:
+        return SubjectIdentity(self.idp_issuer, self.tenant, self.subject)
 
 
 class IdJagValidator:
@@ -62,7 +74,7 @@ class IdJagValidator:
         self._clock = clock
         self._idps = {idp.issuer: idp for idp in config.identity_providers}
 
-    async def validate(self, assertion: str, *, client_id: str, resource: str | None, scope: str | None) -> Grant:
+    async def validate(self, assertion: str, *, client_id: str, resources: tuple[str, ...], scope: str | None) -> Grant:
         header = self._parse_header(assertion)
         self._check_typ(header)
         alg = self._check_algorithm(header, ASYMMETRIC_ALGORITHMS)
@@ -76,15 +88,28 @@ class IdJagValidator:
         self._check_times(claims, now)
         jti = self._check_jti(claims)
         self._check_no_confirmation(claims)
-        self._check_tenant(claims, idp)
-        route = self._check_resource(claims, resource)
+        self._check_no_authorization_details(claims)
+        tenant = self._check_tenant(claims, idp)
+        route, granted_resources = self._check_resource(claims, resources)
         groups = self._groups(claims, idp)
         self._check_groups(route, groups)
         scopes = self._check_scope(claims, route, scope)
         # Last: an assertion that fails any other rule must not consume its jti.
         await self._check_replay(idp, jti, float(claims["exp"]))
         email = claims.get("email") if isinstance(claims.get("email"), str) else None
-        return Grant(subject, idp.issuer, client_id, route, scopes, groups, jti, email)
+        return Grant(
+            subject,
+            idp.issuer,
+            client_id,
+            route,
+            scopes,
+            groups,
+            jti,
+            email,
+            resources=granted_resources,
+            assertion_expires_at=claims["exp"],
+            tenant=tenant,
+        )
 
     # -- structure ------------------------------------------------------------------------
 
@@ -121,9 +146,9 @@ class IdJagValidator:
         return claims
 
     def _check_typ(self, header: dict[str, Any]) -> None:
-        """Draft "Processing Rules" + RFC 8725 §3.11: explicit typing stops an ID token or an
-        access token from being replayed as an ID-JAG."""
-        if header.get("typ") != ID_JAG_TYP:
+        """Draft §4.4.1 + RFC 8725 §3.11: explicit typing stops an ID token or an access token from
+        being replayed as an ID-JAG. Compared as a media type (RFC 7515 §4.1.9)."""
+        if not jose_json.typ_is(header.get("typ"), ID_JAG_TYP):
             raise InvalidGrant(f"assertion typ must be {ID_JAG_TYP}", reason="typ")
 
     def _check_algorithm(self, header: dict[str, Any], allowed: tuple[str, ...]) -> str:
@@ -136,7 +161,7 @@ class IdJagValidator:
     # -- issuer and signature --------------------------------------------------------------
 
     def _check_trusted_issuer(self, claims: dict[str, Any]) -> IdentityProviderConfig:
-        """Draft: the AS "MUST be configured to recognize" each trusted issuer."""
+        """Draft §4.2: the AS "MUST be configured to recognize" each trusted issuer."""
         iss = claims.get("iss")
         idp = self._idps.get(iss) if isinstance(iss, str) else None
         if idp is None:
@@ -173,8 +198,9 @@ class IdJagValidator:
     # -- claims ----------------------------------------------------------------------------
 
     def _check_audience(self, claims: dict[str, Any]) -> None:
-        """Draft: ``aud`` is our issuer, as a string or a one-element array; EMA §7.6.2. One
-        trailing slash is tolerated for interop (SPEC §9.4)."""
+        """Draft §4.4.1: ``aud`` is our issuer, as a string or a one-element array; EMA §7.6.2. One
+        trailing slash is tolerated for interop (our decision, README "Decisions"; the conformance
+        suite's reference AS tolerates it too)."""
         aud = claims.get("aud")
         if isinstance(aud, list):
             if len(aud) != 1:
@@ -185,7 +211,7 @@ class IdJagValidator:
             raise InvalidGrant("assertion aud is not this authorization server", reason="audience")
 
     def _check_client_id(self, claims: dict[str, Any], client_id: str) -> None:
-        """Draft: the ``client_id`` claim must equal the authenticated client, else invalid_grant."""
+        """Draft §4.4.1: the ``client_id`` claim must equal the authenticated client, else invalid_grant."""
         if claims.get("client_id") != client_id:
             raise InvalidGrant("assertion client_id does not match the authenticated client", reason="client_id")
 
@@ -197,9 +223,10 @@ class IdJagValidator:
         return sub
 
     def _check_times(self, claims: dict[str, Any], now: float) -> None:
-        """EMA §7.4.2 validity window with minimal skew; RFC 7523 §3 items 4-6; ID-JAGs "MUST be
-        short-lived", so a lifetime above ``max_assertion_lifetime_seconds`` is refused. Times must
-        be integer NumericDates (``jose_json.numeric_date``), so no comparison below meets a NaN."""
+        """EMA §7.4.2 validity window with minimal skew (for ``iat`` and ``nbf``); RFC 7523 §3 items
+        4-6; ID-JAGs "MUST be short-lived", so a lifetime above ``max_assertion_lifetime_seconds`` is
+        refused. Times must be integer NumericDates (``jose_json.numeric_date``), so no comparison
+        below meets a NaN."""
         skew = self._config.clock_skew_seconds
         exp, iat = jose_json.numeric_date(claims.get("exp")), jose_json.numeric_date(claims.get("iat"))
         if exp is None:
@@ -209,7 +236,9 @@ class IdJagValidator:
         nbf = claims.get("nbf")
         if nbf is not None and jose_json.numeric_date(nbf) is None:
             raise InvalidGrant("assertion has no valid nbf (an integer NumericDate)", reason="not_before")
-        if now > exp + skew:
+        if now >= exp:
+            # No skew here: the access token may not outlive the ID-JAG (AccessTokenService.issue), so
+            # one issued for an assertion already past its exp would be dead on arrival.
             raise InvalidGrant("assertion has expired", reason="expired")
         if iat > now + skew:
             raise InvalidGrant("assertion is issued in the future", reason="issued_at")
@@ -226,19 +255,46 @@ class IdJagValidator:
         return jti
 
     def _check_no_confirmation(self, claims: dict[str, Any]) -> None:
-        """Draft "Sender Constraining Tokens": a ``cnf``-bound ID-JAG needs a DPoP proof. DPoP is
-        not implemented yet (SPEC §9.6), so such assertions are refused rather than unbound."""
+        """Draft §8.6 "Sender Constraining Tokens": a ``cnf``-bound ID-JAG needs a DPoP proof. DPoP
+        is not implemented yet (README "Decisions"), so such assertions are refused, not unbound."""
         if "cnf" in claims:
             raise InvalidGrant("sender-constrained (cnf) assertions are not supported", reason="cnf")
 
-    def _check_tenant(self, claims: dict[str, Any], idp: IdentityProviderConfig) -> None:
-        """Draft "Tenant Relationships": for a multi-tenant IdP, the tenant is part of the subject."""
-        if idp.tenant is not None and claims.get("tenant") != idp.tenant:
-            raise InvalidGrant("assertion tenant is not the configured tenant", reason="tenant")
+    def _check_no_authorization_details(self, claims: dict[str, Any]) -> None:
+        """Draft §4.4.1: the Resource AS "MUST parse" ``authorization_details`` and grant only what its
+        policy allows of each detail (RFC 9396 §2). The gateway has no RAR types, so it cannot honour
+        them; granting the route's scopes instead would widen what an IdP restricted through RAR."""
+        if "authorization_details" in claims:
+            raise InvalidGrant(
+                "assertions with authorization_details (RFC 9396) are not supported here; "
+                "ask the identity provider for scopes instead",
+                reason="authorization_details",
+            )
 
-    def _check_resource(self, claims: dict[str, Any], requested: str | None) -> RouteConfig:
-        """EMA §7.6.2 + RFC 8707 §2, with the binding policy of SPEC §9.1. Values with a fragment or
-        userinfo are refused as sent, before the canonical comparison could hide either."""
+    def _check_tenant(self, claims: dict[str, Any], idp: IdentityProviderConfig) -> str | None:
+        """Draft §6: for a multi-tenant IdP the ``tenant`` claim is part of who the subject is (§6.3),
+        so it is returned for the principal's identity; a configured ``tenant`` must match it."""
+        tenant = claims.get("tenant")
+        if tenant is not None and (not isinstance(tenant, str) or not tenant):
+            raise InvalidGrant("assertion tenant claim is malformed", reason="tenant")
+        if idp.tenant is not None and tenant != idp.tenant:
+            raise InvalidGrant("assertion tenant is not the configured tenant", reason="tenant")
+        return tenant
+
+    def _check_resource(
+        self, claims: dict[str, Any], requested: tuple[str, ...]
+    ) -> tuple[RouteConfig, tuple[str, ...]]:
+        """The route the token is for, and the ``resource`` values to return for it.
+
+        EMA §7.6.2: a ``resource`` claim must name a resource served here; draft §4.4.1 processes it by
+        RFC 8707 §2, so the ``resource`` parameters (several are allowed) must be among its values,
+        else ``invalid_target``. Only a route's exact resource identifier names it
+        (``RouteTable.for_resource``), compared in RFC 3986 §6.2.2 normal form. Values with a fragment
+        or userinfo are refused as sent, before the normal form could hide either. Without a claim, the
+        parameters choose the route, or else the only route does (our binding decision, README).
+
+        The returned values are spelled as the claim spelled them (else as the client sent them): draft
+        §4.4.2 has clients check that the returned ``resource`` set is a subset of the claim."""
         raw = claims.get("resource")
         if raw is None:
             resources: list[str] = []
@@ -251,24 +307,44 @@ class IdJagValidator:
         for value in resources:
             if problem := resource_problem(value):
                 raise InvalidGrant(f"assertion resource claim {problem}", reason="resource")
-        if requested is not None and (problem := resource_problem(requested)):
-            raise InvalidTarget(f"the resource parameter {problem}", reason="resource")
-        routes = [self._routes.for_resource(r) for r in resources]
-        if any(r is None for r in routes):
-            raise InvalidGrant("assertion names a resource this gateway does not serve", reason="resource")
-        if requested is not None:
-            requested_route = self._routes.for_resource(requested)
-            if requested_route is None:
-                raise InvalidTarget("the requested resource is not served here", reason="resource")
-            if resources and canonical_url(requested) not in {canonical_url(r) for r in resources}:
-                raise InvalidTarget("the requested resource is not granted by the assertion", reason="resource")
-            return requested_route
-        distinct = {r.name: r for r in routes if r is not None}
+        for value in requested:
+            if problem := resource_problem(value):
+                raise InvalidTarget(f"the resource parameter {problem}", reason="resource")
+        claimed = [self._routes.for_resource(r) for r in resources]
+        if any(r is None for r in claimed):
+            raise InvalidGrant(
+                "assertion names a resource this gateway does not serve (only a route's exact resource "
+                "identifier names it)",
+                reason="resource",
+            )
+        if requested:
+            return self._requested_route(resources, requested)
+        distinct = {r.name: r for r in claimed if r is not None}
         if len(distinct) == 1:
-            return next(iter(distinct.values()))
+            return next(iter(distinct.values())), tuple(dict.fromkeys(resources))
         if not resources and len(self._routes) == 1:
-            return next(iter(self._routes))
+            route = next(iter(self._routes))
+            return route, (route.resource,)
         raise InvalidTarget("specify the resource parameter: the target route is ambiguous", reason="resource")
+
+    def _requested_route(self, resources: list[str], requested: tuple[str, ...]) -> tuple[RouteConfig, tuple[str, ...]]:
+        """RFC 8707 §2: several ``resource`` parameters are served when they name one route."""
+        routes = {}
+        for value in requested:
+            route = self._routes.for_resource(value)
+            if route is None:
+                raise InvalidTarget("the requested resource is not served here", reason="resource")
+            routes[route.name] = route
+        if len(routes) > 1:
+            raise InvalidTarget("the resource parameters name more than one route", reason="resource")
+        (route,) = routes.values()
+        if not resources:
+            return route, tuple(dict.fromkeys(requested))
+        wanted = {canonical_url(r) for r in requested}
+        granted = tuple(dict.fromkeys(r for r in resources if canonical_url(r) in wanted))
+        if {canonical_url(r) for r in granted} != wanted:
+            raise InvalidTarget("the requested resource is not granted by the assertion", reason="resource")
+        return route, granted
 
     def _groups(self, claims: dict[str, Any], idp: IdentityProviderConfig) -> tuple[str, ...]:
         value = claims.get(idp.groups_claim)
@@ -284,11 +360,16 @@ class IdJagValidator:
             raise InvalidGrant("the user is not in a group allowed on this resource", reason="group")
 
     def _check_scope(self, claims: dict[str, Any], route: RouteConfig, requested: str | None) -> tuple[str, ...]:
-        """SPEC §9.2: granted = ID-JAG scopes ∩ route scopes ∩ requested scopes; never more than the
-        ID-JAG (EMA §7.2.1). An ID-JAG scope with nothing valid here is a mismatch (EMA §7.6.2)."""
+        """Granted = the ID-JAG's scopes (the route's ``default_scopes`` if it has no ``scope`` claim)
+        ∩ the route's scopes ∩ the requested scopes, when a ``scope`` parameter is sent.
+
+        Never more than the ID-JAG (EMA §7.2.1): an IdP that named no scope authorised no particular
+        scope, so it gets the route's least-privileged default rather than every scope of the route.
+        A ``scope`` claim granting nothing here is a mismatch (EMA §7.6.2, ``invalid_grant``); a
+        request leaving nothing is ``invalid_scope`` (RFC 6749 §5.2)."""
         raw = claims.get("scope")
         if raw is None:
-            base = route.scopes
+            base = route.default_scopes
         elif isinstance(raw, str):
             granted_by_idp = set(raw.split())
             base = tuple(s for s in route.scopes if s in granted_by_idp)
@@ -305,7 +386,8 @@ class IdJagValidator:
         return narrowed
 
     async def _check_replay(self, idp: IdentityProviderConfig, jti: str, exp: float) -> None:
-        """EMA §7.4.2 / SPEC §9.3: single use until exp (+ skew), keyed by (iss, jti)."""
+        """EMA §7.4.2: single use until exp (+ skew), keyed by (iss, jti). The draft's §4.4.3 lets a
+        client re-submit an ID-JAG; the MCP profile's replay rule wins (README "Decisions")."""
         try:
             first_use = await self._replay.first_use(f"{idp.issuer}\x00{jti}", exp + self._config.clock_skew_seconds)
         except ReplayStoreUnavailable:

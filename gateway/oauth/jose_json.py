@@ -55,6 +55,20 @@ def unverified_header(token: str) -> dict[str, Any]:
     return header
 
 
+def typ_is(value: Any, expected: str) -> bool:
+    """Whether a JOSE ``typ`` header names the media type ``expected`` (given without ``application/``).
+
+    RFC 7515 §4.1.9: ``typ`` is a media type, compared case-insensitively (RFC 2045 §5.1), and a value
+    without a '/' means ``application/`` + value; so ``OAUTH-ID-JAG+JWT`` and
+    ``application/oauth-id-jag+jwt`` both name ``oauth-id-jag+jwt``."""
+    if not isinstance(value, str):
+        return False
+    media_type = value.lower()
+    if "/" not in media_type:
+        media_type = "application/" + media_type
+    return media_type == "application/" + expected.lower()
+
+
 def numeric_date(value: Any) -> int | None:
     """``value`` if it is an integer NumericDate (bool is not one) between 0 and year 9999, else None."""
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_NUMERIC_DATE:

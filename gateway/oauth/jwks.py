@@ -44,6 +44,10 @@ class KeyUnavailable(Exception):
         self.unreachable = unreachable
 
 
+class IssuerMismatch(ValueError):
+    """The IdP's metadata names another issuer than the one configured (RFC 8414 §3.3)."""
+
+
 @dataclass
 class JwksFetchResult:
     issuer: str
@@ -87,10 +91,10 @@ class IdpKeySet:
         stale = self.fetched_at is None or time.monotonic() - self.fetched_at > self._max_age
         if stale:
             await self.refresh()
-        found = self._find(kid, alg)
+        found = select_jwk(self._keys, kid, alg)
         if found is None and not stale:
             await self.refresh()
-            found = self._find(kid, alg)
+            found = select_jwk(self._keys, kid, alg)
         if found is None:
             if not self.has_keys:
                 raise KeyUnavailable(f"keys of {self.idp.issuer} could not be fetched", unreachable=True)
@@ -98,27 +102,9 @@ class IdpKeySet:
         cache_key = (found.get("kid"), alg)
         key = self._constructed.get(cache_key)
         if key is None:
-            try:
-                key = jwk.construct(found, alg)
-            except (JWKError, ValueError, TypeError) as exc:
-                raise KeyUnavailable(f"unusable key {kid!r}: {exc}", unreachable=False) from None
+            key = construct_key(found, kid, alg)
             self._constructed[cache_key] = key
         return key
-
-    def _find(self, kid: str | None, alg: str) -> dict[str, Any] | None:
-        kty = _KTY_FOR_ALG.get(alg[:2])
-        candidates = [
-            k
-            for k in self._keys
-            if k.get("kty") == kty
-            and k.get("use", "sig") == "sig"
-            and k.get("alg", alg) == alg
-            and (kid is None or k.get("kid") == kid)
-        ]
-        # Without a kid the choice is only unambiguous when exactly one key fits.
-        if kid is None and len(candidates) != 1:
-            return None
-        return candidates[0] if candidates else None
 
     async def refresh(self, *, force: bool = False) -> JwksFetchResult:
         """Fetch the JWKS (single-flight, rate-limited); on failure keep the keys already held."""
@@ -141,7 +127,9 @@ class IdpKeySet:
                     raise ValueError("JWKS document has no usable signing key")
             except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
                 self.last_error = _describe(exc)
-                log.warning(
+                # A misconfigured issuer never heals by retrying: say so loudly, at start.
+                log.log(
+                    logging.ERROR if isinstance(exc, IssuerMismatch) else logging.WARNING,
                     "JWKS refresh for %s failed: %s (keeping %d cached keys)",
                     self.idp.issuer,
                     self.last_error,
@@ -161,7 +149,11 @@ class IdpKeySet:
         return result
 
     async def _discover_jwks_uri(self) -> str:
-        """OIDC Discovery §4 (issuer + path) first, then RFC 8414 §3 (path inserted after well-known)."""
+        """OIDC Discovery §4 (issuer + path) first, then RFC 8414 §3 (path inserted after well-known).
+
+        RFC 8414 §3.3 (and OIDC Discovery §4.3): the ``issuer`` in the metadata MUST be identical to
+        the configured issuer, compared as strings; a document that differs, even by a trailing
+        slash, is not used (mix-up defence), and the mismatch is reported as the problem."""
         issuer = self.idp.issuer.rstrip("/")
         parts = urlsplit(issuer)
         candidates = [
@@ -169,20 +161,29 @@ class IdpKeySet:
             f"{parts.scheme}://{parts.netloc}/.well-known/oauth-authorization-server{parts.path}",
         ]
         last: Exception | None = None
+        mismatch: IssuerMismatch | None = None
         for url in candidates:
             try:
                 metadata = await self._get_json(url)
             except (aiohttp.ClientResponseError, ValueError) as exc:
                 last = exc
                 continue
-            if not isinstance(metadata, dict) or metadata.get("issuer", "").rstrip("/") != issuer:
-                # RFC 8414 §3.3: metadata whose issuer differs must not be used (mix-up defence).
-                last = ValueError(f"metadata at {url} names a different issuer")
+            named = metadata.get("issuer") if isinstance(metadata, dict) else None
+            if named != self.idp.issuer:
+                mismatch = mismatch or IssuerMismatch(
+                    f"metadata at {url} names issuer {named!r}, not the configured {self.idp.issuer!r}; "
+                    "RFC 8414 §3.3 requires them identical: correct the identity provider's issuer in the config"
+                )
                 continue
             jwks_uri = metadata.get("jwks_uri")
-            if isinstance(jwks_uri, str) and jwks_uri.startswith(("https://", "http://")):
+            # EMA §7.4.1: keys are fetched "over authenticated TLS"; the configured issuer passed
+            # that rule (gateway/config.py), so an https issuer may not send us to a plain-http JWKS.
+            allowed = ("https://",) if issuer.startswith("https://") else ("https://", "http://")
+            if isinstance(jwks_uri, str) and jwks_uri.startswith(allowed):
                 return jwks_uri
-            last = ValueError(f"metadata at {url} has no jwks_uri")
+            last = ValueError(f"metadata at {url} has no jwks_uri starting with {' or '.join(allowed)}")
+        if mismatch is not None:
+            raise mismatch
         raise ValueError(f"cannot discover jwks_uri: {_describe(last) if last else 'no metadata'}")
 
     async def _get_json(self, url: str) -> Any:
@@ -217,6 +218,43 @@ def _is_usable(key: dict[str, Any]) -> bool:
     except Exception:  # python-jose raises assorted types (KeyError, TypeError, ...) on malformed members
         return False
     return True
+
+
+class StaticKeySet:
+    """Keys given in the configuration (a client's inline ``jwks``): nothing to fetch or refresh."""
+
+    def __init__(self, keys: list[dict[str, Any]]) -> None:
+        self._keys = keys
+
+    async def get_key(self, kid: str | None, alg: str) -> Key:
+        found = select_jwk(self._keys, kid, alg)
+        if found is None:
+            raise KeyUnavailable(f"no key {kid!r} for {alg}", unreachable=False)
+        return construct_key(found, kid, alg)
+
+
+def select_jwk(keys: list[dict[str, Any]], kid: str | None, alg: str) -> dict[str, Any] | None:
+    """The JWK verifying a JWS with this ``kid`` and ``alg``: of the algorithm's key type, for
+    signatures, not bound to another algorithm. Without a ``kid`` only an unambiguous single match."""
+    kty = _KTY_FOR_ALG.get(alg[:2])
+    candidates = [
+        k
+        for k in keys
+        if k.get("kty") == kty
+        and k.get("use", "sig") == "sig"
+        and k.get("alg", alg) == alg
+        and (kid is None or k.get("kid") == kid)
+    ]
+    if kid is None and len(candidates) != 1:
+        return None
+    return candidates[0] if candidates else None
+
+
+def construct_key(found: dict[str, Any], kid: str | None, alg: str) -> Key:
+    try:
+        return jwk.construct(found, alg)
+    except (JWKError, ValueError, TypeError) as exc:
+        raise KeyUnavailable(f"unusable key {kid!r}: {exc}", unreachable=False) from None
 
 
 def _describe(exc: BaseException) -> str:

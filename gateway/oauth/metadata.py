@@ -1,10 +1,16 @@
 """Discovery documents: RFC 8414 authorization-server metadata and RFC 9728 protected-resource
 metadata, plus the gateway's JWKS and the (refusing) authorization endpoint.
 
-MCP authorization requires RFC 9728 on the resource side and RFC 8414 or OIDC discovery on the AS
-side. ``authorization_endpoint``, ``response_types_supported`` and ``code_challenge_methods_supported``
-are published although no authorization-code flow exists, because both official SDKs' metadata
-parsers require them (SPEC §3.5, §9.5).
+MCP authorization requires RFC 9728 on the resource side and RFC 8414 or OpenID Connect Discovery on
+the AS side. The gateway publishes RFC 8414 only: it is not an OpenID provider (it issues no ID
+tokens), and RFC 8414 §5 reserves ``/.well-known/openid-configuration`` for OpenID provider metadata.
+Both official SDK clients ask ``/.well-known/oauth-authorization-server`` first and fall back to the
+OpenID location only when that is not found.
+
+``authorization_endpoint``, ``response_types_supported`` and ``code_challenge_methods_supported`` are
+published although no authorization-code flow exists: RFC 8414 §2 makes the first two REQUIRED (the
+first "unless no grant types are supported that use the authorization endpoint", which both SDKs'
+metadata parsers ignore), and MCP clients refuse an AS without PKCE S256.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from gateway.config import GatewayConfig, RouteConfig
+from gateway.config import ASYMMETRIC_ALGORITHMS, GatewayConfig, RouteConfig
 from gateway.oauth.keys import SigningKey
 from gateway.oauth.token_endpoint import JWT_BEARER
 
@@ -42,21 +48,17 @@ def authorization_server_metadata(config: GatewayConfig) -> dict[str, Any]:
         "scopes_supported": scopes,
         "response_types_supported": ["code"],
         "grant_types_supported": [JWT_BEARER],
-        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+        "token_endpoint_auth_methods_supported": ["private_key_jwt", "client_secret_basic", "client_secret_post"],
+        # RFC 8414 §2: required when private_key_jwt is listed.
+        "token_endpoint_auth_signing_alg_values_supported": list(ASYMMETRIC_ALGORITHMS),
         "code_challenge_methods_supported": ["S256"],
         "authorization_grant_profiles_supported": [ID_JAG_PROFILE],
     }
 
 
-def metadata_paths(issuer: str) -> list[str]:
-    """RFC 8414 §3 path insertion, plus the OIDC Discovery forms clients also try."""
-    path = urlsplit(issuer).path.rstrip("/")
-    paths = {
-        f"/.well-known/oauth-authorization-server{path}",
-        f"/.well-known/openid-configuration{path}",
-        f"{path}/.well-known/openid-configuration",
-    }
-    return sorted(paths)
+def metadata_path(issuer: str) -> str:
+    """RFC 8414 §3.1: the well-known suffix inserted between the issuer's host and its path."""
+    return f"/.well-known/oauth-authorization-server{urlsplit(issuer).path.rstrip('/')}"
 
 
 def protected_resource_metadata(route: RouteConfig, issuer: str) -> dict[str, Any]:
@@ -79,7 +81,8 @@ def jwks_document(keys: list[SigningKey]) -> dict[str, Any]:
 
 
 async def authorize_refusal(request: web.Request) -> web.Response:
-    """SPEC §9.5: there is no browser flow; enterprise-managed clients use the ID-JAG grant."""
+    """There is no browser flow: enterprise-managed clients "do not redirect the user to the MCP
+    Authorization Server's authorization endpoint" (MCP EMA extension); RFC 6749 §4.1.2.1 error."""
     return web.json_response(
         {
             "error": "unsupported_response_type",

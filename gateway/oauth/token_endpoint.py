@@ -1,9 +1,10 @@
 """The token endpoint: RFC 7523 jwt-bearer grant carrying an ID-JAG (SEP-990 leg 3).
 
 Order of checks: the form must parse, then the client must authenticate (so unauthenticated callers
-learn nothing about assertions, SPEC §2.3) and be within its rate limit (``ClientRateLimiter``), then
-the grant type and the single assertion, then every ID-JAG rule (``IdJagValidator``). Responses
-follow RFC 6749 §5.1/§5.2 with ``Cache-Control: no-store``; no refresh token is issued (draft
+learn nothing about assertions; the ID-JAG draft §4.4.1 binds the assertion to the authenticated
+client) and be within its rate limit (``ClientRateLimiter``, EMA §7.5.1), then the grant type and the
+single assertion (RFC 7523 §2.1), then every ID-JAG rule (``IdJagValidator``). Responses follow
+RFC 6749 §5.1/§5.2 with ``Cache-Control: no-store``; no refresh token is issued (draft §4.4.3
 "Refresh Token": SHOULD NOT).
 """
 
@@ -29,6 +30,7 @@ from gateway.oauth.errors import (
     RateLimited,
     UnsupportedGrantType,
 )
+from gateway.oauth.identity import SubjectIdentity
 from gateway.oauth.idjag import Grant, IdJagValidator
 from gateway.oauth.rate_limit import ClientRateLimiter
 
@@ -55,7 +57,7 @@ class TokenEndpoint:
         tokens: AccessTokenService,
         *,
         on_outcome: Callable[[GrantOutcome], None] | None = None,
-        is_revoked: Callable[[str, str], bool] | None = None,
+        is_revoked: Callable[[SubjectIdentity, str], bool] | None = None,
         rate_limiter: ClientRateLimiter | None = None,
     ) -> None:
         self._is_revoked = is_revoked
@@ -74,10 +76,10 @@ class TokenEndpoint:
             grant = await self._validator.validate(
                 assertion,
                 client_id=client_id,
-                resource=_optional(form, "resource"),
+                resources=_resources(form),
                 scope=_optional(form, "scope"),
             )
-            if self._is_revoked is not None and self._is_revoked(grant.subject, client_id):
+            if self._is_revoked is not None and self._is_revoked(grant.identity, client_id):
                 # Deprovisioning stops new ID-JAGs at the IdP; this covers ID-JAGs already issued.
                 raise InvalidGrant("access for this user or client has been revoked", reason="revoked")
         except OAuthError as error:
@@ -87,10 +89,9 @@ class TokenEndpoint:
         issued = self._tokens.issue(grant)
         self._report(GrantOutcome(client_id, grant, None))
         log.info(
-            "access token issued: client=%s sub=%s idp=%s route=%s scope=%r token_id=%s",
+            "access token issued: client=%s user=%s route=%s scope=%r token_id=%s",
             client_id,
-            grant.subject,
-            grant.idp_issuer,
+            grant.identity.key,
             grant.route.name,
             issued.scope,
             issued.token_id,
@@ -100,7 +101,8 @@ class TokenEndpoint:
             "token_type": "Bearer",
             "expires_in": issued.expires_in,
             "scope": issued.scope,
-            "resource": grant.route.resource,
+            # Draft §4.4.2: the granted resources, as the assertion (or the client) spelled them.
+            "resource": grant.resources[0] if len(grant.resources) == 1 else list(grant.resources),
         }
         return web.Response(text=json.dumps(body), content_type="application/json", headers=NO_STORE)
 
@@ -109,7 +111,7 @@ class TokenEndpoint:
         from the rate limiter's shared bucket, never from the client it names."""
         try:
             form = await self._read_form(request)
-            return form, self._clients.authenticate(request.headers.get("Authorization"), form)
+            return form, await self._clients.authenticate(request.headers.get("Authorization"), form)
         except OAuthError:
             self._throttle(None)
             raise
@@ -148,6 +150,11 @@ class TokenEndpoint:
     def _report(self, outcome: GrantOutcome) -> None:
         if self._on_outcome is not None:
             self._on_outcome(outcome)
+
+
+def _resources(form: MultiDictProxy[str]) -> tuple[str, ...]:
+    """RFC 8707 §2: ``resource`` may be repeated; RFC 6749 §3.1: one without a value is omitted."""
+    return tuple(value for value in form.getall("resource", []) if value)
 
 
 def _optional(form: MultiDictProxy[str], name: str) -> str | None:

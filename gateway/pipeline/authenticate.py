@@ -18,7 +18,7 @@ async def authenticate(ctx: RequestContext) -> None:
         principal = runtime.guard.authenticate(ctx.request.headers.getall("Authorization", []), route)
     except BearerChallenge as challenge:
         raise _challenge(ctx, challenge.status, challenge.error, challenge.description) from None
-    if runtime.is_revoked(principal.subject, principal.client_id):
+    if runtime.is_revoked(principal.identity, principal.client_id):
         raise _challenge(ctx, 401, "invalid_token", "access has been revoked", reason="revoked")
     ctx.principal = principal
 

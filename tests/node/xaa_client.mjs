@@ -19,7 +19,11 @@
 //   IDP_CLIENT_ID        required* client_id at the IdP
 //   IDP_CLIENT_SECRET    optional  client_secret at the IdP (omitted from the request when empty)
 //   CLIENT_ID            required* client_id at the gateway's authorization server
-//   CLIENT_SECRET        required* client_secret at the gateway's authorization server
+//   CLIENT_SECRET        required* client_secret at the gateway's authorization server (unless
+//                                  CLIENT_PRIVATE_KEY_JWK is set)
+//   CLIENT_PRIVATE_KEY_JWK optional private JWK (JSON): authenticate with private_key_jwt (RFC 7523
+//                                  §2.2) via the SDK's createPrivateKeyJwtAuth instead of a secret
+//   CLIENT_KEY_ALG       optional  JWS algorithm for CLIENT_PRIVATE_KEY_JWK (default ES256)
 //   EXPECTED_ISSUER      required* gateway AS issuer (CrossAppAccessProvider `expectedIssuer`)
 //   SCOPE                optional  scope sent to the IdP in leg 2 (default: the scope the provider
 //                                  passes to the assertion callback, i.e. WWW-Authenticate/PRM scope)
@@ -51,6 +55,7 @@ function addSecret(value) {
     if (typeof value === 'string' && value.length >= 4) secrets.add(value);
 }
 for (const name of ['ID_TOKEN', 'CLIENT_SECRET', 'IDP_CLIENT_SECRET']) addSecret(env[name]);
+if (env.CLIENT_PRIVATE_KEY_JWK) addSecret(JSON.parse(env.CLIENT_PRIVATE_KEY_JWK).d);
 
 const requests = [];
 const assertionRequests = [];
@@ -216,7 +221,8 @@ async function main() {
 
     stage = 'import';
     const sdk = await import('@modelcontextprotocol/client');
-    const { Client, StreamableHTTPClientTransport, SSEClientTransport, CrossAppAccessProvider, requestJwtAuthorizationGrant } = sdk;
+    const { Client, StreamableHTTPClientTransport, SSEClientTransport, CrossAppAccessProvider, requestJwtAuthorizationGrant, createPrivateKeyJwtAuth } =
+        sdk;
 
     stage = 'config';
     if (!noAuth) {
@@ -224,9 +230,10 @@ async function main() {
         const idToken = required('ID_TOKEN');
         const idpClientId = required('IDP_CLIENT_ID');
         const idpClientSecret = env.IDP_CLIENT_SECRET || undefined;
+        const privateKeyJwk = env.CLIENT_PRIVATE_KEY_JWK ? JSON.parse(env.CLIENT_PRIVATE_KEY_JWK) : undefined;
         provider = new CrossAppAccessProvider({
             clientId: required('CLIENT_ID'),
-            clientSecret: required('CLIENT_SECRET'),
+            clientSecret: privateKeyJwk ? undefined : required('CLIENT_SECRET'),
             expectedIssuer: required('EXPECTED_ISSUER'),
             clientName: 'xaa-e2e-test-client',
             fetchFn: recordingFetch,
@@ -254,6 +261,15 @@ async function main() {
                 return result.jwtAuthGrant;
             }
         });
+        if (privateKeyJwk) {
+            // The SDK's own private_key_jwt signer (iss = sub = client_id, aud = the AS issuer).
+            provider.addClientAuthentication = createPrivateKeyJwtAuth({
+                issuer: required('CLIENT_ID'),
+                subject: required('CLIENT_ID'),
+                privateKey: privateKeyJwk,
+                alg: env.CLIENT_KEY_ALG || 'ES256'
+            });
+        }
     }
 
     const transportOptions = { fetch: recordingFetch };

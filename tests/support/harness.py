@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,8 +97,11 @@ class GatewayHarness:
         client_secret: str | None = CLIENT_SECRET,
         basic: bool = False,
         extra: dict[str, str] | None = None,
+        extra_pairs: Sequence[tuple[str, str]] = (),
         grant_type: str = JWT_BEARER,
     ) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """POST a jwt-bearer grant; ``extra`` adds or replaces parameters, ``extra_pairs`` appends them
+        (a parameter may repeat, as RFC 8707 ``resource`` does)."""
         form: dict[str, str] = {"grant_type": grant_type}
         if assertion is not None:
             form["assertion"] = assertion
@@ -111,7 +114,8 @@ class GatewayHarness:
                 form["client_secret"] = client_secret
         form.update(extra or {})
         async with aiohttp.ClientSession() as http:
-            async with http.post(self.token_endpoint, data=form, headers=headers) as response:
+            data = [*form.items(), *extra_pairs]
+            async with http.post(self.token_endpoint, data=data, headers=headers) as response:
                 return response.status, await response.json(content_type=None), dict(response.headers)
 
     async def access_token(self, route: str = "json", **overrides: Any) -> str:
