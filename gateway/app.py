@@ -374,6 +374,7 @@ class Gateway:
                 "token.issued",
                 route=grant.route.name,
                 sub=grant.subject,
+                tenant=grant.tenant,
                 client_id=grant.client_id,
                 idp=grant.idp_issuer,
                 groups=grant.groups,

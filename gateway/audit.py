@@ -35,6 +35,7 @@ FIELDS = (
     "sub",
     "client_id",
     "idp",
+    "tenant",
     "groups",
     "method",
     "target",

@@ -33,7 +33,7 @@ from gateway.conditions import ConditionEvaluationError, ConditionInput, Conditi
 from gateway.config import RouteConfig
 from gateway.oauth.access_token import Principal
 from gateway.policy import RoutePolicy, Rule, target_problem
-from gateway.quotas import Charge, QuotaStore, QuotaStoreUnavailable, user_identity
+from gateway.quotas import Charge, QuotaStore, QuotaStoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class DecisionEngine:
     async def _charge(self, ctx: DecisionContext, tool: str, facts: _Facts) -> Decision | None:
         """Charge every quota counting this call, all or nothing; None when it fits them all."""
         principal = ctx.principal
-        identity = user_identity(principal.idp_issuer, principal.subject)
+        identity = principal.identity.key  # issuer + tenant + sub: one person, whichever client or session
         charges: list[Charge] = []
         quota_of: list[str] = []
         for quota in ctx.route.quotas:

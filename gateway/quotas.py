@@ -311,12 +311,6 @@ def open_quota_store(replay_store_url: str | None) -> QuotaStore:
     return RedisQuotaStore.from_url(replay_store_url)
 
 
-def user_identity(idp_issuer: str, subject: str) -> str:
-    """The ``per: user`` identity: subjects are unique per issuer (ID-JAG draft "Tenant Relationships").
-    Not the session's principal key, which also names the client: one user's agents share a user quota."""
-    return f"{idp_issuer}\x00{subject}"
-
-
 @dataclass(frozen=True)
 class QuotaRule:
     """One entry of ``routes[].quotas``. ``cost_source`` is the CEL text of ``cost`` (None: each call
@@ -347,7 +341,7 @@ class QuotaRule:
     def subject_key(self, route: str, principal_key: str, client_id: str, groups: Iterable[str]) -> list[str]:
         """The counters one call is charged to, each a store key naming route, quota and subject.
 
-        ``principal_key`` is the ``user_identity`` (issuer and subject, never a session: sessions are
+        ``principal_key`` is the user's identity key (issuer, tenant and subject; never a session: sessions are
         free to mint). ``per: client`` counts every user of one client together, ``per: route`` every
         call on the route. ``per: group`` keeps one counter per group the user has, and charges all of
         them: a call is refused when any of the user's groups has spent its limit. A user without groups

@@ -26,10 +26,13 @@ import binascii
 import enum
 import hashlib
 import hmac
+import json
 from collections.abc import Sequence
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from gateway.oauth.identity import SubjectIdentity
 
 _MAC_BYTES = 16
 _MAX_UPSTREAM_ID = 512
@@ -44,7 +47,7 @@ def _unb64(text: str) -> bytes:
 
 
 def derive_session_key(secret_material: bytes) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=b"mcp-gateway", info=b"session-binding/v1").derive(
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=b"mcp-gateway", info=b"session-binding/v2").derive(
         secret_material
     )
 
@@ -92,7 +95,8 @@ class SessionBinder:
         return SessionCheck.OK, upstream_id
 
 
-def principal_key(idp: str, subject: str, client_id: str) -> str:
-    """Subjects are unique per issuer (ID-JAG draft "Tenant Relationships"); the client is part of
-    the principal too, so one user's session cannot be reused by another of their agents."""
-    return f"{idp}\x00{subject}\x00{client_id}"
+def principal_key(identity: SubjectIdentity, client_id: str) -> str:
+    """The user is issuer + tenant + sub (gateway/oauth/identity.py: a ``sub`` is unique only within
+    its issuer and tenant); the client is part of the principal too, so one user's session cannot be
+    reused by another of their agents. JSON keeps the encoding injective."""
+    return json.dumps([identity.key, client_id], separators=(",", ":"))

@@ -22,6 +22,7 @@ from aiohttp import web
 from yarl import URL
 
 from gateway.devidp import DevIdentityProvider
+from gateway.oauth.identity import SubjectIdentity
 from gateway.proxy.forward import upstream_path_remainder
 from gateway.proxy.jsonrpc import EMA_EXTENSION
 from gateway.sessions import SessionCheck, principal_key
@@ -237,7 +238,7 @@ async def test_session_id_is_bound_to_its_principal_and_carries_later_requests(
     direct = {"Accept": ACCEPT, "Mcp-Session-Id": client.session_id, "MCP-Protocol-Version": PROTOCOL}
     async with http.post(upstream.mcp_url, json=tool_call(3, "echo", {"text": "direct"}), headers=direct) as response:
         assert response.status in (400, 404)
-    owner = principal_key(gw.idp.issuer, "alice", CLIENT_ID)
+    owner = principal_key(SubjectIdentity(gw.idp.issuer, None, "alice"), CLIENT_ID)
     status, upstream_id = gw.gateway.runtime.sessions.unwrap(route, owner, client.session_id)
     assert status is SessionCheck.OK and upstream_id
     direct["Mcp-Session-Id"] = upstream_id
@@ -367,7 +368,7 @@ async def test_mcp_transport_headers_reach_the_upstream(gw: GatewayHarness, http
     await client.initialize()
     sent = {"Mcp-Method": "tools/call", "Mcp-Name": "headers_seen", "Mcp-Param-Region": "=?base64?ZXU=?="}
     seen = await headers_seen(client, **sent)
-    owner = principal_key(gw.idp.issuer, "alice", CLIENT_ID)
+    owner = principal_key(SubjectIdentity(gw.idp.issuer, None, "alice"), CLIENT_ID)
     assert seen["mcp-session-id"] == gw.gateway.runtime.sessions.unwrap("json", owner, client.session_id)[1]
     assert seen["mcp-protocol-version"] == PROTOCOL
     assert seen["accept"] == ACCEPT

@@ -19,6 +19,7 @@ import pytest
 import redis.asyncio
 
 from gateway.config import ConfigError
+from gateway.oauth.identity import SubjectIdentity
 from gateway.quotas import (
     KEY_GRACE_SECONDS,
     REDIS_KEY_PREFIX,
@@ -30,7 +31,6 @@ from gateway.quotas import (
     RedisQuotaStore,
     open_quota_store,
     parse_quotas,
-    user_identity,
 )
 from tests.support.loopback import free_port
 from tests.support.redis_server import RedisServer, running_redis
@@ -472,7 +472,7 @@ def rule_per(per: str, quota_id: str = "q") -> QuotaRule:
     return rule
 
 
-ALICE = user_identity("https://idp.example", "alice")
+ALICE = SubjectIdentity("https://idp.example", None, "alice").key
 
 
 def test_per_user_counts_the_user_across_clients_and_issuers_apart() -> None:
@@ -480,14 +480,16 @@ def test_per_user_counts_the_user_across_clients_and_issuers_apart() -> None:
     keys = rule.subject_key("payments", ALICE, "agent-1", ["support"])
     assert len(keys) == 1
     assert rule.subject_key("payments", ALICE, "agent-2", ["other"]) == keys
-    assert rule.subject_key("payments", user_identity("https://other.example", "alice"), "agent-1", []) != keys
+    assert (
+        rule.subject_key("payments", SubjectIdentity("https://other.example", None, "alice").key, "agent-1", []) != keys
+    )
     assert rule.subject_key("billing", ALICE, "agent-1", ["support"]) != keys
     assert rule_per("user", "q2").subject_key("payments", ALICE, "agent-1", ["support"]) != keys
 
 
 def test_per_client_and_per_route_count_every_user_together() -> None:
     client = rule_per("client")
-    bob = user_identity("https://idp.example", "bob")
+    bob = SubjectIdentity("https://idp.example", None, "bob").key
     assert client.subject_key("payments", ALICE, "agent-1", []) == client.subject_key("payments", bob, "agent-1", [])
     assert client.subject_key("payments", ALICE, "agent-1", []) != client.subject_key("payments", ALICE, "agent-2", [])
     route = rule_per("route")
@@ -499,7 +501,7 @@ def test_per_group_keeps_one_counter_per_group_and_one_for_users_without_groups(
     rule = rule_per("group")
     keys = rule.subject_key("payments", ALICE, "agent-1", ["support", "finance", "support"])
     assert len(keys) == 2
-    bob = user_identity("https://idp.example", "bob")
+    bob = SubjectIdentity("https://idp.example", None, "bob").key
     assert rule.subject_key("payments", bob, "agent-2", ["finance"]) == [k for k in keys if k.endswith("finance")]
     none = rule.subject_key("payments", ALICE, "agent-1", [])
     assert len(none) == 1
@@ -511,7 +513,7 @@ def test_per_group_keeps_one_counter_per_group_and_one_for_users_without_groups(
 async def test_a_per_group_quota_refuses_when_any_of_the_users_groups_is_spent() -> None:
     rule = rule_per("group")
     quota_store = MemoryQuotaStore()
-    bob = user_identity("https://idp.example", "bob")
+    bob = SubjectIdentity("https://idp.example", None, "bob").key
 
     async def call(user: str, groups: list[str]) -> bool:
         keys = rule.subject_key("payments", user, "agent", groups)

@@ -23,10 +23,12 @@ _CALL_EVENTS = {
 def who(principal: Principal | None) -> dict[str, Any]:
     if principal is None:
         return {}
+    # sub is unique only within its IdP and tenant: the three together name the user.
     return {
         "sub": principal.subject,
         "client_id": principal.client_id,
         "idp": principal.idp_issuer,
+        "tenant": principal.tenant,
         "groups": principal.groups,
     }
 

@@ -24,7 +24,7 @@ from gateway.sessions import SessionBinder, SessionCheck, principal_key
 async def bind_session(ctx: RequestContext) -> None:
     principal, plan, route, request = ctx.principal, ctx.plan, ctx.route, ctx.request
     assert principal is not None and plan is not None
-    owner = principal_key(principal.idp_issuer, principal.subject, principal.client_id)
+    owner = principal_key(principal.identity, principal.client_id)
     binder = ctx.runtime.sessions
     upstream_session = None
     presented = request.headers.get(SESSION_HEADER)
