@@ -22,6 +22,7 @@ import aiohttp
 
 from gateway.audit import argument_digester
 from gateway.bearer import BearerGuard
+from gateway.condition_health import ConditionHealth
 from gateway.config import AuthorizationConfig, GatewayConfig, RouteConfig
 from gateway.engine import DecisionEngine
 from gateway.metrics import Metrics
@@ -94,6 +95,7 @@ class Runtime:
         metrics: Metrics,
         signing_key: SigningKey | None = None,
         previous: Runtime | None = None,
+        condition_health: ConditionHealth | None = None,
         clock: Callable[[], float] = time.time,
     ) -> Runtime:
         """Raises ConfigError / SigningKeyError / ReloadRefused without touching ``previous``."""
@@ -133,7 +135,7 @@ class Runtime:
                 [derive_session_key(k.key.secret_material) for k in previous_keys],
             ),
             argument_digest=argument_digester(signing_key.secret_material) if config.audit_argument_hashes else None,
-            engine=DecisionEngine(quota_store),
+            engine=DecisionEngine(quota_store, condition_health),
         )
         runtime.token_endpoint = TokenEndpoint(
             ClientAuthenticator(auth.clients),
