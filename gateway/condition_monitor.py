@@ -50,20 +50,9 @@ def _upstream_identity(route: RouteConfig) -> tuple[object, ...]:
 
 
 class ConditionMonitor:
-    def __init__(
-        self,
-        health: ConditionHealth,
-        metrics: Metrics,
-        *,
-        debounce_seconds: float = DEBOUNCE_SECONDS,
-        retry_seconds: float = RETRY_SECONDS,
-        max_retry_seconds: float = MAX_RETRY_SECONDS,
-    ) -> None:
+    def __init__(self, health: ConditionHealth, metrics: Metrics) -> None:
         self.health = health
         self._metrics = metrics
-        self._debounce = debounce_seconds
-        self._retry = retry_seconds
-        self._max_retry = max_retry_seconds
         self._watches: dict[str, _Watch] = {}
 
     def configure(self, config: GatewayConfig, upstreams: Mapping[str, Upstream]) -> None:
@@ -115,14 +104,14 @@ class ConditionMonitor:
     async def _run(self, watch: _Watch) -> None:
         failures = 0
         while True:
-            backoff = None if failures == 0 else min(self._retry * 2 ** (failures - 1), self._max_retry)
+            backoff = None if failures == 0 else min(RETRY_SECONDS * 2 ** (failures - 1), MAX_RETRY_SECONDS)
             try:
                 async with asyncio.timeout(backoff):
                     await watch.wake.wait()
             except TimeoutError:
                 pass
             # A burst of notifications (one per relayed stream) or of reloads makes one check.
-            await asyncio.sleep(self._debounce)
+            await asyncio.sleep(DEBOUNCE_SECONDS)
             watch.wake.clear()
             try:
                 checked = await self._check(watch)
