@@ -25,6 +25,8 @@ from aiohttp import web
 from gateway import logs, pipeline
 from gateway.audit import AuditLog
 from gateway.bearer import BearerGuard
+from gateway.condition_health import ConditionHealth
+from gateway.condition_monitor import ConditionMonitor
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.listener import ConnectionCounter, GuardedSite
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -88,6 +90,9 @@ class Gateway:
         self.quota_store = quota_store if quota_store is not None else open_quota_store(config.replay_store)
         self.services = Services(self.audit, self.metrics)
         self._metrics_runner: web.AppRunner | None = None
+        # Conditions that do not type-check against the upstreams' schemas, kept current in the background.
+        self.condition_health = ConditionHealth()
+        self.conditions = ConditionMonitor(self.condition_health, self.metrics)
         self.runtime = Runtime.build(
             config,
             replay_store=self.replay_store,
@@ -97,6 +102,7 @@ class Gateway:
             jwks_min_refresh_seconds=jwks_min_refresh_seconds,
             metrics=self.metrics,
             signing_key=signing_key,
+            condition_health=self.condition_health,
         )
 
     # Convenience views of the current runtime (tests, benchmarks, the demo).
@@ -143,6 +149,7 @@ class Gateway:
 
     async def _on_startup(self, app: web.Application) -> None:
         await self.audit.start()
+        self.conditions.configure(self.config, self.runtime.upstreams)
         if self.config.metrics_listen is not None:
             # A separate port that carries no auth and is not exposed publicly (scraped in-cluster).
             metrics_app = web.Application()
@@ -191,6 +198,7 @@ class Gateway:
     async def _on_cleanup(self, app: web.Application) -> None:
         for task in list(self._background):
             task.cancel()
+        await self.conditions.close()
         for upstream in self.runtime.upstreams.values():
             await upstream.close()
         if self._idp_session is not None:
@@ -222,6 +230,7 @@ class Gateway:
                 jwks_min_refresh_seconds=self._jwks_min_refresh,
                 metrics=self.metrics,
                 previous=self.runtime,
+                condition_health=self.condition_health,
             )
         except (ConfigError, SigningKeyError, ReloadRefused) as exc:
             self.metrics.reloads.labels("failure").inc()
@@ -230,6 +239,7 @@ class Gateway:
             return False
         old, self.runtime = self.runtime, new
         self.metrics.precreate(new.config)
+        self.conditions.configure(new.config, new.upstreams)
         for upstream in old.retired_upstreams(new):
             self._spawn(upstream.retire())  # ends its streams now, closes once its requests finish
         await new.keys.prefetch_missing()

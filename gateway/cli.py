@@ -15,8 +15,10 @@ import sys
 from collections.abc import Sequence
 
 from gateway import __version__, logs
-from gateway.config import ConfigError, GatewayConfig, describe, load_config
+from gateway.condition_health import find_problems, has_conditions, needs_prompts
+from gateway.config import ConfigError, GatewayConfig, RouteConfig, describe, load_config
 from gateway.oauth.keys import SigningKey, SigningKeyError, load_signing_key
+from gateway.upstream_catalog import Catalog, CatalogError, fetch_catalog
 
 log = logging.getLogger("gateway")
 # Lines a person or a supervisor waits for (the dev IdP's address, the demo's steps) must not sit in
@@ -47,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--as-groups", default=None, metavar="G1,G2", help="also show what a user in these IdP groups may see"
     )
+    check.add_argument(
+        "--upstreams",
+        action="store_true",
+        help="also connect to each route's upstream and type-check conditions against its tools and prompts",
+    )
 
     demo = add_command("demo", "run upstream + development IdP + gateway and the whole flow")
     demo.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
@@ -67,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(level)
     try:
         if args.command == "check":
-            return _check(args.config, args.as_groups)
+            return _check(args.config, args.as_groups, upstreams=args.upstreams)
         if args.command == "serve":
             return asyncio.run(_serve(args.config, level))
         if args.command == "demo":
@@ -80,14 +87,56 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _check(path: str, as_groups: str | None = None) -> int:
+def _check(path: str, as_groups: str | None = None, *, upstreams: bool = False) -> int:
     config = load_config(path)
     if config.authorization.signing_key_file:
         # Load it as serve would: a file that exists but is not a usable key must fail check too.
         _signing_key(config)
     groups = None if as_groups is None else frozenset(g.strip() for g in as_groups.split(",") if g.strip())
     describe(config, emit=print, as_groups=groups)
+    if upstreams:
+        return asyncio.run(_check_upstreams(config))
     return 0
+
+
+async def _check_upstreams(config: GatewayConfig) -> int:
+    """``check --upstreams``: list every route's upstream (in parallel) and type-check its conditions.
+
+    A summary per route goes to stdout; each problem is one stderr line ``file: key.path: tool 'x':
+    problem`` (an unreachable upstream: ``file: routes[N].upstream: ...``); any problem exits 2."""
+
+    async def fetch(route: RouteConfig) -> Catalog | CatalogError:
+        try:
+            return await fetch_catalog(route, config.limits, prompts=needs_prompts(route))
+        except CatalogError as exc:
+            return exc
+
+    results = await asyncio.gather(*(fetch(route) for route in config.routes))
+    failed = False
+    print("upstreams:", flush=True)
+    for index, (route, catalog) in enumerate(zip(config.routes, results, strict=True)):
+        if isinstance(catalog, CatalogError):
+            failed = True
+            print(f"  {route.name}: unreachable", flush=True)
+            print(
+                f"mcp-gateway: {config.source}: routes[{index}].upstream: cannot list the tools of route "
+                f"'{route.name}' ({route.upstream}): {catalog}",
+                file=sys.stderr,
+            )
+            continue
+        problems = find_problems(route, index, catalog)
+        listed = f"{len(catalog.tools)} tools" + (f", {len(catalog.prompts)} prompts" if needs_prompts(route) else "")
+        if not has_conditions(route):
+            verdict = "no conditions"
+        else:
+            errors = sum(len(problem.problems) for problem in problems)
+            verdict = f"conditions: {errors} type error{'s' * (errors != 1)}" if errors else "conditions type-check"
+        print(f"  {route.name}: {listed}; {verdict}", flush=True)
+        for problem in problems:
+            failed = True
+            for line in problem.lines():
+                print(f"mcp-gateway: {config.source}: {line}", file=sys.stderr)
+    return 2 if failed else 0
 
 
 def _signing_key(config: GatewayConfig) -> SigningKey:

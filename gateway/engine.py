@@ -7,11 +7,14 @@ each able to end the decision:
 
 1. scopes: a method that needs a scope the token lacks -> ``step_up`` (RFC 6750 §3.1
    ``insufficient_scope``; MCP authorization "Scope Challenge Handling");
-2. rules: the route's tools / resources / prompts rules (gateway/policy.py), with their ``when``
+2. rules: a rule that would decide the call but whose condition does not type-check against the tool's
+   current ``inputSchema`` (gateway/condition_health.py) -> ``deny`` with ``condition_invalid``;
+   the route's tools / resources / prompts rules (gateway/policy.py), with their ``when``
    conditions in CEL (gateway/conditions.py) evaluated on the call's arguments, user, client, route
    and time -> ``deny`` naming the rule id (and ``condition`` when a condition decided, or
    ``condition_error`` when it could not be evaluated), or the rule that allows;
-3. quotas: a ``tools/call`` counted by the route's quotas (gateway/quotas.py) -> ``throttle`` with the
+3. quotas: a ``tools/call`` counted by a quota whose ``cost`` does not type-check -> ``deny`` with
+   ``condition_invalid``; counted by the route's quotas (gateway/quotas.py) -> ``throttle`` with the
    quota id and when to retry; a quota store that cannot answer -> ``deny`` (fail closed). Each quota's
    outcome (charged, exhausted, unavailable) goes to ``on_quota``: the metrics.
 
@@ -29,6 +32,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from gateway.classify import Call
+from gateway.condition_health import ConditionHealth
 from gateway.conditions import ConditionEvaluationError, ConditionInput, ConditionUser
 from gateway.config import RouteConfig
 from gateway.oauth.access_token import Principal
@@ -77,8 +81,15 @@ QuotaObserver = Callable[[str, str, str], None]
 
 
 class DecisionEngine:
-    def __init__(self, quota_store: QuotaStore | None = None, *, on_quota: QuotaObserver | None = None) -> None:
+    def __init__(
+        self,
+        quota_store: QuotaStore | None = None,
+        condition_health: ConditionHealth | None = None,
+        *,
+        on_quota: QuotaObserver | None = None,
+    ) -> None:
         self._quotas = quota_store
+        self._health = condition_health
         self._on_quota = on_quota
 
     async def decide(self, ctx: DecisionContext) -> Decision:
@@ -90,10 +101,22 @@ class DecisionEngine:
         if call.kind is None:
             return NOT_A_NAMED_CALL
         facts = _Facts(ctx)
-        decision = _by_rules(policy, call.kind, call.target, ctx.groups, facts)
+        decision = self._invalid_condition(ctx, "rule") or _by_rules(policy, call.kind, call.target, ctx.groups, facts)
         if decision.allowed and call.method == "tools/call" and ctx.route.quotas and call.target is not None:
-            return await self._charge(ctx, call.target, facts) or decision
+            return self._invalid_condition(ctx, "quota") or await self._charge(ctx, call.target, facts) or decision
         return decision
+
+    def _invalid_condition(self, ctx: DecisionContext, owner: str) -> Decision | None:
+        """Refuse a call that a rule's condition or a quota's cost found not to type-check would decide."""
+        call = ctx.call
+        if not self._health or call.kind is None or call.target is None:
+            return None
+        broken = self._health.find(ctx.route.name, call.kind, call.target, ctx.groups, owner)
+        if broken is None:
+            return None
+        data = {"reason": "condition_invalid", broken.owner: broken.owner_id, "detail": broken.detail}
+        reason = f"{broken.key} does not type-check against {broken.target}: {broken.detail}"
+        return Decision(Effect.DENY, reason, rule=broken.owner_id, data=data)
 
     async def _charge(self, ctx: DecisionContext, tool: str, facts: _Facts) -> Decision | None:
         """Charge every quota counting this call, all or nothing; None when it fits them all."""

@@ -224,6 +224,19 @@ class Metrics:
             registry=r,
         )
         self.reloads = Counter("mcp_gateway_config_reloads_total", "Config reloads by result", ["result"], registry=r)
+        self.condition_invalid = Gauge(
+            "mcp_gateway_condition_invalid",
+            "Tools or prompts whose calls are refused because the rule's condition (or the quota's cost) does "
+            "not type-check against the upstream's schema",
+            ["route", "rule"],
+            registry=r,
+        )
+        self.condition_checks = Counter(
+            "mcp_gateway_condition_checks_total",
+            "Type-checks of a route's conditions against its upstream's tools/list, by result",
+            ["route", "result"],
+            registry=r,
+        )
         r.register(_IdpKeysCollector(key_sets))
         r.register(_CallbackCollector(audit_dropped, pools))
 

@@ -22,6 +22,7 @@ import aiohttp
 
 from gateway.audit import argument_digester
 from gateway.bearer import BearerGuard
+from gateway.condition_health import ConditionHealth
 from gateway.config import AuthorizationConfig, GatewayConfig, RouteConfig
 from gateway.engine import DecisionEngine
 from gateway.metrics import Metrics
@@ -104,6 +105,7 @@ class Runtime:
         metrics: Metrics,
         signing_key: SigningKey | None = None,
         previous: Runtime | None = None,
+        condition_health: ConditionHealth | None = None,
         clock: Callable[[], float] = time.time,
     ) -> Runtime:
         """Raises ConfigError / SigningKeyError / ReloadRefused without touching ``previous``."""
@@ -150,6 +152,7 @@ class Runtime:
             argument_digest=argument_digester(signing_key.secret_material) if config.audit_argument_hashes else None,
             engine=DecisionEngine(
                 quota_store,
+                condition_health,
                 on_quota=lambda route, quota, result: metrics.quota_decisions.labels(route, quota, result).inc(),
             ),
             revoked_users=frozenset((s.issuer, s.tenant, s.subject) for s in config.revoked_subjects),

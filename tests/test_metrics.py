@@ -58,6 +58,8 @@ FAMILIES = {
     "mcp_gateway_policy_decisions": "counter",
     "mcp_gateway_quota_decisions": "counter",
     "mcp_gateway_config_reloads": "counter",
+    "mcp_gateway_condition_invalid": "gauge",
+    "mcp_gateway_condition_checks": "counter",
     "mcp_gateway_audit_dropped_lines": "counter",
     "mcp_gateway_upstream_pool_in_use": "gauge",
     "mcp_gateway_upstream_pool_limit": "gauge",

@@ -33,7 +33,7 @@ from gateway.proxy.headers import (
     client_response_headers,
     upstream_request_headers,
 )
-from gateway.proxy.jsonrpc import ResultRewriter
+from gateway.proxy.jsonrpc import ResultRewriter, announces_list_changed
 from gateway.proxy.request_body import CANONICAL_CONTENT_TYPE
 from gateway.proxy.sse import EventSplitter, EventTooLarge, parse_event
 from gateway.urls import origin_of
@@ -202,6 +202,9 @@ class Upstream:
         self._ended: set[aiohttp.ClientResponse] = set()
         self._in_flight = 0
         self._retired = False
+        # Called with the route name when a relayed event announces that the upstream's tools or prompts
+        # changed (gateway/condition_monitor.py re-checks conditions); None when nothing listens.
+        self.on_list_changed: Callable[[str], None] | None = None
 
     @property
     def pool_usage(self) -> tuple[int, int | None]:
@@ -417,6 +420,8 @@ class Upstream:
                     break
                 idle = 0.0
                 for event in splitter.feed(chunk):
+                    if self.on_list_changed is not None and announces_list_changed(event):
+                        self.on_list_changed(fwd.route.name)
                     if rewrite_endpoint:
                         event = self._rewrite_endpoint(event, request, fwd)
                     if fwd.rewriter:

@@ -18,6 +18,8 @@ from gateway.proxy.sse import parse_event
 ResultRewrite = Callable[[dict[str, Any]], dict[str, Any]]
 EMA_EXTENSION = "io.modelcontextprotocol/enterprise-managed-authorization"
 _LIST_MARKERS = tuple(f'"{key}"'.encode() for key in LIST_RESULT_KEYS)
+# MCP 2025-11-25 "List Changed Notification" for the lists conditions are type-checked against.
+LIST_CHANGED = frozenset({"notifications/tools/list_changed", "notifications/prompts/list_changed"})
 
 
 def _id_key(value: Any) -> str:
@@ -30,6 +32,20 @@ def _id_key(value: Any) -> str:
 def may_hold_list(raw: bytes) -> bool:
     """Cheap pre-check before parsing: a list result names its list key, possibly \\u-escaped."""
     return b"\\u" in raw or any(marker in raw for marker in _LIST_MARKERS)
+
+
+def announces_list_changed(raw: bytes) -> bool:
+    """Whether an SSE event carries a tools or prompts ``list_changed`` notification (alone or in a batch).
+    Events without the bytes ``list_changed`` are not parsed."""
+    if b"list_changed" not in raw:
+        return False
+    event = parse_event(raw)
+    try:
+        data = json.loads(event.data) if event.event == "message" and event.data else None
+    except (ValueError, RecursionError):
+        return False
+    messages = data if isinstance(data, list) else [data]
+    return any(isinstance(m, dict) and m.get("method") in LIST_CHANGED and "id" not in m for m in messages)
 
 
 class ResultRewriter:

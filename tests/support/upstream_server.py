@@ -25,6 +25,11 @@ Test hooks (plain HTTP, outside MCP, never behind the gateway):
   10 s with fewer): shows that the gateway dropped an upstream request when its client left.
 * ``POST /_test/release/<gate>`` — opens the gate that the ``gated_stream`` tool waits on (safe to call
   before the tool starts waiting).
+* ``PUT /_test/input_schema/<tool>`` (body: a JSON Schema) — from now on ``tools/list`` advertises that
+  ``inputSchema`` for the tool; ``DELETE`` restores the tool's own.  Either sends
+  ``notifications/tools/list_changed`` to every session that has listed tools (on its standalone GET
+  stream, MCP 2025-11-25 "List Changed Notification") and answers ``{"notified": N}``.  The tool itself
+  is unchanged: this is how a server whose schema changes at run time looks to a gateway.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, cast, get_args
 
 import uvicorn
+from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.shared.exceptions import MCPDeprecationWarning
 from starlette.requests import Request
@@ -58,6 +64,9 @@ _RECORDED_PREFIXES = (MCP_PATH, MESSAGES_PATH.rstrip("/"))
 _NAME_FIELDS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 
 
+MAX_LISTENING_SESSIONS = 64
+
+
 @dataclass
 class UpstreamHooks:
     """State shared by the MCP tools and the ``/_test`` endpoints (one per server process)."""
@@ -66,6 +75,36 @@ class UpstreamHooks:
     gates: dict[str, asyncio.Event] = field(default_factory=dict)
     disconnects: list[dict[str, str]] = field(default_factory=list)
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
+    # tool name -> the inputSchema tools/list advertises instead of the tool's own
+    input_schemas: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # sessions that listed tools, newest last: they are told when the list changes
+    tool_listeners: list[Any] = field(default_factory=list)
+
+    async def tools_list_middleware(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
+        """Server middleware: remember who lists tools, and advertise the overridden schemas."""
+        result = await call_next(ctx)
+        if ctx.method != "tools/list" or not isinstance(result, dict):  # the SDK hands results on as dicts
+            return result
+        if ctx.session not in self.tool_listeners:
+            self.tool_listeners.append(ctx.session)
+            del self.tool_listeners[:-MAX_LISTENING_SESSIONS]
+        if not self.input_schemas or not isinstance(result.get("tools"), list):
+            return result
+        schemas = self.input_schemas
+        tools = [{**t, "inputSchema": schemas[t["name"]]} if t.get("name") in schemas else t for t in result["tools"]]
+        return {**result, "tools": tools}
+
+    async def announce_tool_list_changed(self) -> int:
+        """Send notifications/tools/list_changed to every session that listed tools; returns how many."""
+        notified = 0
+        for session in list(self.tool_listeners):
+            try:
+                await session.send_tool_list_changed()
+            except Exception:  # a closed session: forget it
+                self.tool_listeners.remove(session)
+            else:
+                notified += 1
+        return notified
 
     def gate(self, name: str) -> asyncio.Event:
         """Return the gate's event, creating it on first use so release-before-wait is not lost."""
@@ -195,6 +234,7 @@ def _replay(messages: list[Message], receive: Receive) -> Receive:
 def build_server(hooks: UpstreamHooks, *, log_level: LogLevel = "WARNING") -> MCPServer:
     """Create the MCP server with the tools, resources and prompts the gateway tests rely on."""
     mcp = MCPServer("gateway-test-upstream", version="1.0.0", log_level=log_level)
+    mcp.middleware.append(hooks.tools_list_middleware)
 
     @mcp.tool()
     def echo(text: str) -> str:
@@ -287,6 +327,18 @@ def build_server(hooks: UpstreamHooks, *, log_level: LogLevel = "WARNING") -> MC
     async def release(request: Request) -> Response:
         hooks.gate(request.path_params["gate"]).set()
         return Response(status_code=204)
+
+    @mcp.custom_route("/_test/input_schema/{tool}", methods=["PUT", "DELETE"])
+    async def input_schema(request: Request) -> Response:
+        tool = request.path_params["tool"]
+        if request.method == "PUT":
+            schema = await request.json()
+            if not isinstance(schema, dict):
+                return JSONResponse({"error": "the body must be a JSON Schema object"}, status_code=400)
+            hooks.input_schemas[tool] = schema
+        else:
+            hooks.input_schemas.pop(tool, None)
+        return JSONResponse({"notified": await hooks.announce_tool_list_changed()})
 
     return mcp
 

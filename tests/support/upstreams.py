@@ -119,6 +119,17 @@ class RunningUpstream:
             async with http.get(f"{self.base_url}/_test/disconnects", params={"count": str(count)}) as response:
                 return await response.json()
 
+    def set_input_schema(self, tool: str, schema: dict[str, Any] | None) -> int:
+        """Make ``tools/list`` advertise ``schema`` as ``tool``'s inputSchema (None: the tool's own again).
+        The upstream sends notifications/tools/list_changed to every session that has listed tools, on
+        its GET stream, and this returns how many it told. Blocking: call it from a thread in async tests."""
+        path = "/_test/input_schema/" + quote(tool, safe="")
+        if schema is None:
+            result = self._request("DELETE", path)
+        else:
+            result = self._request("PUT", path, json.dumps(schema).encode())
+        return result["notified"]
+
     def stderr_text(self) -> str:
         """What the upstream has logged so far — for assertion messages."""
         return read_so_far(self._stderr_file).decode(errors="replace")
@@ -140,8 +151,9 @@ class RunningUpstream:
     ) -> None:
         self.stop()
 
-    def _request(self, method: str, path: str) -> Any:
-        request = urllib.request.Request(self.base_url + path, method=method, data=b"" if method == "POST" else None)
+    def _request(self, method: str, path: str, body: bytes | None = None) -> Any:
+        data = body if body is not None else (b"" if method == "POST" else None)
+        request = urllib.request.Request(self.base_url + path, method=method, data=data)
         with _OPENER.open(request, timeout=HTTP_TIMEOUT_SECONDS) as response:
             body = response.read()
         return json.loads(body) if body else None
