@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from gateway import __version__, logs
 from gateway.condition_health import find_problems, has_conditions, needs_prompts
 from gateway.config import ConfigError, GatewayConfig, RouteConfig, describe, load_config
+from gateway.mcp_methods import KINDS
 from gateway.oauth.keys import SigningKey, SigningKeyError, load_signing_key
 from gateway.upstream_catalog import Catalog, CatalogError, fetch_catalog
 
@@ -24,6 +25,8 @@ log = logging.getLogger("gateway")
 # Lines a person or a supervisor waits for (the dev IdP's address, the demo's steps) must not sit in
 # a block buffer when stdout is a pipe or a file.
 _say = functools.partial(print, flush=True)
+# ``check --explain``: the user a call is decided for unless --as-user names one.
+EXPLAIN_USER = "explain-user"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,6 +57,16 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also connect to each route's upstream and type-check conditions against its tools and prompts",
     )
+    check.add_argument(
+        "--explain", default=None, metavar="NAME", help="decide one call of this tool on --route, showing every step"
+    )
+    check.add_argument("arguments", nargs="?", default=None, help="with --explain: the arguments, a JSON object")
+    check.add_argument("--route", default=None, metavar="NAME", help="with --explain: the route")
+    check.add_argument(
+        "--kind", default="tools", choices=KINDS, help="with --explain: what NAME is (default tools; resources: a URI)"
+    )
+    check.add_argument("--as-user", default=EXPLAIN_USER, metavar="SUB", help=f"with --explain: sub ({EXPLAIN_USER})")
+    check.add_argument("--as-client", default=None, metavar="ID", help="with --explain: client_id (the first client)")
 
     demo = add_command("demo", "run upstream + development IdP + gateway and the whole flow")
     demo.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
@@ -73,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = args.log_level or ("warning" if args.command == "demo" else "info")
     logs.configure(level)
     try:
+        if args.command == "check" and (args.explain, args.route, args.arguments) != (None, None, None):
+            return _explain(args)
         if args.command == "check":
             return _check(args.config, args.as_groups, upstreams=args.upstreams)
         if args.command == "serve":
@@ -88,15 +103,44 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _check(path: str, as_groups: str | None = None, *, upstreams: bool = False) -> int:
+    config = _load_checked(path)
+    describe(config, emit=print, as_groups=_groups(as_groups))
+    if upstreams:
+        return asyncio.run(_check_upstreams(config))
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    """``check --explain NAME --route R [ARGUMENTS]``: one call decided as the gateway would, step by step."""
+    from gateway.explain import ExplainError, Question, explain  # the engine: not needed by a plain check
+
+    try:
+        if args.explain is None:
+            raise ExplainError("--route and ARGUMENTS are only used with --explain NAME")
+        if args.route is None:
+            raise ExplainError("--explain needs --route NAME")
+        config = _load_checked(args.config)
+        groups = _groups(args.as_groups) or frozenset()
+        question = Question(args.route, args.explain, args.arguments, groups, args.kind, args.as_user, args.as_client)
+        lines = explain(config, question)
+    except ExplainError as exc:
+        print(f"mcp-gateway: {exc}", file=sys.stderr)
+        return 2
+    for line in lines:
+        print(line)
+    return 0
+
+
+def _load_checked(path: str) -> GatewayConfig:
     config = load_config(path)
     if config.authorization.signing_key_file:
         # Load it as serve would: a file that exists but is not a usable key must fail check too.
         _signing_key(config)
-    groups = None if as_groups is None else frozenset(g.strip() for g in as_groups.split(",") if g.strip())
-    describe(config, emit=print, as_groups=groups)
-    if upstreams:
-        return asyncio.run(_check_upstreams(config))
-    return 0
+    return config
+
+
+def _groups(as_groups: str | None) -> frozenset[str] | None:
+    return None if as_groups is None else frozenset(g.strip() for g in as_groups.split(",") if g.strip())
 
 
 async def _check_upstreams(config: GatewayConfig) -> int:

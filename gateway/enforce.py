@@ -19,7 +19,7 @@ from typing import Any
 
 from gateway.classify import classify, decidable, header_mismatch
 from gateway.config import RouteConfig
-from gateway.engine import Decision, DecisionContext, DecisionEngine, Effect
+from gateway.engine import Decision, DecisionContext, DecisionEngine, Effect, Explanation
 from gateway.mcp_methods import HANDSHAKE_METHODS, NOUNS
 from gateway.oauth.access_token import Principal
 from gateway.policy import RoutePolicy
@@ -77,9 +77,11 @@ async def plan_request(
     route: RouteConfig,
     *,
     digest_arguments: Callable[[Any], str] | None = None,
+    explanation: Explanation | None = None,
 ) -> Plan:
     """Decide every message of one request; ``forward_body`` is the canonical JSON of the messages
-    allowed through (None when none is), so the upstream reads exactly what was decided."""
+    allowed through (None when none is), so the upstream reads exactly what was decided.
+    ``explanation`` records the steps of the decision (``check --explain`` plans a one-message request)."""
     messages, batch = rpc.messages, rpc.batch
     plan = Plan(
         forward_body=None,
@@ -98,7 +100,7 @@ async def plan_request(
             kept.append(message.raw)
             continue
         call = classify(message)
-        decision = await engine.decide(DecisionContext(principal, route, call, now))
+        decision = await engine.decide(DecisionContext(principal, route, call, now, explanation))
         if decision.effect is Effect.STEP_UP:
             missing.extend(s for s in decision.missing_scopes if s not in missing)
             continue

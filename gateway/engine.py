@@ -18,7 +18,9 @@ each able to end the decision:
    quota id and when to retry; a quota store that cannot answer -> ``deny`` (fail closed). Each quota's
    outcome (charged, exhausted, unavailable) goes to ``on_quota``: the metrics.
 
-Everything runs in-process, before anything reaches the upstream.
+Everything runs in-process, before anything reaches the upstream. A context carrying an
+:class:`Explanation` has each step recorded as it is taken (``mcp-gateway check --explain``), so the
+explanation is this decision, not a reconstruction of it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import enum
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -36,8 +38,9 @@ from gateway.condition_health import ConditionHealth
 from gateway.conditions import ConditionEvaluationError, ConditionInput, ConditionUser
 from gateway.config import RouteConfig
 from gateway.oauth.access_token import Principal
-from gateway.policy import RoutePolicy, Rule, target_problem
-from gateway.quotas import Charge, QuotaStore, QuotaStoreUnavailable
+from gateway.policy import Decision as RulesDecision
+from gateway.policy import RoutePolicy, Rule, RuleStep, target_problem
+from gateway.quotas import Charge, QuotaOutcome, QuotaRule, QuotaStore, QuotaStoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +65,34 @@ class Decision:
         return self.effect is Effect.ALLOW
 
 
+@dataclass
+class QuotaStep:
+    """One of the route's quotas as a ``tools/call`` decision went through it (``check --explain``)."""
+
+    quota: QuotaRule
+    applies: bool  # whether its ``tools`` globs count this tool
+    cost: float | None = None  # what the call costs it; None when not evaluated
+    cost_error: str | None = None  # why ``cost`` could not be evaluated
+    counters: int = 0  # how many counters the call is charged to (``per: group``: one per group)
+    fits: bool | None = None  # the store's answer; None when it was not asked
+
+
+@dataclass
+class Explanation:
+    """What one decision went through, step by step: filled in only when a context carries one."""
+
+    rules: list[RuleStep] = field(default_factory=list)  # the rules visited, in order
+    verdict: RulesDecision | None = None  # what the rules said (before quotas)
+    quotas: list[QuotaStep] = field(default_factory=list)  # the quotas visited, in order
+
+
 @dataclass(frozen=True)
 class DecisionContext:
     principal: Principal
     route: RouteConfig
     call: Call
     now: float
+    explanation: Explanation | None = None
 
     @property
     def groups(self) -> frozenset[str]:
@@ -101,7 +126,9 @@ class DecisionEngine:
         if call.kind is None:
             return NOT_A_NAMED_CALL
         facts = _Facts(ctx)
-        decision = self._invalid_condition(ctx, "rule") or _by_rules(policy, call.kind, call.target, ctx.groups, facts)
+        decision = self._invalid_condition(ctx, "rule") or _by_rules(
+            policy, call.kind, call.target, ctx.groups, facts, ctx.explanation
+        )
         if decision.allowed and call.method == "tools/call" and ctx.route.quotas and call.target is not None:
             return self._invalid_condition(ctx, "quota") or await self._charge(ctx, call.target, facts) or decision
         return decision
@@ -125,7 +152,12 @@ class DecisionEngine:
         charges: list[Charge] = []
         quota_of: list[str] = []
         for quota in ctx.route.quotas:
-            if not quota.applies_to(tool):
+            applies = quota.applies_to(tool)
+            step = None
+            if ctx.explanation is not None:
+                step = QuotaStep(quota, applies)
+                ctx.explanation.quotas.append(step)
+            if not applies:
                 continue
             try:
                 cost = quota.cost.evaluate(facts.input) if quota.cost is not None else 1.0
@@ -135,8 +167,12 @@ class DecisionEngine:
                     quota_of.append(quota.id)
             except (ConditionEvaluationError, ValueError) as exc:
                 detail = exc.reason if isinstance(exc, ConditionEvaluationError) else str(exc)
+                if step is not None:
+                    step.cost_error = detail
                 data = {"reason": "quota_cost", "quota": quota.id, "detail": detail}
                 return Decision(Effect.DENY, f"cost of quota {quota.id}: {detail}", rule=quota.id, data=data)
+            if step is not None:
+                step.cost, step.counters = cost, len(keys)
         if not charges:
             return None
         if self._quotas is None:
@@ -148,6 +184,8 @@ class DecisionEngine:
             log.error("route %s: quota store unavailable, refusing the call: %s", ctx.route.name, exc)
             self._observe(ctx.route.name, quota_of, "unavailable")
             return Decision(Effect.DENY, "quota store unavailable", data={"reason": "quota_unavailable"})
+        if ctx.explanation is not None:
+            _note_outcomes(ctx.explanation, quota_of, outcomes)
         for quota_id, outcome in zip(quota_of, outcomes, strict=True):
             if not outcome.allowed:
                 self._observe(ctx.route.name, [quota_id], "exhausted")
@@ -160,6 +198,14 @@ class DecisionEngine:
         if self._on_quota is not None:
             for quota_id in dict.fromkeys(quota_ids):  # a per-group quota charges several counters: once per quota
                 self._on_quota(route, quota_id, result)
+
+
+def _note_outcomes(explanation: Explanation, quota_of: list[str], outcomes: list[QuotaOutcome]) -> None:
+    """A quota fits when every counter it was charged to had room (``per: group`` may charge several)."""
+    steps = {step.quota.id: step for step in explanation.quotas}
+    for quota_id, outcome in zip(quota_of, outcomes, strict=True):
+        step = steps[quota_id]
+        step.fits = outcome.allowed and step.fits is not False
 
 
 class _Facts:
@@ -193,7 +239,14 @@ class _Facts:
         return rule.when.evaluate(self.input)
 
 
-def _by_rules(policy: RoutePolicy, kind: str, target: str | None, groups: frozenset[str], facts: _Facts) -> Decision:
+def _by_rules(
+    policy: RoutePolicy,
+    kind: str,
+    target: str | None,
+    groups: frozenset[str],
+    facts: _Facts,
+    explanation: Explanation | None = None,
+) -> Decision:
     rules = policy.rules_for(kind)
     if rules.unrestricted:
         return Decision(Effect.ALLOW, "no rules")
@@ -205,11 +258,13 @@ def _by_rules(policy: RoutePolicy, kind: str, target: str | None, groups: frozen
     if problem is not None:
         return Decision(Effect.DENY, problem)
     try:
-        verdict = rules.decide_call(groups, target, facts.holds)
+        verdict = rules.decide_call(groups, target, facts.holds, explanation.rules if explanation else None)
     except ConditionEvaluationError as exc:
         # A condition that cannot be decided (a missing argument, a value of the wrong type) refuses.
         data = {"reason": "condition_error", "rule": facts.evaluating, "detail": exc.reason}
         return Decision(Effect.DENY, f"condition of rule {facts.evaluating}: {exc.reason}", facts.evaluating, data=data)
+    if explanation is not None:
+        explanation.verdict = verdict
     effect = Effect.ALLOW if verdict.allowed else Effect.DENY
     data = {"reason": "condition", "rule": verdict.rule} if verdict.by_condition else None
     return Decision(effect, verdict.reason, rule=verdict.rule, data=data)

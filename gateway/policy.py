@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from gateway.conditions import Condition, ConditionError, compile_condition
+from gateway.conditions import Condition, ConditionError, ConditionEvaluationError, compile_condition
 from gateway.mcp_methods import KINDS, LIST_RESULT_KEYS
 
 ANY_GROUP = "*"
@@ -88,6 +88,22 @@ class Decision:
     by_condition: bool = False
 
 
+@dataclass
+class RuleStep:
+    """One rule as a call's decision went through it, recorded for ``check --explain``.
+
+    ``None`` means "not checked": the rule does not apply, has no such patterns, or (for ``allow``) an
+    earlier rule already allows the name, so this one cannot change the outcome unless it denies."""
+
+    rule: Rule
+    applies: bool
+    deny_matches: bool | None = None
+    allow_matches: bool | None = None
+    condition: bool | None = None  # the ``when`` result; None when it was not evaluated
+    condition_error: str | None = None  # why the ``when`` could not be evaluated
+    denies: bool = False  # its deny pattern matched (and its condition held): the walk ends here
+
+
 class RuleSet:
     """The rules of one kind on one route."""
 
@@ -103,37 +119,66 @@ class RuleSet:
     def _decide(self, groups: frozenset[str], name: str) -> Decision:
         """By names alone, for lists: a conditional allow may hold for some call, so it lists the name;
         a conditional deny may not, so it does not hide it. Calls use ``decide_call``."""
+        return self._walk(groups, name, deny_holds=_never, allow_holds=_always)
+
+    def decide_call(
+        self,
+        groups: frozenset[str],
+        name: str,
+        holds: Callable[[Rule], bool],
+        trace: list[RuleStep] | None = None,
+    ) -> Decision:
+        """For one call: a rule with ``when`` applies only if ``holds(rule)`` (its condition is true for
+        this call); deny still wins. ``holds`` raises ``ConditionEvaluationError`` when a condition
+        cannot be decided, which refuses the call. ``trace`` (for ``check --explain``) receives one
+        ``RuleStep`` per rule visited, from this same walk, so an explanation cannot drift from it."""
+        if trace is None and not self.conditional:
+            return self.decide(groups, name)  # without conditions, calls decide as lists do (cached)
+        return self._walk(groups, name, deny_holds=holds, allow_holds=holds, trace=trace)
+
+    def _walk(
+        self,
+        groups: frozenset[str],
+        name: str,
+        *,
+        deny_holds: Callable[[Rule], bool],
+        allow_holds: Callable[[Rule], bool],
+        trace: list[RuleStep] | None = None,
+    ) -> Decision:
+        """The one decision algorithm, in rule order: the first applying rule whose deny pattern matches
+        (and whose ``when`` holds) refuses; else the first applying rule whose allow pattern matches
+        (and whose ``when`` holds) permits; else a matching allow whose condition was false refuses
+        "by condition"; else nothing allows it."""
         if self.rules is None:
             return Decision(True, "no rules")
         allowed_by: Rule | None = None
-        for rule in self.rules:
-            if not rule.applies_to(groups):
-                continue
-            if rule._deny is not None and rule.when is None and rule._deny.match(name):
-                return Decision(False, f"denied by {','.join(sorted(rule.groups))} rule", rule.id or None)
-            if allowed_by is None and rule._allow is not None and rule._allow.match(name):
-                allowed_by = rule
-        if allowed_by is None:
-            return Decision(False, "no rule allows it")
-        return Decision(True, f"allowed by {','.join(sorted(allowed_by.groups))} rule", allowed_by.id or None)
-
-    def decide_call(self, groups: frozenset[str], name: str, holds: Callable[[Rule], bool]) -> Decision:
-        """For one call: a rule with ``when`` applies only if ``holds(rule)`` (its condition is true for
-        this call); deny still wins. ``holds`` raises ``ConditionEvaluationError`` when a condition
-        cannot be decided, which refuses the call."""
-        if not self.conditional:
-            return self.decide(groups, name)
-        allowed_by: Rule | None = None
         refused_by: Rule | None = None  # a matching allow rule whose condition is false
-        for rule in self.rules or ():
-            if not rule.applies_to(groups):
+        for rule in self.rules:
+            applies = rule.applies_to(groups)
+            step = None
+            if trace is not None:
+                step = RuleStep(rule, applies)
+                trace.append(step)
+            if not applies:
                 continue
-            if rule._deny is not None and rule._deny.match(name) and (rule.when is None or holds(rule)):
-                by_condition = rule.when is not None
-                reason = f"denied by {','.join(sorted(rule.groups))} rule" + (" (condition)" if by_condition else "")
-                return Decision(False, reason, rule.id or None, by_condition)
-            if allowed_by is None and rule._allow is not None and rule._allow.match(name):
-                if rule.when is None or holds(rule):
+            if rule._deny is not None:
+                matches = rule._deny.match(name) is not None
+                if step is not None:
+                    step.deny_matches = matches
+                if matches and (rule.when is None or _holds(deny_holds, rule, step)):
+                    if step is not None:
+                        step.denies = True
+                    by_condition = rule.when is not None
+                    suffix = " (condition)" if by_condition else ""
+                    reason = f"denied by {','.join(sorted(rule.groups))} rule{suffix}"
+                    return Decision(False, reason, rule.id or None, by_condition)
+            if allowed_by is None and rule._allow is not None:
+                matches = rule._allow.match(name) is not None
+                if step is not None:
+                    step.allow_matches = matches
+                if not matches:
+                    continue
+                if rule.when is None or _holds(allow_holds, rule, step):
                     allowed_by = rule
                 elif refused_by is None:
                     refused_by = rule
@@ -142,6 +187,26 @@ class RuleSet:
         if refused_by is not None:
             return Decision(False, f"condition of rule {refused_by.id} is false", refused_by.id or None, True)
         return Decision(False, "no rule allows it")
+
+
+def _always(rule: Rule) -> bool:
+    return True
+
+
+def _never(rule: Rule) -> bool:
+    return False
+
+
+def _holds(holds: Callable[[Rule], bool], rule: Rule, step: RuleStep | None) -> bool:
+    """``holds(rule)``, noting the result (or why there is none) in the explain step if one is kept."""
+    if step is None:
+        return holds(rule)
+    try:
+        step.condition = holds(rule)
+    except ConditionEvaluationError as exc:
+        step.condition_error = exc.reason
+        raise
+    return step.condition
 
 
 @dataclass(frozen=True)
