@@ -224,7 +224,7 @@ class _Facts:
             named = call.target or ""
             self._input = ConditionInput(
                 args=call.arguments if isinstance(call.arguments, dict) else {},
-                user=ConditionUser(principal.subject, principal.idp_issuer, principal.groups),
+                user=ConditionUser(principal.subject, principal.idp_issuer, principal.groups, principal.email),
                 client=principal.client_id,
                 route=ctx.route.name,
                 tool=named if call.kind in ("tools", "prompts") else "",

@@ -16,6 +16,7 @@ from jose import jwt
 from gateway.config import ConfigError, describe, parse_config
 from gateway.devidp import DevIdentityProvider
 from tests.support.harness import GatewayHarness, make_config, running_gateway
+from tests.support.mcp_http import McpHttp, tool_call
 
 PING = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
 
@@ -138,3 +139,47 @@ def test_draft_s6_3_bare_revoked_sub_with_one_idp_is_named_in_check() -> None:
     bare = [line for line in lines if "bare" in line]
     assert bare and "'alice'" in bare[0] and "'bob'" not in bare[0]
     assert "https://a.example.com, the only identity provider" in bare[0]
+
+
+async def test_draft_s6_3_a_session_of_alice_at_one_idp_is_not_alices_at_another(
+    idp: DevIdentityProvider, idp_rsa: DevIdentityProvider, upstream_json, http
+) -> None:
+    """Session binding keys on issuer + tenant + sub: the same ``sub`` from another IdP is another
+    person and gets 403 ``session.mismatch``, not the first one's session."""
+    routes = [{"name": "json", "path": "/json/mcp", "upstream": upstream_json.mcp_url}]
+    async with running_gateway(idp, routes, extra_idps=[idp_rsa]) as h:
+        first = McpHttp(http, h.route_url("json"), await h.access_token("json"))
+        await first.initialize()
+        claims = h.id_jag_claims("json", iss=idp_rsa.issuer)
+        status, body, _ = await h.token_request(idp_rsa.sign(claims))
+        assert status == 200, body
+        other = McpHttp(http, first.url, body["access_token"])
+        other.session_id = first.session_id
+        async with other.post(tool_call(2, "echo", {"text": "x"})) as response:
+            assert response.status == 403
+        assert (await first.call(tool_call(3, "echo", {"text": "mine"})))["result"]
+
+
+async def test_user_email_from_the_id_jag_reaches_conditions(idp: DevIdentityProvider, upstream_json, http) -> None:
+    routes = [
+        {
+            "name": "json",
+            "path": "/json/mcp",
+            "upstream": upstream_json.mcp_url,
+            "tools": [
+                {"groups": ["*"], "allow": ["echo"], "when": "has(user.email) && user.email.endsWith('@example.com')"}
+            ],
+        }
+    ]
+    async with running_gateway(idp, routes) as h:
+        with_email = McpHttp(http, h.route_url("json"), await h.access_token("json", email="alice@example.com"))
+        await with_email.initialize()
+        assert "result" in await with_email.call(tool_call(1, "echo", {"text": "x"}))
+        other = McpHttp(http, h.route_url("json"), await h.access_token("json", email="alice@elsewhere.example"))
+        await other.initialize()
+        assert (await other.call(tool_call(2, "echo", {"text": "x"})))["error"]["data"]["reason"] == "condition"
+        # No email asserted: the condition does not hold, and the call is refused.
+        without = McpHttp(http, h.route_url("json"), await h.access_token("json"))
+        await without.initialize()
+        error = (await without.call(tool_call(3, "echo", {"text": "x"})))["error"]
+        assert (error["code"], error["data"]["rule"]) == (-32003, "tools[0]")

@@ -46,6 +46,7 @@ class Principal:
     expires_at: float
     token_id: str
     tenant: str | None = None
+    email: str | None = None
 
     @property
     def identity(self) -> SubjectIdentity:
@@ -121,6 +122,8 @@ class AccessTokenService:
             "groups": list(grant.groups),
             "idp": grant.idp_issuer,
             **({"tenant": grant.tenant} if grant.tenant is not None else {}),
+            # The ID-JAG's email (OpenID Connect Core §5.1), for conditions on ``user.email``.
+            **({"email": grant.email} if grant.email is not None else {}),
             "jti": token_id,
             "iat": now,
             "exp": expires_at,
@@ -194,6 +197,7 @@ class AccessTokenService:
                 expires_at=min(float(expires_at), retire_at),
                 token_id=str(claims["jti"]),
                 tenant=_optional_string(claims.get("tenant")),
+                email=_optional_string(claims.get("email")),
             )
         except (KeyError, TypeError, ValueError):
             raise InvalidToken("the access token is malformed") from None
