@@ -1,9 +1,9 @@
 """Assembles the gateway: authorization server, resource server and proxy in one aiohttp app.
 
-A proxied request reads top to bottom in ``Gateway.handle_route``: route lookup -> Origin check ->
-bearer token (and revocation) -> body limit -> runtime policy and scopes -> session binding ->
-forward -> audit. Everything the gateway answers itself (discovery, token, health) is registered
-before the catch-all route. All config-derived state lives in one ``Runtime`` that reloads swap.
+``Gateway.handle_route`` finds the route of a proxied request and hands it to the stages of
+gateway/pipeline/ (origin -> authenticate -> body -> decide -> session -> forward, audited around);
+everything the gateway answers itself (discovery, token, health, metrics) is registered before that
+catch-all route. All config-derived state lives in one ``Runtime`` that reloads swap.
 """
 
 from __future__ import annotations

@@ -9,14 +9,14 @@
 
 Which role this plays: the "IdP Authorization Server" of SEP-990 / Enterprise-Managed Authorization
 ([EMA] §2; draft-ietf-oauth-identity-assertion-authz-grant "Roles"). It implements the two IdP legs of the
-flow described in SPEC.md §1:
+flow the EMA extension describes:
 
 * **Leg 1 (SSO)** — stood in for by ``grant_type=password`` (RFC 6749 §4.3), which returns an OpenID Connect
   ID Token whose ``aud`` is the authenticated IdP client, exactly what a browser login would produce. There
   is deliberately no interactive ``/authorize`` login.
 * **Leg 2 (Token Exchange)** — RFC 8693 token exchange of that ID Token for an Identity Assertion JWT
   Authorization Grant (ID-JAG), following the draft's "Token Exchange", "Processing Rules" and "Response"
-  sections and the claim set of its "Identity Assertion JWT Authorization Grant" section (SPEC.md §2.1).
+  sections and the claim set of its "Identity Assertion JWT Authorization Grant" section.
 
 Discovery is published both as OpenID Connect Discovery 1.0 and RFC 8414 metadata because MCP clients may
 use either ([AUTHZ26] "MCP authorization servers MUST provide at least one of ...").
@@ -88,7 +88,7 @@ class DevUser:
     """A hard-coded end user of the development IdP.
 
     ``sub`` defaults to ``username``: the draft says ``sub`` "should be an opaque ID", but readable subjects
-    make demo logs and gateway policies (which key on ``iss`` + ``sub``, SPEC.md §2.1) easy to follow.
+    make demo logs and gateway policies (which key on ``iss`` + ``sub``, RFC 7519 §4.1.2) easy to follow.
     """
 
     username: str
@@ -349,7 +349,7 @@ class DevIdentityProvider:
         ttl_seconds: int | None = None,
         extra_claims: Mapping[str, Any] | None = None,
     ) -> str:
-        """Issue an ID-JAG (draft "Identity Assertion JWT Authorization Grant"; SPEC.md §2.1).
+        """Issue an ID-JAG (draft-ietf-oauth-identity-assertion-authz-grant, its claim set).
 
         ``client_id`` is the *claim* value, i.e. the client's id at the Resource Authorization Server.
         ``extra_claims`` are applied last and may override standard claims (tests use this for ``cnf``,

@@ -1,6 +1,6 @@
 """Forwarding one client request to its route's upstream and streaming the answer back.
 
-Streaming rules (MCP Streamable HTTP; SPEC §5.4): ``text/event-stream`` responses are relayed event by
+Streaming rules (MCP Streamable HTTP transport): ``text/event-stream`` responses are relayed event by
 event as they arrive, with no total timeout; idle streams get SSE comment keep-alives so load
 balancers do not cut them, and an optional idle limit. JSON responses are relayed as they arrive too,
 except when the gateway must rewrite a result (then the bounded JSON body is read whole). A client
@@ -54,7 +54,7 @@ def upstream_path_remainder(raw_path: str, route_path: str) -> str | None:
     """The part of a request's raw (still percent-encoded) path below ``route_path``, or None when
     the request must not be forwarded (answered 404 like an unknown path).
 
-    The remainder is forwarded exactly as the client sent it (SPEC §5.4). Decoding it first and
+    The remainder is forwarded exactly as the client sent it. Decoding it first and
     letting the HTTP client re-encode it would resolve dot segments after the join (RFC 3986 §5.2.4;
     yarl also decodes '%2E' to '.'): '/json/mcp/..%2F..%2Fadmin' or '/json/mcp/%2E%2E/%2E%2E/admin'
     would reach '/admin' on the upstream host, outside the prefix the route and its token cover. So
@@ -280,7 +280,7 @@ class Upstream:
         route = fwd.route
         # Raw path remainder and raw query, sent without re-encoding (encoded=True): aiohttp's
         # ``query_string`` is partly decoded ('%23' becomes '#', '%25' becomes '%'), which would cut
-        # or change what the upstream receives (SPEC §5.4: forward path and query byte-for-byte).
+        # or change what the upstream receives (a proxy forwards path and query byte for byte).
         query = fwd.query if fwd.query is not None else request.rel_url.raw_query_string
         url = URL(self._base + fwd.rest + (f"?{query}" if query else ""), encoded=True)
         headers = upstream_request_headers(request, route, self._header_rules)

@@ -120,7 +120,7 @@ class ResultRewriter:
 
 
 def advertise_ema_extension(result: dict[str, Any]) -> dict[str, Any]:
-    """SPEC §9.7 / ext-auth: declare enterprise-managed authorization in ``capabilities.extensions``."""
+    """MCP enterprise-managed authorization extension: declare it in ``capabilities.extensions``."""
     capabilities = result.get("capabilities")
     if not isinstance(capabilities, dict):
         return result
