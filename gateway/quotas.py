@@ -35,8 +35,8 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from gateway.oauth.replay import REDIS_SCHEMES, REDIS_TIMEOUT_SECONDS
-from gateway.redis_client import open_redis
+from gateway.oauth.replay import REDIS_TIMEOUT_SECONDS
+from gateway.redis_client import open_redis, uses_redis
 
 log = logging.getLogger(__name__)
 
@@ -303,11 +303,9 @@ class RedisQuotaStore:
 
 def open_quota_store(replay_store_url: str | None) -> QuotaStore:
     """The store beside the replay cache named by ``replay_store``: ``memory`` (or None) or a Redis URL."""
-    if replay_store_url is None or replay_store_url == "memory":
+    if not uses_redis(replay_store_url, "quota store"):
         return MemoryQuotaStore()
-    scheme = replay_store_url.partition("://")[0].lower()
-    if scheme not in REDIS_SCHEMES:
-        raise ValueError(f"quota store must be 'memory' or a {', '.join(REDIS_SCHEMES)} URL")
+    assert replay_store_url is not None
     return RedisQuotaStore.from_url(replay_store_url)
 
 

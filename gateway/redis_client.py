@@ -11,9 +11,21 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
 
 def open_redis(url: str, timeout: float) -> Redis:
     """A client for a ``redis://``, ``rediss://`` or ``unix://`` URL (credentials allowed: Redis AUTH).
 
     No connection is made here; the first command connects."""
     return Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout, retry=Retry(NoBackoff(), 0))
+
+
+def uses_redis(url: str | None, store: str) -> bool:
+    """Whether the ``replay_store`` value names Redis (True) or process memory (False: ``memory`` or
+    unset); anything else is a ``ValueError`` naming ``store``."""
+    if url is None or url == "memory":
+        return False
+    if url.partition("://")[0].lower() not in REDIS_SCHEMES:
+        raise ValueError(f"{store} must be 'memory' or a {', '.join(REDIS_SCHEMES)} URL")
+    return True

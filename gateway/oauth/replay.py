@@ -32,9 +32,10 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from gateway.redis_client import uses_redis
+
 log = logging.getLogger(__name__)
 
-REDIS_SCHEMES = ("redis", "rediss", "unix")
 REDIS_KEY_PREFIX = "mcp-gateway:jti:"
 REDIS_TIMEOUT_SECONDS = 2.0
 # The longest a key is remembered. Above any window the ID-JAG validator can ask for (exp <= iat +
@@ -196,9 +197,7 @@ class RedisReplayStore:
 
 def open_replay_store(url: str | None) -> ReplayStore:
     """The store named by the ``replay_store`` config value: ``memory`` (or None) or a Redis URL."""
-    if url is None or url == "memory":
+    if not uses_redis(url, "replay store"):
         return MemoryReplayStore()
-    scheme = url.partition("://")[0].lower()
-    if scheme not in REDIS_SCHEMES:
-        raise ValueError(f"replay store must be 'memory' or a {', '.join(REDIS_SCHEMES)} URL")
+    assert url is not None
     return RedisReplayStore.from_url(url)
