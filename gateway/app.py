@@ -27,7 +27,7 @@ from gateway.audit import AuditLog
 from gateway.bearer import BearerGuard
 from gateway.condition_health import ConditionHealth
 from gateway.condition_monitor import ConditionMonitor
-from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.config import SSF_PUSH_PATH, ConfigError, GatewayConfig, load_config
 from gateway.listener import ConnectionCounter, GuardedSite
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import NO_ROUTE, Metrics, method_class
@@ -45,6 +45,7 @@ from gateway.proxy.forward import (
 from gateway.quotas import QuotaStore, open_quota_store
 from gateway.routes import RouteTable
 from gateway.runtime import ReloadRefused, Runtime
+from gateway.signals.receiver import SignalReceiver
 
 log = logging.getLogger("gateway")
 
@@ -89,6 +90,21 @@ class Gateway:
         self._owns_quota_store = quota_store is None
         self.quota_store = quota_store if quota_store is not None else open_quota_store(config.replay_store)
         self.services = Services(self.audit, self.metrics)
+        # Shared Signals (gateway/signals/): built once; its transmitters need a restart to change.
+        self.signals = (
+            SignalReceiver(
+                config,
+                replay=self.replay_store,
+                revocations=self.services.revocations,
+                session=self.idp_session,
+                audit=self.audit,
+                metrics=self.metrics,
+                upstreams=lambda: self.runtime.upstreams.values(),
+                jwks_min_refresh_seconds=jwks_min_refresh_seconds,
+            )
+            if config.transmitters
+            else None
+        )
         self._metrics_runner: web.AppRunner | None = None
         # Conditions that do not type-check against the upstreams' schemas, kept current in the background.
         self.condition_health = ConditionHealth()
@@ -103,6 +119,7 @@ class Gateway:
             metrics=self.metrics,
             signing_key=signing_key,
             condition_health=self.condition_health,
+            revocations=self.services.revocations,
         )
 
     # Convenience views of the current runtime (tests, benchmarks, the demo).
@@ -159,6 +176,8 @@ class Gateway:
             await self._metrics_runner.setup()
             host, port = self.config.metrics_listen
             await web.TCPSite(self._metrics_runner, host, port).start()
+        if self.signals is not None:
+            self.signals.start()
         await self.runtime.keys.prefetch()
         if not self.runtime.keys.ready:
             self._spawn(self._retry_jwks())
@@ -199,6 +218,8 @@ class Gateway:
         for task in list(self._background):
             task.cancel()
         await self.conditions.close()
+        if self.signals is not None:
+            await self.signals.close()
         for upstream in self.runtime.upstreams.values():
             await upstream.close()
         if self._idp_session is not None:
@@ -231,6 +252,7 @@ class Gateway:
                 metrics=self.metrics,
                 previous=self.runtime,
                 condition_health=self.condition_health,
+                revocations=self.services.revocations,
             )
         except (ConfigError, SigningKeyError, ReloadRefused) as exc:
             self.metrics.reloads.labels("failure").inc()
@@ -272,6 +294,8 @@ class Gateway:
         router.add_get(metadata.JWKS_PATH, self.jwks)
         router.add_get(metadata.AUTHORIZE_PATH, metadata.authorize_refusal)
         router.add_route("*", metadata.TOKEN_PATH, self.token)
+        if self.signals is not None and self.signals.pushes:
+            router.add_route("*", SSF_PUSH_PATH, self.signals.push)
         if self.config.metrics_listen is None:
             router.add_get("/metrics", self.metrics_endpoint)
         router.add_route("*", "/{tail:.*}", self.handle_route)

@@ -42,6 +42,7 @@ from gateway.proxy.origin import OriginPolicy
 from gateway.quotas import QuotaStore
 from gateway.routes import RouteTable
 from gateway.sessions import SessionBinder, derive_session_key
+from gateway.signals.revocations import SubjectRevocations
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ class Runtime:
         previous: Runtime | None = None,
         condition_health: ConditionHealth | None = None,
         clock: Callable[[], float] = time.time,
+        revocations: SubjectRevocations | None = None,
     ) -> Runtime:
         """Raises ConfigError / SigningKeyError / ReloadRefused without touching ``previous``."""
         if previous is not None:
@@ -174,6 +176,11 @@ class Runtime:
                 if auth.token_rate_limit.requests_per_minute
                 else None
             ),
+            cut_off=(
+                (lambda g: revocations.refuses(g.identity, g.email, g.assertion_issued_at))
+                if revocations is not None
+                else None
+            ),
         )
         return runtime
 
@@ -237,6 +244,7 @@ def _check_reloadable(old: GatewayConfig, new: GatewayConfig) -> None:
         ("audit", (old.audit_sink, old.audit_argument_hashes), (new.audit_sink, new.audit_argument_hashes)),
         ("replay_store", old.replay_store, new.replay_store),
         ("logging", old.logging_format, new.logging_format),
+        ("shared_signals", old.transmitters, new.transmitters),
     ):
         if before != after:
             raise ReloadRefused(f"{name} changed; restart the gateway to apply it")

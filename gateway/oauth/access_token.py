@@ -47,6 +47,8 @@ class Principal:
     token_id: str
     tenant: str | None = None
     email: str | None = None
+    # The token's ``iat``: a Shared Signals cut-off refuses tokens issued before it.
+    issued_at: float = 0.0
 
     @property
     def identity(self) -> SubjectIdentity:
@@ -198,6 +200,7 @@ class AccessTokenService:
                 token_id=str(claims["jti"]),
                 tenant=_optional_string(claims.get("tenant")),
                 email=_optional_string(claims.get("email")),
+                issued_at=float(issued_at),
             )
         except (KeyError, TypeError, ValueError):
             raise InvalidToken("the access token is malformed") from None

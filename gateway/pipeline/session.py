@@ -52,6 +52,7 @@ async def bind_session(ctx: RequestContext) -> None:
         wrap_session=wrap,
         legacy_stream=legacy,
         owner=owner,
+        principal=principal,
     )
 
 
