@@ -178,6 +178,7 @@ class Gateway:
             await web.TCPSite(self._metrics_runner, host, port).start()
         if self.signals is not None:
             self.signals.start()
+            await self.signals.prefetch_keys()
         await self.runtime.keys.prefetch()
         if not self.runtime.keys.ready:
             self._spawn(self._retry_jwks())

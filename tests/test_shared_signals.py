@@ -23,9 +23,9 @@ from gateway.devidp import DevIdentityProvider
 from gateway.oauth.identity import SubjectIdentity
 from gateway.signals.events import subject_keys
 from gateway.signals.revocations import RETENTION_SECONDS, SubjectRevocations
-from tests.support.harness import running_gateway
+from tests.support.harness import GatewayHarness, running_gateway
 from tests.support.loopback import free_port
-from tests.support.mcp_http import McpHttp, open_session, tool_call
+from tests.support.mcp_http import McpHttp, initialize_request, open_session, tool_call
 from tests.support.redis_server import RedisServer, running_redis
 from tests.support.scrape import scrape
 from tests.support.serve import ServedGateway, config_document, served
@@ -80,6 +80,21 @@ async def ended_within(stream: aiohttp.ClientResponse, seconds: float) -> None:
     stream.release()
 
 
+async def token_after_cutoff(gw: GatewayHarness, http: aiohttp.ClientSession, client: McpHttp) -> str:
+    """A token from a new ID-JAG for alice that the resource accepts. Token times are whole seconds and
+    one issued in the cut-off's own second is refused too, so for up to a second new ones still are."""
+    deadline = time.monotonic() + 3
+    while True:
+        status, body, _ = await gw.token_request(gw.id_jag("sse", user="alice", iat=int(time.time()) + 1))
+        assert status == 200, body
+        probe = McpHttp(http, client.url, body["access_token"])
+        async with probe.post(initialize_request()) as response:
+            if response.status != 401:
+                return body["access_token"]
+        assert time.monotonic() < deadline, "new tokens still refused"
+        await asyncio.sleep(0.05)
+
+
 # -- push, in process ------------------------------------------------------------------------------
 
 
@@ -119,6 +134,16 @@ async def test_pushed_session_revoked_ends_streams_refuses_tokens_and_id_jags_of
         status, body, _ = await gw.token_request(gw.id_jag("sse", user="alice", iat=later))
         assert status == 200, body
 
+        # Signed in again: her session from before the event is over (404: start a new one), a new one works.
+        fresh = await token_after_cutoff(gw, http, alice)
+        old_session = McpHttp(http, alice.url, fresh)
+        old_session.session_id = alice.session_id
+        status, body = await call_status(old_session)
+        assert (status, body["error"]["message"]) == (404, "session not found")
+        new_session = McpHttp(http, alice.url, fresh)
+        await new_session.initialize()
+        assert await call_status(new_session) == (200, None)
+
         metrics = await scrape(http, gw.url + "/metrics")
         assert metrics.value(SIGNALS, transmitter=transmitter.issuer, delivery="push", result="accepted") == 1
         assert metrics.value(CUTOFFS, event="caep/session-revoked") == 1
@@ -128,7 +153,9 @@ async def test_pushed_session_revoked_ends_streams_refuses_tokens_and_id_jags_of
     (revoked,) = [line for line in lines if line["event"] == "token.revoked"]
     assert revoked["idp"] == transmitter.issuer and "1 streams ended" in revoked["reason"]
     denied = [line for line in lines if line["event"] == "request.denied" and line.get("reason") == "signal"]
-    assert len(denied) == 1
+    assert denied and {line["sub"] for line in denied} == {"alice"}
+    ended = [line for line in lines if line.get("reason") == "session ended by the identity provider"]
+    assert [line["sub"] for line in ended] == ["alice"]
 
 
 async def test_refused_sets_get_the_rfc_8935_error_and_change_nothing(
@@ -189,7 +216,23 @@ async def test_refused_sets_get_the_rfc_8935_error_and_change_nothing(
             assert (await call_status(alice))[0] == 401
 
 
-async def test_a_new_signing_key_is_fetched_once_and_unknown_kids_do_not_refetch(
+async def test_a_rotated_transmitter_key_is_fetched_on_its_first_set(
+    tmp_path: Path, idp: DevIdentityProvider, upstream_sse: RunningUpstream, transmitter: TestTransmitter
+) -> None:
+    routes = [{"name": "sse", "path": "/sse/mcp", "upstream": upstream_sse.mcp_url}]
+    options = {"shared_signals": push_config(transmitter, tmp_path), "jwks_min_refresh_seconds": 0}
+    async with running_gateway(idp, routes, **options) as gw, aiohttp.ClientSession() as http:
+        endpoint = gw.url + "/ssf/events"
+        subject = {"format": "opaque", "id": "nobody"}
+        for kid in ("ssf-key-1", "ssf-key-2"):
+            if kid != transmitter.kid:
+                transmitter.rotate(kid)
+            token = transmitter.set_for(gw.url, SESSION_REVOKED, subject)
+            assert await transmitter.push(http, endpoint, token, authorization=PUSH_AUTHORIZATION) == (202, None)
+        assert transmitter.jwks_fetches == 2
+
+
+async def test_unknown_kids_refetch_the_transmitter_jwks_at_most_once_per_interval(
     tmp_path: Path, idp: DevIdentityProvider, upstream_sse: RunningUpstream, transmitter: TestTransmitter
 ) -> None:
     routes = [{"name": "sse", "path": "/sse/mcp", "upstream": upstream_sse.mcp_url}]
@@ -199,7 +242,7 @@ async def test_a_new_signing_key_is_fetched_once_and_unknown_kids_do_not_refetch
             subject = {"format": "email", "email": "nobody@example.com"}
             first = transmitter.set_for(gw.url, SESSION_REVOKED, subject)
             assert await transmitter.push(http, endpoint, first, authorization=PUSH_AUTHORIZATION) == (202, None)
-            assert transmitter.jwks_fetches == 1
+            assert transmitter.jwks_fetches == 1  # at start
             for i in range(5):
                 forged = transmitter.sign(transmitter.claims_for(gw.url, SESSION_REVOKED, subject), kid=f"made-up-{i}")
                 status, body = await transmitter.push(http, endpoint, forged, authorization=PUSH_AUTHORIZATION)

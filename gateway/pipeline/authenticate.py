@@ -24,6 +24,7 @@ async def authenticate(ctx: RequestContext) -> None:
     if runtime.is_revoked(principal.identity, principal.client_id):
         raise _challenge(ctx, 401, "invalid_token", "access has been revoked", reason="revoked")
     if ctx.services.revocations.refuses(principal.identity, principal.email, principal.issued_at):
+        ctx.principal = principal  # audited with who was refused: the token is authentic, only cut off
         raise _challenge(
             ctx, 401, "invalid_token", "the identity provider revoked this session; sign in again", reason="signal"
         )

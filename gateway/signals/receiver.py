@@ -78,8 +78,12 @@ class SignalReceiver:
     def pushes(self) -> bool:
         return any(t.delivery == "push" for t in self.transmitters.values())
 
+    async def prefetch_keys(self) -> None:
+        """At start, so a wrong issuer or an unreachable transmitter is logged before the first SET."""
+        await asyncio.gather(*(s.refresh(force=True) for s in self.key_sets.values()))
+
     def start(self) -> None:
-        """Listen to the other replicas and start polling; the keys are fetched on first use."""
+        """Listen to the other replicas and start polling."""
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._bus.listen(self._learned)))
         for transmitter in self.transmitters.values():

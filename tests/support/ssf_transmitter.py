@@ -45,6 +45,11 @@ class TestTransmitter:
 
     # -- keys and SETs ---------------------------------------------------------------------------
 
+    def rotate(self, kid: str) -> None:
+        """Sign with a new key from now on, and publish only it (a rotation without overlap)."""
+        self.kid = kid
+        self._key = jwk.construct(ec.generate_private_key(ec.SECP256R1()), "ES256")
+
     def public_jwks(self) -> dict[str, Any]:
         public = self._key.public_key().to_dict()
         return {"keys": [{**public, "kid": self.kid, "alg": "ES256", "use": "sig"}]}
