@@ -51,6 +51,10 @@ class Poller:
             except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
                 log.warning("shared signals: polling %s failed: %s", self._url, str(exc) or type(exc).__name__)
                 got_sets = False
+            except Exception:
+                # The poller must outlive any one bad answer: log it and poll again after the interval.
+                log.exception("shared signals: polling %s failed", self._url)
+                got_sets = False
             if not got_sets:
                 await asyncio.sleep(interval)
 

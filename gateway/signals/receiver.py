@@ -25,6 +25,7 @@ from aiohttp import web
 
 from gateway.audit import AuditLog
 from gateway.config import GatewayConfig
+from gateway.http import BodyTooLarge, BodyTooSlow, read_limited
 from gateway.metrics import Metrics
 from gateway.proxy.forward import ForwardRequest, Upstream
 from gateway.signals.events import CUT_OFF_EVENTS, short_name, subject_keys
@@ -42,6 +43,7 @@ from gateway.signals.verify import (
 log = logging.getLogger(__name__)
 
 SET_CONTENT_TYPE = "application/secevent+jwt"
+BODY_TIMEOUT_SECONDS = 10.0
 
 
 class SignalReceiver:
@@ -107,9 +109,12 @@ class SignalReceiver:
         try:
             if request.content_type != SET_CONTENT_TYPE:
                 raise SetRefused("invalid_request", f"Content-Type must be {SET_CONTENT_TYPE} (RFC 8935 §2.1)")
-            body = await request.content.read(MAX_SET_BYTES + 1)
-            if len(body) > MAX_SET_BYTES:
-                raise SetRefused("invalid_request", f"the SET is larger than {MAX_SET_BYTES} bytes")
+            try:
+                body = await read_limited(request, MAX_SET_BYTES, BODY_TIMEOUT_SECONDS)
+            except BodyTooLarge:
+                raise SetRefused("invalid_request", f"the SET is larger than {MAX_SET_BYTES} bytes") from None
+            except BodyTooSlow:
+                raise SetRefused("invalid_request", "the SET did not arrive in time") from None
             try:
                 token = body.decode("ascii").strip()
             except UnicodeDecodeError:

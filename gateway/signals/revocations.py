@@ -145,6 +145,10 @@ class RedisBus:
             except (RedisError, OSError, TimeoutError) as exc:
                 log.warning("shared signals: lost the Redis subscription (%s); resubscribing", type(exc).__name__)
                 await asyncio.sleep(_RETRY_SECONDS)
+            except Exception:
+                # Whatever it was, this replica must keep hearing about cut-offs: log it and go on.
+                log.exception("shared signals: the Redis subscription failed; resubscribing")
+                await asyncio.sleep(_RETRY_SECONDS)
 
     async def _subscribed(self, deliver: Deliver) -> None:
         async with self._client.pubsub(ignore_subscribe_messages=True) as pubsub:
