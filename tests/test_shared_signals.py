@@ -250,6 +250,73 @@ async def test_unknown_kids_refetch_the_transmitter_jwks_at_most_once_per_interv
             assert transmitter.jwks_fetches == 1  # within min_refresh_seconds: one refetch at most, and it is spent
 
 
+async def test_every_listed_event_and_subject_format_cuts_off_exactly_the_named_users(
+    tmp_path: Path,
+    idp: DevIdentityProvider,
+    idp_rsa: DevIdentityProvider,
+    upstream_json: RunningUpstream,
+    transmitter: TestTransmitter,
+) -> None:
+    routes = [{"name": "json", "path": "/json/mcp", "upstream": upstream_json.mcp_url}]
+    options = {"shared_signals": push_config(transmitter, tmp_path), "extra_idps": [idp_rsa]}
+    async with running_gateway(idp, routes, **options) as gw, aiohttp.ClientSession() as http:
+
+        async def token(signer: DevIdentityProvider, user: str, **claims: Any) -> str:
+            status, body, _ = await gw.token_request(
+                signer.sign(gw.id_jag_claims(user=user, iss=signer.issuer, **claims))
+            )
+            assert status == 200, body
+            return body["access_token"]
+
+        async def accepted(access_token: str) -> bool:
+            client = McpHttp(http, gw.route_url("json"), access_token)
+            async with client.post(initialize_request()) as response:
+                assert response.status in (200, 401), await response.text()
+                return response.status == 200
+
+        tokens = {
+            ("es", "alice"): await token(idp, "alice"),
+            ("es", "bob"): await token(idp, "bob", email="bob@example.com"),
+            ("es", "carol"): await token(idp, "carol"),
+            ("rsa", "alice"): await token(idp_rsa, "alice"),
+            ("rsa", "bob"): await token(idp_rsa, "bob"),
+            ("rsa", "carol"): await token(idp_rsa, "carol"),
+        }
+        risc = "https://schemas.openid.net/secevent/risc/event-type/"
+        sets = [
+            # An event type not acted on, about everyone: nothing happens.
+            (CAEP + "device-compliance-change", {"format": "opaque", "id": "alice"}, None),
+            (SESSION_REVOKED, iss_sub(idp, "alice"), None),
+            (CAEP + "credential-change", {"format": "email", "email": "BOB@example.com"}, None),
+            (CAEP + "token-claims-change", {"format": "complex", "user": iss_sub(idp, "carol")}, None),
+            # Before SSF 1.0 the subject was the event's own "subject" member.
+            (ACCOUNT_DISABLED, None, iss_sub(idp_rsa, "alice")),
+            (risc + "account-purged", {"format": "opaque", "id": "bob"}, None),  # bob of every issuer
+            (risc + "sessions-revoked", iss_sub(idp_rsa, "carol"), None),
+        ]
+        expected_cut: list[tuple[str, str]] = []
+        for event, sub_id, subject in sets:
+            payload = {"subject": subject} if subject is not None else {}
+            token_ = transmitter.set_for(gw.url, event, sub_id, events={event: payload})
+            status = await transmitter.push(http, gw.url + "/ssf/events", token_, authorization=PUSH_AUTHORIZATION)
+            assert status == (202, None), event
+            expected_cut += {
+                SESSION_REVOKED: [("es", "alice")],
+                CAEP + "credential-change": [("es", "bob")],
+                CAEP + "token-claims-change": [("es", "carol")],
+                ACCOUNT_DISABLED: [("rsa", "alice")],
+                risc + "account-purged": [("rsa", "bob")],
+                risc + "sessions-revoked": [("rsa", "carol")],
+            }.get(event, [])
+            still = {who for who, access_token in tokens.items() if await accepted(access_token)}
+            assert still == set(tokens) - set(expected_cut), event
+        metrics = await scrape(http, gw.url + "/metrics")
+        for name in ("caep/session-revoked", "caep/credential-change", "caep/token-claims-change"):
+            assert metrics.value(CUTOFFS, event=name) == 1, name
+        for name in ("risc/account-disabled", "risc/account-purged", "risc/sessions-revoked"):
+            assert metrics.value(CUTOFFS, event=name) == 1, name
+
+
 # -- subjects --------------------------------------------------------------------------------------
 
 

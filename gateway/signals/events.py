@@ -31,6 +31,7 @@ CUT_OFF_EVENTS = frozenset(
     }
 )
 _MAX_DEPTH = 2
+_MAX_DESCRIBED = 300
 
 
 def short_name(event_type: str) -> str:
@@ -67,6 +68,14 @@ def subject_keys(subject: Any, depth: int = 0) -> tuple[str, ...]:
     elif form == "complex" or (form is None and "user" in subject):
         return subject_keys(subject.get("user"), depth + 1)
     return ()
+
+
+def describe(subject: Any) -> str | None:
+    """The subject identifier as one line for the audit trail (its ``sub`` field stays a string)."""
+    if subject is None:
+        return None
+    text = json.dumps(subject, separators=(",", ":"), sort_keys=True, default=str)
+    return text if len(text) <= _MAX_DESCRIBED else text[: _MAX_DESCRIBED - 3] + "..."
 
 
 def principal_keys(issuer: str, subject: str, email: str | None) -> tuple[str, ...]:

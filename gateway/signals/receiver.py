@@ -28,7 +28,7 @@ from gateway.config import GatewayConfig
 from gateway.http import BodyTooLarge, BodyTooSlow, read_limited
 from gateway.metrics import Metrics
 from gateway.proxy.forward import ForwardRequest, Upstream
-from gateway.signals.events import CUT_OFF_EVENTS, short_name, subject_keys
+from gateway.signals.events import CUT_OFF_EVENTS, describe, short_name, subject_keys
 from gateway.signals.poller import Poller
 from gateway.signals.revocations import CutoffBus, CutoffBusUnavailable, SubjectRevocations, open_bus
 from gateway.signals.verify import (
@@ -152,7 +152,7 @@ class SignalReceiver:
                 "signal.received",
                 idp=verified.issuer,
                 target=event_type,
-                sub=subject,
+                sub=describe(subject),
                 decision="cut_off" if cuts else "ignored",
                 reason=f"jti {verified.jti}"
                 + (
@@ -184,7 +184,7 @@ class SignalReceiver:
                 "token.revoked",
                 idp=verified.issuer,
                 target=event_type,
-                sub=subject,
+                sub=describe(subject),
                 decision="deny",
                 reason=f"tokens and ID-JAGs issued before the event; {ended} streams ended here",
             )
