@@ -525,3 +525,43 @@ async def _acked(transmitter: TestTransmitter) -> list[str]:
 
 async def _errors(transmitter: TestTransmitter) -> dict[str, str]:
     return {jti: error["err"] for jti, error in transmitter.set_errors.items()}
+
+
+async def test_a_replica_that_lost_redis_learns_the_cut_offs_it_missed_once_redis_is_back(
+    tmp_path: Path,
+    idp: DevIdentityProvider,
+    upstream_json: RunningUpstream,
+    redis_server: RedisServer,
+    transmitter: TestTransmitter,
+) -> None:
+    """While Redis is down a pushed SET cannot be checked for replay: 503, and the transmitter retries.
+    Once Redis is back (empty: no persistence) the other replica resubscribes and rereads the set."""
+    routes = [{"name": "json", "path": "/json/mcp", "upstream": upstream_json.mcp_url}]
+    audience = "https://mcp.example.com"
+    entry = {**push_config(transmitter, tmp_path)["transmitters"][0], "audience": audience}
+    options = {"shared_signals": {"transmitters": [entry]}, "replay_store": redis_server.url}
+    async with (
+        running_gateway(idp, routes, **options) as a,
+        running_gateway(idp, routes, **options) as b,
+        aiohttp.ClientSession() as http,
+    ):
+        alice_at_b = await b.access_token("json", user="alice")
+
+        async def refused_at_b() -> bool:
+            client = McpHttp(http, b.route_url("json"), alice_at_b)
+            async with client.post(initialize_request()) as response:
+                return response.status == 401
+
+        token = transmitter.set_for(audience, SESSION_REVOKED, iss_sub(idp, "alice"))
+        redis_server.stop()
+        status, body = await transmitter.push(http, a.url + "/ssf/events", token, authorization=PUSH_AUTHORIZATION)
+        assert (status, body["err"]) == (503, "temporarily_unavailable")
+        redis_server.start()
+        assert await transmitter.push(http, a.url + "/ssf/events", token, authorization=PUSH_AUTHORIZATION) == (
+            202,
+            None,
+        )
+        deadline = time.monotonic() + 10
+        while not await refused_at_b():
+            assert time.monotonic() < deadline, "replica b never learned the cut-off"
+            await asyncio.sleep(0.05)
