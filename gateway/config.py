@@ -193,6 +193,16 @@ class TransmitterConfig:
 
 
 @dataclass(frozen=True)
+class IdentityHeaderConfig:
+    """``routes[].identity_header``: a short-lived JWT naming the caller, signed with the gateway's key
+    and sent to the upstream on every forwarded request (gateway/proxy/identity_header.py)."""
+
+    name: str = "X-MCP-Identity"
+    ttl_seconds: int = 60
+    audience: str = ""
+
+
+@dataclass(frozen=True)
 class RouteConfig:
     name: str
     path: str
@@ -207,6 +217,7 @@ class RouteConfig:
     max_connections: int = 256
     policy: RoutePolicy = field(default_factory=RoutePolicy.unrestricted, compare=False)
     quotas: tuple[QuotaRule, ...] = field(default=(), compare=False)
+    identity_header: IdentityHeaderConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -879,6 +890,7 @@ def _parse_route(item: _Node, public_url: str, earlier: list[RouteConfig]) -> Ro
             raise item.error("name", f"duplicate route name {name!r}")
         if _overlaps(other.path, path):
             raise item.error("path", f"{path!r} overlaps route {other.name!r} ({other.path!r})")
+    upstream_headers = _parse_upstream_headers(item.child("upstream_headers"))
     route = RouteConfig(
         name=name,
         path=path,
@@ -888,13 +900,49 @@ def _parse_route(item: _Node, public_url: str, earlier: list[RouteConfig]) -> Ro
         allow_groups=item.string_list("allow_groups"),
         scopes=scopes,
         default_scopes=default_scopes,
-        upstream_headers=_parse_upstream_headers(item.child("upstream_headers")),
+        upstream_headers=upstream_headers,
         max_connections=item.number("max_connections", 256, minimum=1, maximum=100_000),
         policy=_parse_policy(item, scopes),
         quotas=_parse_route_quotas(item),
+        identity_header=_parse_identity_header(item, upstream, upstream_headers),
     )
     item.finish()
     return route
+
+
+# Headers the gateway, HTTP (hop-by-hop, RFC 9110 §7.6.1) or MCP itself sets on the way upstream: an
+# identity header of one of these names would replace, or be replaced by, what the transport needs.
+_RESERVED_IDENTITY_HEADERS = (
+    _FORBIDDEN_UPSTREAM_HEADERS
+    | {h.lower() for h in _MCP_REQUEST_HEADERS}
+    | {"keep-alive", "proxy-authorization", "proxy-connection", "te", "trailer", "upgrade", "expect"}
+    | {"cookie", "origin", "content-encoding", "accept-encoding", "x-request-id", "forwarded", "x-real-ip"}
+)
+
+
+def _parse_identity_header(
+    item: _Node, upstream: str, upstream_headers: tuple[tuple[str, Secret], ...]
+) -> IdentityHeaderConfig | None:
+    if "identity_header" not in item.data:
+        return None
+    if item.data["identity_header"] is None:
+        raise item.error("identity_header", "is empty: write {} for the defaults, or remove the key")
+    node = item.child("identity_header")
+    name = node.string("name", IdentityHeaderConfig.name)
+    assert name is not None
+    if not _HEADER_NAME.match(name):
+        raise node.error("name", f"{name!r} is not a valid HTTP header name")
+    lowered = name.lower()
+    if lowered in _RESERVED_IDENTITY_HEADERS or lowered.startswith("x-forwarded-"):
+        raise node.error("name", f"{name!r} is managed by the gateway or MCP and cannot carry the identity")
+    if any(h.lower() == lowered for h, _ in upstream_headers):
+        raise node.error("name", f"{name!r} is also set in upstream_headers")
+    ttl = node.number("ttl_seconds", IdentityHeaderConfig.ttl_seconds, minimum=1, maximum=3600)
+    # Default audience: the upstream's origin, the identifier an upstream most easily knows for itself.
+    audience = node.string("audience", origin_of(upstream))
+    assert audience is not None
+    node.finish()
+    return IdentityHeaderConfig(name=name, ttl_seconds=ttl, audience=audience)
 
 
 def _parse_route_quotas(item: _Node) -> tuple[QuotaRule, ...]:
@@ -1015,6 +1063,9 @@ def describe(config: GatewayConfig, *, emit: Callable[[str], None], as_groups: f
     for route in config.routes:
         groups = ", ".join(route.allow_groups) if route.allow_groups is not None else "any authenticated user"
         extra = f" headers={','.join(n for n, _ in route.upstream_headers)}" if route.upstream_headers else ""
+        if route.identity_header is not None:
+            ident = route.identity_header
+            extra += f" identity_header={ident.name}(aud={ident.audience},ttl={ident.ttl_seconds}s)"
         emit(
             f"  {route.name}: {route.path} -> {route.upstream} [{route.transport}] "
             f"resource={route.resource} scopes={' '.join(route.scopes)} groups={groups}{extra}"
