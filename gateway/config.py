@@ -203,6 +203,21 @@ class IdentityHeaderConfig:
 
 
 @dataclass(frozen=True)
+class UpstreamAuthorizationConfig:
+    """``routes[].upstream_authorization`` of ``type: id-jag``: the upstream is itself an EMA resource, and
+    the gateway obtains a per-user token there by chaining the client's ID-JAG
+    (draft-parecki-oauth-identity-assertion-gateways; gateway/oauth/chain.py)."""
+
+    idp_token_endpoint: str
+    client_id: str
+    client_secret: Secret
+    upstream_issuer: str
+    upstream_client_id: str
+    upstream_client_secret: Secret
+    type: str = "id-jag"
+
+
+@dataclass(frozen=True)
 class RouteConfig:
     name: str
     path: str
@@ -218,6 +233,7 @@ class RouteConfig:
     policy: RoutePolicy = field(default_factory=RoutePolicy.unrestricted, compare=False)
     quotas: tuple[QuotaRule, ...] = field(default=(), compare=False)
     identity_header: IdentityHeaderConfig | None = None
+    upstream_authorization: UpstreamAuthorizationConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -406,7 +422,7 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None =
     allowed_origins = tuple(_origin(root, o) for o in origins) if origins is not None else (origin_of(public_url),)
     limits = _parse_limits(root.child("limits"))
     authorization = _parse_authorization(root.child("authorization"), public_url, base_dir, insecure_ok)
-    routes = _parse_routes(root, public_url)
+    routes = _parse_routes(root, public_url, base_dir, insecure_ok)
     # A separate, unauthenticated listener for Prometheus (keeps /metrics off the public port).
     metrics_listen = _parse_listen(root, "metrics_listen", None) if root.data.get("metrics_listen") else None
     if metrics_listen is None:
@@ -852,14 +868,16 @@ def _authorization_file(item: _Node, name: str, base_dir: Path | None) -> Secret
     return Secret(value)
 
 
-def _parse_routes(root: _Node, public_url: str) -> tuple[RouteConfig, ...]:
+def _parse_routes(root: _Node, public_url: str, base_dir: Path | None, insecure_ok: bool) -> tuple[RouteConfig, ...]:
     routes: list[RouteConfig] = []
     for item in root.children("routes", required=True):
-        routes.append(_parse_route(item, public_url, routes))
+        routes.append(_parse_route(item, public_url, routes, base_dir, insecure_ok))
     return tuple(routes)
 
 
-def _parse_route(item: _Node, public_url: str, earlier: list[RouteConfig]) -> RouteConfig:
+def _parse_route(
+    item: _Node, public_url: str, earlier: list[RouteConfig], base_dir: Path | None, insecure_ok: bool
+) -> RouteConfig:
     name = item.string("name", required=True)
     assert name is not None
     if not _ROUTE_NAME.match(name):
@@ -905,6 +923,7 @@ def _parse_route(item: _Node, public_url: str, earlier: list[RouteConfig]) -> Ro
         policy=_parse_policy(item, scopes),
         quotas=_parse_route_quotas(item),
         identity_header=_parse_identity_header(item, upstream, upstream_headers),
+        upstream_authorization=_parse_upstream_authorization(item, public_url, base_dir, insecure_ok),
     )
     item.finish()
     return route
@@ -943,6 +962,54 @@ def _parse_identity_header(
     assert audience is not None
     node.finish()
     return IdentityHeaderConfig(name=name, ttl_seconds=ttl, audience=audience)
+
+
+UPSTREAM_AUTHORIZATION_TYPES = ("id-jag",)
+
+
+def _parse_upstream_authorization(
+    item: _Node, public_url: str, base_dir: Path | None, insecure_ok: bool
+) -> UpstreamAuthorizationConfig | None:
+    if "upstream_authorization" not in item.data:
+        return None
+    node = item.child("upstream_authorization")
+    kind = node.string("type", required=True)
+    if kind not in UPSTREAM_AUTHORIZATION_TYPES:
+        raise node.error("type", f"must be one of {', '.join(UPSTREAM_AUTHORIZATION_TYPES)}, got {kind!r}")
+    idp_token_endpoint = _url(node, "idp_token_endpoint", required=True, tls=not insecure_ok)
+    upstream_issuer = _url(node, "upstream_issuer", required=True, tls=not insecure_ok)
+    client_id = node.string("client_id", required=True)
+    upstream_client_id = node.string("upstream_client_id", required=True)
+    assert idp_token_endpoint is not None and upstream_issuer is not None
+    assert client_id is not None and upstream_client_id is not None
+    if canonical_url(upstream_issuer) == canonical_url(public_url):
+        # The draft's Chained Identity Assertion Request: an assertion must not be chained to its own gateway.
+        raise node.error("upstream_issuer", "must not be this gateway's own issuer")
+    config = UpstreamAuthorizationConfig(
+        type=kind,
+        idp_token_endpoint=idp_token_endpoint,
+        client_id=client_id,
+        client_secret=Secret(_secret_file(node, "client_secret_file", base_dir)),
+        upstream_issuer=upstream_issuer,
+        upstream_client_id=upstream_client_id,
+        upstream_client_secret=Secret(_secret_file(node, "upstream_client_secret_file", base_dir)),
+    )
+    node.finish()
+    return config
+
+
+def _secret_file(node: _Node, name: str, base_dir: Path | None) -> str:
+    path = node.string(name, required=True)
+    assert path is not None
+    try:
+        secret = _resolve(base_dir, path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise node.error(name, f"cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise node.error(name, "must contain UTF-8 text") from None
+    if not secret:
+        raise node.error(name, "is empty")
+    return secret
 
 
 def _parse_route_quotas(item: _Node) -> tuple[QuotaRule, ...]:
@@ -1066,6 +1133,9 @@ def describe(config: GatewayConfig, *, emit: Callable[[str], None], as_groups: f
         if route.identity_header is not None:
             ident = route.identity_header
             extra += f" identity_header={ident.name}(aud={ident.audience},ttl={ident.ttl_seconds}s)"
+        if route.upstream_authorization is not None:
+            chain = route.upstream_authorization
+            extra += f" upstream_authorization={chain.type}(as={chain.upstream_issuer},idp={chain.idp_token_endpoint})"
         emit(
             f"  {route.name}: {route.path} -> {route.upstream} [{route.transport}] "
             f"resource={route.resource} scopes={' '.join(route.scopes)} groups={groups}{extra}"

@@ -26,10 +26,10 @@ from gateway.condition_health import ConditionHealth
 from gateway.config import AuthorizationConfig, GatewayConfig, RouteConfig
 from gateway.engine import DecisionEngine
 from gateway.metrics import Metrics
-from gateway.oauth.access_token import AccessTokenService, PreviousKey
+from gateway.oauth.access_token import AccessTokenService, IssuedToken, PreviousKey
 from gateway.oauth.client_auth import ClientAuthenticator
 from gateway.oauth.identity import SubjectIdentity
-from gateway.oauth.idjag import IdJagValidator
+from gateway.oauth.idjag import Grant, IdJagValidator
 from gateway.oauth.jwks import KeyRing
 from gateway.oauth.keys import SigningKey, load_signing_key
 from gateway.oauth.metadata import TOKEN_PATH
@@ -109,6 +109,7 @@ class Runtime:
         condition_health: ConditionHealth | None = None,
         clock: Callable[[], float] = time.time,
         revocations: SubjectRevocations | None = None,
+        retain: Callable[[Grant, IssuedToken, str], None] | None = None,
     ) -> Runtime:
         """Raises ConfigError / SigningKeyError / ReloadRefused without touching ``previous``."""
         if previous is not None:
@@ -181,6 +182,7 @@ class Runtime:
                 if revocations is not None
                 else None
             ),
+            retain=retain,
         )
         return runtime
 

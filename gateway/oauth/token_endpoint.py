@@ -20,7 +20,7 @@ from aiohttp import web
 from multidict import MultiDict, MultiDictProxy
 
 from gateway.http import BodyTooLarge, BodyTooSlow, read_limited
-from gateway.oauth.access_token import AccessTokenService
+from gateway.oauth.access_token import AccessTokenService, IssuedToken
 from gateway.oauth.client_auth import ClientAuthenticator
 from gateway.oauth.errors import (
     NO_STORE,
@@ -60,9 +60,12 @@ class TokenEndpoint:
         is_revoked: Callable[[SubjectIdentity, str], bool] | None = None,
         rate_limiter: ClientRateLimiter | None = None,
         cut_off: Callable[[Grant], bool] | None = None,
+        retain: Callable[[Grant, IssuedToken, str], None] | None = None,
     ) -> None:
         """``cut_off``: whether the IdP revoked the grant's user after its ID-JAG was issued (Shared
         Signals, gateway/signals/)."""
+        # Keeps the ID-JAG of a grant for a route that chains it upstream (gateway/oauth/chain.py).
+        self._retain = retain
         self._is_revoked = is_revoked
         self._cut_off = cut_off
         self._rate_limiter = rate_limiter
@@ -96,6 +99,8 @@ class TokenEndpoint:
             log.info("token request refused: client=%s error=%s reason=%s", client_id, error.error, error.reason)
             return error.to_response()
         issued = self._tokens.issue(grant)
+        if self._retain is not None and grant.route.upstream_authorization is not None:
+            self._retain(grant, issued, assertion)
         self._report(GrantOutcome(client_id, grant, None))
         log.info(
             "access token issued: client=%s user=%s route=%s scope=%r token_id=%s",

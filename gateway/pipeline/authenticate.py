@@ -20,18 +20,18 @@ async def authenticate(ctx: RequestContext) -> None:
     try:
         principal = runtime.guard.authenticate(ctx.request.headers.getall("Authorization", []), route)
     except BearerChallenge as challenge:
-        raise _challenge(ctx, challenge.status, challenge.error, challenge.description) from None
+        raise bearer_challenge(ctx, challenge.status, challenge.error, challenge.description) from None
     if runtime.is_revoked(principal.identity, principal.client_id):
-        raise _challenge(ctx, 401, "invalid_token", "access has been revoked", reason="revoked")
+        raise bearer_challenge(ctx, 401, "invalid_token", "access has been revoked", reason="revoked")
     if ctx.services.revocations.refuses(principal.identity, principal.email, principal.issued_at):
         ctx.principal = principal  # audited with who was refused: the token is authentic, only cut off
-        raise _challenge(
+        raise bearer_challenge(
             ctx, 401, "invalid_token", "the identity provider revoked this session; sign in again", reason="signal"
         )
     ctx.principal = principal
 
 
-def _challenge(
+def bearer_challenge(
     ctx: RequestContext, status: int, error: str | None, description: str, *, reason: str | None = None
 ) -> Refusal:
     prm_url = metadata.prm_url(ctx.runtime.config, ctx.route)

@@ -6,6 +6,7 @@ The gateway runs in the pytest event loop on a pre-bound 127.0.0.1 socket; the I
 
 from __future__ import annotations
 
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -147,9 +148,11 @@ async def start_harness(
     *,
     extra_idps: list[DevIdentityProvider] = (),
     jwks_min_refresh_seconds: float = 30,
+    sock: socket.socket | None = None,
     **extra: Any,
 ) -> GatewayHarness:
-    sock = bind_socket("127.0.0.1", 0)
+    """``sock``: a socket bound beforehand, when the gateway's URL must be known before it starts."""
+    sock = sock if sock is not None else bind_socket("127.0.0.1", 0)
     public_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     config = make_config(public_url, [idp, *extra_idps], routes, **extra)
     gateway = Gateway(config, jwks_min_refresh_seconds=jwks_min_refresh_seconds)
