@@ -140,6 +140,19 @@ class IdentityProviderConfig:
     groups_claim: str = "groups"
     algorithms: tuple[str, ...] = DEFAULT_IDP_ALGORITHMS
     tenant: str | None = None
+    # The ID-token bridge (gateway/oauth/id_token_bridge.py): OpenID Connect ID tokens of this IdP, with
+    # one of these audiences, are accepted at the token endpoint (RFC 8693) until it issues ID-JAGs.
+    accept_id_tokens: bool = False
+    id_token_audiences: tuple[str, ...] = ()
+    # Google Workspace: the ``hd`` claim an ID token must carry.
+    hosted_domain: str | None = None
+    # ``claims.groups``: where the groups are, as a path into the claims (``realm_access.roles``);
+    # None: the claim named ``groups_claim``.
+    groups_path: tuple[str, ...] | None = None
+
+    @property
+    def groups_location(self) -> tuple[str, ...]:
+        return self.groups_path if self.groups_path is not None else (self.groups_claim,)
 
 
 @dataclass(frozen=True)
@@ -764,6 +777,21 @@ def _parse_idps(node: _Node, own_issuer: str, insecure_ok: bool) -> tuple[Identi
                 )
         groups_claim = item.string("groups_claim", "groups")
         assert groups_claim is not None
+        groups_path = _parse_idp_claims(item)
+        accept_id_tokens = item.raw("accept_id_tokens")
+        if accept_id_tokens is not None and not isinstance(accept_id_tokens, bool):
+            raise item.error("accept_id_tokens", "must be true or false")
+        audiences = item.string_list("id_token_audiences")
+        hosted_domain = item.string("hosted_domain")
+        if accept_id_tokens:
+            if not audiences:
+                raise item.error(
+                    "id_token_audiences", "is required with accept_id_tokens: the client ids ID tokens are issued to"
+                )
+        else:
+            for key in ("id_token_audiences", "hosted_domain"):
+                if item.data.get(key) is not None:
+                    raise item.error(key, "applies only with accept_id_tokens: true")
         idps.append(
             IdentityProviderConfig(
                 issuer=issuer,
@@ -771,10 +799,33 @@ def _parse_idps(node: _Node, own_issuer: str, insecure_ok: bool) -> tuple[Identi
                 groups_claim=groups_claim,
                 algorithms=algorithms,
                 tenant=item.string("tenant"),
+                accept_id_tokens=bool(accept_id_tokens),
+                id_token_audiences=audiences or (),
+                hosted_domain=hosted_domain,
+                groups_path=groups_path,
             )
         )
         item.finish()
     return tuple(idps)
+
+
+def _parse_idp_claims(item: _Node) -> tuple[str, ...] | None:
+    """``claims: {groups: <path>}``: a dot-separated path into the token's claims (Keycloak puts roles
+    in ``realm_access.roles``). ``groups_claim`` names one claim, dots included, so only one may be set."""
+    if "claims" not in item.data:
+        return None
+    node = item.child("claims")
+    path = node.string("groups", required=True)
+    assert path is not None
+    if "groups_claim" in item.data:
+        raise item.error("claims", "set either groups_claim or claims.groups, not both")
+    parts = tuple(path.split("."))
+    if not all(parts):
+        raise node.error(
+            "groups", f"must be a claim name or a dot-separated path such as realm_access.roles, got {path!r}"
+        )
+    node.finish()
+    return parts
 
 
 def _parse_revoked_subjects(revoked: _Node, idps: tuple[IdentityProviderConfig, ...]) -> frozenset[RevokedSubject]:

@@ -48,7 +48,7 @@ _LONG_BUCKETS = (120, 300, 600, 1800, 3600, 7200, 21600, 43200, 86400)
 # gateway's own code); docs/metrics.md explains each.
 _INVALID_GRANT_REASONS = (
     "malformed typ algorithm issuer signature audience client_id subject tenant expired issued_at not_before "
-    "lifetime jti replay cnf resource group scope revoked"
+    "lifetime jti replay cnf resource group scope revoked hosted_domain group_overage id_token_chained_route"
 ).split()
 GRANT_OUTCOMES = (
     ("issued", "ok"),

@@ -28,6 +28,7 @@ from gateway.engine import DecisionEngine
 from gateway.metrics import Metrics
 from gateway.oauth.access_token import AccessTokenService, IssuedToken, PreviousKey
 from gateway.oauth.client_auth import ClientAuthenticator
+from gateway.oauth.id_token_bridge import IdTokenBridge
 from gateway.oauth.identity import SubjectIdentity
 from gateway.oauth.idjag import Grant, IdJagValidator
 from gateway.oauth.jwks import KeyRing
@@ -183,6 +184,7 @@ class Runtime:
                 else None
             ),
             retain=retain,
+            bridge=IdTokenBridge(auth, routes, keys, replay_store),
         )
         return runtime
 

@@ -30,6 +30,7 @@ from gateway.oauth.errors import (
     RateLimited,
     UnsupportedGrantType,
 )
+from gateway.oauth.id_token_bridge import ID_TOKEN_TYPE, IdTokenBridge
 from gateway.oauth.identity import SubjectIdentity
 from gateway.oauth.idjag import Grant, IdJagValidator
 from gateway.oauth.rate_limit import ClientRateLimiter
@@ -37,6 +38,8 @@ from gateway.oauth.rate_limit import ClientRateLimiter
 log = logging.getLogger(__name__)
 
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
+ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
 _MAX_FORM_BYTES = 64 * 1024
 
 
@@ -61,9 +64,12 @@ class TokenEndpoint:
         rate_limiter: ClientRateLimiter | None = None,
         cut_off: Callable[[Grant], bool] | None = None,
         retain: Callable[[Grant, IssuedToken, str], None] | None = None,
+        bridge: IdTokenBridge | None = None,
     ) -> None:
         """``cut_off``: whether the IdP revoked the grant's user after its ID-JAG was issued (Shared
         Signals, gateway/signals/)."""
+        # The ID-token bridge (RFC 8693 token exchange of an OpenID Connect ID token), when an IdP allows it.
+        self._bridge = bridge if bridge is not None and bridge.enabled else None
         # Keeps the ID-JAG of a grant for a route that chains it upstream (gateway/oauth/chain.py).
         self._retain = retain
         self._is_revoked = is_revoked
@@ -79,8 +85,10 @@ class TokenEndpoint:
         try:
             form, client_id = await self._authenticate(request)
             self._throttle(client_id)
-            assertion = self._assertion(form)
-            grant = await self._validator.validate(
+            exchange = self._is_token_exchange(form)
+            assertion = self._subject_token(form) if exchange else self._assertion(form)
+            validator = self._bridge if exchange and self._bridge is not None else self._validator
+            grant = await validator.validate(
                 assertion,
                 client_id=client_id,
                 resources=_resources(form),
@@ -99,7 +107,7 @@ class TokenEndpoint:
             log.info("token request refused: client=%s error=%s reason=%s", client_id, error.error, error.reason)
             return error.to_response()
         issued = self._tokens.issue(grant)
-        if self._retain is not None and grant.route.upstream_authorization is not None:
+        if self._retain is not None and not exchange and grant.route.upstream_authorization is not None:
             self._retain(grant, issued, assertion)
         self._report(GrantOutcome(client_id, grant, None))
         log.info(
@@ -118,6 +126,8 @@ class TokenEndpoint:
             # Draft §4.4.2: the granted resources, as the assertion (or the client) spelled them.
             "resource": grant.resources[0] if len(grant.resources) == 1 else list(grant.resources),
         }
+        if exchange:
+            body["issued_token_type"] = ACCESS_TOKEN_TYPE  # RFC 8693 §2.2.1: REQUIRED
         return web.Response(text=json.dumps(body), content_type="application/json", headers=NO_STORE)
 
     async def _authenticate(self, request: web.Request) -> tuple[MultiDictProxy[str], str]:
@@ -150,12 +160,32 @@ class TokenEndpoint:
             raise InvalidRequest("the request body is not UTF-8") from None
         return MultiDictProxy(MultiDict(pairs))
 
-    def _assertion(self, form: MultiDictProxy[str]) -> str:
+    def _is_token_exchange(self, form: MultiDictProxy[str]) -> bool:
         grant_types = form.getall("grant_type", [])
         if len(grant_types) != 1:
             raise InvalidRequest("exactly one grant_type is required")
+        if grant_types[0] == TOKEN_EXCHANGE and self._bridge is not None:
+            return True
         if grant_types[0] != JWT_BEARER:
-            raise UnsupportedGrantType(f"only {JWT_BEARER} is supported")
+            also = f" and {TOKEN_EXCHANGE} with ID tokens" if self._bridge is not None else ""
+            raise UnsupportedGrantType(f"only {JWT_BEARER}{also} is supported")
+        return False
+
+    def _subject_token(self, form: MultiDictProxy[str]) -> str:
+        """RFC 8693 §2.1, for the ID-token bridge: one ID token as the subject, no actor, and an access
+        token (the default) as the requested type."""
+        subject = _optional(form, "subject_token")
+        if subject is None:
+            raise InvalidRequest("subject_token is required")
+        if _optional(form, "subject_token_type") != ID_TOKEN_TYPE:
+            raise InvalidRequest(f"subject_token_type must be {ID_TOKEN_TYPE}")
+        if _optional(form, "requested_token_type") not in (None, ACCESS_TOKEN_TYPE):
+            raise InvalidRequest(f"requested_token_type must be {ACCESS_TOKEN_TYPE}")
+        if _optional(form, "actor_token") is not None:
+            raise InvalidRequest("actor_token is not supported")
+        return subject
+
+    def _assertion(self, form: MultiDictProxy[str]) -> str:
         assertions = form.getall("assertion", [])
         if len(assertions) != 1 or not assertions[0]:
             raise InvalidRequest("exactly one assertion is required (RFC 7523 §2.1)")
