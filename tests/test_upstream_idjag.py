@@ -10,6 +10,7 @@ all arrived with the per-user token A obtained for it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
@@ -396,3 +397,20 @@ def test_the_config_example_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     chained = route.upstream_authorization
     assert chained is not None
     assert (chained.upstream_issuer, chained.client_secret.value) == ("https://auth.saas.example.com", "idp-secret")
+
+
+async def test_a_token_the_upstream_rejects_is_not_used_again(chain: Chain, http: aiohttp.ClientSession) -> None:
+    client = await connect(chain.a, http, "saas")
+    await client.initialize()
+    assert (await call(client, "echo"))[0] == 200
+    # B revokes the gateway's client: its live token is refused (401), and so is a new grant.
+    reloaded = await chain.b.gateway.reload(
+        dataclasses.replace(chain.b.config, revoked_clients=frozenset({GATEWAY_AT_SAAS}))
+    )
+    assert reloaded
+    status, _, _ = await call(client, "echo")
+    assert status == 401
+    status, body, _ = await call(client, "echo")
+    assert status == 403, body
+    assert body["error"]["message"].endswith("the upstream's authorization server refused (invalid_grant)")
+    assert chain.count("exchanged") == 1 and chain.count("failed_upstream_as") == 1

@@ -23,6 +23,7 @@ Tokens and assertions are never logged; failures name the step and the OAuth err
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 import weakref
@@ -113,11 +114,7 @@ class UpstreamCredentials:
         self._token_endpoints: dict[str, str] = {}
 
     async def token(self, route: RouteConfig, principal: Principal) -> UpstreamToken:
-        config = route.upstream_authorization
-        assert config is not None
-        # Bound to the user (issuer, tenant, subject) and client that produced it, and to the route's
-        # current settings: a reload that changes them starts afresh.
-        key = (route.name, route.upstream, config, principal.identity.key, principal.client_id)
+        key = _cache_key(route, principal)
         cached = self._usable(key)
         if cached is not None:
             return cached
@@ -128,6 +125,8 @@ class UpstreamCredentials:
             cached = self._usable(key)
             if cached is not None:
                 return cached
+            config = route.upstream_authorization
+            assert config is not None
             assertion = self._retained.get(principal.token_id)
             if assertion is None:
                 raise ChainFailure(
@@ -144,6 +143,14 @@ class UpstreamCredentials:
                 expires_at - min(REFRESH_MARGIN_SECONDS, lifetime / 2),
             )
             return UpstreamToken(value, expires_at, fresh=True)
+
+    def rejected(self, route: RouteConfig, principal: Principal, token: str) -> None:
+        """The upstream answered 401 to ``token``: it was revoked or has expired early there, so the next
+        request obtains a new one instead of using it until it expires (if it is still the cached one)."""
+        key = _cache_key(route, principal)
+        cached = self._cache.get(key)
+        if cached is not None and hmac.compare_digest(cached[0].value.encode(), token.encode()):
+            self._cache.pop(key, None)
 
     def _usable(self, key: tuple[Any, ...]) -> UpstreamToken | None:
         cached = self._cache.get(key)
@@ -236,6 +243,13 @@ class UpstreamCredentials:
         if body is None:
             raise ChainFailure(step, f"{who} answered with something other than a JSON object")
         return body
+
+
+def _cache_key(route: RouteConfig, principal: Principal) -> tuple[Any, ...]:
+    """Bound to the user (issuer, tenant, subject) and client that produced it (the draft's "Subject
+    binding of cached tokens"), and to the route's current settings: a reload that changes them starts
+    afresh."""
+    return (route.name, route.upstream, route.upstream_authorization, principal.identity.key, principal.client_id)
 
 
 def _basic(client_id: str, secret: str) -> str:

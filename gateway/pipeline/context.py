@@ -66,6 +66,7 @@ class RequestContext:
     rpc: RpcBody | None = None  # POST only: the messages, read once
     plan: Plan | None = None
     forward: ForwardRequest | None = None  # None after planning: answered by the gateway alone
+    upstream_token: str | None = field(default=None, repr=False)  # the per-user upstream token sent, if any
 
 
 @dataclass

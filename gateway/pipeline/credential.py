@@ -7,7 +7,8 @@ The upstream token goes in ``Authorization``, the header the client's own token 
 
 Failures are JSON-RPC errors naming the step: no ID-JAG held for the access token is a 401 challenge
 (a new access token, with a fresh ID-JAG, fixes it); a refusal by the IdP or the upstream's authorization
-server is 403, since that is their authorization decision; one that did not answer usably is 502.
+server is 403, since that is their authorization decision; one that did not answer usably is 502. An
+upstream that answers 401 to a cached token gets a new one on the next request (gateway/pipeline/forward.py).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ async def upstream_credential(ctx: RequestContext) -> None:
         )
     else:
         services.metrics.upstream_credentials.labels(route.name, "cached").inc()
+    ctx.upstream_token = token.value
     ctx.forward = dataclasses.replace(
         fwd, added_headers=(*fwd.added_headers, ("Authorization", f"Bearer {token.value}"))
     )
