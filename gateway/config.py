@@ -1170,9 +1170,10 @@ def describe(config: GatewayConfig, *, emit: Callable[[str], None], as_groups: f
             "jwks_uri, is recommended for production: EMA §7.5.1)"
         )
     for idp in auth.identity_providers:
+        bridge = f" id_tokens(aud={','.join(idp.id_token_audiences)})" if idp.accept_id_tokens else ""
         emit(
             f"identity provider: {idp.issuer} jwks={idp.jwks_uri or '(discovered)'} "
-            f"groups_claim={idp.groups_claim} algorithms={','.join(idp.algorithms)}"
+            f"groups={'.'.join(idp.groups_location)} algorithms={','.join(idp.algorithms)}{bridge}"
         )
     emit(f"allowed origins: {', '.join(config.allowed_origins)}")
     stripped = dict.fromkeys((*ALWAYS_STRIPPED_REQUEST_HEADERS, *config.strip_request_headers), None)

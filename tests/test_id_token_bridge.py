@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.config import ConfigError, load_config, parse_config
+from gateway.config import ConfigError, describe, load_config, parse_config
 from gateway.devidp import DevIdentityProvider
 from tests.support.harness import CLIENT_ID, CLIENT_SECRET, GatewayHarness, start_harness
 from tests.support.mcp_http import McpHttp, tool_call, tool_text
@@ -232,3 +232,6 @@ def test_the_config_example_loads(monkeypatch: pytest.MonkeyPatch) -> None:
         "example.com",
         ("realm_access", "roles"),
     )
+    lines: list[str] = []
+    describe(config, emit=lines.append)
+    assert any("groups=realm_access.roles" in line and "id_tokens(aud=ai-client)" in line for line in lines), lines
