@@ -17,6 +17,7 @@ import pytest
 
 from gateway.config import ConfigError, describe, load_config, parse_config
 from gateway.devidp import DevIdentityProvider
+from gateway.signals.events import principal_keys
 from tests.support.harness import CLIENT_ID, CLIENT_SECRET, GatewayHarness, start_harness
 from tests.support.mcp_http import McpHttp, tool_call, tool_text
 from tests.support.upstreams import RunningUpstream
@@ -235,3 +236,22 @@ def test_the_config_example_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     lines: list[str] = []
     describe(config, emit=lines.append)
     assert any("groups=realm_access.roles" in line and "id_tokens(aud=ai-client)" in line for line in lines), lines
+
+
+async def test_id_tokens_live_at_most_an_hour_and_a_shared_signals_cut_off_refuses_older_ones(bridge: Bridge) -> None:
+    now = int(time.time())
+    status, body = await bridge.exchange(bridge.id_token(bridge.keycloak, iat=now - 10, exp=now + 3600))
+    assert (status, body["error_description"]) == (400, "assertion lifetime exceeds the allowed maximum")
+    # The IdP cut the user off (as a pushed SET would): ID tokens issued up to then are refused.
+    revocations = bridge.gateway.gateway.services.revocations
+    assert revocations.apply(principal_keys(bridge.keycloak.issuer, "user-2", None)[0], now)
+    before = bridge.id_token(bridge.keycloak, sub="user-2", iat=now - 5, exp=now + 600)
+    status, body = await bridge.exchange(before, "open")
+    assert (status, body["error"], body["error_description"]) == (
+        400,
+        "invalid_grant",
+        "the identity provider revoked this user's sessions after the assertion was issued",
+    )
+    after = bridge.id_token(bridge.keycloak, sub="user-2", iat=now + 1, exp=now + 600)
+    status, body = await bridge.exchange(after, "open")
+    assert status == 200, body

@@ -13,7 +13,8 @@ apply (OpenID Connect Core §3.1.3.7 and the ID-JAG draft's processing rules):
 - signature by a key of the configured IdP, with an allowed asymmetric algorithm, ``iss`` exact;
 - ``aud`` (a string or an array) names one of ``id_token_audiences``, the AI clients' ids at the IdP;
 - ``exp`` not passed, ``iat`` not in the future (``nbf`` too); ID tokens typically live an hour, so the
-  ID-JAG lifetime bound does not apply, but the access token never outlives the ID token;
+  ID-JAG lifetime bound is replaced by one hour, and the access token never outlives the ID token; a
+  Shared Signals cut-off refuses ID tokens issued before it, as it does ID-JAGs;
 - single use: its ``jti``, or the SHA-256 of the token when it has none (Entra and Google put none),
   is recorded until ``exp`` in the replay store, as an ID-JAG's ``jti`` is;
 - ``nonce`` is not required (there is no authorization request of ours for it to answer);
@@ -34,8 +35,9 @@ from gateway.oauth.errors import InvalidGrant
 from gateway.oauth.idjag import ID_JAG_TYP, Grant, IdJagValidator
 
 ID_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:id_token"
-# ID tokens of Entra, Google and Keycloak live an hour by default; longer ones are refused.
-MAX_ID_TOKEN_LIFETIME_SECONDS = 24 * 3600
+# ID tokens of Entra and Google live an hour by default (Keycloak's less); longer ones are refused, which
+# also keeps every ID token shorter-lived than a Shared Signals cut-off is remembered (gateway/signals/).
+MAX_ID_TOKEN_LIFETIME_SECONDS = 3600
 _NOT_ID_TOKENS = (ID_JAG_TYP, "at+jwt", "application/at+jwt")
 
 
@@ -92,6 +94,7 @@ class IdTokenBridge(IdJagValidator):
             email,
             resources=granted_resources,
             assertion_expires_at=claims["exp"],
+            assertion_issued_at=claims["iat"],
             tenant=tenant,
         )
 
