@@ -45,6 +45,7 @@ from gateway.proxy.forward import (
 from gateway.quotas import QuotaStore, open_quota_store
 from gateway.routes import RouteTable
 from gateway.runtime import ReloadRefused, Runtime
+from gateway.telemetry import Tracing
 
 log = logging.getLogger("gateway")
 
@@ -88,7 +89,8 @@ class Gateway:
         # Quota counters live beside the replay cache (memory, or the same Redis for every replica).
         self._owns_quota_store = quota_store is None
         self.quota_store = quota_store if quota_store is not None else open_quota_store(config.replay_store)
-        self.services = Services(self.audit, self.metrics)
+        tracing = Tracing(config.telemetry_otlp_endpoint) if config.telemetry_otlp_endpoint else None
+        self.services = Services(self.audit, self.metrics, tracing=tracing)
         self._metrics_runner: web.AppRunner | None = None
         # Conditions that do not type-check against the upstreams' schemas, kept current in the background.
         self.condition_health = ConditionHealth()
@@ -210,6 +212,8 @@ class Gateway:
         if self._owns_quota_store:
             await self.quota_store.close()
         await self.audit.close()
+        if self.services.tracing is not None:
+            await asyncio.to_thread(self.services.tracing.shutdown)  # exports what is still buffered
 
     # -- reload ----------------------------------------------------------------------------
 
@@ -417,6 +421,8 @@ class Gateway:
         in_flight.inc()
         status = 500
         ctx = RequestContext(request, runtime, self.services, route, rest, request[REQUEST_ID], started)
+        if self.services.tracing is not None:
+            ctx.trace = self.services.tracing.start(ctx)
         try:
             response = await pipeline.run(ctx)
             status = response.status
@@ -425,6 +431,7 @@ class Gateway:
             status = pipeline.CLIENT_CLOSED_REQUEST  # the client went away (how MCP clients cancel): not a 5xx
             raise
         finally:
+            ctx.trace.finish(status)
             in_flight.dec()
             self.metrics.requests.labels(route.name, request[METHOD_CLASS], str(status)).inc()
             self.metrics.request_duration.labels(route.name).observe(time.monotonic() - started)

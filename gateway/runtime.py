@@ -237,6 +237,7 @@ def _check_reloadable(old: GatewayConfig, new: GatewayConfig) -> None:
         ("audit", (old.audit_sink, old.audit_argument_hashes), (new.audit_sink, new.audit_argument_hashes)),
         ("replay_store", old.replay_store, new.replay_store),
         ("logging", old.logging_format, new.logging_format),
+        ("telemetry", old.telemetry_otlp_endpoint, new.telemetry_otlp_endpoint),
     ):
         if before != after:
             raise ReloadRefused(f"{name} changed; restart the gateway to apply it")

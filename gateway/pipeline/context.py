@@ -20,6 +20,7 @@ from gateway.audit import AuditLog
 from gateway.config import RouteConfig
 from gateway.metrics import Metrics
 from gateway.oauth.access_token import Principal
+from gateway.telemetry import NO_TRACE, RequestTrace, Tracing
 
 if TYPE_CHECKING:
     from gateway.enforce import Plan
@@ -43,6 +44,7 @@ class Services:
     metrics: Metrics
     # Legacy HTTP+SSE: upstream session id -> its live GET stream. Weak values: an entry goes with it.
     legacy_streams: weakref.WeakValueDictionary[str, LegacyStream] = field(default_factory=weakref.WeakValueDictionary)
+    tracing: Tracing | None = None  # OpenTelemetry traces (telemetry.otlp_endpoint); None: off
 
 
 @dataclass
@@ -60,6 +62,7 @@ class RequestContext:
     rpc: RpcBody | None = None  # POST only: the messages, read once
     plan: Plan | None = None
     forward: ForwardRequest | None = None  # None after planning: answered by the gateway alone
+    trace: RequestTrace = NO_TRACE
 
 
 @dataclass

@@ -119,6 +119,8 @@ class ForwardRequest:
     # The principal (gateway/sessions.py principal_key) whose open requests count against
     # limits.max_streams_per_principal.
     owner: str | None = None
+    # W3C Trace Context of the gateway's upstream span (gateway/telemetry.py), replacing the client's.
+    trace_headers: tuple[tuple[str, str], ...] = ()
 
 
 class StreamLimitReached(Exception):
@@ -292,6 +294,9 @@ class Upstream:
             headers["Content-Type"] = CANONICAL_CONTENT_TYPE
         if fwd.upstream_session_id is not None:
             headers[SESSION_HEADER] = fwd.upstream_session_id
+        if fwd.trace_headers:
+            headers.popall("tracestate", None)
+            headers.update(fwd.trace_headers)
         limits = self._limits
         started = time.monotonic()
         try:
