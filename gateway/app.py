@@ -71,7 +71,7 @@ class Gateway:
         # The gateway closes only a store it opened itself (tests and embedders may share theirs).
         self._owns_replay_store = replay_store is None
         self.replay_store = replay_store if replay_store is not None else open_replay_store(config.replay_store)
-        self.audit = AuditLog(config.audit_sink)
+        self.audit = AuditLog(config.audit_sink, otlp_endpoint=config.telemetry_otlp_endpoint)
         self.config_path = config_path
         self._jwks_min_refresh = jwks_min_refresh_seconds
         self._idp_session: aiohttp.ClientSession | None = None

@@ -393,7 +393,7 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None =
     audit = root.child("audit")
     audit_sink = audit.string("sink", "stdout")
     assert audit_sink is not None
-    if audit_sink != "stdout":
+    if audit_sink not in ("stdout", "otlp"):
         audit_sink = str(_resolve(base_dir, audit_sink))
     audit_hashes = audit.raw("argument_hashes")
     if audit_hashes is not None and not isinstance(audit_hashes, bool):
@@ -410,6 +410,8 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None =
         raise logging_node.error("format", f"must be one of {', '.join(LOG_FORMATS)}, got {logging_format!r}")
     logging_node.finish()
     telemetry_otlp_endpoint = _parse_telemetry(root.child("telemetry"))
+    if audit_sink == "otlp" and telemetry_otlp_endpoint is None:
+        raise audit.error("sink", "otlp sends audit lines to telemetry.otlp_endpoint, which is not set")
     root.finish()
     return GatewayConfig(
         source=source,

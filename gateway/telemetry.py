@@ -35,7 +35,8 @@ if TYPE_CHECKING:
     from gateway.pipeline.context import RequestContext
 
 SERVICE_NAME = "mcp-auth-gateway"
-TRACES_PATH = "/v1/traces"  # OTLP/HTTP: the signal's path below the receiver's base URL
+TRACES_PATH = "/v1/traces"  # OTLP/HTTP: each signal's path below the receiver's base URL
+LOGS_PATH = "/v1/logs"
 EXPORT_TIMEOUT_SECONDS = 10.0
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
@@ -87,6 +88,43 @@ class Tracing:
     def shutdown(self) -> None:
         """Export what is still buffered, then stop (blocking, bounded by the exporter's timeout)."""
         self.provider.shutdown()
+
+
+class AuditRecords:
+    """``audit.sink: otlp``: audit lines as OpenTelemetry log records (OTLP/HTTP), so a SIEM receives
+    them from a collector instead of scraping stdout. Each record's body is the audit line's JSON object
+    (the same fields and values as on stdout), its ``event_name`` the line's ``event``, its timestamp the
+    line's ``ts``. Called from the audit writer's thread."""
+
+    def __init__(self, otlp_endpoint: str) -> None:
+        from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
+        from opentelemetry.sdk._logs import LoggerProvider
+        from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
+        from opentelemetry.sdk.resources import Resource
+
+        exporter = OTLPLogExporter(endpoint=otlp_endpoint.rstrip("/") + LOGS_PATH, timeout=EXPORT_TIMEOUT_SECONDS)
+        self._provider = LoggerProvider(resource=Resource.create({"service.name": SERVICE_NAME}))
+        self._provider.add_log_record_processor(BatchLogRecordProcessor(exporter))
+        self._logger = self._provider.get_logger("gateway.audit")
+
+    def emit(self, records: list[dict[str, Any]]) -> None:
+        from datetime import datetime
+
+        from opentelemetry._logs import SeverityNumber
+
+        for record in records:
+            timestamp = int(datetime.fromisoformat(record["ts"]).timestamp() * 1_000_000_000)
+            self._logger.emit(
+                timestamp=timestamp,
+                severity_number=SeverityNumber.INFO,
+                severity_text="INFO",
+                body=record,
+                event_name=record["event"],
+            )
+
+    def shutdown(self) -> None:
+        """Export what is still buffered, then stop (blocking, bounded by the exporter's timeout)."""
+        self._provider.shutdown()
 
 
 @dataclass

@@ -1,7 +1,7 @@
-"""OpenTelemetry traces (``telemetry.otlp_endpoint``): one trace shows the client's call, the gateway's
+"""OpenTelemetry (``telemetry.otlp_endpoint``): one trace shows the client's call, the gateway's
 authentication, decision and upstream call, and the upstream's request, whose ``traceparent`` header is the
-gateway's upstream span. Exported over OTLP/HTTP to a real receiver on loopback, decoded with the official
-``opentelemetry-proto`` messages."""
+gateway's upstream span; with ``audit.sink: otlp`` the audit lines arrive as log records. Exported over
+OTLP/HTTP to a real receiver on loopback, decoded with the official ``opentelemetry-proto`` messages."""
 
 from __future__ import annotations
 
@@ -12,10 +12,13 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest, ExportLogsServiceResponse
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from gateway.config import ConfigError, parse_config
@@ -37,6 +40,7 @@ class OtlpReceiver:
 
     def __init__(self) -> None:
         self.spans: list[Span] = []
+        self.logs: list[LogRecord] = []
 
     async def export(self, request: web.Request) -> web.Response:
         assert request.content_type == "application/x-protobuf"
@@ -46,6 +50,16 @@ class OtlpReceiver:
             for scope_spans in resource_spans.scope_spans:
                 self.spans.extend(scope_spans.spans)
         body = ExportTraceServiceResponse().SerializeToString()
+        return web.Response(body=body, content_type="application/x-protobuf")
+
+    async def export_logs(self, request: web.Request) -> web.Response:
+        assert request.content_type == "application/x-protobuf"
+        message = ExportLogsServiceRequest()
+        message.ParseFromString(await request.read())
+        for resource_logs in message.resource_logs:
+            for scope_logs in resource_logs.scope_logs:
+                self.logs.extend(scope_logs.log_records)
+        body = ExportLogsServiceResponse().SerializeToString()
         return web.Response(body=body, content_type="application/x-protobuf")
 
     def trace(self, trace_id: str) -> dict[str, Span]:
@@ -61,6 +75,7 @@ async def receiver(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[OtlpR
     otlp = OtlpReceiver()
     app = web.Application()
     app.router.add_post("/v1/traces", otlp.export)
+    app.router.add_post("/v1/logs", otlp.export_logs)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -78,6 +93,16 @@ def attributes(span: Span) -> dict[str, Any]:
         kind = item.value.WhichOneof("value")
         values[item.key] = getattr(item.value, kind) if kind else None
     return values
+
+
+def plain(value: AnyValue) -> Any:
+    """An OTLP AnyValue as a Python value (kvlist -> dict, array -> list)."""
+    kind = value.WhichOneof("value")
+    if kind == "kvlist_value":
+        return {item.key: plain(item.value) for item in value.kvlist_value.values}
+    if kind == "array_value":
+        return [plain(item) for item in value.array_value.values]
+    return getattr(value, kind) if kind else None
 
 
 def headers_seen(answer: dict[str, Any]) -> dict[str, str]:
@@ -174,15 +199,47 @@ async def test_without_telemetry_the_clients_traceparent_reaches_the_upstream_un
     assert seen["traceparent"] == traceparent
 
 
-def test_otlp_endpoint_must_be_a_url() -> None:
-    config = {
+async def test_audit_lines_as_otlp_log_records(
+    idp: DevIdentityProvider, upstream_json: RunningUpstream, receiver: tuple[OtlpReceiver, str]
+) -> None:
+    otlp, endpoint = receiver
+    routes = [{"name": "audited", "path": "/audited/mcp", "upstream": upstream_json.mcp_url, **RULES}]
+    options = {"telemetry": {"otlp_endpoint": endpoint}, "audit": {"sink": "otlp"}}
+    async with running_gateway(idp, routes, **options) as gw:
+        async with aiohttp.ClientSession() as http:
+            client = await open_session(gw, http, "audited", user="bob")
+            assert tool_text(await client.call(tool_call(4, "echo", {"text": "s3cr3t-argument"}))) == "s3cr3t-argument"
+            denied = await client.call(tool_call(5, "add", {"a": 1, "b": 2}))
+            assert denied["error"]["code"] == -32003
+    records = [(record.event_name, plain(record.body)) for record in otlp.logs]
+    calls = {body["target"]: (event, body) for event, body in records if body.get("target")}
+    event, called = calls["echo"]
+    assert event == "tool.called" and called["decision"] == "allow" and called["rule"] == "support-read"
+    assert called["route"] == "audited" and called["sub"] == "bob" and called["groups"] == ["support"]
+    event, refused = calls["add"]
+    assert event == "tool.denied" and refused["decision"] == "deny"
+    assert {"token.issued", "request.completed"} <= {event for event, _ in records}
+    assert all(record.time_unix_nano > 0 and record.severity_text == "INFO" for record in otlp.logs)
+    assert "s3cr3t-argument" not in repr(records)
+
+
+def _config(**extra: Any) -> dict[str, Any]:
+    return {
         "public_url": "http://127.0.0.1:8080",
         "authorization": {
             "identity_providers": [{"issuer": "http://127.0.0.1:9000"}],
             "clients": [{"client_id": "agent", "client_secret": "agent-secret-0123456789"}],
         },
         "routes": [{"name": "r", "path": "/r/mcp", "upstream": "http://127.0.0.1:9001/mcp"}],
-        "telemetry": {"otlp_endpoint": "collector:4318"},
+        **extra,
     }
-    with pytest.raises(ConfigError, match=r"telemetry\.otlp_endpoint: must be an absolute http\(s\) URL"):
-        parse_config(config, source="gw.yaml")
+
+
+def test_audit_sink_otlp_needs_the_endpoint() -> None:
+    with pytest.raises(ConfigError, match=r"^gw\.yaml: audit\.sink: otlp sends audit lines to telemetry\."):
+        parse_config(_config(audit={"sink": "otlp"}), source="gw.yaml")
+
+
+def test_otlp_endpoint_must_be_a_url() -> None:
+    with pytest.raises(ConfigError, match=r"^gw\.yaml: telemetry\.otlp_endpoint: must be an absolute http\(s\) URL"):
+        parse_config(_config(telemetry={"otlp_endpoint": "collector:4318"}), source="gw.yaml")
