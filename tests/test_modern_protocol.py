@@ -16,7 +16,7 @@ import pytest
 from gateway.devidp import DevIdentityProvider
 from tests.support.harness import GatewayHarness, running_gateway
 from tests.support.mcp_http import next_message, read_response
-from tests.support.upstreams import RunningUpstream, start_upstream
+from tests.support.upstreams import RunningUpstream, start_lenient, start_upstream
 
 VERSION = "2026-07-28"
 META = {
@@ -109,3 +109,40 @@ async def test_subscriptions_listen_stream_through_the_gateway(modern_gw: Gatewa
             assert status == 200
             changed = await next_message(stream.content)
     assert changed["method"] == "notifications/tools/list_changed", json.dumps(changed)
+
+
+@pytest.mark.parametrize(
+    ("version_in", "omitted", "refused"),
+    [
+        ("meta", "Mcp-Method", True),
+        ("header", "Mcp-Method", True),
+        ("meta", "Mcp-Name", True),
+        ("meta", "", False),  # both present: served
+        ("none", "Mcp-Method", False),  # 2025-11-25 and earlier have no mirror headers
+    ],
+)
+async def test_mirror_headers_are_required_from_2026_07_28(
+    idp: DevIdentityProvider, version_in: str, omitted: str, refused: bool
+) -> None:
+    """SEP-2243: a 2026-07-28 request must carry Mcp-Method, and Mcp-Name when it names a target. The
+    upstream here runs whatever it is sent, so the refusal is the gateway's own."""
+    with start_lenient() as lenient:
+        routes = [{"name": "lenient", "path": "/lenient/mcp", "upstream": lenient.mcp_url}]
+        async with running_gateway(idp, routes) as gw:
+            token = await gw.access_token("lenient")
+            body = message(8, "tools/call", name="echo", arguments={"text": "hi"})
+            if version_in != "meta":
+                del body["params"]["_meta"]
+            sent = headers(token, body)
+            sent.pop(omitted, None)
+            if version_in != "header":
+                del sent["MCP-Protocol-Version"]
+            async with aiohttp.ClientSession(timeout=STREAM_TIMEOUT) as http:
+                async with http.post(gw.route_url("lenient"), json=body, headers=sent) as response:
+                    status, answer = response.status, await read_response(response, 8)
+        executed = lenient.executed()
+    if refused:
+        assert status == 400 and answer["error"]["code"] == HEADER_MISMATCH, answer
+        assert omitted in answer["error"]["message"] and executed == []
+    else:
+        assert status == 200 and executed == ["echo"], answer
