@@ -110,13 +110,16 @@ def _header_values(headers: Mapping[str, str], name: str) -> list[str]:
     return [] if value is None else [value]
 
 
-def header_mismatch(messages: list[RpcMessage], headers: Mapping[str, str], batch: bool) -> str | None:
+def header_mismatch(
+    messages: list[RpcMessage], headers: Mapping[str, str], batch: bool, *, required: bool = True
+) -> str | None:
     """MCP 2026-07-28 Streamable HTTP: the ``Mcp-Method`` / ``Mcp-Name`` mirror headers must match
     the body, or the request is refused (an upstream routing on headers would run something else).
-    A request of that version or later must carry them (SEP-2243), as the SDK servers require."""
+    With ``required`` (Streamable HTTP), a request of that version or later must carry them (SEP-2243),
+    as the SDK servers require."""
     methods = _header_values(headers, "Mcp-Method")
     names = _header_values(headers, "Mcp-Name")
-    if not batch and (missing := _missing_mirror_header(messages[0], headers, methods, names)):
+    if required and not batch and (missing := _missing_mirror_header(messages[0], headers, methods, names)):
         return missing
     if not methods and not names:
         return None
