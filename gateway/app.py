@@ -48,6 +48,7 @@ from gateway.quotas import QuotaStore, open_quota_store
 from gateway.routes import RouteTable
 from gateway.runtime import ReloadRefused, Runtime
 from gateway.signals.receiver import SignalReceiver
+from gateway.telemetry import Tracing
 
 log = logging.getLogger("gateway")
 
@@ -73,7 +74,7 @@ class Gateway:
         # The gateway closes only a store it opened itself (tests and embedders may share theirs).
         self._owns_replay_store = replay_store is None
         self.replay_store = replay_store if replay_store is not None else open_replay_store(config.replay_store)
-        self.audit = AuditLog(config.audit_sink)
+        self.audit = AuditLog(config.audit_sink, otlp_endpoint=config.telemetry_otlp_endpoint)
         self.config_path = config_path
         self._jwks_min_refresh = jwks_min_refresh_seconds
         self._idp_session: aiohttp.ClientSession | None = None
@@ -93,8 +94,12 @@ class Gateway:
         self.quota_store = quota_store if quota_store is not None else open_quota_store(config.replay_store)
         # Chained ID-JAG routes (gateway/oauth/chain.py): kept across reloads, like the upstream pools.
         self.retained_assertions = RetainedAssertions()
+        tracing = Tracing(config.telemetry_otlp_endpoint) if config.telemetry_otlp_endpoint else None
         self.services = Services(
-            self.audit, self.metrics, credentials=UpstreamCredentials(self.idp_session, self.retained_assertions)
+            self.audit,
+            self.metrics,
+            credentials=UpstreamCredentials(self.idp_session, self.retained_assertions),
+            tracing=tracing,
         )
         # Shared Signals (gateway/signals/): built once; its transmitters need a restart to change.
         self.signals = (
@@ -242,6 +247,8 @@ class Gateway:
         if self._owns_quota_store:
             await self.quota_store.close()
         await self.audit.close()
+        if self.services.tracing is not None:
+            await asyncio.to_thread(self.services.tracing.shutdown)  # exports what is still buffered
 
     # -- reload ----------------------------------------------------------------------------
 
@@ -453,6 +460,8 @@ class Gateway:
         in_flight.inc()
         status = 500
         ctx = RequestContext(request, runtime, self.services, route, rest, request[REQUEST_ID], started)
+        if self.services.tracing is not None:
+            ctx.trace = self.services.tracing.start(ctx)
         try:
             response = await pipeline.run(ctx)
             status = response.status
@@ -461,6 +470,7 @@ class Gateway:
             status = pipeline.CLIENT_CLOSED_REQUEST  # the client went away (how MCP clients cancel): not a 5xx
             raise
         finally:
+            ctx.trace.finish(status)
             in_flight.dec()
             self.metrics.requests.labels(route.name, request[METHOD_CLASS], str(status)).inc()
             self.metrics.request_duration.labels(route.name).observe(time.monotonic() - started)

@@ -8,6 +8,7 @@ unknown keys are errors: a typo such as ``alow_groups`` must never silently open
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import ipaddress
 import os
 import re
@@ -287,6 +288,8 @@ class GatewayConfig:
     logging_format: str = "text"
     # Plain-http public_url, issuers and JWKS URLs on non-loopback hosts (test setups only).
     allow_insecure_http: bool = False
+    # Base URL of an OTLP/HTTP receiver for traces (gateway/telemetry.py); None: tracing off.
+    telemetry_otlp_endpoint: str | None = None
 
 
 class _Node:
@@ -457,7 +460,7 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None =
     audit = root.child("audit")
     audit_sink = audit.string("sink", "stdout")
     assert audit_sink is not None
-    if audit_sink != "stdout":
+    if audit_sink not in ("stdout", "otlp"):
         audit_sink = str(_resolve(base_dir, audit_sink))
     audit_hashes = audit.raw("argument_hashes")
     if audit_hashes is not None and not isinstance(audit_hashes, bool):
@@ -473,6 +476,9 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None =
     if logging_format not in LOG_FORMATS:
         raise logging_node.error("format", f"must be one of {', '.join(LOG_FORMATS)}, got {logging_format!r}")
     logging_node.finish()
+    telemetry_otlp_endpoint = _parse_telemetry(root.child("telemetry"))
+    if audit_sink == "otlp" and telemetry_otlp_endpoint is None:
+        raise audit.error("sink", "otlp sends audit lines to telemetry.otlp_endpoint, which is not set")
     root.finish()
     return GatewayConfig(
         source=source,
@@ -495,6 +501,7 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None =
         strip_request_headers=strip_request_headers,
         logging_format=logging_format,
         allow_insecure_http=insecure_ok,
+        telemetry_otlp_endpoint=telemetry_otlp_endpoint,
     )
 
 
@@ -505,6 +512,27 @@ def _parse_listen(root: _Node, name: str = "listen", default: str | None = "0.0.
     if not sep or not host or not _PORT.match(port_text) or not 0 <= int(port_text) <= 65535:
         raise root.error(name, f"must be host:port, got {listen!r}")
     return host.strip("[]"), int(port_text)
+
+
+# What telemetry.otlp_endpoint needs installed (the `otel` extra of the package).
+OTEL_MODULES = ("opentelemetry.sdk.trace", "opentelemetry.exporter.otlp.proto.http.trace_exporter")
+
+
+def _parse_telemetry(node: _Node) -> str | None:
+    endpoint = _url(node, "otlp_endpoint")
+    node.finish()
+    if endpoint is not None and not all(_importable(module) for module in OTEL_MODULES):
+        raise node.error(
+            "otlp_endpoint", "needs the OpenTelemetry SDK and OTLP exporter: pip install 'mcp-auth-gateway[otel]'"
+        )
+    return endpoint
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
 
 
 def _url(node: _Node, name: str, *, required: bool = False, tls: bool = False) -> str | None:
@@ -1215,3 +1243,5 @@ def describe(config: GatewayConfig, *, emit: Callable[[str], None], as_groups: f
             + (f" poll_endpoint={transmitter.poll_endpoint}" if transmitter.poll_endpoint else "")
         )
     emit(f"audit: {config.audit_sink}{' (argument hashes)' if config.audit_argument_hashes else ''}")
+    if config.telemetry_otlp_endpoint:
+        emit(f"telemetry: OTLP/HTTP traces to {redact_url(config.telemetry_otlp_endpoint)}")

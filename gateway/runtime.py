@@ -249,6 +249,7 @@ def _check_reloadable(old: GatewayConfig, new: GatewayConfig) -> None:
         ("replay_store", old.replay_store, new.replay_store),
         ("logging", old.logging_format, new.logging_format),
         ("shared_signals", old.transmitters, new.transmitters),
+        ("telemetry", old.telemetry_otlp_endpoint, new.telemetry_otlp_endpoint),
     ):
         if before != after:
             raise ReloadRefused(f"{name} changed; restart the gateway to apply it")

@@ -36,7 +36,8 @@ STAGES: tuple[Stage, ...] = (check_origin, authenticate, read_body, decide, bind
 async def run(ctx: RequestContext, stages: tuple[Stage, ...] = STAGES) -> web.StreamResponse:
     try:
         for stage in stages:
-            answer = await stage(ctx)
+            with ctx.trace.stage(stage.__name__):
+                answer = await stage(ctx)
             if answer is not None:
                 return _answer_response(answer)
     except Refusal as refusal:
@@ -46,7 +47,8 @@ async def run(ctx: RequestContext, stages: tuple[Stage, ...] = STAGES) -> web.St
     status = CLIENT_CLOSED_REQUEST
     try:
         try:
-            response = await forward(ctx)
+            with ctx.trace.stage(forward.__name__):
+                response = await forward(ctx)
         except Refusal as refusal:
             audit_refusal(ctx, refusal)
             response = refusal_response(refusal, ctx.cors)

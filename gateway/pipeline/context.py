@@ -21,6 +21,7 @@ from gateway.config import RouteConfig
 from gateway.metrics import Metrics
 from gateway.oauth.access_token import Principal
 from gateway.signals.revocations import SubjectRevocations
+from gateway.telemetry import NO_TRACE, RequestTrace, Tracing
 
 if TYPE_CHECKING:
     from gateway.enforce import Plan
@@ -49,6 +50,7 @@ class Services:
     revocations: SubjectRevocations = field(default_factory=SubjectRevocations)
     # Per-user upstream tokens of routes with upstream_authorization (gateway/oauth/chain.py).
     credentials: UpstreamCredentials | None = None
+    tracing: Tracing | None = None  # OpenTelemetry traces (telemetry.otlp_endpoint); None: off
 
 
 @dataclass
@@ -67,6 +69,7 @@ class RequestContext:
     plan: Plan | None = None
     forward: ForwardRequest | None = None  # None after planning: answered by the gateway alone
     upstream_token: str | None = field(default=None, repr=False)  # the per-user upstream token sent, if any
+    trace: RequestTrace = NO_TRACE
 
 
 @dataclass

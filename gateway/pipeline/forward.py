@@ -27,6 +27,9 @@ async def forward(ctx: RequestContext) -> web.StreamResponse:
     if fwd is None:  # every message was answered by the gateway (refused calls)
         single = plan.local_responses[0] if not plan.batch else plan.local_responses
         return web.json_response(single, headers=local_headers)
+    trace_headers = ctx.trace.upstream_headers()
+    if trace_headers:
+        fwd = dataclasses.replace(fwd, trace_headers=trace_headers)
     try:
         response = await ctx.runtime.upstreams[ctx.route.name].forward(ctx.request, fwd)
     except StreamLimitReached as refused:

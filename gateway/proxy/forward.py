@@ -127,6 +127,8 @@ class ForwardRequest:
     # Headers the gateway itself sends upstream for this request (the signed identity header), set
     # after the client's headers are filtered, so a client can never supply them.
     added_headers: tuple[tuple[str, str], ...] = ()
+    # W3C Trace Context of the gateway's upstream span (gateway/telemetry.py), replacing the client's.
+    trace_headers: tuple[tuple[str, str], ...] = ()
 
 
 class StreamLimitReached(Exception):
@@ -311,6 +313,9 @@ class Upstream:
             headers[SESSION_HEADER] = fwd.upstream_session_id
         for name, value in fwd.added_headers:
             headers[name] = value
+        if fwd.trace_headers:
+            headers.popall("tracestate", None)
+            headers.update(fwd.trace_headers)
         limits = self._limits
         started = time.monotonic()
         try:
