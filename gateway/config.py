@@ -158,6 +158,8 @@ class AuthorizationConfig:
     max_assertion_lifetime_seconds: int = 600
     previous_signing_key_files: tuple[str, ...] = ()
     token_rate_limit: TokenRateLimitConfig = TokenRateLimitConfig()
+    # RFC 9449 §8, §9: every DPoP proof (token endpoint and resources) must carry a server nonce.
+    dpop_require_nonce: bool = False
 
 
 @dataclass(frozen=True)
@@ -188,6 +190,9 @@ class RouteConfig:
     max_connections: int = 256
     policy: RoutePolicy = field(default_factory=RoutePolicy.unrestricted, compare=False)
     quotas: tuple[QuotaRule, ...] = field(default=(), compare=False)
+    # RFC 9449 §7.1: only DPoP-bound tokens with a proof are accepted here (RFC 9728
+    # dpop_bound_access_tokens_required).
+    require_dpop: bool = False
 
 
 @dataclass(frozen=True)
@@ -609,11 +614,25 @@ def _parse_authorization(node: _Node, public_url: str, base_dir: Path | None, in
         max_assertion_lifetime_seconds=node.number("max_assertion_lifetime_seconds", 600, minimum=30, maximum=3600),
         previous_signing_key_files=tuple(previous_keys),
         token_rate_limit=_parse_token_rate_limit(node.child("token_rate_limit")),
+        dpop_require_nonce=_parse_dpop(node.child("dpop")),
         clients=_parse_clients(node, base_dir, insecure_ok),
         identity_providers=_parse_idps(node, issuer, insecure_ok),
     )
     node.finish()
     return config
+
+
+def _parse_dpop(node: _Node) -> bool:
+    require_nonce = _flag(node, "require_nonce")
+    node.finish()
+    return require_nonce
+
+
+def _flag(node: _Node, name: str) -> bool:
+    value = node.raw(name)
+    if value is not None and not isinstance(value, bool):
+        raise node.error(name, "must be true or false")
+    return bool(value)
 
 
 def _parse_token_rate_limit(node: _Node) -> TokenRateLimitConfig:
@@ -807,6 +826,7 @@ def _parse_route(item: _Node, public_url: str, earlier: list[RouteConfig]) -> Ro
         max_connections=item.number("max_connections", 256, minimum=1, maximum=100_000),
         policy=_parse_policy(item, scopes),
         quotas=_parse_route_quotas(item),
+        require_dpop=_flag(item, "require_dpop"),
     )
     item.finish()
     return route

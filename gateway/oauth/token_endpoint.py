@@ -3,7 +3,8 @@
 Order of checks: the form must parse, then the client must authenticate (so unauthenticated callers
 learn nothing about assertions; the ID-JAG draft §4.4.1 binds the assertion to the authenticated
 client) and be within its rate limit (``ClientRateLimiter``, EMA §7.5.1), then the grant type and the
-single assertion (RFC 7523 §2.1), then every ID-JAG rule (``IdJagValidator``). Responses follow
+single assertion (RFC 7523 §2.1), then the ``DPoP`` proof if one is sent (RFC 9449 §5: the token is
+then bound to its key, ``token_type`` ``DPoP``), then every ID-JAG rule (``IdJagValidator``). Responses follow
 RFC 6749 §5.1/§5.2 with ``Cache-Control: no-store``; no refresh token is issued (draft §4.4.3
 "Refresh Token": SHOULD NOT).
 """
@@ -22,17 +23,22 @@ from multidict import MultiDict, MultiDictProxy
 from gateway.http import BodyTooLarge, BodyTooSlow, read_limited
 from gateway.oauth.access_token import AccessTokenService
 from gateway.oauth.client_auth import ClientAuthenticator
+from gateway.oauth.dpop import DpopVerifier, ProofError
 from gateway.oauth.errors import (
     NO_STORE,
+    InvalidDpopProof,
     InvalidGrant,
     InvalidRequest,
     OAuthError,
     RateLimited,
+    TemporarilyUnavailable,
     UnsupportedGrantType,
+    UseDpopNonce,
 )
 from gateway.oauth.identity import SubjectIdentity
 from gateway.oauth.idjag import Grant, IdJagValidator
 from gateway.oauth.rate_limit import ClientRateLimiter
+from gateway.oauth.replay import ReplayStoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +65,11 @@ class TokenEndpoint:
         on_outcome: Callable[[GrantOutcome], None] | None = None,
         is_revoked: Callable[[SubjectIdentity, str], bool] | None = None,
         rate_limiter: ClientRateLimiter | None = None,
+        dpop: DpopVerifier | None = None,
+        url: str = "",
     ) -> None:
+        self._dpop = dpop
+        self._url = url  # this endpoint as clients see it (the metadata's token_endpoint): the proofs' htu
         self._is_revoked = is_revoked
         self._rate_limiter = rate_limiter
         self._clients = clients
@@ -73,11 +83,13 @@ class TokenEndpoint:
             form, client_id = await self._authenticate(request)
             self._throttle(client_id)
             assertion = self._assertion(form)
+            jkt = await self._dpop_key(request)
             grant = await self._validator.validate(
                 assertion,
                 client_id=client_id,
                 resources=_resources(form),
                 scope=_optional(form, "scope"),
+                dpop_jkt=jkt,
             )
             if self._is_revoked is not None and self._is_revoked(grant.identity, client_id):
                 # Deprovisioning stops new ID-JAGs at the IdP; this covers ID-JAGs already issued.
@@ -86,7 +98,7 @@ class TokenEndpoint:
             self._report(GrantOutcome(client_id, None, error))
             log.info("token request refused: client=%s error=%s reason=%s", client_id, error.error, error.reason)
             return error.to_response()
-        issued = self._tokens.issue(grant)
+        issued = self._tokens.issue(grant, jkt=jkt)
         self._report(GrantOutcome(client_id, grant, None))
         log.info(
             "access token issued: client=%s user=%s route=%s scope=%r token_id=%s",
@@ -98,19 +110,38 @@ class TokenEndpoint:
         )
         body = {
             "access_token": issued.access_token,
-            "token_type": "Bearer",
+            "token_type": "DPoP" if jkt is not None else "Bearer",
             "expires_in": issued.expires_in,
             "scope": issued.scope,
             # Draft §4.4.2: the granted resources, as the assertion (or the client) spelled them.
             "resource": grant.resources[0] if len(grant.resources) == 1 else list(grant.resources),
         }
-        return web.Response(text=json.dumps(body), content_type="application/json", headers=NO_STORE)
+        headers = dict(NO_STORE)
+        if jkt is not None and self._dpop is not None and self._dpop.require_nonce:
+            headers["DPoP-Nonce"] = self._dpop.nonces.current()  # RFC 9449 §8.2: the next nonce to use
+        return web.Response(text=json.dumps(body), content_type="application/json", headers=headers)
+
+    async def _dpop_key(self, request: web.Request) -> str | None:
+        """The thumbprint of the key of a valid ``DPoP`` proof, or None when the request has none."""
+        proofs = request.headers.getall("DPoP", [])
+        if not proofs or self._dpop is None:
+            return None
+        try:
+            return await self._dpop.verify(proofs, method=request.method, url=self._url)
+        except ProofError as exc:
+            if exc.nonce is not None:
+                raise UseDpopNonce(exc.description, exc.nonce) from None
+            raise InvalidDpopProof(exc.description, reason="dpop") from None
+        except ReplayStoreUnavailable:
+            raise TemporarilyUnavailable(
+                "replay protection is unavailable; retry later", reason="replay_store_unavailable"
+            ) from None
 
     async def _authenticate(self, request: web.Request) -> tuple[MultiDictProxy[str], str]:
         """The form and the authenticated client. A request that fails before authenticating draws
         from the rate limiter's shared bucket, never from the client it names."""
         try:
-            form = await self._read_form(request)
+            form = await read_form(request)
             return form, await self._clients.authenticate(request.headers.get("Authorization"), form)
         except OAuthError:
             self._throttle(None)
@@ -121,20 +152,6 @@ class TokenEndpoint:
         retry_after = self._rate_limiter.acquire(client_id) if self._rate_limiter is not None else 0
         if retry_after:
             raise RateLimited(retry_after)
-
-    async def _read_form(self, request: web.Request) -> MultiDictProxy[str]:
-        if request.content_type != "application/x-www-form-urlencoded":
-            raise InvalidRequest("the body must be application/x-www-form-urlencoded")
-        try:
-            body = await read_limited(request, _MAX_FORM_BYTES)
-            pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
-        except BodyTooLarge:
-            raise InvalidRequest("the request body is too large") from None
-        except BodyTooSlow:
-            raise InvalidRequest("the request body did not arrive in time") from None
-        except UnicodeDecodeError:
-            raise InvalidRequest("the request body is not UTF-8") from None
-        return MultiDictProxy(MultiDict(pairs))
 
     def _assertion(self, form: MultiDictProxy[str]) -> str:
         grant_types = form.getall("grant_type", [])
@@ -150,6 +167,23 @@ class TokenEndpoint:
     def _report(self, outcome: GrantOutcome) -> None:
         if self._on_outcome is not None:
             self._on_outcome(outcome)
+
+
+async def read_form(request: web.Request) -> MultiDictProxy[str]:
+    """The ``application/x-www-form-urlencoded`` body of an OAuth endpoint (RFC 6749 §3.2, RFC 7009
+    §2.1, RFC 7662 §2.1), bounded in size and time."""
+    if request.content_type != "application/x-www-form-urlencoded":
+        raise InvalidRequest("the body must be application/x-www-form-urlencoded")
+    try:
+        body = await read_limited(request, _MAX_FORM_BYTES)
+        pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+    except BodyTooLarge:
+        raise InvalidRequest("the request body is too large") from None
+    except BodyTooSlow:
+        raise InvalidRequest("the request body did not arrive in time") from None
+    except UnicodeDecodeError:
+        raise InvalidRequest("the request body is not UTF-8") from None
+    return MultiDictProxy(MultiDict(pairs))
 
 
 def _resources(form: MultiDictProxy[str]) -> tuple[str, ...]:
