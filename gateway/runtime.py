@@ -179,7 +179,8 @@ class Runtime:
             session=idp_session,
             clock=clock,
         )
-        runtime.revocations = TokenRevocations(replay_store)
+        # Kept across reloads: what this replica knows to be revoked (the replay store cannot change).
+        runtime.revocations = previous.revocations if previous is not None else TokenRevocations(replay_store)
         runtime.revocation_endpoint = RevocationEndpoint(clients, tokens, runtime.revocations, on_revoked=on_revoked)
         runtime.introspection_endpoint = IntrospectionEndpoint(
             clients, tokens, runtime.revocations, issuer=auth.issuer, is_revoked=runtime.is_revoked

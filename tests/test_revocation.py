@@ -196,8 +196,8 @@ async def replicas(
     options = {"public_url": "https://mcp.example.com", "signing_key": key}
     try:
         audit = {"sink": str(tmp_path / "audit.log")}
-        async with running_gateway(idp, routes, replay_store=stores[0], audit=audit, **options) as first:
-            async with running_gateway(idp, routes, replay_store=stores[1], **options) as second:
+        async with running_gateway(idp, routes, store=stores[0], audit=audit, **options) as first:
+            async with running_gateway(idp, routes, store=stores[1], **options) as second:
                 yield first, second
     finally:
         for store in stores:
@@ -230,20 +230,29 @@ async def audit_events(path: Path, event: str) -> list[dict[str, Any]]:
         await asyncio.sleep(0.02)
 
 
-async def test_an_unreachable_store_fails_closed(
+async def test_a_store_outage_refuses_revocations_and_keeps_known_ones(
     replicas: tuple[GatewayHarness, GatewayHarness], http: aiohttp.ClientSession, redis_server: RedisServer
 ) -> None:
-    first, _ = replicas
-    token = await first.access_token("json")
+    """Revoking needs the store (503, the client must assume the token valid, RFC 7009 §2.2.1); calls go
+    on through the outage, and tokens a replica already knows to be revoked stay refused there."""
+    first, second = replicas
+    revoked, live = await first.access_token("json"), await first.access_token("json")
+    assert (await revoke(http, first, revoked))[0] == 200
+    assert (await use(http, second, revoked))[0] == 401  # seen revoked by the other replica too
     redis_server.stop()
     try:
-        status, headers = await use(http, first, token)
-        assert status == 503 and headers["Retry-After"], headers
-        status, body, _ = await revoke(http, first, token)
+        status, body, headers = await revoke(http, first, live)
         assert (status, body["error"]) == (503, "temporarily_unavailable"), body
+        assert headers["Retry-After"]
+        status, body, _ = await post(http, first.url + "/oauth2/introspect", {"token": live, **OWN})
+        assert (status, body["error"]) == (503, "temporarily_unavailable"), body
+        assert (await use(http, first, live))[0] == 200
+        assert (await use(http, first, revoked))[0] == 401
+        assert (await use(http, second, revoked))[0] == 401
     finally:
         redis_server.start()
-    assert (await use(http, first, token))[0] == 200
+    assert (await revoke(http, first, live))[0] == 200
+    assert (await use(http, second, live))[0] == 401
 
 
 async def test_the_memory_store_remembers_a_revocation_until_the_token_expires() -> None:

@@ -62,7 +62,7 @@ class IntrospectionEndpoint:
         if principal.client_id != client_id or self._is_revoked(principal.identity, principal.client_id):
             return None
         try:
-            revoked = await self._revocations.is_revoked(principal)
+            revoked = await self._revocations.is_revoked(principal, strict=True)
         except ReplayStoreUnavailable:
             raise TemporarilyUnavailable(
                 "introspection is unavailable; retry later", reason="replay_store_unavailable"

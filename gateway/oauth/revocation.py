@@ -4,8 +4,14 @@ A revoked token is recorded by its ``jti`` in the replay store until the token's
 is refused for its age anyway). With a Redis ``replay_store`` every replica sees the record, so the
 token is refused everywhere from the next request on; the access-token cache (gateway/oauth/
 access_token.py) does not bypass it, because the authenticate stage looks the ``jti`` up after
-validation, on every request. A store that cannot answer fails closed (503): "unknown" is never read
-as "not revoked".
+validation, on every request.
+
+When the store cannot answer, a revocation is refused (503: RFC 7009 §2.2.1 has the client then assume
+the token is still valid), but the per-request lookup does not take the routes down with it: calls
+that need no shared state keep working through a Redis outage (as with quotas, README "Quotas"), and
+the lookup answers from what this replica already knows: tokens revoked here or seen revoked here stay
+refused until they expire. The window this leaves (a token revoked elsewhere, during the outage, and
+not yet seen here) is bounded by the access token lifetime, and logged.
 
 RFC 7009 §2.1: the client authenticates as at the token endpoint, and may revoke only tokens issued to
 it; another client's token is refused with ``unauthorized_client`` (the RFC says the request "is
@@ -20,6 +26,7 @@ import logging
 from collections.abc import Callable
 
 from aiohttp import web
+from cachetools import TTLCache
 from multidict import MultiDictProxy
 
 from gateway.oauth.access_token import AccessTokenService, InvalidToken, Principal
@@ -33,21 +40,42 @@ log = logging.getLogger(__name__)
 # Its own key family in the replay store: ID-JAG keys are "<issuer>\0<jti>", client assertions and DPoP
 # proofs have their own prefixes, so no key of one kind can stand for another.
 _KEY_PREFIX = "access_token_revoked\x00"
+# The largest authorization.access_token_ttl_seconds the config accepts.
+MAX_ACCESS_TOKEN_TTL_SECONDS = 3600
 
 
 class TokenRevocations:
-    """The shared revocation list of access tokens, by ``jti``."""
+    """The shared revocation list of access tokens, by ``jti``, with this replica's own memory of it."""
 
-    def __init__(self, replay: ReplayStore) -> None:
+    def __init__(self, replay: ReplayStore, *, max_local: int = 100_000) -> None:
         self._replay = replay
+        # jti -> True for tokens known here to be revoked, as long as any access token can live.
+        self._known: TTLCache[str, bool] = TTLCache(maxsize=max_local, ttl=MAX_ACCESS_TOKEN_TTL_SECONDS)
+        self._store_down = False
 
     async def revoke(self, principal: Principal) -> None:
         """Raises ``ReplayStoreUnavailable`` when the record cannot be written."""
         await self._replay.first_use(_KEY_PREFIX + principal.token_id, principal.expires_at)
+        self._known[principal.token_id] = True
 
-    async def is_revoked(self, principal: Principal) -> bool:
-        """Raises ``ReplayStoreUnavailable`` when that cannot be decided (the caller refuses)."""
-        return await self._replay.is_recorded(_KEY_PREFIX + principal.token_id)
+    async def is_revoked(self, principal: Principal, *, strict: bool = False) -> bool:
+        """Whether the token is revoked; when the store cannot answer, what this replica knows, or with
+        ``strict`` (introspection must not call a token active without knowing) ``ReplayStoreUnavailable``."""
+        if principal.token_id in self._known:
+            return True
+        try:
+            revoked = await self._replay.is_recorded(_KEY_PREFIX + principal.token_id)
+        except ReplayStoreUnavailable:
+            if strict:
+                raise
+            if not self._store_down:
+                log.warning("revoked tokens cannot be looked up: only those known to this replica are refused")
+            self._store_down = True
+            return False
+        self._store_down = False
+        if revoked:
+            self._known[principal.token_id] = True
+        return revoked
 
 
 async def authenticated_token(

@@ -4,7 +4,7 @@ MCP authorization "Token Handling": the token is required on every request and i
 ones get 401 with a challenge pointing at the RFC 9728 metadata (§5.1), so a client can discover the
 authorization server from the 401 alone. DPoP-bound tokens need their proof (gateway/bearer.py);
 tokens revoked at the RFC 7009 endpoint are refused on every replica, cached or not
-(gateway/oauth/revocation.py), and a store that cannot say so refuses with 503.
+(gateway/oauth/revocation.py). A store that cannot check a DPoP proof's single use refuses with 503.
 """
 
 from __future__ import annotations
@@ -61,10 +61,10 @@ def _challenge(
 
 
 def _unavailable() -> Refusal:
-    """The shared store cannot say whether the token is revoked or the proof replayed: fail closed."""
+    """The shared store cannot say whether the DPoP proof was replayed: fail closed."""
     return Refusal(
         503,
-        {"error": "temporarily_unavailable", "error_description": "revocation or DPoP replay checks are unavailable"},
+        {"error": "temporarily_unavailable", "error_description": "DPoP proof replay checks are unavailable"},
         "replay_store_unavailable",
         headers={"Retry-After": "5", "Cache-Control": "no-store"},
     )

@@ -152,17 +152,18 @@ async def start_harness(
     jwks_min_refresh_seconds: float = 30,
     public_url: str | None = None,
     signing_key: SigningKey | None = None,
-    replay_store: ReplayStore | None = None,
+    store: ReplayStore | None = None,
     **extra: Any,
 ) -> GatewayHarness:
     """``public_url``: the URL clients are told (as behind a TLS-terminating ingress), when it is not
-    the loopback address the gateway listens on; ``signing_key`` and ``replay_store`` let several
-    gateways act as replicas of one deployment."""
+    the loopback address the gateway listens on; ``signing_key`` and ``store`` (a replay store object,
+    where the ``replay_store`` option is the config value) let several gateways act as replicas of one
+    deployment."""
     sock = bind_socket("127.0.0.1", 0)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     config = make_config(public_url or url, [idp, *extra_idps], routes, **extra)
     gateway = Gateway(
-        config, jwks_min_refresh_seconds=jwks_min_refresh_seconds, signing_key=signing_key, replay_store=replay_store
+        config, jwks_min_refresh_seconds=jwks_min_refresh_seconds, signing_key=signing_key, replay_store=store
     )
     runner, _ = await start_gateway(gateway, sock=sock, shutdown_timeout=1.0)
     return GatewayHarness(gateway, runner, url, idp, list(extra_idps))
