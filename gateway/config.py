@@ -931,6 +931,8 @@ def describe(config: GatewayConfig, *, emit: Callable[[str], None], as_groups: f
         emit("replay store: memory (this process only; replicas need a shared redis:// store)")
     else:
         emit(f"replay store: {redact_url(config.replay_store)}")
+    if auth.dpop_require_nonce:
+        emit("dpop: every proof must carry a server nonce (DPoP-Nonce)")
     emit("clients: " + ", ".join(c.client_id for c in auth.clients))
     with_secret = [c.client_id for c in auth.clients if c.client_secret is not None]
     if with_secret:
@@ -950,6 +952,8 @@ def describe(config: GatewayConfig, *, emit: Callable[[str], None], as_groups: f
     for route in config.routes:
         groups = ", ".join(route.allow_groups) if route.allow_groups is not None else "any authenticated user"
         extra = f" headers={','.join(n for n, _ in route.upstream_headers)}" if route.upstream_headers else ""
+        if route.require_dpop:
+            extra += " dpop=required"
         emit(
             f"  {route.name}: {route.path} -> {route.upstream} [{route.transport}] "
             f"resource={route.resource} scopes={' '.join(route.scopes)} groups={groups}{extra}"

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from jose import jwt
 
-from gateway.config import ConfigError, parse_config
+from gateway.config import ConfigError, describe, parse_config
 from gateway.devidp import DevIdentityProvider
 from gateway.oauth.dpop import NONCE_WINDOW_SECONDS, NonceIssuer
 from tests.support.dpop import DpopKey, ath
@@ -374,9 +374,30 @@ async def test_nonce_required_at_the_resource(nonce_gw: GatewayHarness, http: ai
     ],
 )
 def test_dpop_config_errors_name_the_key(data: dict[str, Any], key: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(config_document(data), source="gw.yaml")
+    assert caught.value.key == key
+    assert problem in caught.value.problem
+
+
+def test_check_shows_the_dpop_settings() -> None:
+    lines: list[str] = []
+    describe(
+        parse_config(config_document({"require_dpop": True, "authorization": {"dpop": {"require_nonce": True}}})),
+        emit=lines.append,
+    )
+    assert any(line.startswith("  json: ") and "dpop=required" in line for line in lines), lines
+    assert any(line.startswith("dpop: ") and "nonce" in line for line in lines), lines
+    lines.clear()
+    describe(parse_config(config_document({})), emit=lines.append)
+    assert not any("dpop" in line for line in lines), lines
+
+
+def config_document(data: dict[str, Any]) -> dict[str, Any]:
+    """A minimal config; ``data`` adds route keys, and ``authorization`` keys under that name."""
     route = {"name": "json", "path": "/json/mcp", "upstream": "http://127.0.0.1:9/mcp", **data}
     route.pop("authorization", None)
-    config = {
+    return {
         "public_url": PUBLIC_URL,
         "authorization": {
             "clients": [{"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}],
@@ -385,10 +406,6 @@ def test_dpop_config_errors_name_the_key(data: dict[str, Any], key: str, problem
         },
         "routes": [route],
     }
-    with pytest.raises(ConfigError) as caught:
-        parse_config(config, source="gw.yaml")
-    assert caught.value.key == key
-    assert problem in caught.value.problem
 
 
 def test_a_nonce_is_valid_in_its_window_and_the_next_only() -> None:

@@ -62,11 +62,11 @@ class TokenEndpoint:
         validator: IdJagValidator,
         tokens: AccessTokenService,
         *,
+        dpop: DpopVerifier,
+        url: str,
         on_outcome: Callable[[GrantOutcome], None] | None = None,
         is_revoked: Callable[[SubjectIdentity, str], bool] | None = None,
         rate_limiter: ClientRateLimiter | None = None,
-        dpop: DpopVerifier | None = None,
-        url: str = "",
     ) -> None:
         self._dpop = dpop
         self._url = url  # this endpoint as clients see it (the metadata's token_endpoint): the proofs' htu
@@ -117,14 +117,14 @@ class TokenEndpoint:
             "resource": grant.resources[0] if len(grant.resources) == 1 else list(grant.resources),
         }
         headers = dict(NO_STORE)
-        if jkt is not None and self._dpop is not None and self._dpop.require_nonce:
+        if jkt is not None and self._dpop.require_nonce:
             headers["DPoP-Nonce"] = self._dpop.nonces.current()  # RFC 9449 §8.2: the next nonce to use
         return web.Response(text=json.dumps(body), content_type="application/json", headers=headers)
 
     async def _dpop_key(self, request: web.Request) -> str | None:
         """The thumbprint of the key of a valid ``DPoP`` proof, or None when the request has none."""
         proofs = request.headers.getall("DPoP", [])
-        if not proofs or self._dpop is None:
+        if not proofs:
             return None
         try:
             return await self._dpop.verify(proofs, method=request.method, url=self._url)
