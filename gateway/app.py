@@ -27,7 +27,7 @@ from gateway.audit import AuditLog
 from gateway.bearer import BearerGuard
 from gateway.condition_health import ConditionHealth
 from gateway.condition_monitor import ConditionMonitor
-from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.config import SSF_PUSH_PATH, ConfigError, GatewayConfig, load_config
 from gateway.listener import ConnectionCounter, GuardedSite
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import NO_ROUTE, Metrics, method_class
@@ -45,6 +45,7 @@ from gateway.proxy.forward import (
 from gateway.quotas import QuotaStore, open_quota_store
 from gateway.routes import RouteTable
 from gateway.runtime import ReloadRefused, Runtime
+from gateway.signals.receiver import SignalReceiver
 
 log = logging.getLogger("gateway")
 
@@ -89,6 +90,21 @@ class Gateway:
         self._owns_quota_store = quota_store is None
         self.quota_store = quota_store if quota_store is not None else open_quota_store(config.replay_store)
         self.services = Services(self.audit, self.metrics)
+        # Shared Signals (gateway/signals/): built once; its transmitters need a restart to change.
+        self.signals = (
+            SignalReceiver(
+                config,
+                replay=self.replay_store,
+                revocations=self.services.revocations,
+                session=self.idp_session,
+                audit=self.audit,
+                metrics=self.metrics,
+                upstreams=lambda: self.runtime.upstreams.values(),
+                jwks_min_refresh_seconds=jwks_min_refresh_seconds,
+            )
+            if config.transmitters
+            else None
+        )
         self._metrics_runner: web.AppRunner | None = None
         # Conditions that do not type-check against the upstreams' schemas, kept current in the background.
         self.condition_health = ConditionHealth()
@@ -104,6 +120,7 @@ class Gateway:
             metrics=self.metrics,
             signing_key=signing_key,
             condition_health=self.condition_health,
+            revocations=self.services.revocations,
         )
 
     # Convenience views of the current runtime (tests, benchmarks, the demo).
@@ -160,6 +177,9 @@ class Gateway:
             await self._metrics_runner.setup()
             host, port = self.config.metrics_listen
             await web.TCPSite(self._metrics_runner, host, port).start()
+        if self.signals is not None:
+            self.signals.start()
+            await self.signals.prefetch_keys()
         await self.runtime.keys.prefetch()
         if not self.runtime.keys.ready:
             self._spawn(self._retry_jwks())
@@ -200,6 +220,8 @@ class Gateway:
         for task in list(self._background):
             task.cancel()
         await self.conditions.close()
+        if self.signals is not None:
+            await self.signals.close()
         for upstream in self.runtime.upstreams.values():
             await upstream.close()
         if self._idp_session is not None:
@@ -233,6 +255,7 @@ class Gateway:
                 metrics=self.metrics,
                 previous=self.runtime,
                 condition_health=self.condition_health,
+                revocations=self.services.revocations,
             )
         except (ConfigError, SigningKeyError, ReloadRefused) as exc:
             self.metrics.reloads.labels("failure").inc()
@@ -276,6 +299,8 @@ class Gateway:
         router.add_route("*", metadata.TOKEN_PATH, self.token)
         router.add_route("*", metadata.REVOKE_PATH, self.revoke)
         router.add_route("*", metadata.INTROSPECT_PATH, self.introspect)
+        if self.signals is not None and self.signals.pushes:
+            router.add_route("*", SSF_PUSH_PATH, self.signals.push)
         if self.config.metrics_listen is None:
             router.add_get("/metrics", self.metrics_endpoint)
         router.add_route("*", "/{tail:.*}", self.handle_route)

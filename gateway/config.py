@@ -36,6 +36,9 @@ ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512")
 DEFAULT_IDP_ALGORITHMS = ASYMMETRIC_ALGORITHMS
 # Paths the gateway serves itself; a route may not shadow them.
 RESERVED_PREFIXES = ("/.well-known", "/oauth2", "/healthz", "/readyz", "/metrics")
+# The Shared Signals push endpoint (RFC 8935), served only when a transmitter pushes.
+SSF_PUSH_PATH = "/ssf/events"
+SSF_DELIVERY_METHODS = ("push", "poll")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _ROUTE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -176,6 +179,22 @@ class RevokedSubject:
 
 
 @dataclass(frozen=True)
+class TransmitterConfig:
+    """A ``shared_signals.transmitters`` entry: an OpenID Shared Signals Framework 1.0 transmitter whose
+    Security Event Tokens (RFC 8417) the gateway accepts, pushed to it (RFC 8935) or polled (RFC 8936)."""
+
+    issuer: str
+    audience: str
+    delivery: str = "push"
+    poll_interval_seconds: float = 10.0
+    # Poll delivery: the stream's endpoint (SSF 1.0 stream configuration ``delivery.endpoint_url``).
+    poll_endpoint: str | None = None
+    # The Authorization header value the transmitter must send with a push, or that we send with a poll.
+    push_authorization: Secret | None = None
+    poll_authorization: Secret | None = None
+
+
+@dataclass(frozen=True)
 class RouteConfig:
     name: str
     path: str
@@ -224,6 +243,7 @@ class GatewayConfig:
     replay_store: str = field(default="memory", repr=False)
     revoked_subjects: frozenset[RevokedSubject] = frozenset()
     revoked_clients: frozenset[str] = frozenset()
+    transmitters: tuple[TransmitterConfig, ...] = ()
     audit_sink: str = "stdout"
     audit_argument_hashes: bool = False
     shutdown_grace_seconds: float = 20.0
@@ -392,6 +412,13 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None =
     revoked_subjects = _parse_revoked_subjects(revoked, authorization.identity_providers)
     revoked_clients = frozenset(revoked.string_list("clients") or ())
     revoked.finish()
+    transmitters = _parse_shared_signals(root.child("shared_signals"), public_url, base_dir, insecure_ok)
+    if any(t.delivery == "push" for t in transmitters):
+        for i, route in enumerate(routes):
+            if _overlaps(SSF_PUSH_PATH, route.path):
+                raise ConfigError(
+                    source, f"routes[{i}].path", f"collides with the Shared Signals push endpoint {SSF_PUSH_PATH}"
+                )
     audit = root.child("audit")
     audit_sink = audit.string("sink", "stdout")
     assert audit_sink is not None
@@ -425,6 +452,7 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None =
         replay_store=replay_store,
         revoked_subjects=revoked_subjects,
         revoked_clients=revoked_clients,
+        transmitters=transmitters,
         audit_sink=audit_sink,
         audit_argument_hashes=bool(audit_hashes),
         shutdown_grace_seconds=shutdown_grace,
@@ -775,6 +803,63 @@ def _parse_revoked_subjects(revoked: _Node, idps: tuple[IdentityProviderConfig, 
     return frozenset(subjects)
 
 
+def _parse_shared_signals(
+    node: _Node, public_url: str, base_dir: Path | None, insecure_ok: bool
+) -> tuple[TransmitterConfig, ...]:
+    transmitters: list[TransmitterConfig] = []
+    for item in node.children("transmitters"):
+        issuer = _url(item, "issuer", required=True, tls=not insecure_ok)
+        assert issuer is not None
+        if any(t.issuer == issuer for t in transmitters):
+            raise item.error("issuer", f"duplicate transmitter {issuer!r}")
+        delivery = item.string("delivery", "push")
+        if delivery not in SSF_DELIVERY_METHODS:
+            raise item.error("delivery", f"must be one of {', '.join(SSF_DELIVERY_METHODS)}, got {delivery!r}")
+        poll_endpoint = _url(item, "poll_endpoint", tls=not insecure_ok)
+        if delivery == "poll" and poll_endpoint is None:
+            raise item.error("poll_endpoint", "is required with delivery: poll (the stream's delivery endpoint_url)")
+        for key, wanted in (
+            ("poll_endpoint", "poll"),
+            ("poll_interval_seconds", "poll"),
+            ("poll_authorization_file", "poll"),
+            ("push_authorization_file", "push"),
+        ):
+            if key in item.data and delivery != wanted:
+                raise item.error(key, f"applies only to delivery: {wanted}")
+        transmitters.append(
+            TransmitterConfig(
+                issuer=issuer,
+                audience=item.string("audience") or public_url,
+                delivery=delivery,
+                poll_interval_seconds=item.number(
+                    "poll_interval_seconds", 10.0, minimum=1, maximum=3600, integer=False
+                ),
+                poll_endpoint=poll_endpoint,
+                push_authorization=_authorization_file(item, "push_authorization_file", base_dir),
+                poll_authorization=_authorization_file(item, "poll_authorization_file", base_dir),
+            )
+        )
+        item.finish()
+    node.finish()
+    return tuple(transmitters)
+
+
+def _authorization_file(item: _Node, name: str, base_dir: Path | None) -> Secret | None:
+    """An Authorization header value (``Bearer ...``) read from a file, like a mounted Kubernetes Secret."""
+    path = item.string(name)
+    if path is None:
+        return None
+    try:
+        value = _resolve(base_dir, path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise item.error(name, f"cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise item.error(name, "must contain UTF-8 text") from None
+    if len(value) < 16 or not value.isprintable() or not value.isascii():
+        raise item.error(name, "must hold one line of printable ASCII, at least 16 characters (e.g. 'Bearer <token>')")
+    return Secret(value)
+
+
 def _parse_routes(root: _Node, public_url: str) -> tuple[RouteConfig, ...]:
     routes: list[RouteConfig] = []
     for item in root.children("routes", required=True):
@@ -973,5 +1058,11 @@ def describe(config: GatewayConfig, *, emit: Callable[[str], None], as_groups: f
             f"revoked subjects {', '.join(map(repr, bare))} are bare: they name users of "
             f"{auth.identity_providers[0].issuer}, the only identity provider; adding another makes them "
             "ambiguous (a config error), so prefer {issuer, sub} entries"
+        )
+    for transmitter in config.transmitters:
+        emit(
+            f"shared signals transmitter: {transmitter.issuer} delivery={transmitter.delivery} "
+            f"audience={transmitter.audience}"
+            + (f" poll_endpoint={transmitter.poll_endpoint}" if transmitter.poll_endpoint else "")
         )
     emit(f"audit: {config.audit_sink}{' (argument hashes)' if config.audit_argument_hashes else ''}")

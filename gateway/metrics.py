@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector
 from gateway import __version__
 from gateway.config import GatewayConfig
 from gateway.mcp_methods import METHODS
+from gateway.signals.events import CUT_OFF_EVENTS, short_name
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 NO_ROUTE = "none"
@@ -237,6 +238,18 @@ class Metrics:
             ["route", "result"],
             registry=r,
         )
+        self.signals = Counter(
+            "mcp_gateway_shared_signals_total",
+            "Security Event Tokens received from Shared Signals transmitters, by delivery and result",
+            ["transmitter", "delivery", "result"],
+            registry=r,
+        )
+        self.signal_cutoffs = Counter(
+            "mcp_gateway_signal_cutoffs_total",
+            "Subjects cut off by a Shared Signals event, by event type",
+            ["event"],
+            registry=r,
+        )
         r.register(_IdpKeysCollector(key_sets))
         r.register(_CallbackCollector(audit_dropped, pools))
 
@@ -247,6 +260,12 @@ class Metrics:
             self.reloads.labels(result)
         for result, reason in GRANT_OUTCOMES:
             self.grants.labels(result, reason)
+        for transmitter in config.transmitters:
+            for result in ("accepted", "refused"):
+                self.signals.labels(transmitter.issuer, transmitter.delivery, result)
+        if config.transmitters:
+            for event in sorted(CUT_OFF_EVENTS):
+                self.signal_cutoffs.labels(short_name(event))
         for idp in config.authorization.identity_providers:
             for result in ("ok", "error"):
                 self.jwks_fetches.labels(idp.issuer, result)

@@ -45,6 +45,7 @@ from gateway.proxy.origin import OriginPolicy
 from gateway.quotas import QuotaStore
 from gateway.routes import RouteTable
 from gateway.sessions import SessionBinder, derive_session_key
+from gateway.signals.revocations import SubjectRevocations
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class Runtime:
     # revoked.subjects as (issuer, tenant or None for every tenant, subject).
     revoked_users: frozenset[tuple[str, str | None, str]] = frozenset()
     # RFC 7009 revoked access tokens (in the shared replay store) and the endpoints of RFC 7009 / 7662.
-    revocations: TokenRevocations = None  # type: ignore[assignment]  # set by build
+    token_revocations: TokenRevocations = None  # type: ignore[assignment]  # set by build
     revocation_endpoint: RevocationEndpoint = None  # type: ignore[assignment]
     introspection_endpoint: IntrospectionEndpoint = None  # type: ignore[assignment]
 
@@ -115,6 +116,7 @@ class Runtime:
         previous: Runtime | None = None,
         condition_health: ConditionHealth | None = None,
         clock: Callable[[], float] = time.time,
+        revocations: SubjectRevocations | None = None,
     ) -> Runtime:
         """Raises ConfigError / SigningKeyError / ReloadRefused without touching ``previous``."""
         if previous is not None:
@@ -180,10 +182,14 @@ class Runtime:
             clock=clock,
         )
         # Kept across reloads: what this replica knows to be revoked (the replay store cannot change).
-        runtime.revocations = previous.revocations if previous is not None else TokenRevocations(replay_store)
-        runtime.revocation_endpoint = RevocationEndpoint(clients, tokens, runtime.revocations, on_revoked=on_revoked)
+        runtime.token_revocations = (
+            previous.token_revocations if previous is not None else TokenRevocations(replay_store)
+        )
+        runtime.revocation_endpoint = RevocationEndpoint(
+            clients, tokens, runtime.token_revocations, on_revoked=on_revoked
+        )
         runtime.introspection_endpoint = IntrospectionEndpoint(
-            clients, tokens, runtime.revocations, issuer=auth.issuer, is_revoked=runtime.is_revoked
+            clients, tokens, runtime.token_revocations, issuer=auth.issuer, is_revoked=runtime.is_revoked
         )
         runtime.token_endpoint = TokenEndpoint(
             clients,
@@ -198,6 +204,11 @@ class Runtime:
             ),
             dpop=dpop,
             url=config.public_url + TOKEN_PATH,
+            cut_off=(
+                (lambda g: revocations.refuses(g.identity, g.email, g.assertion_issued_at))
+                if revocations is not None
+                else None
+            ),
         )
         return runtime
 
@@ -261,6 +272,7 @@ def _check_reloadable(old: GatewayConfig, new: GatewayConfig) -> None:
         ("audit", (old.audit_sink, old.audit_argument_hashes), (new.audit_sink, new.audit_argument_hashes)),
         ("replay_store", old.replay_store, new.replay_store),
         ("logging", old.logging_format, new.logging_format),
+        ("shared_signals", old.transmitters, new.transmitters),
     ):
         if before != after:
             raise ReloadRefused(f"{name} changed; restart the gateway to apply it")

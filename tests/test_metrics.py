@@ -60,6 +60,8 @@ FAMILIES = {
     "mcp_gateway_config_reloads": "counter",
     "mcp_gateway_condition_invalid": "gauge",
     "mcp_gateway_condition_checks": "counter",
+    "mcp_gateway_shared_signals": "counter",
+    "mcp_gateway_signal_cutoffs": "counter",
     "mcp_gateway_audit_dropped_lines": "counter",
     "mcp_gateway_upstream_pool_in_use": "gauge",
     "mcp_gateway_upstream_pool_limit": "gauge",

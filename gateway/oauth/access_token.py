@@ -49,6 +49,7 @@ class Principal:
     email: str | None = None
     # RFC 9449 §6: the ``cnf.jkt`` of a DPoP-bound token (the RFC 7638 thumbprint of the client's key).
     jkt: str | None = None
+    # The token's ``iat``: a Shared Signals cut-off refuses tokens issued before it.
     issued_at: float = 0.0
 
     @property

@@ -52,6 +52,8 @@ class Grant:
     assertion_expires_at: float = math.inf
     # The ``tenant`` claim of a multi-tenant IdP: part of who the subject is.
     tenant: str | None = None
+    # The ID-JAG's ``iat``: a Shared Signals cut-off refuses ID-JAGs issued before it.
+    assertion_issued_at: float = 0.0
 
     @property
     def identity(self) -> SubjectIdentity:
@@ -119,6 +121,7 @@ class IdJagValidator:
             email,
             resources=granted_resources,
             assertion_expires_at=claims["exp"],
+            assertion_issued_at=claims["iat"],
             tenant=tenant,
         )
 

@@ -67,10 +67,14 @@ class TokenEndpoint:
         on_outcome: Callable[[GrantOutcome], None] | None = None,
         is_revoked: Callable[[SubjectIdentity, str], bool] | None = None,
         rate_limiter: ClientRateLimiter | None = None,
+        cut_off: Callable[[Grant], bool] | None = None,
     ) -> None:
+        """``cut_off``: whether the IdP revoked the grant's user after its ID-JAG was issued (Shared
+        Signals, gateway/signals/)."""
         self._dpop = dpop
         self._url = url  # this endpoint as clients see it (the metadata's token_endpoint): the proofs' htu
         self._is_revoked = is_revoked
+        self._cut_off = cut_off
         self._rate_limiter = rate_limiter
         self._clients = clients
         self._validator = validator
@@ -94,6 +98,11 @@ class TokenEndpoint:
             if self._is_revoked is not None and self._is_revoked(grant.identity, client_id):
                 # Deprovisioning stops new ID-JAGs at the IdP; this covers ID-JAGs already issued.
                 raise InvalidGrant("access for this user or client has been revoked", reason="revoked")
+            if self._cut_off is not None and self._cut_off(grant):
+                raise InvalidGrant(
+                    "the identity provider revoked this user's sessions after the assertion was issued",
+                    reason="revoked",
+                )
         except OAuthError as error:
             self._report(GrantOutcome(client_id, None, error))
             log.info("token request refused: client=%s error=%s reason=%s", client_id, error.error, error.reason)

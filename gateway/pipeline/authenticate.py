@@ -1,5 +1,8 @@
 """Stage: a valid gateway access token (RFC 6750, RFC 9068) and no revocation, on every request.
 
+Revoked: by the config (``revoked``), or by the IdP through Shared Signals (gateway/signals/: a token
+issued before the IdP revoked its user's sessions, disabled the account or changed its credentials).
+
 MCP authorization "Token Handling": the token is required on every request and invalid or expired
 ones get 401 with a challenge pointing at the RFC 9728 metadata (§5.1), so a client can discover the
 authorization server from the 401 alone. DPoP-bound tokens need their proof (gateway/bearer.py);
@@ -19,7 +22,7 @@ async def authenticate(ctx: RequestContext) -> None:
     runtime, route = ctx.runtime, ctx.route
     try:
         principal = await runtime.guard.authenticate(ctx.request, route)
-        token_revoked = await runtime.revocations.is_revoked(principal)
+        token_revoked = await runtime.token_revocations.is_revoked(principal)
     except BearerChallenge as challenge:
         raise _challenge(
             ctx,
@@ -36,6 +39,11 @@ async def authenticate(ctx: RequestContext) -> None:
         raise _challenge(ctx, 401, "invalid_token", "the access token has been revoked", reason="revoked")
     if runtime.is_revoked(principal.identity, principal.client_id):
         raise _challenge(ctx, 401, "invalid_token", "access has been revoked", reason="revoked")
+    if ctx.services.revocations.refuses(principal.identity, principal.email, principal.issued_at):
+        ctx.principal = principal  # audited with who was refused: the token is authentic, only cut off
+        raise _challenge(
+            ctx, 401, "invalid_token", "the identity provider revoked this session; sign in again", reason="signal"
+        )
     ctx.principal = principal
 
 

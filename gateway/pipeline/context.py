@@ -20,6 +20,7 @@ from gateway.audit import AuditLog
 from gateway.config import RouteConfig
 from gateway.metrics import Metrics
 from gateway.oauth.access_token import Principal
+from gateway.signals.revocations import SubjectRevocations
 
 if TYPE_CHECKING:
     from gateway.enforce import Plan
@@ -43,6 +44,8 @@ class Services:
     metrics: Metrics
     # Legacy HTTP+SSE: upstream session id -> its live GET stream. Weak values: an entry goes with it.
     legacy_streams: weakref.WeakValueDictionary[str, LegacyStream] = field(default_factory=weakref.WeakValueDictionary)
+    # Users the IdP cut off through Shared Signals (gateway/signals/), shared with every replica.
+    revocations: SubjectRevocations = field(default_factory=SubjectRevocations)
 
 
 @dataclass
