@@ -32,8 +32,10 @@ from gateway.listener import ConnectionCounter, GuardedSite
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import NO_ROUTE, Metrics, method_class
 from gateway.oauth import metadata
-from gateway.oauth.access_token import AccessTokenService, Principal
+from gateway.oauth.access_token import AccessTokenService, IssuedToken, Principal
+from gateway.oauth.chain import RetainedAssertions, UpstreamCredentials
 from gateway.oauth.errors import MethodNotAllowed, OriginRefused
+from gateway.oauth.idjag import Grant
 from gateway.oauth.jwks import KeyRing
 from gateway.oauth.keys import SigningKey, SigningKeyError
 from gateway.oauth.replay import ReplayStore, open_replay_store
@@ -89,7 +91,11 @@ class Gateway:
         # Quota counters live beside the replay cache (memory, or the same Redis for every replica).
         self._owns_quota_store = quota_store is None
         self.quota_store = quota_store if quota_store is not None else open_quota_store(config.replay_store)
-        self.services = Services(self.audit, self.metrics)
+        # Chained ID-JAG routes (gateway/oauth/chain.py): kept across reloads, like the upstream pools.
+        self.retained_assertions = RetainedAssertions()
+        self.services = Services(
+            self.audit, self.metrics, credentials=UpstreamCredentials(self.idp_session, self.retained_assertions)
+        )
         # Shared Signals (gateway/signals/): built once; its transmitters need a restart to change.
         self.signals = (
             SignalReceiver(
@@ -121,6 +127,7 @@ class Gateway:
             signing_key=signing_key,
             condition_health=self.condition_health,
             revocations=self.services.revocations,
+            retain=self._retain_assertion,
         )
 
     # Convenience views of the current runtime (tests, benchmarks, the demo).
@@ -147,6 +154,9 @@ class Gateway:
     @property
     def signing_key(self) -> SigningKey:
         return self.runtime.signing_key
+
+    def _retain_assertion(self, grant: Grant, issued: IssuedToken, assertion: str) -> None:
+        self.retained_assertions.keep(issued.token_id, assertion, time.time() + issued.expires_in)
 
     def idp_session(self) -> aiohttp.ClientSession:
         if self._idp_session is None or self._idp_session.closed:
@@ -256,6 +266,7 @@ class Gateway:
                 previous=self.runtime,
                 condition_health=self.condition_health,
                 revocations=self.services.revocations,
+                retain=self._retain_assertion,
             )
         except (ConfigError, SigningKeyError, ReloadRefused) as exc:
             self.metrics.reloads.labels("failure").inc()

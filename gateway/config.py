@@ -140,6 +140,19 @@ class IdentityProviderConfig:
     groups_claim: str = "groups"
     algorithms: tuple[str, ...] = DEFAULT_IDP_ALGORITHMS
     tenant: str | None = None
+    # The ID-token bridge (gateway/oauth/id_token_bridge.py): OpenID Connect ID tokens of this IdP, with
+    # one of these audiences, are accepted at the token endpoint (RFC 8693) until it issues ID-JAGs.
+    accept_id_tokens: bool = False
+    id_token_audiences: tuple[str, ...] = ()
+    # Google Workspace: the ``hd`` claim an ID token must carry.
+    hosted_domain: str | None = None
+    # ``claims.groups``: where the groups are, as a path into the claims (``realm_access.roles``);
+    # None: the claim named ``groups_claim``.
+    groups_path: tuple[str, ...] | None = None
+
+    @property
+    def groups_location(self) -> tuple[str, ...]:
+        return self.groups_path if self.groups_path is not None else (self.groups_claim,)
 
 
 @dataclass(frozen=True)
@@ -195,6 +208,31 @@ class TransmitterConfig:
 
 
 @dataclass(frozen=True)
+class IdentityHeaderConfig:
+    """``routes[].identity_header``: a short-lived JWT naming the caller, signed with the gateway's key
+    and sent to the upstream on every forwarded request (gateway/proxy/identity_header.py)."""
+
+    name: str = "X-MCP-Identity"
+    ttl_seconds: int = 60
+    audience: str = ""
+
+
+@dataclass(frozen=True)
+class UpstreamAuthorizationConfig:
+    """``routes[].upstream_authorization`` of ``type: id-jag``: the upstream is itself an EMA resource, and
+    the gateway obtains a per-user token there by chaining the client's ID-JAG
+    (draft-parecki-oauth-identity-assertion-gateways; gateway/oauth/chain.py)."""
+
+    idp_token_endpoint: str
+    client_id: str
+    client_secret: Secret
+    upstream_issuer: str
+    upstream_client_id: str
+    upstream_client_secret: Secret
+    type: str = "id-jag"
+
+
+@dataclass(frozen=True)
 class RouteConfig:
     name: str
     path: str
@@ -209,6 +247,8 @@ class RouteConfig:
     max_connections: int = 256
     policy: RoutePolicy = field(default_factory=RoutePolicy.unrestricted, compare=False)
     quotas: tuple[QuotaRule, ...] = field(default=(), compare=False)
+    identity_header: IdentityHeaderConfig | None = None
+    upstream_authorization: UpstreamAuthorizationConfig | None = None
     # RFC 9449 §7.1: only DPoP-bound tokens with a proof are accepted here (RFC 9728
     # dpop_bound_access_tokens_required).
     require_dpop: bool = False
@@ -400,7 +440,7 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None =
     allowed_origins = tuple(_origin(root, o) for o in origins) if origins is not None else (origin_of(public_url),)
     limits = _parse_limits(root.child("limits"))
     authorization = _parse_authorization(root.child("authorization"), public_url, base_dir, insecure_ok)
-    routes = _parse_routes(root, public_url)
+    routes = _parse_routes(root, public_url, base_dir, insecure_ok)
     # A separate, unauthenticated listener for Prometheus (keeps /metrics off the public port).
     metrics_listen = _parse_listen(root, "metrics_listen", None) if root.data.get("metrics_listen") else None
     if metrics_listen is None:
@@ -756,6 +796,21 @@ def _parse_idps(node: _Node, own_issuer: str, insecure_ok: bool) -> tuple[Identi
                 )
         groups_claim = item.string("groups_claim", "groups")
         assert groups_claim is not None
+        groups_path = _parse_idp_claims(item)
+        accept_id_tokens = item.raw("accept_id_tokens")
+        if accept_id_tokens is not None and not isinstance(accept_id_tokens, bool):
+            raise item.error("accept_id_tokens", "must be true or false")
+        audiences = item.string_list("id_token_audiences")
+        hosted_domain = item.string("hosted_domain")
+        if accept_id_tokens:
+            if not audiences:
+                raise item.error(
+                    "id_token_audiences", "is required with accept_id_tokens: the client ids ID tokens are issued to"
+                )
+        else:
+            for key in ("id_token_audiences", "hosted_domain"):
+                if item.data.get(key) is not None:
+                    raise item.error(key, "applies only with accept_id_tokens: true")
         idps.append(
             IdentityProviderConfig(
                 issuer=issuer,
@@ -763,10 +818,33 @@ def _parse_idps(node: _Node, own_issuer: str, insecure_ok: bool) -> tuple[Identi
                 groups_claim=groups_claim,
                 algorithms=algorithms,
                 tenant=item.string("tenant"),
+                accept_id_tokens=bool(accept_id_tokens),
+                id_token_audiences=audiences or (),
+                hosted_domain=hosted_domain,
+                groups_path=groups_path,
             )
         )
         item.finish()
     return tuple(idps)
+
+
+def _parse_idp_claims(item: _Node) -> tuple[str, ...] | None:
+    """``claims: {groups: <path>}``: a dot-separated path into the token's claims (Keycloak puts roles
+    in ``realm_access.roles``). ``groups_claim`` names one claim, dots included, so only one may be set."""
+    if "claims" not in item.data:
+        return None
+    node = item.child("claims")
+    path = node.string("groups", required=True)
+    assert path is not None
+    if "groups_claim" in item.data:
+        raise item.error("claims", "set either groups_claim or claims.groups, not both")
+    parts = tuple(path.split("."))
+    if not all(parts):
+        raise node.error(
+            "groups", f"must be a claim name or a dot-separated path such as realm_access.roles, got {path!r}"
+        )
+    node.finish()
+    return parts
 
 
 def _parse_revoked_subjects(revoked: _Node, idps: tuple[IdentityProviderConfig, ...]) -> frozenset[RevokedSubject]:
@@ -860,14 +938,16 @@ def _authorization_file(item: _Node, name: str, base_dir: Path | None) -> Secret
     return Secret(value)
 
 
-def _parse_routes(root: _Node, public_url: str) -> tuple[RouteConfig, ...]:
+def _parse_routes(root: _Node, public_url: str, base_dir: Path | None, insecure_ok: bool) -> tuple[RouteConfig, ...]:
     routes: list[RouteConfig] = []
     for item in root.children("routes", required=True):
-        routes.append(_parse_route(item, public_url, routes))
+        routes.append(_parse_route(item, public_url, routes, base_dir, insecure_ok))
     return tuple(routes)
 
 
-def _parse_route(item: _Node, public_url: str, earlier: list[RouteConfig]) -> RouteConfig:
+def _parse_route(
+    item: _Node, public_url: str, earlier: list[RouteConfig], base_dir: Path | None, insecure_ok: bool
+) -> RouteConfig:
     name = item.string("name", required=True)
     assert name is not None
     if not _ROUTE_NAME.match(name):
@@ -898,6 +978,7 @@ def _parse_route(item: _Node, public_url: str, earlier: list[RouteConfig]) -> Ro
             raise item.error("name", f"duplicate route name {name!r}")
         if _overlaps(other.path, path):
             raise item.error("path", f"{path!r} overlaps route {other.name!r} ({other.path!r})")
+    upstream_headers = _parse_upstream_headers(item.child("upstream_headers"))
     route = RouteConfig(
         name=name,
         path=path,
@@ -907,14 +988,99 @@ def _parse_route(item: _Node, public_url: str, earlier: list[RouteConfig]) -> Ro
         allow_groups=item.string_list("allow_groups"),
         scopes=scopes,
         default_scopes=default_scopes,
-        upstream_headers=_parse_upstream_headers(item.child("upstream_headers")),
+        upstream_headers=upstream_headers,
         max_connections=item.number("max_connections", 256, minimum=1, maximum=100_000),
         policy=_parse_policy(item, scopes),
         quotas=_parse_route_quotas(item),
         require_dpop=_flag(item, "require_dpop"),
+        identity_header=_parse_identity_header(item, upstream, upstream_headers),
+        upstream_authorization=_parse_upstream_authorization(item, public_url, base_dir, insecure_ok),
     )
     item.finish()
     return route
+
+
+# Headers the gateway, HTTP (hop-by-hop, RFC 9110 §7.6.1) or MCP itself sets on the way upstream: an
+# identity header of one of these names would replace, or be replaced by, what the transport needs.
+_RESERVED_IDENTITY_HEADERS = (
+    _FORBIDDEN_UPSTREAM_HEADERS
+    | {h.lower() for h in _MCP_REQUEST_HEADERS}
+    | {"keep-alive", "proxy-authorization", "proxy-connection", "te", "trailer", "upgrade", "expect"}
+    | {"cookie", "origin", "content-encoding", "accept-encoding", "x-request-id", "forwarded", "x-real-ip"}
+)
+
+
+def _parse_identity_header(
+    item: _Node, upstream: str, upstream_headers: tuple[tuple[str, Secret], ...]
+) -> IdentityHeaderConfig | None:
+    if "identity_header" not in item.data:
+        return None
+    if item.data["identity_header"] is None:
+        raise item.error("identity_header", "is empty: write {} for the defaults, or remove the key")
+    node = item.child("identity_header")
+    name = node.string("name", IdentityHeaderConfig.name)
+    assert name is not None
+    if not _HEADER_NAME.match(name):
+        raise node.error("name", f"{name!r} is not a valid HTTP header name")
+    lowered = name.lower()
+    if lowered in _RESERVED_IDENTITY_HEADERS or lowered.startswith("x-forwarded-"):
+        raise node.error("name", f"{name!r} is managed by the gateway or MCP and cannot carry the identity")
+    if any(h.lower() == lowered for h, _ in upstream_headers):
+        raise node.error("name", f"{name!r} is also set in upstream_headers")
+    ttl = node.number("ttl_seconds", IdentityHeaderConfig.ttl_seconds, minimum=1, maximum=3600)
+    # Default audience: the upstream's origin, the identifier an upstream most easily knows for itself.
+    audience = node.string("audience", origin_of(upstream))
+    assert audience is not None
+    node.finish()
+    return IdentityHeaderConfig(name=name, ttl_seconds=ttl, audience=audience)
+
+
+UPSTREAM_AUTHORIZATION_TYPES = ("id-jag",)
+
+
+def _parse_upstream_authorization(
+    item: _Node, public_url: str, base_dir: Path | None, insecure_ok: bool
+) -> UpstreamAuthorizationConfig | None:
+    if "upstream_authorization" not in item.data:
+        return None
+    node = item.child("upstream_authorization")
+    kind = node.string("type", required=True)
+    if kind not in UPSTREAM_AUTHORIZATION_TYPES:
+        raise node.error("type", f"must be one of {', '.join(UPSTREAM_AUTHORIZATION_TYPES)}, got {kind!r}")
+    idp_token_endpoint = _url(node, "idp_token_endpoint", required=True, tls=not insecure_ok)
+    upstream_issuer = _url(node, "upstream_issuer", required=True, tls=not insecure_ok)
+    client_id = node.string("client_id", required=True)
+    upstream_client_id = node.string("upstream_client_id", required=True)
+    assert idp_token_endpoint is not None and upstream_issuer is not None
+    assert client_id is not None and upstream_client_id is not None
+    if canonical_url(upstream_issuer) == canonical_url(public_url):
+        # The draft's Chained Identity Assertion Request: an assertion must not be chained to its own gateway.
+        raise node.error("upstream_issuer", "must not be this gateway's own issuer")
+    config = UpstreamAuthorizationConfig(
+        type=kind,
+        idp_token_endpoint=idp_token_endpoint,
+        client_id=client_id,
+        client_secret=Secret(_secret_file(node, "client_secret_file", base_dir)),
+        upstream_issuer=upstream_issuer,
+        upstream_client_id=upstream_client_id,
+        upstream_client_secret=Secret(_secret_file(node, "upstream_client_secret_file", base_dir)),
+    )
+    node.finish()
+    return config
+
+
+def _secret_file(node: _Node, name: str, base_dir: Path | None) -> str:
+    path = node.string(name, required=True)
+    assert path is not None
+    try:
+        secret = _resolve(base_dir, path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise node.error(name, f"cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise node.error(name, "must contain UTF-8 text") from None
+    if not secret:
+        raise node.error(name, "is empty")
+    return secret
 
 
 def _parse_route_quotas(item: _Node) -> tuple[QuotaRule, ...]:
@@ -1026,9 +1192,10 @@ def describe(config: GatewayConfig, *, emit: Callable[[str], None], as_groups: f
             "jwks_uri, is recommended for production: EMA §7.5.1)"
         )
     for idp in auth.identity_providers:
+        bridge = f" id_tokens(aud={','.join(idp.id_token_audiences)})" if idp.accept_id_tokens else ""
         emit(
             f"identity provider: {idp.issuer} jwks={idp.jwks_uri or '(discovered)'} "
-            f"groups_claim={idp.groups_claim} algorithms={','.join(idp.algorithms)}"
+            f"groups={'.'.join(idp.groups_location)} algorithms={','.join(idp.algorithms)}{bridge}"
         )
     emit(f"allowed origins: {', '.join(config.allowed_origins)}")
     stripped = dict.fromkeys((*ALWAYS_STRIPPED_REQUEST_HEADERS, *config.strip_request_headers), None)
@@ -1037,6 +1204,12 @@ def describe(config: GatewayConfig, *, emit: Callable[[str], None], as_groups: f
     for route in config.routes:
         groups = ", ".join(route.allow_groups) if route.allow_groups is not None else "any authenticated user"
         extra = f" headers={','.join(n for n, _ in route.upstream_headers)}" if route.upstream_headers else ""
+        if route.identity_header is not None:
+            ident = route.identity_header
+            extra += f" identity_header={ident.name}(aud={ident.audience},ttl={ident.ttl_seconds}s)"
+        if route.upstream_authorization is not None:
+            chain = route.upstream_authorization
+            extra += f" upstream_authorization={chain.type}(as={chain.upstream_issuer},idp={chain.idp_token_endpoint})"
         if route.require_dpop:
             extra += " dpop=required"
         emit(

@@ -48,7 +48,7 @@ _LONG_BUCKETS = (120, 300, 600, 1800, 3600, 7200, 21600, 43200, 86400)
 # gateway's own code); docs/metrics.md explains each.
 _INVALID_GRANT_REASONS = (
     "malformed typ algorithm issuer signature audience client_id subject tenant expired issued_at not_before "
-    "lifetime jti replay cnf resource group scope revoked"
+    "lifetime jti replay cnf resource group scope revoked hosted_domain group_overage id_token_chained_route"
 ).split()
 GRANT_OUTCOMES = (
     ("issued", "ok"),
@@ -66,6 +66,16 @@ GRANT_OUTCOMES = (
 )
 POLICY_KINDS = ("tools", "resources", "prompts")
 QUOTA_RESULTS = ("charged", "exhausted", "unavailable")
+# Per-user upstream credentials of chained ID-JAG routes (gateway/oauth/chain.py): a cache hit, a new
+# exchange, or a failure at one step of the chain.
+UPSTREAM_CREDENTIAL_RESULTS = (
+    "cached",
+    "exchanged",
+    "failed_assertion",
+    "failed_idp",
+    "failed_metadata",
+    "failed_upstream_as",
+)
 
 
 def upstream_buckets(timeout_seconds: float) -> tuple[float, ...]:
@@ -252,6 +262,12 @@ class Metrics:
             ["event"],
             registry=r,
         )
+        self.upstream_credentials = Counter(
+            "mcp_gateway_upstream_credentials_total",
+            "Per-user upstream tokens of routes with upstream_authorization, by route and result",
+            ["route", "result"],
+            registry=r,
+        )
         r.register(_IdpKeysCollector(key_sets))
         r.register(_CallbackCollector(audit_dropped, pools))
 
@@ -280,6 +296,9 @@ class Metrics:
             for quota in route.quotas:
                 for result in QUOTA_RESULTS:
                     self.quota_decisions.labels(route.name, quota.id, result)
+            if route.upstream_authorization is not None:
+                for result in UPSTREAM_CREDENTIAL_RESULTS:
+                    self.upstream_credentials.labels(route.name, result)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -26,11 +26,12 @@ from gateway.condition_health import ConditionHealth
 from gateway.config import AuthorizationConfig, GatewayConfig, RouteConfig
 from gateway.engine import DecisionEngine
 from gateway.metrics import Metrics
-from gateway.oauth.access_token import AccessTokenService, PreviousKey, Principal
+from gateway.oauth.access_token import AccessTokenService, IssuedToken, PreviousKey, Principal
 from gateway.oauth.client_auth import ClientAuthenticator
 from gateway.oauth.dpop import DpopVerifier, NonceIssuer, derive_nonce_key
+from gateway.oauth.id_token_bridge import IdTokenBridge
 from gateway.oauth.identity import SubjectIdentity
-from gateway.oauth.idjag import IdJagValidator
+from gateway.oauth.idjag import Grant, IdJagValidator
 from gateway.oauth.introspection import IntrospectionEndpoint
 from gateway.oauth.jwks import KeyRing
 from gateway.oauth.keys import SigningKey, load_signing_key
@@ -117,6 +118,7 @@ class Runtime:
         condition_health: ConditionHealth | None = None,
         clock: Callable[[], float] = time.time,
         revocations: SubjectRevocations | None = None,
+        retain: Callable[[Grant, IssuedToken, str], None] | None = None,
     ) -> Runtime:
         """Raises ConfigError / SigningKeyError / ReloadRefused without touching ``previous``."""
         if previous is not None:
@@ -189,7 +191,14 @@ class Runtime:
             clients, tokens, runtime.token_revocations, on_revoked=on_revoked
         )
         runtime.introspection_endpoint = IntrospectionEndpoint(
-            clients, tokens, runtime.token_revocations, issuer=auth.issuer, is_revoked=runtime.is_revoked
+            clients,
+            tokens,
+            runtime.token_revocations,
+            issuer=auth.issuer,
+            is_refused=lambda p: (
+                runtime.is_revoked(p.identity, p.client_id)
+                or (revocations is not None and revocations.refuses(p.identity, p.email, p.issued_at))
+            ),
         )
         runtime.token_endpoint = TokenEndpoint(
             clients,
@@ -209,6 +218,8 @@ class Runtime:
                 if revocations is not None
                 else None
             ),
+            retain=retain,
+            bridge=IdTokenBridge(auth, routes, keys, replay_store),
         )
         return runtime
 

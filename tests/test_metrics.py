@@ -65,6 +65,7 @@ FAMILIES = {
     "mcp_gateway_audit_dropped_lines": "counter",
     "mcp_gateway_upstream_pool_in_use": "gauge",
     "mcp_gateway_upstream_pool_limit": "gauge",
+    "mcp_gateway_upstream_credentials": "counter",
 }
 # prometheus-client's standard process and Python collectors: fds and memory of a proxy holding streams.
 STANDARD = {

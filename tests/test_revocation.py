@@ -22,6 +22,7 @@ import pytest
 from gateway.devidp import DevIdentityProvider
 from gateway.oauth.keys import SigningKey
 from gateway.oauth.replay import MemoryReplayStore, RedisReplayStore
+from gateway.signals.events import principal_keys
 from tests.support.harness import (
     CLIENT_ID,
     CLIENT_SECRET,
@@ -163,6 +164,17 @@ async def test_introspection_says_inactive_for_revoked_foreign_and_invalid_token
     assert await introspect(http, gw, token) == {"active": False}
     for garbage in ("not-a-token", gw.id_jag("json"), token[:-4] + "AAAA"):
         assert await introspect(http, gw, garbage) == {"active": False}
+
+
+async def test_introspection_says_inactive_after_a_shared_signals_cut_off(
+    gw: GatewayHarness, http: aiohttp.ClientSession
+) -> None:
+    """The token's holder is refused on every route, so the token is not active (README "Instant cut-off")."""
+    subject = f"leaver-{uuid.uuid4().hex}"  # nobody else's: the cut-off must not touch other tests
+    token = await gw.access_token("json", sub=subject)
+    assert (await introspect(http, gw, token))["active"] is True
+    assert gw.gateway.services.revocations.apply(principal_keys(gw.idp.issuer, subject, None)[0], time.time())
+    assert await introspect(http, gw, token) == {"active": False}
 
 
 async def test_metadata_advertises_both_endpoints(gw: GatewayHarness, http: aiohttp.ClientSession) -> None:

@@ -76,6 +76,7 @@ class IdJagValidator:
         self._replay = replay
         self._clock = clock
         self._idps = {idp.issuer: idp for idp in config.identity_providers}
+        self.max_lifetime_seconds = config.max_assertion_lifetime_seconds
 
     async def validate(
         self,
@@ -258,7 +259,7 @@ class IdJagValidator:
             raise InvalidGrant("assertion is issued in the future", reason="issued_at")
         if nbf is not None and nbf > now + skew:
             raise InvalidGrant("assertion is not yet valid", reason="not_before")
-        if exp - iat > self._config.max_assertion_lifetime_seconds:
+        if exp - iat > self.max_lifetime_seconds:
             raise InvalidGrant("assertion lifetime exceeds the allowed maximum", reason="lifetime")
 
     def _check_jti(self, claims: dict[str, Any]) -> str:
@@ -377,7 +378,9 @@ class IdJagValidator:
         return route, granted
 
     def _groups(self, claims: dict[str, Any], idp: IdentityProviderConfig) -> tuple[str, ...]:
-        value = claims.get(idp.groups_claim)
+        value: Any = claims
+        for name in idp.groups_location:
+            value = value.get(name) if isinstance(value, dict) else None
         if isinstance(value, str):
             return (value,)
         if isinstance(value, list):

@@ -21,7 +21,6 @@ from aiohttp import web
 from gateway.oauth.access_token import AccessTokenService, InvalidToken, Principal
 from gateway.oauth.client_auth import ClientAuthenticator
 from gateway.oauth.errors import NO_STORE, OAuthError, TemporarilyUnavailable
-from gateway.oauth.identity import SubjectIdentity
 from gateway.oauth.replay import ReplayStoreUnavailable
 from gateway.oauth.revocation import TokenRevocations, authenticated_token
 
@@ -36,13 +35,15 @@ class IntrospectionEndpoint:
         revocations: TokenRevocations,
         *,
         issuer: str,
-        is_revoked: Callable[[SubjectIdentity, str], bool],
+        is_refused: Callable[[Principal], bool],
     ) -> None:
+        """``is_refused``: whether the routes would refuse the token's holder anyway (``revoked`` in the
+        config, a Shared Signals cut-off): such a token is not active either."""
         self._clients = clients
         self._tokens = tokens
         self._revocations = revocations
         self._issuer = issuer
-        self._is_revoked = is_revoked
+        self._is_refused = is_refused
 
     async def handle(self, request: web.Request) -> web.Response:
         try:
@@ -59,7 +60,7 @@ class IntrospectionEndpoint:
             principal = self._tokens.inspect(token)
         except InvalidToken:
             return None
-        if principal.client_id != client_id or self._is_revoked(principal.identity, principal.client_id):
+        if principal.client_id != client_id or self._is_refused(principal):
             return None
         try:
             revoked = await self._revocations.is_revoked(principal, strict=True)

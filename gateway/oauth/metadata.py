@@ -23,7 +23,7 @@ from aiohttp import web
 from gateway.config import ASYMMETRIC_ALGORITHMS, GatewayConfig, RouteConfig
 from gateway.oauth import dpop
 from gateway.oauth.keys import SigningKey
-from gateway.oauth.token_endpoint import JWT_BEARER
+from gateway.oauth.token_endpoint import JWT_BEARER, TOKEN_EXCHANGE
 
 ID_JAG_PROFILE = "urn:ietf:params:oauth:grant-profile:id-jag"
 TOKEN_PATH = "/oauth2/token"
@@ -51,7 +51,9 @@ def authorization_server_metadata(config: GatewayConfig) -> dict[str, Any]:
         "jwks_uri": base + JWKS_PATH,
         "scopes_supported": scopes,
         "response_types_supported": ["code"],
-        "grant_types_supported": [JWT_BEARER],
+        # RFC 8693 token exchange only for the ID-token bridge (gateway/oauth/id_token_bridge.py).
+        "grant_types_supported": [JWT_BEARER]
+        + ([TOKEN_EXCHANGE] if any(i.accept_id_tokens for i in config.authorization.identity_providers) else []),
         "token_endpoint_auth_methods_supported": CLIENT_AUTH_METHODS,
         # RFC 8414 §2: required when private_key_jwt is listed.
         "token_endpoint_auth_signing_alg_values_supported": list(ASYMMETRIC_ALGORITHMS),

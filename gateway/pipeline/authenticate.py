@@ -24,7 +24,7 @@ async def authenticate(ctx: RequestContext) -> None:
         principal = await runtime.guard.authenticate(ctx.request, route)
         token_revoked = await runtime.token_revocations.is_revoked(principal)
     except BearerChallenge as challenge:
-        raise _challenge(
+        raise bearer_challenge(
             ctx,
             challenge.status,
             challenge.error,
@@ -36,18 +36,18 @@ async def authenticate(ctx: RequestContext) -> None:
     except ReplayStoreUnavailable:
         raise _unavailable() from None
     if token_revoked:
-        raise _challenge(ctx, 401, "invalid_token", "the access token has been revoked", reason="revoked")
+        raise bearer_challenge(ctx, 401, "invalid_token", "the access token has been revoked", reason="revoked")
     if runtime.is_revoked(principal.identity, principal.client_id):
-        raise _challenge(ctx, 401, "invalid_token", "access has been revoked", reason="revoked")
+        raise bearer_challenge(ctx, 401, "invalid_token", "access has been revoked", reason="revoked")
     if ctx.services.revocations.refuses(principal.identity, principal.email, principal.issued_at):
         ctx.principal = principal  # audited with who was refused: the token is authentic, only cut off
-        raise _challenge(
+        raise bearer_challenge(
             ctx, 401, "invalid_token", "the identity provider revoked this session; sign in again", reason="signal"
         )
     ctx.principal = principal
 
 
-def _challenge(
+def bearer_challenge(
     ctx: RequestContext,
     status: int,
     error: str | None,

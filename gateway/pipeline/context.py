@@ -24,6 +24,7 @@ from gateway.signals.revocations import SubjectRevocations
 
 if TYPE_CHECKING:
     from gateway.enforce import Plan
+    from gateway.oauth.chain import UpstreamCredentials
     from gateway.proxy.forward import ForwardRequest, LegacyStream
     from gateway.proxy.request_body import RpcBody
     from gateway.runtime import Runtime
@@ -46,6 +47,8 @@ class Services:
     legacy_streams: weakref.WeakValueDictionary[str, LegacyStream] = field(default_factory=weakref.WeakValueDictionary)
     # Users the IdP cut off through Shared Signals (gateway/signals/), shared with every replica.
     revocations: SubjectRevocations = field(default_factory=SubjectRevocations)
+    # Per-user upstream tokens of routes with upstream_authorization (gateway/oauth/chain.py).
+    credentials: UpstreamCredentials | None = None
 
 
 @dataclass
@@ -63,6 +66,7 @@ class RequestContext:
     rpc: RpcBody | None = None  # POST only: the messages, read once
     plan: Plan | None = None
     forward: ForwardRequest | None = None  # None after planning: answered by the gateway alone
+    upstream_token: str | None = field(default=None, repr=False)  # the per-user upstream token sent, if any
 
 
 @dataclass

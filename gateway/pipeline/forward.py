@@ -36,4 +36,7 @@ async def forward(ctx: RequestContext) -> web.StreamResponse:
         ) from None
     if not response.prepared:
         response.headers.update(cors)
+    if response.status == 401 and ctx.upstream_token is not None and ctx.services.credentials is not None:
+        assert ctx.principal is not None
+        ctx.services.credentials.rejected(ctx.route, ctx.principal, ctx.upstream_token)
     return response

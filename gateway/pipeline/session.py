@@ -14,11 +14,13 @@ each POST of that session hands its expectations to it, found by the upstream se
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 
 from gateway.pipeline.context import FORBIDDEN, INVALID_REQUEST, SESSION_NOT_FOUND, RequestContext, rpc_refusal
 from gateway.proxy.forward import ForwardRequest, LegacyStream, session_param_names, wrap_session_params
 from gateway.proxy.headers import SESSION_HEADER
+from gateway.proxy.identity_header import identity_token
 from gateway.proxy.jsonrpc import ResultRewriter
 from gateway.sessions import SessionBinder, SessionCheck, principal_key
 
@@ -56,7 +58,24 @@ async def bind_session(ctx: RequestContext) -> None:
         legacy_stream=legacy,
         owner=owner,
         principal=principal,
+        added_headers=_identity_header(ctx),
     )
+
+
+def _identity_header(ctx: RequestContext) -> tuple[tuple[str, str], ...]:
+    config, principal = ctx.route.identity_header, ctx.principal
+    if config is None or principal is None:
+        return ()
+    token = identity_token(
+        config,
+        key=ctx.runtime.signing_key,
+        issuer=ctx.runtime.config.authorization.issuer,
+        route=ctx.route.name,
+        principal=principal,
+        request_id=ctx.request_id,
+        now=time.time(),
+    )
+    return ((config.name, token),)
 
 
 def _legacy_session(

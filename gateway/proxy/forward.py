@@ -124,6 +124,9 @@ class ForwardRequest:
     owner: str | None = None
     # Who sent it (and when their token was issued): streams of a user the IdP cut off are ended.
     principal: Principal | None = None
+    # Headers the gateway itself sends upstream for this request (the signed identity header), set
+    # after the client's headers are filtered, so a client can never supply them.
+    added_headers: tuple[tuple[str, str], ...] = ()
 
 
 class StreamLimitReached(Exception):
@@ -306,6 +309,8 @@ class Upstream:
             headers["Content-Type"] = CANONICAL_CONTENT_TYPE
         if fwd.upstream_session_id is not None:
             headers[SESSION_HEADER] = fwd.upstream_session_id
+        for name, value in fwd.added_headers:
+            headers[name] = value
         limits = self._limits
         started = time.monotonic()
         try:

@@ -6,6 +6,7 @@ The gateway runs in the pytest event loop on a pre-bound 127.0.0.1 socket; the I
 
 from __future__ import annotations
 
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -153,13 +154,15 @@ async def start_harness(
     public_url: str | None = None,
     signing_key: SigningKey | None = None,
     store: ReplayStore | None = None,
+    sock: socket.socket | None = None,
     **extra: Any,
 ) -> GatewayHarness:
     """``public_url``: the URL clients are told (as behind a TLS-terminating ingress), when it is not
     the loopback address the gateway listens on; ``signing_key`` and ``store`` (a replay store object,
     where the ``replay_store`` option is the config value) let several gateways act as replicas of one
-    deployment."""
-    sock = bind_socket("127.0.0.1", 0)
+    deployment; ``sock``: a socket bound beforehand, when the gateway's URL must be known before it
+    starts."""
+    sock = sock if sock is not None else bind_socket("127.0.0.1", 0)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     config = make_config(public_url or url, [idp, *extra_idps], routes, **extra)
     gateway = Gateway(
