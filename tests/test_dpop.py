@@ -10,6 +10,7 @@ sees. Proofs are real JWS built by tests/support/dpop.py with python-jose.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -306,6 +307,36 @@ async def test_an_id_jag_bound_to_a_key_needs_a_proof_by_that_key(dgw: GatewayHa
 async def test_an_id_jag_with_another_confirmation_method_is_refused(dgw: GatewayHarness) -> None:
     status, body, _ = await dpop_grant(dgw, DpopKey(), cnf={"x5t#S256": "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2"})
     assert (status, body["error"]) == (400, "invalid_grant"), body
+
+
+async def test_an_id_token_exchange_with_a_proof_gets_a_bound_token(
+    idp: DevIdentityProvider, upstream_json: RunningUpstream, http: aiohttp.ClientSession
+) -> None:
+    """The ID-token bridge (RFC 8693) binds like the jwt-bearer grant, and honours require_dpop."""
+    providers = [{"issuer": idp.issuer, "accept_id_tokens": True, "id_token_audiences": ["app-1"]}]
+    options = {"public_url": PUBLIC_URL, "authorization": {"identity_providers": providers}}
+    async with running_gateway(idp, routes(upstream_json), **options) as gw:
+
+        async def exchange(route: str, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+            now = int(time.time())
+            claims = {"iss": idp.issuer, "sub": "user-1", "aud": "app-1", "iat": now, "exp": now + 600}
+            form = {
+                "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+                "subject_token": idp.sign({**claims, "jti": uuid.uuid4().hex}, typ="JWT"),
+                "subject_token_type": "urn:ietf:params:oauth:token-type:id_token",
+                "resource": gw.resource(route),
+                "client_id": CLIENT_ID,
+                "client_secret": CLIENT_SECRET,
+            }
+            async with http.post(gw.token_endpoint, data=form, headers=headers) as response:
+                return response.status, await response.json()
+
+        key = DpopKey()
+        status, body = await exchange("json", {"DPoP": key.proof("POST", TOKEN_URL)})
+        assert status == 200 and body["token_type"] == "DPoP", body
+        assert jwt.get_unverified_claims(body["access_token"])["cnf"] == {"jkt": key.jkt}
+        status, body = await exchange("bound", {})
+        assert (status, body["error"]) == (400, "invalid_dpop_proof"), body
 
 
 async def test_rsa_proofs_are_accepted_but_not_short_rsa_keys(dgw: GatewayHarness) -> None:
