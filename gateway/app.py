@@ -32,7 +32,7 @@ from gateway.listener import ConnectionCounter, GuardedSite
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import NO_ROUTE, Metrics, method_class
 from gateway.oauth import metadata
-from gateway.oauth.access_token import AccessTokenService, IssuedToken
+from gateway.oauth.access_token import AccessTokenService, IssuedToken, Principal
 from gateway.oauth.chain import RetainedAssertions, UpstreamCredentials
 from gateway.oauth.errors import MethodNotAllowed, OriginRefused
 from gateway.oauth.idjag import Grant
@@ -126,6 +126,7 @@ class Gateway:
             quota_store=self.quota_store,
             idp_session=self.idp_session,
             on_grant=self._audit_grant,
+            on_revoked=self._audit_revocation,
             jwks_min_refresh_seconds=jwks_min_refresh_seconds,
             metrics=self.metrics,
             signing_key=signing_key,
@@ -266,6 +267,7 @@ class Gateway:
                 quota_store=self.quota_store,
                 idp_session=self.idp_session,
                 on_grant=self._audit_grant,
+                on_revoked=self._audit_revocation,
                 jwks_min_refresh_seconds=self._jwks_min_refresh,
                 metrics=self.metrics,
                 previous=self.runtime,
@@ -313,6 +315,8 @@ class Gateway:
         router.add_get(metadata.JWKS_PATH, self.jwks)
         router.add_get(metadata.AUTHORIZE_PATH, metadata.authorize_refusal)
         router.add_route("*", metadata.TOKEN_PATH, self.token)
+        router.add_route("*", metadata.REVOKE_PATH, self.revoke)
+        router.add_route("*", metadata.INTROSPECT_PATH, self.introspect)
         if self.signals is not None and self.signals.pushes:
             router.add_route("*", SSF_PUSH_PATH, self.signals.push)
         if self.config.metrics_listen is None:
@@ -412,12 +416,38 @@ class Gateway:
     async def token(self, request: web.Request) -> web.Response:
         """Every answer, refusals before the endpoint proper included, is RFC 6749 §5.2 JSON with
         ``Cache-Control: no-store``."""
-        runtime = self.runtime
+        refusal = self._oauth_refusal(request)
+        return refusal or await self.runtime.token_endpoint.handle(request)
+
+    async def revoke(self, request: web.Request) -> web.Response:
+        """RFC 7009 §2.1: POST, answered like the token endpoint (origin check, RFC 6749 §5.2 errors)."""
+        refusal = self._oauth_refusal(request)
+        return refusal or await self.runtime.revocation_endpoint.handle(request)
+
+    async def introspect(self, request: web.Request) -> web.Response:
+        """RFC 7662 §2.1: POST, answered like the token endpoint."""
+        refusal = self._oauth_refusal(request)
+        return refusal or await self.runtime.introspection_endpoint.handle(request)
+
+    def _oauth_refusal(self, request: web.Request) -> web.Response | None:
         if request.method != "POST":
             return MethodNotAllowed(request.method).to_response()
-        if not runtime.origins.is_allowed(request.headers.get("Origin")):
+        if not self.runtime.origins.is_allowed(request.headers.get("Origin")):
             return OriginRefused().to_response()
-        return await runtime.token_endpoint.handle(request)
+        return None
+
+    def _audit_revocation(self, principal: Principal) -> None:
+        route = self.runtime.routes.for_resource(principal.audience)
+        self.audit.emit(
+            "token.revoked",
+            route=route.name if route is not None else None,
+            sub=principal.subject,
+            tenant=principal.tenant,
+            client_id=principal.client_id,
+            idp=principal.idp_issuer,
+            decision="deny",
+            reason="revoked by the client (RFC 7009)",
+        )
 
     def _audit_grant(self, outcome: GrantOutcome) -> None:
         grant = outcome.grant

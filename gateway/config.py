@@ -175,6 +175,8 @@ class AuthorizationConfig:
     max_assertion_lifetime_seconds: int = 600
     previous_signing_key_files: tuple[str, ...] = ()
     token_rate_limit: TokenRateLimitConfig = TokenRateLimitConfig()
+    # RFC 9449 §8, §9: every DPoP proof (token endpoint and resources) must carry a server nonce.
+    dpop_require_nonce: bool = False
 
 
 @dataclass(frozen=True)
@@ -248,6 +250,9 @@ class RouteConfig:
     quotas: tuple[QuotaRule, ...] = field(default=(), compare=False)
     identity_header: IdentityHeaderConfig | None = None
     upstream_authorization: UpstreamAuthorizationConfig | None = None
+    # RFC 9449 §7.1: only DPoP-bound tokens with a proof are accepted here (RFC 9728
+    # dpop_bound_access_tokens_required).
+    require_dpop: bool = False
 
 
 @dataclass(frozen=True)
@@ -705,11 +710,25 @@ def _parse_authorization(node: _Node, public_url: str, base_dir: Path | None, in
         max_assertion_lifetime_seconds=node.number("max_assertion_lifetime_seconds", 600, minimum=30, maximum=3600),
         previous_signing_key_files=tuple(previous_keys),
         token_rate_limit=_parse_token_rate_limit(node.child("token_rate_limit")),
+        dpop_require_nonce=_parse_dpop(node.child("dpop")),
         clients=_parse_clients(node, base_dir, insecure_ok),
         identity_providers=_parse_idps(node, issuer, insecure_ok),
     )
     node.finish()
     return config
+
+
+def _parse_dpop(node: _Node) -> bool:
+    require_nonce = _flag(node, "require_nonce")
+    node.finish()
+    return require_nonce
+
+
+def _flag(node: _Node, name: str) -> bool:
+    value = node.raw(name)
+    if value is not None and not isinstance(value, bool):
+        raise node.error(name, "must be true or false")
+    return bool(value)
 
 
 def _parse_token_rate_limit(node: _Node) -> TokenRateLimitConfig:
@@ -1001,6 +1020,7 @@ def _parse_route(
         max_connections=item.number("max_connections", 256, minimum=1, maximum=100_000),
         policy=_parse_policy(item, scopes),
         quotas=_parse_route_quotas(item),
+        require_dpop=_flag(item, "require_dpop"),
         identity_header=_parse_identity_header(item, upstream, upstream_headers),
         upstream_authorization=_parse_upstream_authorization(item, public_url, base_dir, insecure_ok),
     )
@@ -1190,6 +1210,8 @@ def describe(config: GatewayConfig, *, emit: Callable[[str], None], as_groups: f
         emit("replay store: memory (this process only; replicas need a shared redis:// store)")
     else:
         emit(f"replay store: {redact_url(config.replay_store)}")
+    if auth.dpop_require_nonce:
+        emit("dpop: every proof must carry a server nonce (DPoP-Nonce)")
     emit("clients: " + ", ".join(c.client_id for c in auth.clients))
     with_secret = [c.client_id for c in auth.clients if c.client_secret is not None]
     if with_secret:
@@ -1216,6 +1238,8 @@ def describe(config: GatewayConfig, *, emit: Callable[[str], None], as_groups: f
         if route.upstream_authorization is not None:
             chain = route.upstream_authorization
             extra += f" upstream_authorization={chain.type}(as={chain.upstream_issuer},idp={chain.idp_token_endpoint})"
+        if route.require_dpop:
+            extra += " dpop=required"
         emit(
             f"  {route.name}: {route.path} -> {route.upstream} [{route.transport}] "
             f"resource={route.resource} scopes={' '.join(route.scopes)} groups={groups}{extra}"

@@ -61,6 +61,8 @@ GRANT_OUTCOMES = (
     ("invalid_target", "resource"),
     ("temporarily_unavailable", "jwks_unavailable"),
     ("temporarily_unavailable", "replay_store_unavailable"),
+    ("invalid_dpop_proof", "dpop"),
+    ("use_dpop_nonce", "dpop_nonce"),
 )
 POLICY_KINDS = ("tools", "resources", "prompts")
 QUOTA_RESULTS = ("charged", "exhausted", "unavailable")
