@@ -275,7 +275,18 @@ class Gateway:
     base: str
     idps: dict[str, DevIdentityProvider]
     idle_url: str
-    idle_headers: dict[str, str]
+
+    async def refresh_tokens(self) -> None:
+        """A fresh access token per route (each is issued for its route's resource alone, RFC 8707),
+        written into the headers the clients send: a token never outlives its ID-JAG (10 minutes
+        here), and a whole run takes longer."""
+        async with aiohttp.ClientSession() as http:
+            for route in ("json", "sse", "idle"):
+                assertion = id_jag(self.idps["ES256"], self.base, f"{self.base}/{route}/mcp")
+                status, body = await grant(http, self.base, assertion)
+                if status != 200:
+                    raise SystemExit(f"gateway refused the bench grant: {body}")
+                self.target.headers.setdefault(route, {})["Authorization"] = "Bearer " + body["access_token"]
 
 
 @contextlib.asynccontextmanager
@@ -288,17 +299,10 @@ async def gateway(work: Path, idps: dict[str, DevIdentityProvider], urls: dict[s
     with process(argv, log, cwd=REPO) as child:
         base = f"http://127.0.0.1:{port}"
         await wait_http(base + "/readyz", child, log, lambda status: status == 200)
-        async with aiohttp.ClientSession() as http:
-            tokens = {}
-            for route in ("json", "sse", "idle"):
-                status, body = await grant(http, base, id_jag(idps["ES256"], base, f"{base}/{route}/mcp"))
-                if status != 200:
-                    raise SystemExit(f"gateway refused the bench grant: {body}")
-                tokens[route] = body["access_token"]
-        # One token per route: each is issued for its route's resource (RFC 8707) alone.
-        headers = {route: {"Authorization": "Bearer " + token} for route, token in tokens.items()}
-        target = Target("gateway", {"json": base + "/json/mcp", "sse": base + "/sse/mcp"}, headers, child.pid)
-        yield Gateway(target, base, idps, base + "/idle/mcp", headers["idle"])
+        target = Target("gateway", {"json": base + "/json/mcp", "sse": base + "/sse/mcp"}, pid=child.pid)
+        gw = Gateway(target, base, idps, base + "/idle/mcp")
+        await gw.refresh_tokens()
+        yield gw
 
 
 FASTMCP_PROXY = """
@@ -563,7 +567,8 @@ def serve_idle_upstream(port: int) -> None:
 
 async def idle_streams(gw: Gateway, wanted: int) -> tuple[int, float, float]:
     """Open ``wanted`` idle GET event streams through the gateway; (held, RSS MiB before, after)."""
-    url, headers = gw.idle_url, {"Accept": "text/event-stream", **gw.idle_headers}
+    await gw.refresh_tokens()
+    url, headers = gw.idle_url, {"Accept": "text/event-stream", **gw.target.headers["idle"]}
     pid = gw.target.pid
     assert pid is not None
     before = memory_kib(pid, "VmRSS") / 1024
@@ -699,6 +704,7 @@ async def measure(args: argparse.Namespace, targets: list[Target], gw: Gateway, 
     first: dict[str, list[float]] = {}
     loads: dict[tuple[str, int], list[Load]] = {}
     for round_ in range(args.rounds):
+        await gw.refresh_tokens()
         for target in targets:
             for mode in target.urls:
                 samples, failed = await latencies(target, mode, args.requests)
@@ -767,6 +773,7 @@ async def measure(args: argparse.Namespace, targets: list[Target], gw: Gateway, 
     emit()
     emit("| ID-JAG | grants per gateway CPU-second | grants/s wall | errors |")
     emit("|---|---|---|---|")
+    await gw.refresh_tokens()
     for algorithm in ("ES256", "RS256"):
         per_core, per_second, failed = await grants_per_core(gw, algorithm, args.grants)
         emit(f"| {algorithm} | {per_core:.0f} | {per_second:.0f} | {failed} |")
