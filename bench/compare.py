@@ -16,6 +16,8 @@ Every party is its own process on 127.0.0.1, so /proc/<pid> measures each alone:
 - nginx: one worker, plain ``proxy_pass`` with keep-alive to the upstream and buffering off;
 - gateway: ``mcp-gateway serve`` with bearer validation, 20 routes, a tool policy whose allowing rule
   has a CEL ``when`` condition, audit to a file and the default (info) log level;
+- gateway-asyncio: the same gateway on asyncio's own loop, when the uvloop extra is installed (then
+  ``gateway`` runs on uvloop): the measurement of the extra;
 - fastmcp: ``create_proxy(upstream, auth=JWTVerifier(...))``, the client sending a JWT it verifies.
 
 The client is a raw Streamable HTTP client on aiohttp (one connection per simulated client, one MCP
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import os
 import platform
 import resource
@@ -290,16 +293,20 @@ class Gateway:
 
 
 @contextlib.asynccontextmanager
-async def gateway(work: Path, idps: dict[str, DevIdentityProvider], urls: dict[str, str]) -> AsyncIterator[Gateway]:
+async def gateway(
+    work: Path, idps: dict[str, DevIdentityProvider], urls: dict[str, str], name: str = "gateway", loop: str = "auto"
+) -> AsyncIterator[Gateway]:
+    """``mcp-gateway serve`` on ``loop`` (MCP_GATEWAY_EVENT_LOOP: auto is uvloop when installed)."""
     port = free_port()
-    config = work / "gateway.yaml"
-    config.write_text(yaml.safe_dump(gateway_document(port, list(idps.values()), urls, work / "audit.jsonl")))
-    log = work / "gateway.log"
+    config = work / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(gateway_document(port, list(idps.values()), urls, work / f"{name}-audit.jsonl")))
+    log = work / f"{name}.log"
     argv = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
-    with process(argv, log, cwd=REPO) as child:
+    env = {**os.environ, "MCP_GATEWAY_EVENT_LOOP": loop}
+    with process(argv, log, cwd=REPO, env=env) as child:
         base = f"http://127.0.0.1:{port}"
         await wait_http(base + "/readyz", child, log, lambda status: status == 200)
-        target = Target("gateway", {"json": base + "/json/mcp", "sse": base + "/sse/mcp"}, pid=child.pid)
+        target = Target(name, {"json": base + "/json/mcp", "sse": base + "/sse/mcp"}, pid=child.pid)
         gw = Gateway(target, base, idps, base + "/idle/mcp")
         await gw.refresh_tokens()
         yield gw
@@ -666,13 +673,18 @@ async def main(args: argparse.Namespace) -> None:
             direct = Target("direct", {"json": urls["json"], "sse": urls["sse"]})
             proxy_nginx = await astack.enter_async_context(nginx(work, upstreams))
             gw = await astack.enter_async_context(gateway(work, idps, urls))
+            # With the uvloop extra installed, the same gateway on asyncio's loop too: the A/B of the extra.
+            on_asyncio = None
+            if importlib.util.find_spec("uvloop") is not None:
+                on_asyncio = await astack.enter_async_context(gateway(work, idps, urls, "gateway-asyncio", "asyncio"))
             proxy_fastmcp = (
                 None
                 if args.no_fastmcp
                 else await astack.enter_async_context(fastmcp(work, idps["ES256"], urls["json"]))
             )
-            targets = [t for t in (direct, proxy_nginx, gw.target, proxy_fastmcp) if t is not None]
-            await measure(args, targets, gw, emit)
+            gateways = [g for g in (gw, on_asyncio) if g is not None]
+            targets = [t for t in (direct, proxy_nginx, *(g.target for g in gateways), proxy_fastmcp) if t is not None]
+            await measure(args, targets, gateways, emit)
             emit()
             emit("| in-process (one core) | figure |")
             emit("|---|---|")
@@ -697,14 +709,18 @@ async def main(args: argparse.Namespace) -> None:
         Path(args.output).write_text("\n".join(out) + "\n")
 
 
-async def measure(args: argparse.Namespace, targets: list[Target], gw: Gateway, emit: Callable[[str], None]) -> None:
+async def measure(
+    args: argparse.Namespace, targets: list[Target], gateways: list[Gateway], emit: Callable[[str], None]
+) -> None:
+    gw = gateways[0]
     names = [t.name for t in targets]
     lat: dict[tuple[str, str], list[float]] = {}
     errors: dict[str, int] = dict.fromkeys(names, 0)
     first: dict[str, list[float]] = {}
     loads: dict[tuple[str, int], list[Load]] = {}
     for round_ in range(args.rounds):
-        await gw.refresh_tokens()
+        for each in gateways:
+            await each.refresh_tokens()
         for target in targets:
             for mode in target.urls:
                 samples, failed = await latencies(target, mode, args.requests)
