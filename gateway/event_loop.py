@@ -1,9 +1,9 @@
 """The event loop ``serve`` runs on: uvloop when the optional ``uvloop`` extra is installed
 (``pip install 'mcp-auth-gateway[uvloop]'``), asyncio's own loop otherwise.
 
-uvloop is a drop-in implementation of the asyncio event loop on libuv; its sockets, transports and
-timers cost less CPU per proxied request (docs/benchmarks.md). Nothing in the gateway depends on which
-loop runs it. ``MCP_GATEWAY_EVENT_LOOP`` overrides the choice: ``asyncio`` (e.g. to rule the loop out
+uvloop is a drop-in implementation of the asyncio event loop on libuv (sockets, transports, timers in
+C); what it saves per proxied request is measured in docs/benchmarks.md. Nothing in the gateway depends
+on which loop runs it. ``MCP_GATEWAY_EVENT_LOOP`` overrides the choice: ``asyncio`` (e.g. to rule the loop out
 while debugging, or to measure it), ``uvloop`` (fail unless it is installed) or ``auto`` (the default).
 """
 
