@@ -54,7 +54,7 @@ import aiohttp
 import yaml
 from aiohttp import web
 
-from bench.bench import bench_policy, token_validation_us
+from bench.bench import BENCH_CONDITION, bench_policy, token_validation_us
 from gateway.config import RouteConfig
 from gateway.devidp import DevIdentityProvider
 from gateway.oauth.access_token import AccessTokenService
@@ -691,7 +691,7 @@ async def main(args: argparse.Namespace) -> None:
             emit(f"| bearer validation, warm cache | {cached_us:.1f} µs |")
             emit(f"| bearer validation, first sight (ES256 signature) | {uncached_us:.1f} µs |")
             emit(f"| tools/call plan (strict parse, decide, re-serialise) | {micro['plan_us']:.1f} µs |")
-            emit(f"| one CEL condition (`{CONDITION}`-like) | {micro['condition_us']:.1f} µs |")
+            emit(f"| one CEL condition (`{BENCH_CONDITION}`) | {micro['condition_us']:.1f} µs |")
             emit()
             wanted = min(args.streams, (hard - 512) // 2)
             if wanted < args.streams:
