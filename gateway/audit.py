@@ -49,6 +49,10 @@ FIELDS = (
     "latency_ms",
     "args_sha256",
 )
+_RECORD_FIELDS = FIELDS[2:]  # what callers pass; ts and event are emit's own
+# One encoder for every line: json.dumps with any non-default option builds a new JSONEncoder per
+# call, which was a measurable part of an audit line's cost on the request path (docs/benchmarks.md).
+_encode_line = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def argument_digester(secret_material: bytes) -> Callable[[Any], str]:
@@ -97,14 +101,14 @@ class AuditLog:
             "ts": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "event": event,
         }
-        for name in FIELDS[2:]:
+        for name in _RECORD_FIELDS:
             value = fields.get(name)
             if value is not None:
                 record[name] = list(value) if isinstance(value, tuple | frozenset | set) else value
         if len(self._queue) >= self._max_queue:
             self.dropped += 1
             return
-        self._queue.append(json.dumps(record, separators=(",", ":"), sort_keys=False))
+        self._queue.append(_encode_line(record))
         if self._wakeup is not None:
             self._wakeup.set()
 

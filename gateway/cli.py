@@ -14,7 +14,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from gateway import __version__, logs
+from gateway import __version__, event_loop, logs
 from gateway.condition_health import find_problems, has_conditions, needs_prompts
 from gateway.config import ConfigError, GatewayConfig, RouteConfig, describe, load_config
 from gateway.mcp_methods import KINDS
@@ -91,6 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check":
             return _check(args.config, args.as_groups, upstreams=args.upstreams)
         if args.command == "serve":
+            event_loop.use_fastest()
             return asyncio.run(_serve(args.config, level))
         if args.command == "demo":
             return asyncio.run(_demo(args.host, args.port, args.once))

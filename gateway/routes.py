@@ -21,6 +21,10 @@ class RouteTable:
         # ordering makes the lookup correct regardless).
         self._routes = tuple(sorted(routes, key=lambda r: len(r.path), reverse=True))
         self._by_name = {r.name: r for r in routes}
+        # Path lookup per request: one dict probe per distinct route path length (longest first)
+        # instead of a scan of every route, so a table of dozens of routes costs what one does.
+        self._by_path = {r.path: r for r in routes}
+        self._path_lengths = tuple(sorted({len(r.path) for r in routes}, reverse=True))
 
     def __iter__(self) -> Iterator[RouteConfig]:
         return iter(self._routes)
@@ -33,9 +37,11 @@ class RouteTable:
 
     def match_path(self, path: str) -> tuple[RouteConfig, str] | None:
         """The route serving ``path`` and the remainder after its prefix ('' or '/...')."""
-        for route in self._routes:
-            if path == route.path or path.startswith(route.path + "/"):
-                return route, path[len(route.path) :]
+        for length in self._path_lengths:
+            if len(path) == length or path[length : length + 1] == "/":
+                route = self._by_path.get(path[:length])
+                if route is not None:
+                    return route, path[length:]
         return None
 
     def for_resource(self, resource: str) -> RouteConfig | None:

@@ -319,10 +319,12 @@ class Upstream:
         limits = self._limits
         started = time.monotonic()
         try:
-            upstream = await asyncio.wait_for(
-                session.request(request.method, url, headers=headers, data=fwd.body, allow_redirects=False),
-                timeout=limits.upstream_timeout_seconds,
-            )
+            # asyncio.timeout, not wait_for, on every per-request await here: on Python 3.11 wait_for
+            # wraps the awaitable in a task of its own (one more task, and its callbacks, per call).
+            async with asyncio.timeout(limits.upstream_timeout_seconds):
+                upstream = await session.request(
+                    request.method, url, headers=headers, data=fwd.body, allow_redirects=False
+                )
         except TimeoutError:
             log.warning("route %s: upstream did not answer within %ss", route.name, limits.upstream_timeout_seconds)
             return jsonrpc_error(504, UPSTREAM_TIMEOUT, f"upstream of route '{route.name}' timed out", fwd.request_id)
@@ -350,9 +352,11 @@ class Upstream:
         is_json = upstream.headers.get("Content-Type", "").startswith("application/json")
         if (fwd.rewriter and is_json) or fwd.injected:
             try:
-                body = await asyncio.wait_for(upstream.content.read(_MAX_REWRITE_BYTES + 1), timeout)
+                async with asyncio.timeout(timeout):
+                    body = await upstream.content.read(_MAX_REWRITE_BYTES + 1)
                 while not upstream.content.at_eof() and len(body) <= _MAX_REWRITE_BYTES:
-                    body += await asyncio.wait_for(upstream.content.read(_MAX_REWRITE_BYTES + 1), timeout)
+                    async with asyncio.timeout(timeout):
+                        body += await upstream.content.read(_MAX_REWRITE_BYTES + 1)
             except (TimeoutError, aiohttp.ClientError) as exc:
                 return self._broken(fwd, exc)
             if len(body) > _MAX_REWRITE_BYTES:
@@ -374,7 +378,8 @@ class Upstream:
         await response.prepare(request)
         try:
             while True:
-                chunk = await asyncio.wait_for(upstream.content.readany(), timeout)
+                async with asyncio.timeout(timeout):
+                    chunk = await upstream.content.readany()
                 if not chunk:
                     break
                 await response.write(chunk)
@@ -432,7 +437,8 @@ class Upstream:
         try:
             while True:
                 try:
-                    chunk = await asyncio.wait_for(upstream.content.readany(), wait)
+                    async with asyncio.timeout(wait):
+                        chunk = await upstream.content.readany()
                 except TimeoutError:
                     assert wait is not None
                     idle += wait

@@ -72,12 +72,16 @@ class RequestHeaderRules:
         return lowered in self._names or lowered.startswith(self._prefixes)
 
 
-def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
-    return {t.strip().lower() for v in headers.getall("Connection", []) for t in v.split(",") if t.strip()}
+def _dropped(always: frozenset[str], headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    """``always`` and the names the Connection header lists (RFC 9110 §7.6.1); no new set per message
+    unless it has a Connection header (HTTP/1.1 keep-alive requests and responses usually do not)."""
+    if "Connection" not in headers:
+        return always
+    return always | {t.strip().lower() for v in headers.getall("Connection") for t in v.split(",") if t.strip()}
 
 
 def upstream_request_headers(request: web.Request, route: RouteConfig, rules: RequestHeaderRules) -> CIMultiDict[str]:
-    drop = _REQUEST_DROP | _connection_tokens(request.headers)
+    drop = _dropped(_REQUEST_DROP, request.headers)
     if route.identity_header is not None:
         drop = drop | {route.identity_header.name.lower()}
     # Names with "_" are dropped, as nginx does by default: CGI/WSGI-style servers read "Mcp_Name" as
@@ -97,7 +101,7 @@ def upstream_request_headers(request: web.Request, route: RouteConfig, rules: Re
 def client_response_headers(upstream: CIMultiDictProxy[str], extra: Iterable[tuple[str, str]] = ()) -> CIMultiDict[str]:
     # An upstream's own WWW-Authenticate would point clients at an authorization server that is
     # not ours; the gateway is the only authority clients should see.
-    drop = _RESPONSE_DROP | _connection_tokens(upstream)
+    drop = _dropped(_RESPONSE_DROP, upstream)
     headers = CIMultiDict((k, v) for k, v in upstream.items() if k.lower() not in drop)
     for name, value in extra:
         headers[name] = value
