@@ -137,6 +137,7 @@ async def test_two_workers_share_one_port_and_a_grant_redeemed_at_one_is_refused
     # The token rate limit counts per process; this test sends up to 64 token requests in a burst.
     document["authorization"]["token_rate_limit"] = {"requests_per_minute": 0}
     async with served(tmp_path, idp, document, args=["--workers", "2"]) as gw:
+        await until(lambda: listening(gw.stderr(), 2), "both workers listening", gw.stderr)
         now = int(time.time())
         assertion = idp.sign(
             {
