@@ -1,14 +1,15 @@
 """Throughput of ``serve --workers 1`` vs ``--workers 2`` (not a test: numbers, not assertions).
 
-    python bench/workers.py [--rounds 3] [--seconds 6] [--connections 16] [--workers 1,2]
+    python bench/workers.py [--rounds 3] [--seconds 6] [--connections 16] [--workers 0,1,2]
 
 Starts on 127.0.0.1: the demo upstream (aiohttp, answers ``application/json``) in its own process, the
 development IdP, a ``redis-server`` (the replay store every multi-worker config needs), and for each
-configuration a ``mcp-gateway serve --workers N`` process. Load comes from two client processes, each
-holding half of ``--connections`` keep-alive connections (one MCP session each) and calling the ``echo``
-tool back to back for ``--seconds``. Configurations are interleaved over ``--rounds`` so a change in the
-machine's background load hits all of them alike. Reported per run: calls/s, errors, and the CPU seconds
-the gateway's processes (supervisor and workers) used per 10k calls, read from /proc.
+configuration a ``mcp-gateway serve --workers N`` process (N = 0: the clients call the upstream
+directly). Load comes from two client processes, each holding half of ``--connections`` keep-alive
+connections (one MCP session each) and calling the ``echo`` tool back to back for ``--seconds``.
+Configurations are interleaved over ``--rounds`` so a change in the machine's background load hits all
+of them alike. Reported per run: calls/s, errors, and the CPU seconds the gateway's processes
+(supervisor and workers) used per 10k calls, read from /proc.
 
 Everything shares the machine: on a 2-core box the upstream and the load generators compete with the
 workers for the same cores, so the figures bound what a second worker can add here from below.
@@ -135,6 +136,16 @@ async def _grant(http: aiohttp.ClientSession, base: str, idp: DevIdentityProvide
         return str(body["access_token"])
 
 
+async def _direct(upstream_url: str, args: argparse.Namespace) -> dict[str, float]:
+    """The same load straight to the upstream (no gateway): the ceiling the upstream and clients allow."""
+    half = args.connections // 2
+    tokens = ["unused"] * args.connections
+    loads = [await _start_load(upstream_url, part, args.seconds) for part in (tokens[:half], tokens[half:])]
+    outputs = [json.loads((await load.communicate())[0]) for load in loads]
+    calls = sum(o["calls"] for o in outputs)
+    return {"calls_per_s": calls / args.seconds, "errors": sum(o["errors"] for o in outputs), "cpu_per_10k": 0.0}
+
+
 async def _run(workers: int, config: Path, args: argparse.Namespace, idp: DevIdentityProvider) -> dict[str, float]:
     document = yaml.safe_load(await asyncio.to_thread(config.read_text))
     base = "http://" + document["listen"]
@@ -237,7 +248,10 @@ async def main(args: argparse.Namespace) -> None:
             for round_number in range(args.rounds):
                 for workers in counts:
                     load = os.getloadavg()[0]
-                    result = await _run(workers, config, args, idp)
+                    if workers == 0:
+                        result = await _direct(upstream_url, args)
+                    else:
+                        result = await _run(workers, config, args, idp)
                     results[workers].append(result)
                     print(
                         f"round {round_number + 1} workers={workers}: {result['calls_per_s']:7.0f} calls/s  "
@@ -247,7 +261,7 @@ async def main(args: argparse.Namespace) -> None:
                     )
             setup = f"{args.connections} connections, {args.seconds}s each, {os.cpu_count()} CPUs"
             print(f"\nmedian of {args.rounds} runs, {setup}:")
-            baseline = statistics.median(r["calls_per_s"] for r in results[counts[0]])
+            baseline = statistics.median(r["calls_per_s"] for r in results[min(counts)])
             for workers in counts:
                 rate = statistics.median(r["calls_per_s"] for r in results[workers])
                 cpu = statistics.median(r["cpu_per_10k"] for r in results[workers])
@@ -285,5 +299,5 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--connections", type=int, default=16)
-    parser.add_argument("--workers", default="1,2", help="comma-separated worker counts to compare")
+    parser.add_argument("--workers", default="0,1,2", help="comma-separated worker counts to compare (0: direct)")
     asyncio.run(main(parser.parse_args()))
