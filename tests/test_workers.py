@@ -11,6 +11,7 @@ of two workers is 2**-63).
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import re
 import signal
@@ -334,3 +335,48 @@ def test_an_unknown_workers_value_is_one_usage_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "argument --workers: must be a positive number or 'auto', got 'many'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# Emits audit records in batches of ``batch`` (each flushed by the log's writer task as one write far larger
+# than a pipe's atomic write, PIPE_BUF: 4096 bytes on Linux), ``rounds`` times, as a busy worker does.
+_AUDIT_WRITER = """
+import asyncio, sys
+from gateway.audit import AuditLog
+
+async def main(name, rounds, batch):
+    audit = AuditLog("stdout", flush_interval=0.001)
+    await audit.start()
+    for r in range(rounds):
+        for i in range(batch):
+            audit.emit("tool.call", route=name * 40, reason=f"{name}-{r}-{i}", request_id=name * 64)
+        await asyncio.sleep(0.002)
+    await audit.close()
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
+"""
+
+
+def test_audit_lines_of_workers_sharing_stdout_never_interleave() -> None:
+    """Workers inherit one stdout (a pipe to the container runtime): every line must arrive whole."""
+    rounds, batch = 300, 100
+    read_end, write_end = os.pipe()
+    # The smallest pipe (one page): a write larger than that waits for the reader part-way, which is when a
+    # write of another process can slip in, as with a busy log collector's full pipe.
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+    try:
+        writers = [
+            subprocess.Popen(
+                [sys.executable, "-c", _AUDIT_WRITER, name, str(rounds), str(batch)], cwd=REPO, stdout=write_end
+            )
+            for name in ("a", "b")
+        ]
+    finally:
+        os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        output = pipe.read()  # until both writers have exited
+    for writer in writers:
+        assert writer.wait(timeout=WAIT) == 0
+    lines = output.decode().splitlines()
+    broken = [line[:80] for line in lines if not (line.startswith('{"ts"') and line.endswith("}"))]
+    assert broken == [], f"{len(broken)} of {len(lines)} lines broken"
+    assert len(lines) == 2 * rounds * batch
