@@ -150,10 +150,6 @@ class Worker:
     config: GatewayConfig
     signing_key: SigningKey
 
-    @property
-    def name(self) -> str:
-        return f"worker {self.index}"
-
     def load(self, path: str) -> GatewayConfig:
         """The config file as it is now (another worker may have reloaded it since the supervisor read it),
         or the supervisor's config if the file no longer passes."""
