@@ -8,8 +8,8 @@ configuration a ``mcp-gateway serve --workers N`` process (N = 0: the clients ca
 directly). Load comes from two client processes, each holding half of ``--connections`` keep-alive
 connections (one MCP session each) and calling the ``echo`` tool back to back for ``--seconds``.
 Configurations are interleaved over ``--rounds`` so a change in the machine's background load hits all
-of them alike. Reported per run: calls/s, errors, and the CPU seconds the gateway's processes
-(supervisor and workers) used per 10k calls, read from /proc.
+of them alike. Reported per run: calls/s, errors, the CPU seconds the gateway's processes (supervisor
+and workers) used per 10k calls and their memory (PSS) at the end, read from /proc.
 
 Everything shares the machine: on a 2-core box the upstream and the load generators compete with the
 workers for the same cores, so the figures bound what a second worker can add here from below.
@@ -46,10 +46,23 @@ START_SECONDS = 20.0
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_port(count: int = 1) -> int:
+    """The first of ``count`` consecutive loopback ports nothing listens on (one metrics port per worker)."""
+    for _ in range(50):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            first = int(sock.getsockname()[1])
+        probes = [socket.socket() for _ in range(count)]
+        try:
+            for port, probe in zip(range(first, first + count), probes, strict=True):
+                probe.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for probe in probes:
+                probe.close()
+    raise SystemExit(f"no {count} consecutive free ports on 127.0.0.1")
 
 
 # -- load generator (a child process) --------------------------------------------------------------
@@ -110,6 +123,19 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total / TICKS
 
 
+def _pss_mb(pids: list[int]) -> float:
+    """Proportional set size: memory the forked workers still share with the supervisor (copy-on-write)
+    counts once in the sum, not once per process as RSS would."""
+    total_kb = 0
+    for pid in pids:
+        try:
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        total_kb += next(int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Pss:"))
+    return total_kb / 1024
+
+
 def _family(pid: int) -> list[int]:
     children = Path(f"/proc/{pid}/task/{pid}/children")
     return [pid, *(int(c) for c in children.read_text().split())] if children.exists() else [pid]
@@ -143,7 +169,12 @@ async def _direct(upstream_url: str, args: argparse.Namespace) -> dict[str, floa
     loads = [await _start_load(upstream_url, part, args.seconds) for part in (tokens[:half], tokens[half:])]
     outputs = [json.loads((await load.communicate())[0]) for load in loads]
     calls = sum(o["calls"] for o in outputs)
-    return {"calls_per_s": calls / args.seconds, "errors": sum(o["errors"] for o in outputs), "cpu_per_10k": 0.0}
+    return {
+        "calls_per_s": calls / args.seconds,
+        "errors": sum(o["errors"] for o in outputs),
+        "cpu_per_10k": 0.0,
+        "pss_mb": 0.0,
+    }
 
 
 async def _run(workers: int, config: Path, args: argparse.Namespace, idp: DevIdentityProvider) -> dict[str, float]:
@@ -175,6 +206,7 @@ async def _run(workers: int, config: Path, args: argparse.Namespace, idp: DevIde
         loads = [await _start_load(base + "/echo/mcp", part, args.seconds) for part in (tokens[:half], tokens[half:])]
         outputs = [json.loads((await load.communicate())[0]) for load in loads]
         cpu = _cpu_seconds(family) - cpu_before
+        pss = _pss_mb(family)
     finally:
         gateway.terminate()
         await asyncio.wait_for(gateway.wait(), 30)
@@ -183,6 +215,7 @@ async def _run(workers: int, config: Path, args: argparse.Namespace, idp: DevIde
         "calls_per_s": calls / args.seconds,
         "errors": sum(o["errors"] for o in outputs),
         "cpu_per_10k": cpu * 10_000 / max(calls, 1),
+        "pss_mb": pss,
     }
 
 
@@ -232,7 +265,7 @@ async def main(args: argparse.Namespace) -> None:
                     {
                         "listen": f"127.0.0.1:{port}",
                         "public_url": f"http://127.0.0.1:{port}",
-                        "metrics_listen": f"127.0.0.1:{free_port()}",
+                        "metrics_listen": f"127.0.0.1:{free_port(max(counts))}",
                         "replay_store": f"redis://127.0.0.1:{redis_port}/0",
                         "authorization": {
                             "clients": [{"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}],
@@ -256,18 +289,29 @@ async def main(args: argparse.Namespace) -> None:
                     print(
                         f"round {round_number + 1} workers={workers}: {result['calls_per_s']:7.0f} calls/s  "
                         f"errors={result['errors']:.0f}  gateway CPU {result['cpu_per_10k']:5.2f} s/10k calls  "
+                        f"memory (PSS) {result['pss_mb']:5.1f} MB  "
                         f"(load average before: {load:.1f})",
                         flush=True,
                     )
             setup = f"{args.connections} connections, {args.seconds}s each, {os.cpu_count()} CPUs"
             print(f"\nmedian of {args.rounds} runs, {setup}:")
-            baseline = statistics.median(r["calls_per_s"] for r in results[min(counts)])
+            direct = statistics.median(r["calls_per_s"] for r in results[0]) if 0 in results else None
             for workers in counts:
-                rate = statistics.median(r["calls_per_s"] for r in results[workers])
-                cpu = statistics.median(r["cpu_per_10k"] for r in results[workers])
-                print(
-                    f"  workers={workers}: {rate:7.0f} calls/s ({rate / baseline:.2f}x)  gateway CPU {cpu:5.2f} s/10k"
-                )
+                runs = results[workers]
+                rate = statistics.median(r["calls_per_s"] for r in runs)
+                line = f"  workers={workers}: {rate:7.0f} calls/s"
+                if direct and workers:
+                    line += f" ({rate / direct:.2f}x direct)"
+                if workers > 1 and 1 in results:
+                    # Each round's ratio to the one-worker run next to it: robust to drifting background load.
+                    pairs = zip(runs, results[1], strict=True)
+                    ratio = statistics.median(r["calls_per_s"] / o["calls_per_s"] for r, o in pairs)
+                    line += f" ({ratio:.2f}x one worker, median of the rounds' ratios)"
+                if workers:
+                    cpu = statistics.median(r["cpu_per_10k"] for r in runs)
+                    pss = statistics.median(r["pss_mb"] for r in runs)
+                    line += f"; gateway CPU {cpu:5.2f} s/10k calls; memory (PSS) {pss:5.1f} MB"
+                print(line)
         finally:
             await idp.stop()
             upstream.terminate()

@@ -342,11 +342,15 @@ def supervise(
     logs.configure(log_level, config.logging_format)
     check_workers(config, count)
     key = signing_key(config)
-    try:
-        bind_shared(config.listen_host, config.listen_port).close()  # a busy port: one clear line, no workers
-    except OSError as exc:
-        print(
-            f"mcp-gateway: cannot listen on {config.listen_host}:{config.listen_port}: {exc.strerror}", file=sys.stderr
-        )
-        return 1
+    # A busy port is one clear line and no workers, not a worker restarted with backoff forever.
+    assert config.metrics_listen is not None  # check_workers requires it
+    metrics_host, metrics_port = config.metrics_listen
+    addresses = [(config.listen_host, config.listen_port, "listen")]
+    addresses += [(metrics_host, metrics_port + i, f"metrics_listen of worker {i}") for i in range(count)]
+    for host, port, what in addresses:
+        try:
+            bind_shared(host, port).close()
+        except OSError as exc:
+            print(f"mcp-gateway: cannot listen on {host}:{port} ({what}): {exc.strerror}", file=sys.stderr)
+            return 1
     return Supervisor(path, log_level, count, config, key, run_worker).run()

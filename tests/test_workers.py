@@ -380,3 +380,22 @@ def test_audit_lines_of_workers_sharing_stdout_never_interleave() -> None:
     broken = [line[:80] for line in lines if not (line.startswith('{"ts"') and line.endswith("}"))]
     assert broken == [], f"{len(broken)} of {len(lines)} lines broken"
     assert len(lines) == 2 * rounds * batch
+
+
+def test_a_busy_metrics_port_of_a_worker_is_one_line_before_any_worker_starts(
+    tmp_path: Path, idp: DevIdentityProvider, upstream_json: RunningUpstream
+) -> None:
+    metrics = ports_in_a_row(2)
+    document = config_document(
+        ports_in_a_row(1), idp, {"json": upstream_json.mcp_url}, replay_store="redis://127.0.0.1:9/0"
+    )
+    document["metrics_listen"] = f"127.0.0.1:{metrics}"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", metrics + 1))
+        taken.listen()
+        result = serve_once(tmp_path, document, "--workers", "2")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"mcp-gateway: cannot listen on 127.0.0.1:{metrics + 1} (metrics_listen of worker 1): Address already in use"
+    )
+    assert "worker 0 started" not in result.stderr
