@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import logging
 import math
 import os
@@ -51,6 +52,7 @@ STABLE_SECONDS = 30.0
 KILL_MARGIN_SECONDS = 10.0
 _POLL_SECONDS = 1.0
 _CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def workers_argument(text: str) -> int:
@@ -192,6 +194,7 @@ class Supervisor:
         self.config = config
         self.signing_key = signing_key
         self.run_worker = run_worker
+        self.pid = os.getpid()
         self.slots = [_Slot(i) for i in range(count)]
         self.stopping = False
         self.kill_at = math.inf
@@ -319,6 +322,7 @@ class Supervisor:
             # it loads the config file as it starts anyway.
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+            _drain_when_orphaned(self.pid)
             code = asyncio.run(self.run_worker(worker))
         except KeyboardInterrupt:
             code = 130
@@ -328,6 +332,18 @@ class Supervisor:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
+
+
+def _drain_when_orphaned(supervisor: int) -> None:
+    """Ask the kernel for a SIGTERM (a graceful drain) when the supervisor dies, even by SIGKILL, so no
+    worker keeps serving unsupervised (prctl(2) PR_SET_PDEATHSIG); a supervisor already gone means now."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning(
+            "prctl(PR_SET_PDEATHSIG) failed: errno %d; this worker outlives a killed supervisor", ctypes.get_errno()
+        )
+    if os.getppid() != supervisor:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def supervise(

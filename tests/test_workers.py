@@ -399,3 +399,26 @@ def test_a_busy_metrics_port_of_a_worker_is_one_line_before_any_worker_starts(
         f"mcp-gateway: cannot listen on 127.0.0.1:{metrics + 1} (metrics_listen of worker 1): Address already in use"
     )
     assert "worker 0 started" not in result.stderr
+
+
+def exited(pid: int) -> bool:
+    """Whether ``pid`` has exited (gone, or a zombie its new parent has not reaped yet)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in status
+
+
+async def test_workers_drain_and_exit_when_the_supervisor_is_killed(
+    tmp_path: Path, idp: DevIdentityProvider, upstream_json: RunningUpstream, redis_server: RedisServer
+) -> None:
+    document = workers_document(idp, upstream_json, redis_server)
+    async with served(tmp_path, idp, document, args=["--workers", "2"]) as gw:
+        await until(lambda: listening(gw.stderr(), 2), "both workers listening", gw.stderr)
+        workers = started(gw.stderr())
+        gw.process.kill()  # SIGKILL: the supervisor cannot forward anything
+        await gw.process.wait()
+        await until(lambda: all(exited(pid) for pid in workers.values()), "orphaned workers exit", gw.stderr)
+        log = gw.stderr()
+        assert "worker 0 gateway: stopped" in log and "worker 1 gateway: stopped" in log  # drained, not killed
