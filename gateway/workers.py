@@ -51,7 +51,7 @@ STABLE_SECONDS = 30.0
 # After SIGTERM, workers get shutdown_grace_seconds to drain; those still running this much later are killed.
 KILL_MARGIN_SECONDS = 10.0
 _POLL_SECONDS = 1.0
-_CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+_CGROUP = Path("/sys/fs/cgroup")
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -68,16 +68,25 @@ def workers_argument(text: str) -> int:
     return count
 
 
-def available_cpus(cpu_max: Path = _CGROUP_CPU_MAX) -> int:
-    """The CPUs this process may run on (its affinity mask), capped by a cgroup v2 CPU quota (a container's
-    CPU limit, rounded up: 1.5 CPUs of quota are used better by two workers than by one)."""
+def available_cpus(cgroup: Path = _CGROUP) -> int:
+    """The CPUs this process may run on (its affinity mask), capped by a cgroup CPU quota (a container's
+    CPU limit, rounded up: 1.5 CPUs of quota are used better by two workers than by one). cgroup v2
+    ``cpu.max`` is ``<quota> <period>`` or ``max <period>``; cgroup v1 has ``cpu/cpu.cfs_quota_us`` (-1:
+    none) and ``cpu/cpu.cfs_period_us``."""
     cpus = len(os.sched_getaffinity(0))
     try:
-        quota, period = cpu_max.read_text().split()[:2]
-        if quota != "max":
-            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
     except (OSError, ValueError):
-        pass  # no cgroup v2 quota to read: the affinity mask is the limit
+        try:
+            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return cpus  # no quota to read: the affinity mask is the limit
+    try:
+        if quota not in ("max", "-1"):
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (ValueError, ZeroDivisionError):
+        pass  # unreadable: the affinity mask is the limit
     return cpus
 
 

@@ -212,6 +212,18 @@ async def test_sighup_reloads_every_worker_and_each_serves_its_own_metrics(
                 return [s.value("mcp_gateway_config_reloads_total", result="success") for s in scraped] == [1, 1]
 
             await until(both_reloaded, "both workers reloaded", gw.stderr)
+
+            # A reload must pass the same check as the start: an sse route would need one worker.
+            document["routes"][0]["transport"] = "sse"
+            gw.write_config(document)
+            gw.send(signal.SIGHUP)
+
+            async def both_refused() -> bool:
+                scraped = [await scrape(http, url) for url in metrics]
+                return [s.value("mcp_gateway_config_reloads_total", result="failure") for s in scraped] == [1, 1]
+
+            await until(both_refused, "both workers refused the reload", gw.stderr)
+            assert gw.stderr().count("routes[0].transport: 'sse' cannot be served by --workers 2") == 2
         async with fresh_connections() as http:
             for _ in range(8):
                 async with http.post(gw.base + "/extra/mcp", json={}) as response:
@@ -307,14 +319,17 @@ def test_state_that_would_differ_between_workers_is_refused(
 
 def test_workers_argument_and_the_cpus_available(tmp_path: Path) -> None:
     affinity = len(os.sched_getaffinity(0))
-    cpu_max = tmp_path / "cpu.max"
-    cpu_max.write_text("max 100000\n")
-    assert available_cpus(cpu_max) == affinity
-    cpu_max.write_text("50000 100000\n")  # half a CPU: still one worker
-    assert available_cpus(cpu_max) == 1
-    cpu_max.write_text("150000 100000\n")  # 1.5 CPUs: two workers share them, if the affinity allows two
-    assert available_cpus(cpu_max) == min(affinity, 2)
+    v2, v1 = tmp_path / "v2", tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    v2.mkdir()
     assert available_cpus(tmp_path / "absent") == affinity
+    for cpu_max, expected in [("max 100000", affinity), ("50000 100000", 1), ("150000 100000", min(affinity, 2))]:
+        (v2 / "cpu.max").write_text(cpu_max + "\n")  # half a CPU is still one worker; 1.5 CPUs are two
+        assert available_cpus(v2) == expected, cpu_max
+    for quota, expected in [("-1", affinity), ("50000", 1), ("150000", min(affinity, 2))]:
+        (v1 / "cpu" / "cpu.cfs_quota_us").write_text(quota + "\n")
+        (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+        assert available_cpus(v1) == expected, quota
     assert workers_argument("3") == 3
     assert workers_argument("auto") == available_cpus()
     for bad in ("0", "-1", "two"):
