@@ -131,8 +131,9 @@ def restart_delay(early_deaths: int) -> float:
     return min(MAX_BACKOFF_SECONDS, FIRST_BACKOFF_SECONDS * 2 ** (early_deaths - 1))
 
 
-def bind_shared(host: str, port: int) -> socket.socket:
-    """A listening socket in the ``SO_REUSEPORT`` group of ``host:port`` (one per worker).
+def bind_shared(host: str, port: int, *, listen: bool = True) -> socket.socket:
+    """A listening socket in the ``SO_REUSEPORT`` group of ``host:port`` (one per worker); with
+    ``listen=False`` only bound, to test the address without taking a share of its connections.
 
     Linux only lets sockets of the same effective user join a group, so another user cannot take a
     share of the connections."""
@@ -142,7 +143,8 @@ def bind_shared(host: str, port: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
-        sock.listen(1024)
+        if listen:
+            sock.listen(1024)
     except OSError:
         sock.close()
         raise
@@ -374,7 +376,7 @@ def supervise(
     addresses += [(metrics_host, metrics_port + i, f"metrics_listen of worker {i}") for i in range(count)]
     for host, port, what in addresses:
         try:
-            bind_shared(host, port).close()
+            bind_shared(host, port, listen=False).close()
         except OSError as exc:
             print(f"mcp-gateway: cannot listen on {host}:{port} ({what}): {exc.strerror}", file=sys.stderr)
             return 1
