@@ -202,7 +202,8 @@ async def test_sighup_reloads_every_worker_and_each_serves_its_own_metrics(
         async with aiohttp.ClientSession() as http:
             metrics = [f"http://{host}:{int(port) + i}/metrics" for i in range(2)]
             before = [await scrape(http, url) for url in metrics]
-            assert [s.value("mcp_gateway_config_reloads_total", result="success") for s in before] == [0, 0]
+            reloads = [s.value("mcp_gateway_config_reloads_total", result="success") for s in before]
+            assert reloads == [0, 0], gw.stderr()
             document["routes"].append({"name": "extra", "path": "/extra/mcp", "upstream": upstream_json.mcp_url})
             gw.write_config(document)
             gw.send(signal.SIGHUP)
@@ -223,14 +224,15 @@ async def test_sighup_reloads_every_worker_and_each_serves_its_own_metrics(
                 return [s.value("mcp_gateway_config_reloads_total", result="failure") for s in scraped] == [1, 1]
 
             await until(both_refused, "both workers refused the reload", gw.stderr)
-            assert gw.stderr().count("routes[0].transport: 'sse' cannot be served by --workers 2") == 2
+            refusal = "routes[0].transport: 'sse' cannot be served by --workers 2"
+            assert gw.stderr().count(refusal) == 2, gw.stderr()
         async with fresh_connections() as http:
             for _ in range(8):
                 async with http.post(gw.base + "/extra/mcp", json={}) as response:
-                    assert response.status == 401  # the new route, at whichever worker
+                    assert response.status == 401, gw.stderr()  # the new route, at whichever worker
             # /metrics is not on the shared port, where it would show one worker's counters.
             async with http.get(gw.base + "/metrics") as response:
-                assert response.status == 404
+                assert response.status == 404, gw.stderr()
 
 
 async def test_a_killed_worker_is_restarted_and_sigterm_stops_every_worker(
