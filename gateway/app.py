@@ -28,13 +28,15 @@ from gateway.audit import AuditLog
 from gateway.bearer import BearerGuard
 from gateway.condition_health import ConditionHealth
 from gateway.condition_monitor import ConditionMonitor
-from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.config import SSF_PUSH_PATH, ConfigError, GatewayConfig, load_config
 from gateway.listener import ConnectionCounter, GuardedSite
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import NO_ROUTE, Metrics, method_class
 from gateway.oauth import metadata
-from gateway.oauth.access_token import AccessTokenService
+from gateway.oauth.access_token import AccessTokenService, IssuedToken, Principal
+from gateway.oauth.chain import RetainedAssertions, UpstreamCredentials
 from gateway.oauth.errors import MethodNotAllowed, OriginRefused
+from gateway.oauth.idjag import Grant
 from gateway.oauth.jwks import KeyRing
 from gateway.oauth.keys import SigningKey, SigningKeyError
 from gateway.oauth.replay import ReplayStore, open_replay_store
@@ -46,6 +48,8 @@ from gateway.proxy.forward import (
 from gateway.quotas import QuotaStore, open_quota_store
 from gateway.routes import RouteTable
 from gateway.runtime import ReloadRefused, Runtime
+from gateway.signals.receiver import SignalReceiver
+from gateway.telemetry import Tracing
 
 log = logging.getLogger("gateway")
 
@@ -76,7 +80,7 @@ class Gateway:
         # The gateway closes only a store it opened itself (tests and embedders may share theirs).
         self._owns_replay_store = replay_store is None
         self.replay_store = replay_store if replay_store is not None else open_replay_store(config.replay_store)
-        self.audit = AuditLog(config.audit_sink)
+        self.audit = AuditLog(config.audit_sink, otlp_endpoint=config.telemetry_otlp_endpoint)
         self.config_path = config_path
         self._metrics_port_offset = metrics_port_offset
         self._config_check = config_check
@@ -96,7 +100,30 @@ class Gateway:
         # Quota counters live beside the replay cache (memory, or the same Redis for every replica).
         self._owns_quota_store = quota_store is None
         self.quota_store = quota_store if quota_store is not None else open_quota_store(config.replay_store)
-        self.services = Services(self.audit, self.metrics)
+        # Chained ID-JAG routes (gateway/oauth/chain.py): kept across reloads, like the upstream pools.
+        self.retained_assertions = RetainedAssertions()
+        tracing = Tracing(config.telemetry_otlp_endpoint) if config.telemetry_otlp_endpoint else None
+        self.services = Services(
+            self.audit,
+            self.metrics,
+            credentials=UpstreamCredentials(self.idp_session, self.retained_assertions),
+            tracing=tracing,
+        )
+        # Shared Signals (gateway/signals/): built once; its transmitters need a restart to change.
+        self.signals = (
+            SignalReceiver(
+                config,
+                replay=self.replay_store,
+                revocations=self.services.revocations,
+                session=self.idp_session,
+                audit=self.audit,
+                metrics=self.metrics,
+                upstreams=lambda: self.runtime.upstreams.values(),
+                jwks_min_refresh_seconds=jwks_min_refresh_seconds,
+            )
+            if config.transmitters
+            else None
+        )
         self._metrics_runner: web.AppRunner | None = None
         # Conditions that do not type-check against the upstreams' schemas, kept current in the background.
         self.condition_health = ConditionHealth()
@@ -107,10 +134,13 @@ class Gateway:
             quota_store=self.quota_store,
             idp_session=self.idp_session,
             on_grant=self._audit_grant,
+            on_revoked=self._audit_revocation,
             jwks_min_refresh_seconds=jwks_min_refresh_seconds,
             metrics=self.metrics,
             signing_key=signing_key,
             condition_health=self.condition_health,
+            revocations=self.services.revocations,
+            retain=self._retain_assertion,
         )
 
     # Convenience views of the current runtime (tests, benchmarks, the demo).
@@ -137,6 +167,9 @@ class Gateway:
     @property
     def signing_key(self) -> SigningKey:
         return self.runtime.signing_key
+
+    def _retain_assertion(self, grant: Grant, issued: IssuedToken, assertion: str) -> None:
+        self.retained_assertions.keep(issued.token_id, assertion, time.time() + issued.expires_in)
 
     def idp_session(self) -> aiohttp.ClientSession:
         if self._idp_session is None or self._idp_session.closed:
@@ -167,6 +200,9 @@ class Gateway:
             await self._metrics_runner.setup()
             host, port = self.config.metrics_listen
             await web.TCPSite(self._metrics_runner, host, port + self._metrics_port_offset).start()
+        if self.signals is not None:
+            self.signals.start()
+            await self.signals.prefetch_keys()
         await self.runtime.keys.prefetch()
         if not self.runtime.keys.ready:
             self._spawn(self._retry_jwks())
@@ -207,6 +243,8 @@ class Gateway:
         for task in list(self._background):
             task.cancel()
         await self.conditions.close()
+        if self.signals is not None:
+            await self.signals.close()
         for upstream in self.runtime.upstreams.values():
             await upstream.close()
         if self._idp_session is not None:
@@ -218,6 +256,8 @@ class Gateway:
         if self._owns_quota_store:
             await self.quota_store.close()
         await self.audit.close()
+        if self.services.tracing is not None:
+            await asyncio.to_thread(self.services.tracing.shutdown)  # exports what is still buffered
 
     # -- reload ----------------------------------------------------------------------------
 
@@ -237,10 +277,13 @@ class Gateway:
                 quota_store=self.quota_store,
                 idp_session=self.idp_session,
                 on_grant=self._audit_grant,
+                on_revoked=self._audit_revocation,
                 jwks_min_refresh_seconds=self._jwks_min_refresh,
                 metrics=self.metrics,
                 previous=self.runtime,
                 condition_health=self.condition_health,
+                revocations=self.services.revocations,
+                retain=self._retain_assertion,
             )
         except (ConfigError, SigningKeyError, ReloadRefused) as exc:
             self.metrics.reloads.labels("failure").inc()
@@ -282,6 +325,10 @@ class Gateway:
         router.add_get(metadata.JWKS_PATH, self.jwks)
         router.add_get(metadata.AUTHORIZE_PATH, metadata.authorize_refusal)
         router.add_route("*", metadata.TOKEN_PATH, self.token)
+        router.add_route("*", metadata.REVOKE_PATH, self.revoke)
+        router.add_route("*", metadata.INTROSPECT_PATH, self.introspect)
+        if self.signals is not None and self.signals.pushes:
+            router.add_route("*", SSF_PUSH_PATH, self.signals.push)
         if self.config.metrics_listen is None:
             router.add_get("/metrics", self.metrics_endpoint)
         router.add_route("*", "/{tail:.*}", self.handle_route)
@@ -379,12 +426,38 @@ class Gateway:
     async def token(self, request: web.Request) -> web.Response:
         """Every answer, refusals before the endpoint proper included, is RFC 6749 §5.2 JSON with
         ``Cache-Control: no-store``."""
-        runtime = self.runtime
+        refusal = self._oauth_refusal(request)
+        return refusal or await self.runtime.token_endpoint.handle(request)
+
+    async def revoke(self, request: web.Request) -> web.Response:
+        """RFC 7009 §2.1: POST, answered like the token endpoint (origin check, RFC 6749 §5.2 errors)."""
+        refusal = self._oauth_refusal(request)
+        return refusal or await self.runtime.revocation_endpoint.handle(request)
+
+    async def introspect(self, request: web.Request) -> web.Response:
+        """RFC 7662 §2.1: POST, answered like the token endpoint."""
+        refusal = self._oauth_refusal(request)
+        return refusal or await self.runtime.introspection_endpoint.handle(request)
+
+    def _oauth_refusal(self, request: web.Request) -> web.Response | None:
         if request.method != "POST":
             return MethodNotAllowed(request.method).to_response()
-        if not runtime.origins.is_allowed(request.headers.get("Origin")):
+        if not self.runtime.origins.is_allowed(request.headers.get("Origin")):
             return OriginRefused().to_response()
-        return await runtime.token_endpoint.handle(request)
+        return None
+
+    def _audit_revocation(self, principal: Principal) -> None:
+        route = self.runtime.routes.for_resource(principal.audience)
+        self.audit.emit(
+            "token.revoked",
+            route=route.name if route is not None else None,
+            sub=principal.subject,
+            tenant=principal.tenant,
+            client_id=principal.client_id,
+            idp=principal.idp_issuer,
+            decision="deny",
+            reason="revoked by the client (RFC 7009)",
+        )
 
     def _audit_grant(self, outcome: GrantOutcome) -> None:
         grant = outcome.grant
@@ -427,6 +500,8 @@ class Gateway:
         in_flight.inc()
         status = 500
         ctx = RequestContext(request, runtime, self.services, route, rest, request[REQUEST_ID], started)
+        if self.services.tracing is not None:
+            ctx.trace = self.services.tracing.start(ctx)
         try:
             response = await pipeline.run(ctx)
             status = response.status
@@ -435,6 +510,7 @@ class Gateway:
             status = pipeline.CLIENT_CLOSED_REQUEST  # the client went away (how MCP clients cancel): not a 5xx
             raise
         finally:
+            ctx.trace.finish(status)
             in_flight.dec()
             self.metrics.requests.labels(route.name, request[METHOD_CLASS], str(status)).inc()
             self.metrics.request_duration.labels(route.name).observe(time.monotonic() - started)

@@ -26,8 +26,11 @@ from typing import IO, Any
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from gateway.telemetry import AuditRecords
+
 log = logging.getLogger(__name__)
 
+OTLP_SINK = "otlp"  # audit.sink value: OpenTelemetry log records to telemetry.otlp_endpoint
 FIELDS = (
     "ts",
     "event",
@@ -67,8 +70,17 @@ def argument_digester(secret_material: bytes) -> Callable[[Any], str]:
 
 
 class AuditLog:
-    def __init__(self, sink: str = "stdout", *, max_queue: int = 100_000, flush_interval: float = 0.05) -> None:
+    def __init__(
+        self,
+        sink: str = "stdout",
+        *,
+        max_queue: int = 100_000,
+        flush_interval: float = 0.05,
+        otlp_endpoint: str | None = None,
+    ) -> None:
         self.sink = sink
+        self._otlp_endpoint = otlp_endpoint
+        self._records: AuditRecords | None = None
         # Lines are handed to the writer thread at most this often: one thread hand-off per batch,
         # not per request, keeps the writer from competing with the event loop for the GIL.
         self._flush_interval = flush_interval
@@ -98,7 +110,10 @@ class AuditLog:
             self._wakeup.set()
 
     async def start(self) -> None:
-        if self.sink != "stdout":
+        if self.sink == OTLP_SINK:
+            assert self._otlp_endpoint is not None  # the config requires telemetry.otlp_endpoint
+            self._records = AuditRecords(self._otlp_endpoint)
+        elif self.sink != "stdout":
             self._file = await asyncio.to_thread(open, self.sink, "a", encoding="utf-8")
         self._wakeup = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._writer())
@@ -114,6 +129,8 @@ class AuditLog:
         await asyncio.to_thread(self._write, self._drain())
         if self._file is not None:
             await asyncio.to_thread(self._file.close)
+        if self._records is not None:
+            await asyncio.to_thread(self._records.shutdown)
 
     async def _writer(self) -> None:
         assert self._wakeup is not None
@@ -137,6 +154,10 @@ class AuditLog:
 
     def _write(self, lines: list[str]) -> None:
         if not lines:
+            return
+        if self._records is not None:
+            self._records.emit([json.loads(line) for line in lines])
+            self.written += len(lines)
             return
         stream = self._file if self._file is not None else sys.stdout
         for chunk in _whole_line_chunks(lines):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,13 @@ from multidict import MultiMapping
 
 from gateway.mcp_methods import CALL_METHODS, COMPLETION_REFS
 from gateway.proxy.request_body import RpcMessage
+
+# SEP-2243 (MCP 2026-07-28 Streamable HTTP): every request mirrors its method in Mcp-Method, and these
+# methods their target (name or URI) in Mcp-Name.
+MIRROR_HEADERS_SINCE = "2026-07-28"
+NAMED_METHODS = frozenset({"tools/call", "resources/read", "prompts/get"})
+PROTOCOL_VERSION_META = "io.modelcontextprotocol/protocolVersion"
+_DATE_VERSION = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,28 @@ def _target(method: str, params: dict[str, Any]) -> tuple[str | None, str | None
     return kind, value if isinstance(value, str) else None
 
 
+def _missing_mirror_header(
+    message: RpcMessage, headers: Mapping[str, str], methods: list[str], names: list[str]
+) -> str | None:
+    if not message.is_request or not _mirror_headers_required(message, headers):
+        return None
+    if not methods:
+        return f"Mcp-Method header is required from protocol version {MIRROR_HEADERS_SINCE}"
+    if not names and message.method in NAMED_METHODS:
+        return f"Mcp-Name header is required for {message.method} from protocol version {MIRROR_HEADERS_SINCE}"
+    return None
+
+
+def _mirror_headers_required(message: RpcMessage, headers: Mapping[str, str]) -> bool:
+    """The request's protocol version (its ``_meta``, else the ``MCP-Protocol-Version`` header) is one
+    that defines the mirror headers. Versions are dates, so they compare as strings."""
+    meta = (message.params or {}).get("_meta")
+    version = meta.get(PROTOCOL_VERSION_META) if isinstance(meta, dict) else None
+    if not isinstance(version, str):
+        version = headers.get("MCP-Protocol-Version")
+    return isinstance(version, str) and _DATE_VERSION.fullmatch(version) is not None and version >= MIRROR_HEADERS_SINCE
+
+
 def _decode_header(value: str) -> str:
     """MCP 2026-07-28 mirrors non-ASCII values as ``=?base64?...?=``."""
     if value.startswith("=?base64?") and value.endswith("?="):
@@ -80,11 +110,17 @@ def _header_values(headers: Mapping[str, str], name: str) -> list[str]:
     return [] if value is None else [value]
 
 
-def header_mismatch(messages: list[RpcMessage], headers: Mapping[str, str], batch: bool) -> str | None:
+def header_mismatch(
+    messages: list[RpcMessage], headers: Mapping[str, str], batch: bool, *, required: bool = True
+) -> str | None:
     """MCP 2026-07-28 Streamable HTTP: the ``Mcp-Method`` / ``Mcp-Name`` mirror headers must match
-    the body, or the request is refused (an upstream routing on headers would run something else)."""
+    the body, or the request is refused (an upstream routing on headers would run something else).
+    With ``required`` (Streamable HTTP), a request of that version or later must carry them (SEP-2243),
+    as the SDK servers require."""
     methods = _header_values(headers, "Mcp-Method")
     names = _header_values(headers, "Mcp-Name")
+    if required and not batch and (missing := _missing_mirror_header(messages[0], headers, methods, names)):
+        return missing
     if not methods and not names:
         return None
     if batch:

@@ -8,6 +8,7 @@ unknown keys are errors: a typo such as ``alow_groups`` must never silently open
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import ipaddress
 import os
 import re
@@ -36,6 +37,9 @@ ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512")
 DEFAULT_IDP_ALGORITHMS = ASYMMETRIC_ALGORITHMS
 # Paths the gateway serves itself; a route may not shadow them.
 RESERVED_PREFIXES = ("/.well-known", "/oauth2", "/healthz", "/readyz", "/metrics")
+# The Shared Signals push endpoint (RFC 8935), served only when a transmitter pushes.
+SSF_PUSH_PATH = "/ssf/events"
+SSF_DELIVERY_METHODS = ("push", "poll")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _ROUTE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -137,6 +141,19 @@ class IdentityProviderConfig:
     groups_claim: str = "groups"
     algorithms: tuple[str, ...] = DEFAULT_IDP_ALGORITHMS
     tenant: str | None = None
+    # The ID-token bridge (gateway/oauth/id_token_bridge.py): OpenID Connect ID tokens of this IdP, with
+    # one of these audiences, are accepted at the token endpoint (RFC 8693) until it issues ID-JAGs.
+    accept_id_tokens: bool = False
+    id_token_audiences: tuple[str, ...] = ()
+    # Google Workspace: the ``hd`` claim an ID token must carry.
+    hosted_domain: str | None = None
+    # ``claims.groups``: where the groups are, as a path into the claims (``realm_access.roles``);
+    # None: the claim named ``groups_claim``.
+    groups_path: tuple[str, ...] | None = None
+
+    @property
+    def groups_location(self) -> tuple[str, ...]:
+        return self.groups_path if self.groups_path is not None else (self.groups_claim,)
 
 
 @dataclass(frozen=True)
@@ -158,6 +175,8 @@ class AuthorizationConfig:
     max_assertion_lifetime_seconds: int = 600
     previous_signing_key_files: tuple[str, ...] = ()
     token_rate_limit: TokenRateLimitConfig = TokenRateLimitConfig()
+    # RFC 9449 §8, §9: every DPoP proof (token endpoint and resources) must carry a server nonce.
+    dpop_require_nonce: bool = False
 
 
 @dataclass(frozen=True)
@@ -171,6 +190,47 @@ class RevokedSubject:
     subject: str
     tenant: str | None = None
     bare: bool = False
+
+
+@dataclass(frozen=True)
+class TransmitterConfig:
+    """A ``shared_signals.transmitters`` entry: an OpenID Shared Signals Framework 1.0 transmitter whose
+    Security Event Tokens (RFC 8417) the gateway accepts, pushed to it (RFC 8935) or polled (RFC 8936)."""
+
+    issuer: str
+    audience: str
+    delivery: str = "push"
+    poll_interval_seconds: float = 10.0
+    # Poll delivery: the stream's endpoint (SSF 1.0 stream configuration ``delivery.endpoint_url``).
+    poll_endpoint: str | None = None
+    # The Authorization header value the transmitter must send with a push, or that we send with a poll.
+    push_authorization: Secret | None = None
+    poll_authorization: Secret | None = None
+
+
+@dataclass(frozen=True)
+class IdentityHeaderConfig:
+    """``routes[].identity_header``: a short-lived JWT naming the caller, signed with the gateway's key
+    and sent to the upstream on every forwarded request (gateway/proxy/identity_header.py)."""
+
+    name: str = "X-MCP-Identity"
+    ttl_seconds: int = 60
+    audience: str = ""
+
+
+@dataclass(frozen=True)
+class UpstreamAuthorizationConfig:
+    """``routes[].upstream_authorization`` of ``type: id-jag``: the upstream is itself an EMA resource, and
+    the gateway obtains a per-user token there by chaining the client's ID-JAG
+    (draft-parecki-oauth-identity-assertion-gateways; gateway/oauth/chain.py)."""
+
+    idp_token_endpoint: str
+    client_id: str
+    client_secret: Secret
+    upstream_issuer: str
+    upstream_client_id: str
+    upstream_client_secret: Secret
+    type: str = "id-jag"
 
 
 @dataclass(frozen=True)
@@ -188,6 +248,11 @@ class RouteConfig:
     max_connections: int = 256
     policy: RoutePolicy = field(default_factory=RoutePolicy.unrestricted, compare=False)
     quotas: tuple[QuotaRule, ...] = field(default=(), compare=False)
+    identity_header: IdentityHeaderConfig | None = None
+    upstream_authorization: UpstreamAuthorizationConfig | None = None
+    # RFC 9449 §7.1: only DPoP-bound tokens with a proof are accepted here (RFC 9728
+    # dpop_bound_access_tokens_required).
+    require_dpop: bool = False
 
 
 @dataclass(frozen=True)
@@ -219,6 +284,7 @@ class GatewayConfig:
     replay_store: str = field(default="memory", repr=False)
     revoked_subjects: frozenset[RevokedSubject] = frozenset()
     revoked_clients: frozenset[str] = frozenset()
+    transmitters: tuple[TransmitterConfig, ...] = ()
     audit_sink: str = "stdout"
     audit_argument_hashes: bool = False
     shutdown_grace_seconds: float = 20.0
@@ -227,6 +293,8 @@ class GatewayConfig:
     logging_format: str = "text"
     # Plain-http public_url, issuers and JWKS URLs on non-loopback hosts (test setups only).
     allow_insecure_http: bool = False
+    # Base URL of an OTLP/HTTP receiver for traces (gateway/telemetry.py); None: tracing off.
+    telemetry_otlp_endpoint: str | None = None
 
 
 class _Node:
@@ -375,7 +443,7 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None =
     allowed_origins = tuple(_origin(root, o) for o in origins) if origins is not None else (origin_of(public_url),)
     limits = _parse_limits(root.child("limits"))
     authorization = _parse_authorization(root.child("authorization"), public_url, base_dir, insecure_ok)
-    routes = _parse_routes(root, public_url)
+    routes = _parse_routes(root, public_url, base_dir, insecure_ok)
     # A separate, unauthenticated listener for Prometheus (keeps /metrics off the public port).
     metrics_listen = _parse_listen(root, "metrics_listen", None) if root.data.get("metrics_listen") else None
     if metrics_listen is None:
@@ -387,10 +455,17 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None =
     revoked_subjects = _parse_revoked_subjects(revoked, authorization.identity_providers)
     revoked_clients = frozenset(revoked.string_list("clients") or ())
     revoked.finish()
+    transmitters = _parse_shared_signals(root.child("shared_signals"), public_url, base_dir, insecure_ok)
+    if any(t.delivery == "push" for t in transmitters):
+        for i, route in enumerate(routes):
+            if _overlaps(SSF_PUSH_PATH, route.path):
+                raise ConfigError(
+                    source, f"routes[{i}].path", f"collides with the Shared Signals push endpoint {SSF_PUSH_PATH}"
+                )
     audit = root.child("audit")
     audit_sink = audit.string("sink", "stdout")
     assert audit_sink is not None
-    if audit_sink != "stdout":
+    if audit_sink not in ("stdout", "otlp"):
         audit_sink = str(_resolve(base_dir, audit_sink))
     audit_hashes = audit.raw("argument_hashes")
     if audit_hashes is not None and not isinstance(audit_hashes, bool):
@@ -406,6 +481,9 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None =
     if logging_format not in LOG_FORMATS:
         raise logging_node.error("format", f"must be one of {', '.join(LOG_FORMATS)}, got {logging_format!r}")
     logging_node.finish()
+    telemetry_otlp_endpoint = _parse_telemetry(root.child("telemetry"))
+    if audit_sink == "otlp" and telemetry_otlp_endpoint is None:
+        raise audit.error("sink", "otlp sends audit lines to telemetry.otlp_endpoint, which is not set")
     root.finish()
     return GatewayConfig(
         source=source,
@@ -420,6 +498,7 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None =
         replay_store=replay_store,
         revoked_subjects=revoked_subjects,
         revoked_clients=revoked_clients,
+        transmitters=transmitters,
         audit_sink=audit_sink,
         audit_argument_hashes=bool(audit_hashes),
         shutdown_grace_seconds=shutdown_grace,
@@ -427,6 +506,7 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None =
         strip_request_headers=strip_request_headers,
         logging_format=logging_format,
         allow_insecure_http=insecure_ok,
+        telemetry_otlp_endpoint=telemetry_otlp_endpoint,
     )
 
 
@@ -437,6 +517,27 @@ def _parse_listen(root: _Node, name: str = "listen", default: str | None = "0.0.
     if not sep or not host or not _PORT.match(port_text) or not 0 <= int(port_text) <= 65535:
         raise root.error(name, f"must be host:port, got {listen!r}")
     return host.strip("[]"), int(port_text)
+
+
+# What telemetry.otlp_endpoint needs installed (the `otel` extra of the package).
+OTEL_MODULES = ("opentelemetry.sdk.trace", "opentelemetry.exporter.otlp.proto.http.trace_exporter")
+
+
+def _parse_telemetry(node: _Node) -> str | None:
+    endpoint = _url(node, "otlp_endpoint")
+    node.finish()
+    if endpoint is not None and not all(_importable(module) for module in OTEL_MODULES):
+        raise node.error(
+            "otlp_endpoint", "needs the OpenTelemetry SDK and OTLP exporter: pip install 'mcp-auth-gateway[otel]'"
+        )
+    return endpoint
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
 
 
 def _url(node: _Node, name: str, *, required: bool = False, tls: bool = False) -> str | None:
@@ -609,11 +710,25 @@ def _parse_authorization(node: _Node, public_url: str, base_dir: Path | None, in
         max_assertion_lifetime_seconds=node.number("max_assertion_lifetime_seconds", 600, minimum=30, maximum=3600),
         previous_signing_key_files=tuple(previous_keys),
         token_rate_limit=_parse_token_rate_limit(node.child("token_rate_limit")),
+        dpop_require_nonce=_parse_dpop(node.child("dpop")),
         clients=_parse_clients(node, base_dir, insecure_ok),
         identity_providers=_parse_idps(node, issuer, insecure_ok),
     )
     node.finish()
     return config
+
+
+def _parse_dpop(node: _Node) -> bool:
+    require_nonce = _flag(node, "require_nonce")
+    node.finish()
+    return require_nonce
+
+
+def _flag(node: _Node, name: str) -> bool:
+    value = node.raw(name)
+    if value is not None and not isinstance(value, bool):
+        raise node.error(name, "must be true or false")
+    return bool(value)
 
 
 def _parse_token_rate_limit(node: _Node) -> TokenRateLimitConfig:
@@ -709,6 +824,21 @@ def _parse_idps(node: _Node, own_issuer: str, insecure_ok: bool) -> tuple[Identi
                 )
         groups_claim = item.string("groups_claim", "groups")
         assert groups_claim is not None
+        groups_path = _parse_idp_claims(item)
+        accept_id_tokens = item.raw("accept_id_tokens")
+        if accept_id_tokens is not None and not isinstance(accept_id_tokens, bool):
+            raise item.error("accept_id_tokens", "must be true or false")
+        audiences = item.string_list("id_token_audiences")
+        hosted_domain = item.string("hosted_domain")
+        if accept_id_tokens:
+            if not audiences:
+                raise item.error(
+                    "id_token_audiences", "is required with accept_id_tokens: the client ids ID tokens are issued to"
+                )
+        else:
+            for key in ("id_token_audiences", "hosted_domain"):
+                if item.data.get(key) is not None:
+                    raise item.error(key, "applies only with accept_id_tokens: true")
         idps.append(
             IdentityProviderConfig(
                 issuer=issuer,
@@ -716,10 +846,33 @@ def _parse_idps(node: _Node, own_issuer: str, insecure_ok: bool) -> tuple[Identi
                 groups_claim=groups_claim,
                 algorithms=algorithms,
                 tenant=item.string("tenant"),
+                accept_id_tokens=bool(accept_id_tokens),
+                id_token_audiences=audiences or (),
+                hosted_domain=hosted_domain,
+                groups_path=groups_path,
             )
         )
         item.finish()
     return tuple(idps)
+
+
+def _parse_idp_claims(item: _Node) -> tuple[str, ...] | None:
+    """``claims: {groups: <path>}``: a dot-separated path into the token's claims (Keycloak puts roles
+    in ``realm_access.roles``). ``groups_claim`` names one claim, dots included, so only one may be set."""
+    if "claims" not in item.data:
+        return None
+    node = item.child("claims")
+    path = node.string("groups", required=True)
+    assert path is not None
+    if "groups_claim" in item.data:
+        raise item.error("claims", "set either groups_claim or claims.groups, not both")
+    parts = tuple(path.split("."))
+    if not all(parts):
+        raise node.error(
+            "groups", f"must be a claim name or a dot-separated path such as realm_access.roles, got {path!r}"
+        )
+    node.finish()
+    return parts
 
 
 def _parse_revoked_subjects(revoked: _Node, idps: tuple[IdentityProviderConfig, ...]) -> frozenset[RevokedSubject]:
@@ -756,14 +909,73 @@ def _parse_revoked_subjects(revoked: _Node, idps: tuple[IdentityProviderConfig, 
     return frozenset(subjects)
 
 
-def _parse_routes(root: _Node, public_url: str) -> tuple[RouteConfig, ...]:
+def _parse_shared_signals(
+    node: _Node, public_url: str, base_dir: Path | None, insecure_ok: bool
+) -> tuple[TransmitterConfig, ...]:
+    transmitters: list[TransmitterConfig] = []
+    for item in node.children("transmitters"):
+        issuer = _url(item, "issuer", required=True, tls=not insecure_ok)
+        assert issuer is not None
+        if any(t.issuer == issuer for t in transmitters):
+            raise item.error("issuer", f"duplicate transmitter {issuer!r}")
+        delivery = item.string("delivery", "push")
+        if delivery not in SSF_DELIVERY_METHODS:
+            raise item.error("delivery", f"must be one of {', '.join(SSF_DELIVERY_METHODS)}, got {delivery!r}")
+        poll_endpoint = _url(item, "poll_endpoint", tls=not insecure_ok)
+        if delivery == "poll" and poll_endpoint is None:
+            raise item.error("poll_endpoint", "is required with delivery: poll (the stream's delivery endpoint_url)")
+        for key, wanted in (
+            ("poll_endpoint", "poll"),
+            ("poll_interval_seconds", "poll"),
+            ("poll_authorization_file", "poll"),
+            ("push_authorization_file", "push"),
+        ):
+            if key in item.data and delivery != wanted:
+                raise item.error(key, f"applies only to delivery: {wanted}")
+        transmitters.append(
+            TransmitterConfig(
+                issuer=issuer,
+                audience=item.string("audience") or public_url,
+                delivery=delivery,
+                poll_interval_seconds=item.number(
+                    "poll_interval_seconds", 10.0, minimum=1, maximum=3600, integer=False
+                ),
+                poll_endpoint=poll_endpoint,
+                push_authorization=_authorization_file(item, "push_authorization_file", base_dir),
+                poll_authorization=_authorization_file(item, "poll_authorization_file", base_dir),
+            )
+        )
+        item.finish()
+    node.finish()
+    return tuple(transmitters)
+
+
+def _authorization_file(item: _Node, name: str, base_dir: Path | None) -> Secret | None:
+    """An Authorization header value (``Bearer ...``) read from a file, like a mounted Kubernetes Secret."""
+    path = item.string(name)
+    if path is None:
+        return None
+    try:
+        value = _resolve(base_dir, path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise item.error(name, f"cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise item.error(name, "must contain UTF-8 text") from None
+    if len(value) < 16 or not value.isprintable() or not value.isascii():
+        raise item.error(name, "must hold one line of printable ASCII, at least 16 characters (e.g. 'Bearer <token>')")
+    return Secret(value)
+
+
+def _parse_routes(root: _Node, public_url: str, base_dir: Path | None, insecure_ok: bool) -> tuple[RouteConfig, ...]:
     routes: list[RouteConfig] = []
     for item in root.children("routes", required=True):
-        routes.append(_parse_route(item, public_url, routes))
+        routes.append(_parse_route(item, public_url, routes, base_dir, insecure_ok))
     return tuple(routes)
 
 
-def _parse_route(item: _Node, public_url: str, earlier: list[RouteConfig]) -> RouteConfig:
+def _parse_route(
+    item: _Node, public_url: str, earlier: list[RouteConfig], base_dir: Path | None, insecure_ok: bool
+) -> RouteConfig:
     name = item.string("name", required=True)
     assert name is not None
     if not _ROUTE_NAME.match(name):
@@ -794,6 +1006,7 @@ def _parse_route(item: _Node, public_url: str, earlier: list[RouteConfig]) -> Ro
             raise item.error("name", f"duplicate route name {name!r}")
         if _overlaps(other.path, path):
             raise item.error("path", f"{path!r} overlaps route {other.name!r} ({other.path!r})")
+    upstream_headers = _parse_upstream_headers(item.child("upstream_headers"))
     route = RouteConfig(
         name=name,
         path=path,
@@ -803,13 +1016,99 @@ def _parse_route(item: _Node, public_url: str, earlier: list[RouteConfig]) -> Ro
         allow_groups=item.string_list("allow_groups"),
         scopes=scopes,
         default_scopes=default_scopes,
-        upstream_headers=_parse_upstream_headers(item.child("upstream_headers")),
+        upstream_headers=upstream_headers,
         max_connections=item.number("max_connections", 256, minimum=1, maximum=100_000),
         policy=_parse_policy(item, scopes),
         quotas=_parse_route_quotas(item),
+        require_dpop=_flag(item, "require_dpop"),
+        identity_header=_parse_identity_header(item, upstream, upstream_headers),
+        upstream_authorization=_parse_upstream_authorization(item, public_url, base_dir, insecure_ok),
     )
     item.finish()
     return route
+
+
+# Headers the gateway, HTTP (hop-by-hop, RFC 9110 §7.6.1) or MCP itself sets on the way upstream: an
+# identity header of one of these names would replace, or be replaced by, what the transport needs.
+_RESERVED_IDENTITY_HEADERS = (
+    _FORBIDDEN_UPSTREAM_HEADERS
+    | {h.lower() for h in _MCP_REQUEST_HEADERS}
+    | {"keep-alive", "proxy-authorization", "proxy-connection", "te", "trailer", "upgrade", "expect"}
+    | {"cookie", "origin", "content-encoding", "accept-encoding", "x-request-id", "forwarded", "x-real-ip"}
+)
+
+
+def _parse_identity_header(
+    item: _Node, upstream: str, upstream_headers: tuple[tuple[str, Secret], ...]
+) -> IdentityHeaderConfig | None:
+    if "identity_header" not in item.data:
+        return None
+    if item.data["identity_header"] is None:
+        raise item.error("identity_header", "is empty: write {} for the defaults, or remove the key")
+    node = item.child("identity_header")
+    name = node.string("name", IdentityHeaderConfig.name)
+    assert name is not None
+    if not _HEADER_NAME.match(name):
+        raise node.error("name", f"{name!r} is not a valid HTTP header name")
+    lowered = name.lower()
+    if lowered in _RESERVED_IDENTITY_HEADERS or lowered.startswith("x-forwarded-"):
+        raise node.error("name", f"{name!r} is managed by the gateway or MCP and cannot carry the identity")
+    if any(h.lower() == lowered for h, _ in upstream_headers):
+        raise node.error("name", f"{name!r} is also set in upstream_headers")
+    ttl = node.number("ttl_seconds", IdentityHeaderConfig.ttl_seconds, minimum=1, maximum=3600)
+    # Default audience: the upstream's origin, the identifier an upstream most easily knows for itself.
+    audience = node.string("audience", origin_of(upstream))
+    assert audience is not None
+    node.finish()
+    return IdentityHeaderConfig(name=name, ttl_seconds=ttl, audience=audience)
+
+
+UPSTREAM_AUTHORIZATION_TYPES = ("id-jag",)
+
+
+def _parse_upstream_authorization(
+    item: _Node, public_url: str, base_dir: Path | None, insecure_ok: bool
+) -> UpstreamAuthorizationConfig | None:
+    if "upstream_authorization" not in item.data:
+        return None
+    node = item.child("upstream_authorization")
+    kind = node.string("type", required=True)
+    if kind not in UPSTREAM_AUTHORIZATION_TYPES:
+        raise node.error("type", f"must be one of {', '.join(UPSTREAM_AUTHORIZATION_TYPES)}, got {kind!r}")
+    idp_token_endpoint = _url(node, "idp_token_endpoint", required=True, tls=not insecure_ok)
+    upstream_issuer = _url(node, "upstream_issuer", required=True, tls=not insecure_ok)
+    client_id = node.string("client_id", required=True)
+    upstream_client_id = node.string("upstream_client_id", required=True)
+    assert idp_token_endpoint is not None and upstream_issuer is not None
+    assert client_id is not None and upstream_client_id is not None
+    if canonical_url(upstream_issuer) == canonical_url(public_url):
+        # The draft's Chained Identity Assertion Request: an assertion must not be chained to its own gateway.
+        raise node.error("upstream_issuer", "must not be this gateway's own issuer")
+    config = UpstreamAuthorizationConfig(
+        type=kind,
+        idp_token_endpoint=idp_token_endpoint,
+        client_id=client_id,
+        client_secret=Secret(_secret_file(node, "client_secret_file", base_dir)),
+        upstream_issuer=upstream_issuer,
+        upstream_client_id=upstream_client_id,
+        upstream_client_secret=Secret(_secret_file(node, "upstream_client_secret_file", base_dir)),
+    )
+    node.finish()
+    return config
+
+
+def _secret_file(node: _Node, name: str, base_dir: Path | None) -> str:
+    path = node.string(name, required=True)
+    assert path is not None
+    try:
+        secret = _resolve(base_dir, path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise node.error(name, f"cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise node.error(name, "must contain UTF-8 text") from None
+    if not secret:
+        raise node.error(name, "is empty")
+    return secret
 
 
 def _parse_route_quotas(item: _Node) -> tuple[QuotaRule, ...]:
@@ -911,6 +1210,8 @@ def describe(config: GatewayConfig, *, emit: Callable[[str], None], as_groups: f
         emit("replay store: memory (this process only; replicas need a shared redis:// store)")
     else:
         emit(f"replay store: {redact_url(config.replay_store)}")
+    if auth.dpop_require_nonce:
+        emit("dpop: every proof must carry a server nonce (DPoP-Nonce)")
     emit("clients: " + ", ".join(c.client_id for c in auth.clients))
     with_secret = [c.client_id for c in auth.clients if c.client_secret is not None]
     if with_secret:
@@ -919,9 +1220,10 @@ def describe(config: GatewayConfig, *, emit: Callable[[str], None], as_groups: f
             "jwks_uri, is recommended for production: EMA §7.5.1)"
         )
     for idp in auth.identity_providers:
+        bridge = f" id_tokens(aud={','.join(idp.id_token_audiences)})" if idp.accept_id_tokens else ""
         emit(
             f"identity provider: {idp.issuer} jwks={idp.jwks_uri or '(discovered)'} "
-            f"groups_claim={idp.groups_claim} algorithms={','.join(idp.algorithms)}"
+            f"groups={'.'.join(idp.groups_location)} algorithms={','.join(idp.algorithms)}{bridge}"
         )
     emit(f"allowed origins: {', '.join(config.allowed_origins)}")
     stripped = dict.fromkeys((*ALWAYS_STRIPPED_REQUEST_HEADERS, *config.strip_request_headers), None)
@@ -930,6 +1232,14 @@ def describe(config: GatewayConfig, *, emit: Callable[[str], None], as_groups: f
     for route in config.routes:
         groups = ", ".join(route.allow_groups) if route.allow_groups is not None else "any authenticated user"
         extra = f" headers={','.join(n for n, _ in route.upstream_headers)}" if route.upstream_headers else ""
+        if route.identity_header is not None:
+            ident = route.identity_header
+            extra += f" identity_header={ident.name}(aud={ident.audience},ttl={ident.ttl_seconds}s)"
+        if route.upstream_authorization is not None:
+            chain = route.upstream_authorization
+            extra += f" upstream_authorization={chain.type}(as={chain.upstream_issuer},idp={chain.idp_token_endpoint})"
+        if route.require_dpop:
+            extra += " dpop=required"
         emit(
             f"  {route.name}: {route.path} -> {route.upstream} [{route.transport}] "
             f"resource={route.resource} scopes={' '.join(route.scopes)} groups={groups}{extra}"
@@ -950,4 +1260,12 @@ def describe(config: GatewayConfig, *, emit: Callable[[str], None], as_groups: f
             f"{auth.identity_providers[0].issuer}, the only identity provider; adding another makes them "
             "ambiguous (a config error), so prefer {issuer, sub} entries"
         )
+    for transmitter in config.transmitters:
+        emit(
+            f"shared signals transmitter: {transmitter.issuer} delivery={transmitter.delivery} "
+            f"audience={transmitter.audience}"
+            + (f" poll_endpoint={transmitter.poll_endpoint}" if transmitter.poll_endpoint else "")
+        )
     emit(f"audit: {config.audit_sink}{' (argument hashes)' if config.audit_argument_hashes else ''}")
+    if config.telemetry_otlp_endpoint:
+        emit(f"telemetry: OTLP/HTTP traces to {redact_url(config.telemetry_otlp_endpoint)}")

@@ -17,6 +17,9 @@ flow the EMA extension describes:
 * **Leg 2 (Token Exchange)** — RFC 8693 token exchange of that ID Token for an Identity Assertion JWT
   Authorization Grant (ID-JAG), following the draft's "Token Exchange", "Processing Rules" and "Response"
   sections and the claim set of its "Identity Assertion JWT Authorization Grant" section.
+* **Chained exchange** — a gateway presents an ID-JAG issued to it as the ``subject_token`` and gets one for
+  an upstream authorization server (draft-parecki-oauth-identity-assertion-gateways, "Chained Identity
+  Assertion Request"), with the ``act`` claim naming the gateway and, nested, the original client.
 
 Discovery is published both as OpenID Connect Discovery 1.0 and RFC 8414 metadata because MCP clients may
 use either ([AUTHZ26] "MCP authorization servers MUST provide at least one of ...").
@@ -115,6 +118,11 @@ class DevClient:
     client_id: str
     client_secret: str
     resource_client_id: str | None = None
+    # A gateway (draft-parecki-oauth-identity-assertion-gateways): the issuers of the authorization servers
+    # it operates (an ID-JAG addressed to one of them may be chained), and the upstream authorization
+    # servers it may obtain chained ID-JAGs for (the IdP administrator's policy).
+    gateway_issuers: tuple[str, ...] = ()
+    gateway_audiences: tuple[str, ...] = ()
 
     @property
     def id_jag_client_id(self) -> str:
@@ -634,8 +642,11 @@ class DevIdentityProvider:
         subject_token = form.get("subject_token")
         if subject_token is None:
             raise _OAuthError("invalid_request", "missing subject_token")
-        if form.get("subject_token_type") != TOKEN_TYPE_ID_TOKEN:
-            raise _OAuthError("invalid_request", f"subject_token_type must be {TOKEN_TYPE_ID_TOKEN}")
+        subject_token_type = form.get("subject_token_type")
+        if subject_token_type not in (TOKEN_TYPE_ID_TOKEN, TOKEN_TYPE_ID_JAG):
+            raise _OAuthError(
+                "invalid_request", f"subject_token_type must be {TOKEN_TYPE_ID_TOKEN} or {TOKEN_TYPE_ID_JAG}"
+            )
         if "actor_token" in form or "actor_token_type" in form:
             # The draft: actor_token/actor_token_type "are not used in this specification".
             raise _OAuthError("invalid_request", "actor tokens are not supported")
@@ -659,13 +670,18 @@ class DevIdentityProvider:
         if scope is not None and not all(_SCOPE_TOKEN_RE.match(tok) for tok in scope.split(" ")):
             raise _OAuthError("invalid_scope", "malformed scope")
 
-        user = self._verify_subject_token(subject_token, client)
+        if subject_token_type == TOKEN_TYPE_ID_JAG:
+            user, ttl, act = self._verify_chained_subject(subject_token, client, audience)
+        else:
+            user, ttl, act = self._verify_subject_token(subject_token, client), None, None
         id_jag = self.issue_id_jag(
             username=user.username,
             audience=audience,
             client_id=client.id_jag_client_id,
             resource=resource,
             scope=scope,
+            ttl_seconds=ttl,
+            extra_claims={"act": act} if act is not None else None,
         )
         # Log identifiers only; the jti lets an operator correlate with the gateway's replay cache.
         logger.info(
@@ -679,11 +695,56 @@ class DevIdentityProvider:
             "issued_token_type": TOKEN_TYPE_ID_JAG,
             "access_token": id_jag,
             "token_type": "N_A",
-            "expires_in": self._id_jag_ttl,
+            "expires_in": ttl if ttl is not None else self._id_jag_ttl,
         }
         if scope is not None:
             body["scope"] = scope
         return body
+
+    def _verify_chained_subject(
+        self, token: str, client: DevClient, audience: str
+    ) -> tuple[DevUser, int, dict[str, Any]]:
+        """The checks of the gateways draft's "Identity Provider Processing" for an ID-JAG presented as the
+        subject token; returns its user, the lifetime left to it (a chained ID-JAG never outlives the one
+        it came from) and the ``act`` claim (RFC 8693 §4.1): the gateway, and within it the original client.
+
+        The subject ID-JAG is not single use here: the draft lets a gateway present it again, for other
+        audiences, within its validity."""
+        try:
+            header = jwt.get_unverified_header(token)
+            if str(header.get("typ", "")).lower() != ID_JAG_JWT_TYPE:
+                raise ValueError("subject token is not an ID-JAG")
+            claims = jwt.decode(
+                token,
+                self._public_jwk,
+                algorithms=[self._algorithm],
+                issuer=self.issuer,
+                options={"verify_aud": False, "require_exp": True, "require_sub": True, "leeway": 0},
+            )
+        except Exception:
+            raise _OAuthError("invalid_grant", "subject token is not a valid, unexpired ID-JAG of this IdP") from None
+        # Step 3: issued to an authorization server this client operates, never to anyone else.
+        if claims.get("aud") not in client.gateway_issuers:
+            raise _OAuthError(
+                "invalid_grant", "the subject ID-JAG was not issued to this client's authorization server"
+            )
+        # Step 6 (chain depth): one gateway hop only.
+        if "act" in claims:
+            raise _OAuthError("invalid_grant", "the subject ID-JAG is already chained")
+        # Steps 4 and 5: policy, and no chaining to the gateway itself. One error for both, so the answer
+        # does not enumerate audiences.
+        if audience not in client.gateway_audiences or audience in client.gateway_issuers:
+            raise _OAuthError("invalid_target", "this client may not obtain ID-JAGs for that audience")
+        user = self._users_by_sub.get(claims["sub"]) if isinstance(claims["sub"], str) else None
+        if user is None:
+            raise _OAuthError("invalid_grant", "subject is not a known user")
+        remaining = int(claims["exp"]) - int(time.time())
+        if remaining <= 0:
+            raise _OAuthError("invalid_grant", "subject token has expired")
+        act: dict[str, Any] = {"sub": client.client_id}
+        if isinstance(claims.get("client_id"), str):
+            act["act"] = {"sub": claims["client_id"]}
+        return user, min(self._id_jag_ttl, remaining), act
 
     def _verify_subject_token(self, token: str, client: DevClient) -> DevUser:
         """Validate the subject ID Token (draft "Processing Rules") and return its user.

@@ -89,7 +89,8 @@ async def plan_request(
         rewriter=list_filter_for(route.policy, frozenset(principal.groups)),
         request_id=next((m.id for m in messages if m.is_request), None),
     )
-    plan.mismatch = header_mismatch(messages, headers, batch)
+    # The mirror headers are part of Streamable HTTP; the legacy HTTP+SSE transport has none.
+    plan.mismatch = header_mismatch(messages, headers, batch, required=route.transport != "sse")
     if plan.mismatch:
         return plan
     missing: list[str] = []

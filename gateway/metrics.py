@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector
 from gateway import __version__
 from gateway.config import GatewayConfig
 from gateway.mcp_methods import METHODS
+from gateway.signals.events import CUT_OFF_EVENTS, short_name
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 NO_ROUTE = "none"
@@ -47,7 +48,7 @@ _LONG_BUCKETS = (120, 300, 600, 1800, 3600, 7200, 21600, 43200, 86400)
 # gateway's own code); docs/metrics.md explains each.
 _INVALID_GRANT_REASONS = (
     "malformed typ algorithm issuer signature audience client_id subject tenant expired issued_at not_before "
-    "lifetime jti replay cnf resource group scope revoked"
+    "lifetime jti replay cnf resource group scope revoked hosted_domain group_overage id_token_chained_route"
 ).split()
 GRANT_OUTCOMES = (
     ("issued", "ok"),
@@ -60,9 +61,21 @@ GRANT_OUTCOMES = (
     ("invalid_target", "resource"),
     ("temporarily_unavailable", "jwks_unavailable"),
     ("temporarily_unavailable", "replay_store_unavailable"),
+    ("invalid_dpop_proof", "dpop"),
+    ("use_dpop_nonce", "dpop_nonce"),
 )
 POLICY_KINDS = ("tools", "resources", "prompts")
 QUOTA_RESULTS = ("charged", "exhausted", "unavailable")
+# Per-user upstream credentials of chained ID-JAG routes (gateway/oauth/chain.py): a cache hit, a new
+# exchange, or a failure at one step of the chain.
+UPSTREAM_CREDENTIAL_RESULTS = (
+    "cached",
+    "exchanged",
+    "failed_assertion",
+    "failed_idp",
+    "failed_metadata",
+    "failed_upstream_as",
+)
 
 
 def upstream_buckets(timeout_seconds: float) -> tuple[float, ...]:
@@ -237,6 +250,24 @@ class Metrics:
             ["route", "result"],
             registry=r,
         )
+        self.signals = Counter(
+            "mcp_gateway_shared_signals_total",
+            "Security Event Tokens received from Shared Signals transmitters, by delivery and result",
+            ["transmitter", "delivery", "result"],
+            registry=r,
+        )
+        self.signal_cutoffs = Counter(
+            "mcp_gateway_signal_cutoffs_total",
+            "Subjects cut off by a Shared Signals event, by event type",
+            ["event"],
+            registry=r,
+        )
+        self.upstream_credentials = Counter(
+            "mcp_gateway_upstream_credentials_total",
+            "Per-user upstream tokens of routes with upstream_authorization, by route and result",
+            ["route", "result"],
+            registry=r,
+        )
         r.register(_IdpKeysCollector(key_sets))
         r.register(_CallbackCollector(audit_dropped, pools))
 
@@ -247,6 +278,12 @@ class Metrics:
             self.reloads.labels(result)
         for result, reason in GRANT_OUTCOMES:
             self.grants.labels(result, reason)
+        for transmitter in config.transmitters:
+            for result in ("accepted", "refused"):
+                self.signals.labels(transmitter.issuer, transmitter.delivery, result)
+        if config.transmitters:
+            for event in sorted(CUT_OFF_EVENTS):
+                self.signal_cutoffs.labels(short_name(event))
         for idp in config.authorization.identity_providers:
             for result in ("ok", "error"):
                 self.jwks_fetches.labels(idp.issuer, result)
@@ -259,6 +296,9 @@ class Metrics:
             for quota in route.quotas:
                 for result in QUOTA_RESULTS:
                     self.quota_decisions.labels(route.name, quota.id, result)
+            if route.upstream_authorization is not None:
+                for result in UPSTREAM_CREDENTIAL_RESULTS:
+                    self.upstream_credentials.labels(route.name, result)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -26,15 +26,19 @@ from gateway.condition_health import ConditionHealth
 from gateway.config import AuthorizationConfig, GatewayConfig, RouteConfig
 from gateway.engine import DecisionEngine
 from gateway.metrics import Metrics
-from gateway.oauth.access_token import AccessTokenService, PreviousKey
+from gateway.oauth.access_token import AccessTokenService, IssuedToken, PreviousKey, Principal
 from gateway.oauth.client_auth import ClientAuthenticator
+from gateway.oauth.dpop import DpopVerifier, NonceIssuer, derive_nonce_key
+from gateway.oauth.id_token_bridge import IdTokenBridge
 from gateway.oauth.identity import SubjectIdentity
-from gateway.oauth.idjag import IdJagValidator
+from gateway.oauth.idjag import Grant, IdJagValidator
+from gateway.oauth.introspection import IntrospectionEndpoint
 from gateway.oauth.jwks import KeyRing
 from gateway.oauth.keys import SigningKey, load_signing_key
 from gateway.oauth.metadata import TOKEN_PATH
 from gateway.oauth.rate_limit import ClientRateLimiter
 from gateway.oauth.replay import ReplayStore
+from gateway.oauth.revocation import RevocationEndpoint, TokenRevocations
 from gateway.oauth.token_endpoint import GrantOutcome, TokenEndpoint
 from gateway.proxy.forward import Upstream
 from gateway.proxy.headers import RequestHeaderRules
@@ -42,6 +46,7 @@ from gateway.proxy.origin import OriginPolicy
 from gateway.quotas import QuotaStore
 from gateway.routes import RouteTable
 from gateway.sessions import SessionBinder, derive_session_key
+from gateway.signals.revocations import SubjectRevocations
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +86,10 @@ class Runtime:
     engine: DecisionEngine = field(default_factory=DecisionEngine)
     # revoked.subjects as (issuer, tenant or None for every tenant, subject).
     revoked_users: frozenset[tuple[str, str | None, str]] = frozenset()
+    # RFC 7009 revoked access tokens (in the shared replay store) and the endpoints of RFC 7009 / 7662.
+    token_revocations: TokenRevocations = None  # type: ignore[assignment]  # set by build
+    revocation_endpoint: RevocationEndpoint = None  # type: ignore[assignment]
+    introspection_endpoint: IntrospectionEndpoint = None  # type: ignore[assignment]
 
     def is_revoked(self, user: SubjectIdentity, client_id: str) -> bool:
         """Revocation from config (``revoked``): applied to new grants and to live tokens at once. A
@@ -101,12 +110,15 @@ class Runtime:
         quota_store: QuotaStore | None = None,
         idp_session: Callable[[], aiohttp.ClientSession],
         on_grant: Callable[[GrantOutcome], None],
+        on_revoked: Callable[[Principal], None] | None = None,
         jwks_min_refresh_seconds: float,
         metrics: Metrics,
         signing_key: SigningKey | None = None,
         previous: Runtime | None = None,
         condition_health: ConditionHealth | None = None,
         clock: Callable[[], float] = time.time,
+        revocations: SubjectRevocations | None = None,
+        retain: Callable[[Grant, IssuedToken, str], None] | None = None,
     ) -> Runtime:
         """Raises ConfigError / SigningKeyError / ReloadRefused without touching ``previous``."""
         if previous is not None:
@@ -134,6 +146,13 @@ class Runtime:
             previous=previous.keys if previous is not None else None,
             on_fetch=lambda result: metrics.jwks_fetches.labels(result.issuer, "ok" if result.ok else "error").inc(),
         )
+        dpop = DpopVerifier(
+            replay_store,
+            NonceIssuer(derive_nonce_key(signing_key.secret_material), clock=clock),
+            require_nonce=auth.dpop_require_nonce,
+            clock_skew_seconds=auth.clock_skew_seconds,
+            clock=clock,
+        )
         runtime = cls(
             config=config,
             routes=routes,
@@ -141,7 +160,7 @@ class Runtime:
             signing_key=signing_key,
             previous_keys=previous_keys,
             tokens=tokens,
-            guard=BearerGuard(tokens),
+            guard=BearerGuard(tokens, dpop, config.public_url),
             keys=keys,
             token_endpoint=None,  # type: ignore[arg-type]  # set below: it needs is_revoked
             upstreams=_carry_upstreams(config, previous, metrics),
@@ -157,14 +176,32 @@ class Runtime:
             ),
             revoked_users=frozenset((s.issuer, s.tenant, s.subject) for s in config.revoked_subjects),
         )
-        runtime.token_endpoint = TokenEndpoint(
-            ClientAuthenticator(
-                auth,
-                token_endpoint=config.public_url + TOKEN_PATH,
-                replay=replay_store,
-                session=idp_session,
-                clock=clock,
+        clients = ClientAuthenticator(
+            auth,
+            token_endpoint=config.public_url + TOKEN_PATH,
+            replay=replay_store,
+            session=idp_session,
+            clock=clock,
+        )
+        # Kept across reloads: what this replica knows to be revoked (the replay store cannot change).
+        runtime.token_revocations = (
+            previous.token_revocations if previous is not None else TokenRevocations(replay_store)
+        )
+        runtime.revocation_endpoint = RevocationEndpoint(
+            clients, tokens, runtime.token_revocations, on_revoked=on_revoked
+        )
+        runtime.introspection_endpoint = IntrospectionEndpoint(
+            clients,
+            tokens,
+            runtime.token_revocations,
+            issuer=auth.issuer,
+            is_refused=lambda p: (
+                runtime.is_revoked(p.identity, p.client_id)
+                or (revocations is not None and revocations.refuses(p.identity, p.email, p.issued_at))
             ),
+        )
+        runtime.token_endpoint = TokenEndpoint(
+            clients,
             IdJagValidator(auth, routes, keys, replay_store),
             tokens,
             on_outcome=on_grant,
@@ -174,6 +211,15 @@ class Runtime:
                 if auth.token_rate_limit.requests_per_minute
                 else None
             ),
+            dpop=dpop,
+            url=config.public_url + TOKEN_PATH,
+            cut_off=(
+                (lambda g: revocations.refuses(g.identity, g.email, g.assertion_issued_at))
+                if revocations is not None
+                else None
+            ),
+            retain=retain,
+            bridge=IdTokenBridge(auth, routes, keys, replay_store),
         )
         return runtime
 
@@ -237,6 +283,8 @@ def _check_reloadable(old: GatewayConfig, new: GatewayConfig) -> None:
         ("audit", (old.audit_sink, old.audit_argument_hashes), (new.audit_sink, new.audit_argument_hashes)),
         ("replay_store", old.replay_store, new.replay_store),
         ("logging", old.logging_format, new.logging_format),
+        ("shared_signals", old.transmitters, new.transmitters),
+        ("telemetry", old.telemetry_otlp_endpoint, new.telemetry_otlp_endpoint),
     ):
         if before != after:
             raise ReloadRefused(f"{name} changed; restart the gateway to apply it")

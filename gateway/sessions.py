@@ -6,7 +6,9 @@ so a session id stolen from one user would work for another user with any valid 
 stale-session authorization bypass other gateways shipped.
 
 The binding is stateless, so any replica can check it: the gateway never shows clients the upstream's
-session id, but ``base64url(upstream id) "." base64url(HMAC(k, route | principal | upstream id))``.
+session id, but ``base64url(upstream id) "." owner "." created "." MAC``: a keyed fingerprint of the
+owner (route and principal), when the session was created (Unix seconds: a Shared Signals cut-off ends
+the sessions its user created before it, gateway/signals/), and an HMAC over all three.
 A request presenting a session id is accepted only if the MAC verifies for *the requesting* principal
 on *this* route; the upstream then receives its own id back. ``k`` is derived with HKDF (RFC 5869)
 from the gateway's signing key, so replicas sharing that key share sessions and nothing new needs
@@ -27,7 +29,8 @@ import enum
 import hashlib
 import hmac
 import json
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -59,10 +62,11 @@ class SessionCheck(enum.Enum):
 
 
 class SessionBinder:
-    def __init__(self, key: bytes, other_keys: Sequence[bytes] = ()) -> None:
+    def __init__(self, key: bytes, other_keys: Sequence[bytes] = (), *, clock: Callable[[], float] = time.time) -> None:
         """``key`` wraps new session ids; ids wrapped with ``other_keys`` are still accepted."""
         self._key = key
         self._keys = (key, *other_keys)
+        self._clock = clock
 
     @staticmethod
     def _digest(key: bytes, *parts: str) -> bytes:
@@ -70,29 +74,39 @@ class SessionBinder:
 
     def wrap(self, route: str, principal: str, upstream_id: str) -> str:
         """The session id the client sees (visible ASCII, as MCP requires): upstream id, a keyed
-        fingerprint of the owner (no identity is readable from it), and a MAC over all three."""
+        fingerprint of the owner (no identity is readable from it), the creation second, and a MAC
+        over all of them."""
         owner = self._digest(self._key, "owner", route, principal)
-        mac = self._digest(self._key, "session", upstream_id, _b64(owner))
-        return f"{_b64(upstream_id.encode())}.{_b64(owner)}.{_b64(mac)}"
+        created = str(int(self._clock()))
+        mac = self._digest(self._key, "session", upstream_id, _b64(owner), created)
+        return f"{_b64(upstream_id.encode())}.{_b64(owner)}.{created}.{_b64(mac)}"
 
     def unwrap(self, route: str, principal: str, client_id: str) -> tuple[SessionCheck, str | None]:
-        """Check a presented session id; on OK also return the upstream's own session id."""
+        """Check a presented session id; on OK also return the upstream's own session id. Ids wrapped
+        before they carried a creation time (three parts) are still accepted."""
         parts = client_id.split(".")
-        if len(parts) != 3 or len(client_id) > 2 * _MAX_UPSTREAM_ID:
+        if len(parts) not in (3, 4) or len(client_id) > 2 * _MAX_UPSTREAM_ID:
+            return SessionCheck.UNKNOWN, None
+        if len(parts) == 4 and not (parts[2].isascii() and parts[2].isdigit() and len(parts[2]) <= 12):
             return SessionCheck.UNKNOWN, None
         try:
             upstream_id = _unb64(parts[0]).decode()
-            mac = _unb64(parts[2])
+            mac = _unb64(parts[-1])
         except (binascii.Error, ValueError, UnicodeDecodeError):
             return SessionCheck.UNKNOWN, None
-        key = next(
-            (k for k in self._keys if hmac.compare_digest(mac, self._digest(k, "session", upstream_id, parts[1]))), None
-        )
+        signed = (upstream_id, *parts[1:-1])
+        key = next((k for k in self._keys if hmac.compare_digest(mac, self._digest(k, "session", *signed))), None)
         if key is None:
             return SessionCheck.UNKNOWN, None
         if not hmac.compare_digest(parts[1], _b64(self._digest(key, "owner", route, principal))):
             return SessionCheck.FOREIGN, None
         return SessionCheck.OK, upstream_id
+
+    @staticmethod
+    def created_at(client_id: str) -> int:
+        """When a session id that ``unwrap`` accepted was created (0: before ids carried it)."""
+        parts = client_id.split(".")
+        return int(parts[2]) if len(parts) == 4 else 0
 
 
 def principal_key(identity: SubjectIdentity, client_id: str) -> str:

@@ -687,7 +687,8 @@ async def test_ema_s7_2_1_scope_less_id_jag_gets_the_configured_default_scopes(
 # -- 15. cnf (DPoP) --------------------------------------------------------------------------
 
 
-async def test_rule_cnf_bound_assertion_is_refused(gw: GatewayHarness) -> None:
+async def test_rule_cnf_bound_assertion_without_a_dpop_proof_is_refused(gw: GatewayHarness) -> None:
+    """With a proof by the bound key it is redeemed (tests/test_dpop.py)."""
     body = await expect_error(
         gw, gw.id_jag(cnf={"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}), "invalid_grant"
     )

@@ -60,9 +60,12 @@ FAMILIES = {
     "mcp_gateway_config_reloads": "counter",
     "mcp_gateway_condition_invalid": "gauge",
     "mcp_gateway_condition_checks": "counter",
+    "mcp_gateway_shared_signals": "counter",
+    "mcp_gateway_signal_cutoffs": "counter",
     "mcp_gateway_audit_dropped_lines": "counter",
     "mcp_gateway_upstream_pool_in_use": "gauge",
     "mcp_gateway_upstream_pool_limit": "gauge",
+    "mcp_gateway_upstream_credentials": "counter",
 }
 # prometheus-client's standard process and Python collectors: fds and memory of a proxy holding streams.
 STANDARD = {

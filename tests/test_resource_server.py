@@ -211,6 +211,7 @@ async def test_protected_resource_metadata_per_route(gw: GatewayHarness) -> None
             "scopes_supported": ["mcp", "mcp:admin"],
             "bearer_methods_supported": ["header"],
             "resource_name": "eng",
+            "dpop_signing_alg_values_supported": ["RS256", "RS384", "RS512", "ES256", "ES384", "ES512"],
         }
         async with http.get(gw.url + "/.well-known/oauth-protected-resource/legacy/sse") as response:
             assert (await response.json())["resource"] == gw.resource("legacy")

@@ -47,6 +47,10 @@ class Principal:
     token_id: str
     tenant: str | None = None
     email: str | None = None
+    # RFC 9449 §6: the ``cnf.jkt`` of a DPoP-bound token (the RFC 7638 thumbprint of the client's key).
+    jkt: str | None = None
+    # The token's ``iat``: a Shared Signals cut-off refuses tokens issued before it.
+    issued_at: float = 0.0
 
     @property
     def identity(self) -> SubjectIdentity:
@@ -102,8 +106,9 @@ class AccessTokenService:
         now = self._clock()
         return [self._key, *(p.key for p in self.previous_keys if now < p.retire_at)]
 
-    def issue(self, grant: Grant) -> IssuedToken:
-        """Sign an access token for ``grant``. It lives the configured TTL, but never past the ID-JAG
+    def issue(self, grant: Grant, *, jkt: str | None = None) -> IssuedToken:
+        """Sign an access token for ``grant``, bound to the DPoP key ``jkt`` when given (RFC 9449 §6.1:
+        ``cnf.jkt``, the proof key's RFC 7638 thumbprint). It lives the configured TTL, but never past the ID-JAG
         it came from: draft-parecki-oauth-identity-assertion-gateways §4 ("MUST NOT issue an access
         token whose expiration is later than the expiration of the ID-JAG"): the IdP's decision of
         how long the delegation lasts is kept, whatever TTL is configured here."""
@@ -124,6 +129,7 @@ class AccessTokenService:
             **({"tenant": grant.tenant} if grant.tenant is not None else {}),
             # The ID-JAG's email (OpenID Connect Core §5.1), for conditions on ``user.email``.
             **({"email": grant.email} if grant.email is not None else {}),
+            **({"cnf": {"jkt": jkt}} if jkt is not None else {}),
             "jti": token_id,
             "iat": now,
             "exp": expires_at,
@@ -137,6 +143,15 @@ class AccessTokenService:
         return IssuedToken(token, expires_at - now, claims["scope"], token_id)
 
     def verify(self, token: str, resource: str) -> Principal:
+        principal = self.inspect(token)
+        if principal.audience != resource:
+            raise InvalidToken("the access token was not issued for this resource")
+        return principal
+
+    def inspect(self, token: str) -> Principal:
+        """The principal of a valid, unexpired token of this gateway, for any resource (introspection
+        and revocation, RFC 7662 / RFC 7009); ``verify`` adds the audience check. Revocation is not
+        checked here: it lives in the shared replay store (gateway/oauth/revocation.py)."""
         if not token.isascii():
             # RFC 6750 §2.1: a b64token is ASCII. aiohttp hands non-UTF-8 header bytes over as
             # surrogates, which would not even encode for hashing.
@@ -148,8 +163,6 @@ class AccessTokenService:
             self._cache[digest] = principal
         if principal.expires_at <= self._clock():
             raise InvalidToken("the access token has expired")
-        if principal.audience != resource:
-            raise InvalidToken("the access token was not issued for this resource")
         return principal
 
     def _verify_uncached(self, token: str) -> Principal:
@@ -198,9 +211,20 @@ class AccessTokenService:
                 token_id=str(claims["jti"]),
                 tenant=_optional_string(claims.get("tenant")),
                 email=_optional_string(claims.get("email")),
+                jkt=_confirmation(claims.get("cnf")),
+                issued_at=float(issued_at),
             )
         except (KeyError, TypeError, ValueError):
             raise InvalidToken("the access token is malformed") from None
+
+
+def _confirmation(cnf: object) -> str | None:
+    """RFC 7800 ``cnf``: we only ever write ``{"jkt": ...}`` (RFC 9449 §6.1)."""
+    if cnf is None:
+        return None
+    if not isinstance(cnf, dict) or not isinstance(cnf.get("jkt"), str) or not cnf["jkt"]:
+        raise TypeError("cnf is not a jkt confirmation")
+    return cnf["jkt"]
 
 
 def _optional_string(value: object) -> str | None:

@@ -116,3 +116,18 @@ class RateLimited(OAuthError):
             reason="rate_limited",
             headers={"Retry-After": str(retry_after)},
         )
+
+
+class InvalidDpopProof(OAuthError):
+    """RFC 9449 §5: the ``DPoP`` proof at the token endpoint is missing, malformed or invalid."""
+
+    error = "invalid_dpop_proof"
+
+
+class UseDpopNonce(OAuthError):
+    """RFC 9449 §8: the proof lacks the server's current nonce; ``DPoP-Nonce`` carries a fresh one."""
+
+    error = "use_dpop_nonce"
+
+    def __init__(self, description: str, nonce: str) -> None:
+        super().__init__(description, reason="dpop_nonce", headers={"DPoP-Nonce": nonce})

@@ -10,6 +10,7 @@ Every assertion failure is ``invalid_grant`` (RFC 7523 §3.1); a bad ``resource`
 
 from __future__ import annotations
 
+import hmac
 import math
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from jose.exceptions import JOSEError
 
 from gateway.config import ASYMMETRIC_ALGORITHMS, AuthorizationConfig, IdentityProviderConfig, RouteConfig
 from gateway.oauth import jose_json
-from gateway.oauth.errors import InvalidGrant, InvalidScope, InvalidTarget, TemporarilyUnavailable
+from gateway.oauth.errors import InvalidDpopProof, InvalidGrant, InvalidScope, InvalidTarget, TemporarilyUnavailable
 from gateway.oauth.identity import SubjectIdentity
 from gateway.oauth.jwks import KeyRing, KeyUnavailable
 from gateway.oauth.replay import ReplayStore, ReplayStoreUnavailable
@@ -51,6 +52,8 @@ class Grant:
     assertion_expires_at: float = math.inf
     # The ``tenant`` claim of a multi-tenant IdP: part of who the subject is.
     tenant: str | None = None
+    # The ID-JAG's ``iat``: a Shared Signals cut-off refuses ID-JAGs issued before it.
+    assertion_issued_at: float = 0.0
 
     @property
     def identity(self) -> SubjectIdentity:
@@ -73,8 +76,18 @@ class IdJagValidator:
         self._replay = replay
         self._clock = clock
         self._idps = {idp.issuer: idp for idp in config.identity_providers}
+        self.max_lifetime_seconds = config.max_assertion_lifetime_seconds
 
-    async def validate(self, assertion: str, *, client_id: str, resources: tuple[str, ...], scope: str | None) -> Grant:
+    async def validate(
+        self,
+        assertion: str,
+        *,
+        client_id: str,
+        resources: tuple[str, ...],
+        scope: str | None,
+        dpop_jkt: str | None = None,
+    ) -> Grant:
+        """``dpop_jkt``: the thumbprint of the key that signed the request's valid DPoP proof, if any."""
         header = self._parse_header(assertion)
         self._check_typ(header)
         alg = self._check_algorithm(header, ASYMMETRIC_ALGORITHMS)
@@ -87,10 +100,11 @@ class IdJagValidator:
         subject = self._check_subject(claims)
         self._check_times(claims, now)
         jti = self._check_jti(claims)
-        self._check_no_confirmation(claims)
+        self._check_confirmation(claims, dpop_jkt)
         self._check_no_authorization_details(claims)
         tenant = self._check_tenant(claims, idp)
         route, granted_resources = self._check_resource(claims, resources)
+        self._check_dpop_route(route, dpop_jkt)
         groups = self._groups(claims, idp)
         self._check_groups(route, groups)
         scopes = self._check_scope(claims, route, scope)
@@ -108,6 +122,7 @@ class IdJagValidator:
             email,
             resources=granted_resources,
             assertion_expires_at=claims["exp"],
+            assertion_issued_at=claims["iat"],
             tenant=tenant,
         )
 
@@ -244,7 +259,7 @@ class IdJagValidator:
             raise InvalidGrant("assertion is issued in the future", reason="issued_at")
         if nbf is not None and nbf > now + skew:
             raise InvalidGrant("assertion is not yet valid", reason="not_before")
-        if exp - iat > self._config.max_assertion_lifetime_seconds:
+        if exp - iat > self.max_lifetime_seconds:
             raise InvalidGrant("assertion lifetime exceeds the allowed maximum", reason="lifetime")
 
     def _check_jti(self, claims: dict[str, Any]) -> str:
@@ -254,11 +269,27 @@ class IdJagValidator:
             raise InvalidGrant("assertion has no valid jti", reason="jti")
         return jti
 
-    def _check_no_confirmation(self, claims: dict[str, Any]) -> None:
-        """Draft §8.6 "Sender Constraining Tokens": a ``cnf``-bound ID-JAG needs a DPoP proof. DPoP
-        is not implemented yet (README "Decisions"), so such assertions are refused, not unbound."""
-        if "cnf" in claims:
-            raise InvalidGrant("sender-constrained (cnf) assertions are not supported", reason="cnf")
+    def _check_confirmation(self, claims: dict[str, Any], dpop_jkt: str | None) -> None:
+        """Draft §8.6 "Sender Constraining Tokens": an IdP may bind the ID-JAG to the client's DPoP key
+        (``cnf.jkt``, RFC 9449 §6.1); then it is redeemed only with a proof signed by that key, so a
+        stolen ID-JAG is useless without the key. Other confirmation methods (mTLS ``x5t#S256``) are
+        refused, never ignored: ignoring ``cnf`` would unbind the assertion."""
+        cnf = claims.get("cnf")
+        if cnf is None:
+            return
+        jkt = cnf.get("jkt") if isinstance(cnf, dict) and set(cnf) == {"jkt"} else None
+        if not isinstance(jkt, str) or not jkt:
+            raise InvalidGrant("only DPoP key confirmation (cnf.jkt) is supported", reason="cnf")
+        if dpop_jkt is None:
+            raise InvalidGrant("the assertion is bound to a DPoP key (cnf.jkt): send a DPoP proof", reason="cnf")
+        if not hmac.compare_digest(jkt.encode(), dpop_jkt.encode()):
+            raise InvalidGrant("the DPoP proof is not signed by the key the assertion is bound to", reason="cnf")
+
+    def _check_dpop_route(self, route: RouteConfig, dpop_jkt: str | None) -> None:
+        """A ``require_dpop`` route accepts DPoP-bound tokens only (RFC 9449 §7.1): refuse to issue a
+        bearer token for it before the assertion is spent, so the client can retry with a proof."""
+        if route.require_dpop and dpop_jkt is None:
+            raise InvalidDpopProof("this resource requires DPoP-bound access tokens: send a DPoP proof", reason="dpop")
 
     def _check_no_authorization_details(self, claims: dict[str, Any]) -> None:
         """Draft §4.4.1: the Resource AS "MUST parse" ``authorization_details`` and grant only what its
@@ -347,7 +378,9 @@ class IdJagValidator:
         return route, granted
 
     def _groups(self, claims: dict[str, Any], idp: IdentityProviderConfig) -> tuple[str, ...]:
-        value = claims.get(idp.groups_claim)
+        value: Any = claims
+        for name in idp.groups_location:
+            value = value.get(name) if isinstance(value, dict) else None
         if isinstance(value, str):
             return (value,)
         if isinstance(value, list):

@@ -21,11 +21,15 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from gateway.config import ASYMMETRIC_ALGORITHMS, GatewayConfig, RouteConfig
+from gateway.oauth import dpop
 from gateway.oauth.keys import SigningKey
-from gateway.oauth.token_endpoint import JWT_BEARER
+from gateway.oauth.token_endpoint import JWT_BEARER, TOKEN_EXCHANGE
 
 ID_JAG_PROFILE = "urn:ietf:params:oauth:grant-profile:id-jag"
 TOKEN_PATH = "/oauth2/token"
+REVOKE_PATH = "/oauth2/revoke"
+INTROSPECT_PATH = "/oauth2/introspect"
+CLIENT_AUTH_METHODS = ["private_key_jwt", "client_secret_basic", "client_secret_post"]
 AUTHORIZE_PATH = "/oauth2/authorize"
 JWKS_PATH = "/oauth2/jwks"
 PRM_PREFIX = "/.well-known/oauth-protected-resource"
@@ -47,10 +51,21 @@ def authorization_server_metadata(config: GatewayConfig) -> dict[str, Any]:
         "jwks_uri": base + JWKS_PATH,
         "scopes_supported": scopes,
         "response_types_supported": ["code"],
-        "grant_types_supported": [JWT_BEARER],
-        "token_endpoint_auth_methods_supported": ["private_key_jwt", "client_secret_basic", "client_secret_post"],
+        # RFC 8693 token exchange only for the ID-token bridge (gateway/oauth/id_token_bridge.py).
+        "grant_types_supported": [JWT_BEARER]
+        + ([TOKEN_EXCHANGE] if any(i.accept_id_tokens for i in config.authorization.identity_providers) else []),
+        "token_endpoint_auth_methods_supported": CLIENT_AUTH_METHODS,
         # RFC 8414 §2: required when private_key_jwt is listed.
         "token_endpoint_auth_signing_alg_values_supported": list(ASYMMETRIC_ALGORITHMS),
+        # RFC 7009 and RFC 7662, with client authentication as at the token endpoint (RFC 8414 §2).
+        "revocation_endpoint": base + REVOKE_PATH,
+        "revocation_endpoint_auth_methods_supported": CLIENT_AUTH_METHODS,
+        "revocation_endpoint_auth_signing_alg_values_supported": list(ASYMMETRIC_ALGORITHMS),
+        "introspection_endpoint": base + INTROSPECT_PATH,
+        "introspection_endpoint_auth_methods_supported": CLIENT_AUTH_METHODS,
+        "introspection_endpoint_auth_signing_alg_values_supported": list(ASYMMETRIC_ALGORITHMS),
+        # RFC 9449 §5.1: DPoP proofs are accepted at the token endpoint (and bind the token).
+        "dpop_signing_alg_values_supported": list(dpop.ALGORITHMS),
         "code_challenge_methods_supported": ["S256"],
         "authorization_grant_profiles_supported": [ID_JAG_PROFILE],
     }
@@ -62,14 +77,19 @@ def metadata_path(issuer: str) -> str:
 
 
 def protected_resource_metadata(route: RouteConfig, issuer: str) -> dict[str, Any]:
-    """RFC 9728 §2; zero-valued parameters are omitted (§3.2)."""
-    return {
+    """RFC 9728 §2; zero-valued parameters are omitted (§3.2), so ``dpop_bound_access_tokens_required``
+    appears only on a ``require_dpop`` route. Every route accepts DPoP-bound tokens (RFC 9449 §7)."""
+    document = {
         "resource": route.resource,
         "authorization_servers": [issuer],
         "scopes_supported": list(route.scopes),
         "bearer_methods_supported": ["header"],
         "resource_name": route.name,
+        "dpop_signing_alg_values_supported": list(dpop.ALGORITHMS),
     }
+    if route.require_dpop:
+        document["dpop_bound_access_tokens_required"] = True
+    return document
 
 
 def prm_url(config: GatewayConfig, route: RouteConfig) -> str:

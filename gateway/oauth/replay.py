@@ -5,6 +5,10 @@ EMA §7.4.2: the authorization server "MUST implement replay detection by reject
 holds if they share one store, or an assertion refused by one replica could be redeemed at the next:
 ``RedisReplayStore`` is that shared store, ``MemoryReplayStore`` the single-process default.
 
+The same store, with its own key prefixes, makes client assertions and DPoP proofs (RFC 9449 §11.1)
+single use and holds the access tokens revoked at the RFC 7009 endpoint (``is_recorded``), so every
+replica refuses them.
+
 A store that cannot answer fails closed: it raises ``ReplayStoreUnavailable`` and the grant is
 refused with a retryable error, because "unknown" must never be read as "first use".
 
@@ -54,6 +58,11 @@ class ReplayStore(Protocol):
         recorded (a replay) or is not a string.
 
         Raises ``ReplayStoreUnavailable`` when that cannot be decided."""
+        ...
+
+    async def is_recorded(self, key: str) -> bool:
+        """Whether ``key`` is recorded and not yet expired, without recording it (a revocation
+        list lookup). Raises ``ReplayStoreUnavailable`` when that cannot be decided."""
         ...
 
     async def close(self) -> None:
@@ -106,6 +115,10 @@ class MemoryReplayStore:
         self._expiry[digest] = until
         heapq.heappush(self._heap, (until, digest))
         return True
+
+    async def is_recorded(self, key: str) -> bool:
+        self._purge(self._clock())
+        return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest() in self._expiry
 
     async def close(self) -> None:
         """Nothing to release; present so every store is closed the same way."""
@@ -188,6 +201,18 @@ class RedisReplayStore:
                     return await self._client.get(name) == marker
         except (RedisError, OSError, TimeoutError) as exc:
             # Redis error texts name the host and the failure, never the password.
+            log.warning("replay store unavailable: %s: %s", type(exc).__name__, str(exc) or "no answer in time")
+            raise ReplayStoreUnavailable("the replay store (Redis) did not answer") from exc
+
+    async def is_recorded(self, key: str) -> bool:
+        try:
+            async with asyncio.timeout(self._timeout):
+                try:
+                    return bool(await self._client.exists(self.key_for(key)))
+                except RedisConnectionError:
+                    # A pooled connection dead after a Redis restart: one more try on a new one (read only).
+                    return bool(await self._client.exists(self.key_for(key)))
+        except (RedisError, OSError, TimeoutError) as exc:
             log.warning("replay store unavailable: %s: %s", type(exc).__name__, str(exc) or "no answer in time")
             raise ReplayStoreUnavailable("the replay store (Redis) did not answer") from exc
 

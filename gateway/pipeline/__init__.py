@@ -1,6 +1,7 @@
 """The proxied path as a sequence of stages, one module each, passing one request context.
 
-    origin -> authenticate (bearer + revocation) -> body -> decide (engine) -> session -> forward
+    origin -> authenticate (bearer + revocation) -> body -> decide (engine) -> session
+        -> upstream credential (chained ID-JAG routes only) -> forward
 
 and the audit trail around them (decisions when made, completion when the response ends). Each stage
 either lets the request go on, answers it (:class:`Answer`), or refuses it (:class:`Refusal`);
@@ -18,6 +19,7 @@ from gateway.pipeline.audit import audit_completion, audit_decisions, audit_refu
 from gateway.pipeline.authenticate import authenticate
 from gateway.pipeline.body import read_body
 from gateway.pipeline.context import Answer, Refusal, RequestContext, Services
+from gateway.pipeline.credential import upstream_credential
 from gateway.pipeline.decide import decide
 from gateway.pipeline.forward import forward
 from gateway.pipeline.origin import check_origin
@@ -28,13 +30,14 @@ __all__ = ["STAGES", "Answer", "Refusal", "RequestContext", "Services", "run"]
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that closed the connection before the answer
 
 Stage = Callable[[RequestContext], Awaitable[Answer | None]]
-STAGES: tuple[Stage, ...] = (check_origin, authenticate, read_body, decide, bind_session)
+STAGES: tuple[Stage, ...] = (check_origin, authenticate, read_body, decide, bind_session, upstream_credential)
 
 
 async def run(ctx: RequestContext, stages: tuple[Stage, ...] = STAGES) -> web.StreamResponse:
     try:
         for stage in stages:
-            answer = await stage(ctx)
+            with ctx.trace.stage(stage.__name__):
+                answer = await stage(ctx)
             if answer is not None:
                 return _answer_response(answer)
     except Refusal as refusal:
@@ -44,7 +47,8 @@ async def run(ctx: RequestContext, stages: tuple[Stage, ...] = STAGES) -> web.St
     status = CLIENT_CLOSED_REQUEST
     try:
         try:
-            response = await forward(ctx)
+            with ctx.trace.stage(forward.__name__):
+                response = await forward(ctx)
         except Refusal as refusal:
             audit_refusal(ctx, refusal)
             response = refusal_response(refusal, ctx.cors)

@@ -20,9 +20,12 @@ from gateway.audit import AuditLog
 from gateway.config import RouteConfig
 from gateway.metrics import Metrics
 from gateway.oauth.access_token import Principal
+from gateway.signals.revocations import SubjectRevocations
+from gateway.telemetry import NO_TRACE, RequestTrace, Tracing
 
 if TYPE_CHECKING:
     from gateway.enforce import Plan
+    from gateway.oauth.chain import UpstreamCredentials
     from gateway.proxy.forward import ForwardRequest, LegacyStream
     from gateway.proxy.request_body import RpcBody
     from gateway.runtime import Runtime
@@ -43,6 +46,11 @@ class Services:
     metrics: Metrics
     # Legacy HTTP+SSE: upstream session id -> its live GET stream. Weak values: an entry goes with it.
     legacy_streams: weakref.WeakValueDictionary[str, LegacyStream] = field(default_factory=weakref.WeakValueDictionary)
+    # Users the IdP cut off through Shared Signals (gateway/signals/), shared with every replica.
+    revocations: SubjectRevocations = field(default_factory=SubjectRevocations)
+    # Per-user upstream tokens of routes with upstream_authorization (gateway/oauth/chain.py).
+    credentials: UpstreamCredentials | None = None
+    tracing: Tracing | None = None  # OpenTelemetry traces (telemetry.otlp_endpoint); None: off
 
 
 @dataclass
@@ -60,6 +68,8 @@ class RequestContext:
     rpc: RpcBody | None = None  # POST only: the messages, read once
     plan: Plan | None = None
     forward: ForwardRequest | None = None  # None after planning: answered by the gateway alone
+    upstream_token: str | None = field(default=None, repr=False)  # the per-user upstream token sent, if any
+    trace: RequestTrace = NO_TRACE
 
 
 @dataclass

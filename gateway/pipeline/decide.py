@@ -37,6 +37,9 @@ async def decide(ctx: RequestContext) -> None:
             403,
             challenge_body("insufficient_scope", description),
             "insufficient_scope:" + " ".join(plan.missing_scopes),
-            headers=challenge_headers(prm_url, needed, "insufficient_scope", description),
+            # RFC 9449 §7.1: a DPoP-bound token is challenged with the DPoP scheme.
+            headers=challenge_headers(
+                prm_url, needed, "insufficient_scope", description, dpop=principal.jkt is not None or route.require_dpop
+            ),
         )
     ctx.plan = plan

@@ -27,6 +27,9 @@ async def forward(ctx: RequestContext) -> web.StreamResponse:
     if fwd is None:  # every message was answered by the gateway (refused calls)
         single = plan.local_responses[0] if not plan.batch else plan.local_responses
         return web.json_response(single, headers=local_headers)
+    trace_headers = ctx.trace.upstream_headers()
+    if trace_headers:
+        fwd = dataclasses.replace(fwd, trace_headers=trace_headers)
     try:
         response = await ctx.runtime.upstreams[ctx.route.name].forward(ctx.request, fwd)
     except StreamLimitReached as refused:
@@ -36,4 +39,7 @@ async def forward(ctx: RequestContext) -> web.StreamResponse:
         ) from None
     if not response.prepared:
         response.headers.update(cors)
+    if response.status == 401 and ctx.upstream_token is not None and ctx.services.credentials is not None:
+        assert ctx.principal is not None
+        ctx.services.credentials.rejected(ctx.route, ctx.principal, ctx.upstream_token)
     return response

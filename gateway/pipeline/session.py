@@ -3,6 +3,8 @@
 MCP security best practices (Session Hijacking): a session id belongs to the principal that created
 it (gateway/sessions.py binds it statelessly). A session presented by another principal is refused
 with 403 and audited as ``session.mismatch``; an unknown one gets 404, so clients start a new session.
+So does one created before the IdP cut its user off (Shared Signals, gateway/signals/): the session ends
+with the sign-in it belonged to, even for a new token of the same user.
 
 The legacy HTTP+SSE transport (2024-11-05) answers POSTed requests on the long-lived GET stream, not in
 the POST response: the GET stream owns the rewriter (list filtering, capability advertisement), and
@@ -12,11 +14,13 @@ each POST of that session hands its expectations to it, found by the upstream se
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 
 from gateway.pipeline.context import FORBIDDEN, INVALID_REQUEST, SESSION_NOT_FOUND, RequestContext, rpc_refusal
 from gateway.proxy.forward import ForwardRequest, LegacyStream, session_param_names, wrap_session_params
 from gateway.proxy.headers import SESSION_HEADER
+from gateway.proxy.identity_header import identity_token
 from gateway.proxy.jsonrpc import ResultRewriter
 from gateway.sessions import SessionBinder, SessionCheck, principal_key
 
@@ -28,14 +32,15 @@ async def bind_session(ctx: RequestContext) -> None:
     binder = ctx.runtime.sessions
     upstream_session = None
     presented = request.headers.get(SESSION_HEADER)
+    ended = functools.partial(ctx.services.revocations.refuses, principal.identity, principal.email)
     if presented is not None:
-        upstream_session = _check(binder, route.name, owner, presented)
+        upstream_session = _check(binder, route.name, owner, presented, ended)
     query = None
     rewriter = plan.rewriter
     wrap: Callable[[str], str] = functools.partial(binder.wrap, route.name, owner)
     legacy: LegacyStream | None = None
     if route.transport == "sse":
-        rewriter, wrap, query, legacy = _legacy_session(ctx, binder, owner)
+        rewriter, wrap, query, legacy = _legacy_session(ctx, binder, owner, ended)
     if request.method == "POST" and plan.forward_body is None and legacy is None:
         ctx.forward = None  # every message was answered by the gateway
         return
@@ -52,11 +57,29 @@ async def bind_session(ctx: RequestContext) -> None:
         wrap_session=wrap,
         legacy_stream=legacy,
         owner=owner,
+        principal=principal,
+        added_headers=_identity_header(ctx),
     )
 
 
+def _identity_header(ctx: RequestContext) -> tuple[tuple[str, str], ...]:
+    config, principal = ctx.route.identity_header, ctx.principal
+    if config is None or principal is None:
+        return ()
+    token = identity_token(
+        config,
+        key=ctx.runtime.signing_key,
+        issuer=ctx.runtime.config.authorization.issuer,
+        route=ctx.route.name,
+        principal=principal,
+        request_id=ctx.request_id,
+        now=time.time(),
+    )
+    return ((config.name, token),)
+
+
 def _legacy_session(
-    ctx: RequestContext, binder: SessionBinder, owner: str
+    ctx: RequestContext, binder: SessionBinder, owner: str, ended: Callable[[int], bool]
 ) -> tuple[ResultRewriter, Callable[[str], str], str | None, LegacyStream | None]:
     route, plan, streams = ctx.route, ctx.plan, ctx.services.legacy_streams
     assert plan is not None
@@ -77,7 +100,7 @@ def _legacy_session(
     seen: list[str] = []
 
     def check(presented: str) -> str:
-        upstream_id = _check(binder, route.name, owner, presented)
+        upstream_id = _check(binder, route.name, owner, presented, ended)
         seen.append(upstream_id)
         return upstream_id
 
@@ -88,8 +111,11 @@ def _legacy_session(
     return plan.rewriter, functools.partial(binder.wrap, route.name, owner), query, found
 
 
-def _check(binder: SessionBinder, route_name: str, owner: str, presented: str) -> str:
+def _check(binder: SessionBinder, route_name: str, owner: str, presented: str, ended: Callable[[int], bool]) -> str:
+    """``ended``: whether a session created at that second was ended by a Shared Signals cut-off."""
     status, upstream_id = binder.unwrap(route_name, owner, presented)
+    if status is SessionCheck.OK and ended(SessionBinder.created_at(presented)):
+        raise rpc_refusal(404, SESSION_NOT_FOUND, "session not found", "session ended by the identity provider")
     if status is SessionCheck.OK:
         assert upstream_id is not None
         return upstream_id

@@ -17,7 +17,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote, unquote_plus, urljoin, urlsplit
 
 import aiohttp
@@ -37,6 +37,9 @@ from gateway.proxy.jsonrpc import ResultRewriter, announces_list_changed
 from gateway.proxy.request_body import CANONICAL_CONTENT_TYPE
 from gateway.proxy.sse import EventSplitter, EventTooLarge, parse_event
 from gateway.urls import origin_of
+
+if TYPE_CHECKING:
+    from gateway.oauth.access_token import Principal
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +122,13 @@ class ForwardRequest:
     # The principal (gateway/sessions.py principal_key) whose open requests count against
     # limits.max_streams_per_principal.
     owner: str | None = None
+    # Who sent it (and when their token was issued): streams of a user the IdP cut off are ended.
+    principal: Principal | None = None
+    # Headers the gateway itself sends upstream for this request (the signed identity header), set
+    # after the client's headers are filtered, so a client can never supply them.
+    added_headers: tuple[tuple[str, str], ...] = ()
+    # W3C Trace Context of the gateway's upstream span (gateway/telemetry.py), replacing the client's.
+    trace_headers: tuple[tuple[str, str], ...] = ()
 
 
 class StreamLimitReached(Exception):
@@ -200,6 +210,7 @@ class Upstream:
         # route removal can end them cleanly.
         self.streams: dict[aiohttp.ClientResponse, bool] = {}
         self._ended: set[aiohttp.ClientResponse] = set()
+        self._stream_requests: dict[aiohttp.ClientResponse, ForwardRequest] = {}
         self._in_flight = 0
         self._retired = False
         # Called with the route name when a relayed event announces that the upstream's tools or prompts
@@ -218,6 +229,14 @@ class Upstream:
         streams = [s for s, listening in self.streams.items() if listening or not listening_only]
         for stream in streams:
             self._ended.add(stream)  # a deliberate end, not an upstream failure
+            stream.close()
+        return len(streams)
+
+    def end_streams_where(self, match: Callable[[ForwardRequest], bool]) -> int:
+        """End the live event streams whose request ``match``es (a user's, when the IdP cut them off)."""
+        streams = [s for s, fwd in self._stream_requests.items() if match(fwd)]
+        for stream in streams:
+            self._ended.add(stream)
             stream.close()
         return len(streams)
 
@@ -292,6 +311,11 @@ class Upstream:
             headers["Content-Type"] = CANONICAL_CONTENT_TYPE
         if fwd.upstream_session_id is not None:
             headers[SESSION_HEADER] = fwd.upstream_session_id
+        for name, value in fwd.added_headers:
+            headers[name] = value
+        if fwd.trace_headers:
+            headers.popall("tracestate", None)
+            headers.update(fwd.trace_headers)
         limits = self._limits
         started = time.monotonic()
         try:
@@ -380,6 +404,7 @@ class Upstream:
         for message in fwd.injected:
             await response.write(_event(message))
         self.streams[upstream] = request.method == "GET"
+        self._stream_requests[upstream] = fwd
         gauge = self._metrics.open_streams.labels(fwd.route.name) if self._metrics is not None else None
         if gauge is not None:
             gauge.inc()
@@ -387,6 +412,7 @@ class Upstream:
             return await self._relay_event_loop(request, upstream, fwd, response)
         finally:
             self.streams.pop(upstream, None)
+            self._stream_requests.pop(upstream, None)
             if gauge is not None:
                 gauge.dec()
 

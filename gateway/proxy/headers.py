@@ -14,6 +14,8 @@
   list says; the gateway then states the facts itself (de-facto ``X-Forwarded-*`` convention, the
   standard form being RFC 7239): ``X-Forwarded-For`` is the peer address of the connection only, and
   ``X-Forwarded-Host``/``-Proto`` come from ``public_url``, never from the client's ``Host``.
+- A route's identity header (``routes[].identity_header.name``) is removed whatever
+  ``strip_request_headers`` says: only the gateway's signed one may arrive (gateway/proxy/identity_header.py).
 """
 
 from __future__ import annotations
@@ -76,6 +78,8 @@ def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
 
 def upstream_request_headers(request: web.Request, route: RouteConfig, rules: RequestHeaderRules) -> CIMultiDict[str]:
     drop = _REQUEST_DROP | _connection_tokens(request.headers)
+    if route.identity_header is not None:
+        drop = drop | {route.identity_header.name.lower()}
     # Names with "_" are dropped, as nginx does by default: CGI/WSGI-style servers read "Mcp_Name" as
     # "Mcp-Name" (both become HTTP_MCP_NAME), a header the gateway checked only in its "-" spelling.
     headers = CIMultiDict(

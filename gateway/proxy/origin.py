@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from gateway.urls import origin_of
 
+# DPoP and DPoP-Nonce: RFC 9449 proofs and server nonces (gateway/oauth/dpop.py) from browser clients.
 CORS_ALLOW_HEADERS = (
-    "Authorization, Content-Type, Accept, MCP-Protocol-Version, Mcp-Session-Id, Last-Event-ID, Mcp-Method, Mcp-Name"
+    "Authorization, Content-Type, Accept, MCP-Protocol-Version, Mcp-Session-Id, Last-Event-ID, Mcp-Method, Mcp-Name, "
+    "DPoP"
 )
-CORS_EXPOSE_HEADERS = "Mcp-Session-Id, MCP-Protocol-Version, WWW-Authenticate, X-Request-Id"
+CORS_EXPOSE_HEADERS = "Mcp-Session-Id, MCP-Protocol-Version, WWW-Authenticate, X-Request-Id, DPoP-Nonce"
 
 
 class OriginPolicy:

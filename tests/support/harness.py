@@ -6,6 +6,7 @@ The gateway runs in the pytest event loop on a pre-bound 127.0.0.1 socket; the I
 
 from __future__ import annotations
 
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -19,6 +20,8 @@ from aiohttp import web
 from gateway.app import Gateway, bind_socket, start_gateway
 from gateway.config import GatewayConfig, parse_config
 from gateway.devidp import DevClient, DevIdentityProvider
+from gateway.oauth.keys import SigningKey
+from gateway.oauth.replay import ReplayStore
 
 CLIENT_ID = "test-agent"
 CLIENT_SECRET = "test-agent-secret-0123456789"
@@ -99,13 +102,14 @@ class GatewayHarness:
         extra: dict[str, str] | None = None,
         extra_pairs: Sequence[tuple[str, str]] = (),
         grant_type: str = JWT_BEARER,
+        headers: dict[str, str] | None = None,
     ) -> tuple[int, dict[str, Any], dict[str, str]]:
         """POST a jwt-bearer grant; ``extra`` adds or replaces parameters, ``extra_pairs`` appends them
-        (a parameter may repeat, as RFC 8707 ``resource`` does)."""
+        (a parameter may repeat, as RFC 8707 ``resource`` does); ``headers`` adds request headers."""
         form: dict[str, str] = {"grant_type": grant_type}
         if assertion is not None:
             form["assertion"] = assertion
-        headers = {}
+        headers = dict(headers or {})
         if basic:
             headers["Authorization"] = aiohttp.encode_basic_auth(client_id, client_secret or "")
         else:
@@ -147,14 +151,25 @@ async def start_harness(
     *,
     extra_idps: list[DevIdentityProvider] = (),
     jwks_min_refresh_seconds: float = 30,
+    public_url: str | None = None,
+    signing_key: SigningKey | None = None,
+    store: ReplayStore | None = None,
+    sock: socket.socket | None = None,
     **extra: Any,
 ) -> GatewayHarness:
-    sock = bind_socket("127.0.0.1", 0)
-    public_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    config = make_config(public_url, [idp, *extra_idps], routes, **extra)
-    gateway = Gateway(config, jwks_min_refresh_seconds=jwks_min_refresh_seconds)
+    """``public_url``: the URL clients are told (as behind a TLS-terminating ingress), when it is not
+    the loopback address the gateway listens on; ``signing_key`` and ``store`` (a replay store object,
+    where the ``replay_store`` option is the config value) let several gateways act as replicas of one
+    deployment; ``sock``: a socket bound beforehand, when the gateway's URL must be known before it
+    starts."""
+    sock = sock if sock is not None else bind_socket("127.0.0.1", 0)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    config = make_config(public_url or url, [idp, *extra_idps], routes, **extra)
+    gateway = Gateway(
+        config, jwks_min_refresh_seconds=jwks_min_refresh_seconds, signing_key=signing_key, replay_store=store
+    )
     runner, _ = await start_gateway(gateway, sock=sock, shutdown_timeout=1.0)
-    return GatewayHarness(gateway, runner, public_url, idp, list(extra_idps))
+    return GatewayHarness(gateway, runner, url, idp, list(extra_idps))
 
 
 @asynccontextmanager

@@ -107,14 +107,16 @@ class ServedGateway:
         async with self.http.post(self.base + path, json={}) as response:
             return response.status
 
-    async def grant(self, route: str, idp: DevIdentityProvider | None = None) -> tuple[int, dict[str, Any]]:
+    async def grant(
+        self, route: str, idp: DevIdentityProvider | None = None, *, user: str = "alice"
+    ) -> tuple[int, dict[str, Any]]:
         """RFC 7523 jwt-bearer grant with an ID-JAG that ``idp`` (default: the test's IdP) signed for
-        ``route``; returns the status and the JSON body."""
+        ``route`` and ``user``; returns the status and the JSON body."""
         signer = idp or self.idp
         now = int(time.time())
         claims = {
             "iss": signer.issuer,
-            "sub": "alice",
+            "sub": user,
             "aud": self.public_url,
             "client_id": CLIENT_ID,
             "jti": uuid.uuid4().hex,
@@ -132,13 +134,13 @@ class ServedGateway:
         async with self.http.post(self.base + "/oauth2/token", data=form) as response:
             return response.status, await response.json()
 
-    async def token(self, route: str) -> str:
-        status, body = await self.grant(route)
+    async def token(self, route: str, *, user: str = "alice") -> str:
+        status, body = await self.grant(route, user=user)
         assert status == 200, body
         return body["access_token"]
 
-    async def client(self, route: str, token: str | None = None) -> McpHttp:
-        client = McpHttp(self.http, f"{self.base}/{route}/mcp", token or await self.token(route))
+    async def client(self, route: str, token: str | None = None, *, user: str = "alice") -> McpHttp:
+        client = McpHttp(self.http, f"{self.base}/{route}/mcp", token or await self.token(route, user=user))
         await client.initialize()
         return client
 
