@@ -16,6 +16,7 @@ import re
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,12 +71,19 @@ class Gateway:
         quota_store: QuotaStore | None = None,
         jwks_min_refresh_seconds: float = 30,
         config_path: str | None = None,
+        metrics_port_offset: int = 0,
+        config_check: Callable[[GatewayConfig], None] | None = None,
     ) -> None:
+        """``metrics_port_offset`` and ``config_check`` are for ``serve --workers`` (gateway/workers.py):
+        worker i serves /metrics on ``metrics_listen``'s port + i, and a reload must pass the same check
+        as the config the workers started with (``config_check`` raises ``ConfigError``)."""
         # The gateway closes only a store it opened itself (tests and embedders may share theirs).
         self._owns_replay_store = replay_store is None
         self.replay_store = replay_store if replay_store is not None else open_replay_store(config.replay_store)
         self.audit = AuditLog(config.audit_sink, otlp_endpoint=config.telemetry_otlp_endpoint)
         self.config_path = config_path
+        self._metrics_port_offset = metrics_port_offset
+        self._config_check = config_check
         self._jwks_min_refresh = jwks_min_refresh_seconds
         self._idp_session: aiohttp.ClientSession | None = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -191,7 +199,7 @@ class Gateway:
             self._metrics_runner = web.AppRunner(metrics_app, access_log=None)
             await self._metrics_runner.setup()
             host, port = self.config.metrics_listen
-            await web.TCPSite(self._metrics_runner, host, port).start()
+            await web.TCPSite(self._metrics_runner, host, port + self._metrics_port_offset).start()
         if self.signals is not None:
             self.signals.start()
             await self.signals.prefetch_keys()
@@ -261,6 +269,8 @@ class Gateway:
                 if not self.config_path:
                     raise ReloadRefused("no config file to reload from")
                 config = await asyncio.to_thread(load_config, self.config_path)
+            if self._config_check is not None:
+                self._config_check(config)
             new = Runtime.build(
                 config,
                 replay_store=self.replay_store,

@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import json
 import logging
+import select
 import sys
 import time
 from collections import deque
@@ -163,9 +164,29 @@ class AuditLog:
             self.written += len(lines)
             return
         stream = self._file if self._file is not None else sys.stdout
-        stream.write("\n".join(lines) + "\n")
-        stream.flush()
+        for chunk in _whole_line_chunks(lines):
+            stream.write(chunk)
+            stream.flush()
         self.written += len(lines)
+
+
+def _whole_line_chunks(lines: list[str]) -> list[str]:
+    """``lines`` joined into chunks of whole lines of at most PIPE_BUF bytes where possible, each written
+    and flushed alone. Several processes (``serve --workers``) share stdout or the audit file: a write of
+    at most PIPE_BUF bytes to a pipe is atomic (pipe(7)), as is each write to a file opened for append,
+    so one process's line never lands inside another's. Lines are ASCII (``json.dumps`` escapes the rest),
+    so characters are bytes."""
+    chunks: list[str] = []
+    current: list[str] = []
+    size = 0
+    for line in lines:
+        if current and size + len(line) + 1 > select.PIPE_BUF:
+            chunks.append("\n".join(current) + "\n")
+            current, size = [], 0
+        current.append(line)
+        size += len(line) + 1
+    chunks.append("\n".join(current) + "\n")
+    return chunks
 
 
 def elapsed_ms(started: float) -> float:

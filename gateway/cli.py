@@ -20,6 +20,7 @@ from gateway.config import ConfigError, GatewayConfig, RouteConfig, describe, lo
 from gateway.mcp_methods import KINDS
 from gateway.oauth.keys import SigningKey, SigningKeyError, load_signing_key
 from gateway.upstream_catalog import Catalog, CatalogError, fetch_catalog
+from gateway.workers import Worker, bind_shared, supervise, workers_argument
 
 log = logging.getLogger("gateway")
 # Lines a person or a supervisor waits for (the dev IdP's address, the demo's steps) must not sit in
@@ -46,6 +47,14 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = add_command("serve", "run the gateway")
     serve.add_argument("--config", required=True, help="path to the YAML config")
+    serve.add_argument(
+        "--workers",
+        type=workers_argument,
+        default=1,
+        metavar="N",
+        help="processes sharing the port (default 1; auto: the CPUs available); N > 1 needs a Redis "
+        "replay_store and metrics_listen",
+    )
 
     check = add_command("check", "validate a config and print the effective route table")
     check.add_argument("--config", required=True, help="path to the YAML config")
@@ -90,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _explain(args)
         if args.command == "check":
             return _check(args.config, args.as_groups, upstreams=args.upstreams)
+        if args.command == "serve" and args.workers > 1:
+            return supervise(args.config, level, args.workers, _signing_key, _serve_worker)
         if args.command == "serve":
             event_loop.use_fastest()
             return asyncio.run(_serve(args.config, level))
@@ -200,7 +211,12 @@ async def _wait_for_signal() -> None:
     await stop.wait()
 
 
-async def _serve(path: str, log_level: str) -> int:
+async def _serve_worker(worker: Worker) -> int:
+    """One of ``serve --workers N``'s processes (gateway/workers.py forks it with the supervisor's key)."""
+    return await _serve(worker.config_path, worker.log_level, worker)
+
+
+async def _serve(path: str, log_level: str, worker: Worker | None = None) -> int:
     """Run until SIGTERM/SIGINT; SIGHUP reloads the config (as does a change of the file).
 
     Shutdown is graceful: readiness turns 503 and live SSE streams are ended cleanly at once (clients
@@ -209,15 +225,25 @@ async def _serve(path: str, log_level: str) -> int:
     """
     from gateway.app import Gateway, start_gateway
 
-    config = load_config(path)
-    logs.configure(log_level, config.logging_format)
+    config = load_config(path) if worker is None else worker.load(path)
+    logs.configure(log_level, config.logging_format, None if worker is None else worker.index)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    gateway = Gateway(config, signing_key=_signing_key(config), config_path=path)
+    if worker is None:
+        gateway = Gateway(config, signing_key=_signing_key(config), config_path=path)
+    else:
+        gateway = Gateway(
+            config,
+            signing_key=worker.signing_key,
+            config_path=path,
+            metrics_port_offset=worker.index,
+            config_check=worker.check,
+        )
     try:
-        runner, url = await start_gateway(gateway, shutdown_timeout=config.shutdown_grace_seconds)
+        sock = None if worker is None else bind_shared(config.listen_host, config.listen_port)
+        runner, url = await start_gateway(gateway, sock=sock, shutdown_timeout=config.shutdown_grace_seconds)
     except OSError as exc:
         print(
             f"mcp-gateway: cannot listen on {config.listen_host}:{config.listen_port}: {exc.strerror}", file=sys.stderr

@@ -4,6 +4,9 @@
 and, for lines written while a request is handled, ``request_id``: the same id the client receives as
 ``X-Request-Id`` and the audit trail records, so ingress logs, gateway logs and audit lines join on it.
 The id travels in a context variable, which asyncio copies into every task a request starts.
+Under ``serve --workers N`` every line of a worker also names it (``worker 3`` in text, ``"worker": 3``
+in JSON), so one stream of interleaved lines can be told apart; the supervisor's lines come from the
+``gateway.supervisor`` logger.
 """
 
 from __future__ import annotations
@@ -21,13 +24,19 @@ REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker
+
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, object] = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self.worker is not None:
+            entry["worker"] = self.worker
         request_id = REQUEST_ID.get()
         if request_id is not None:
             entry["request_id"] = request_id
@@ -36,11 +45,15 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
-def configure(level: str, log_format: str = "text") -> None:
+def configure(level: str, log_format: str = "text", worker: int | None = None) -> None:
     """Send every logger's records at ``level`` and above to stderr in ``log_format``; replaces any
     earlier configuration (``serve`` configures text at once, then the config's format)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter(worker))
+    else:
+        label = "" if worker is None else f"worker {worker} "
+        handler.setFormatter(logging.Formatter(TEXT_FORMAT.replace("%(name)s", label + "%(name)s")))
     root = logging.getLogger()
     for old in root.handlers[:]:
         root.removeHandler(old)

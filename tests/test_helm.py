@@ -26,6 +26,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway import cli
+from gateway.config import load_config
+from gateway.workers import check_workers
 from tests.support.harness import running_gateway
 
 REPO = Path(__file__).resolve().parent.parent
@@ -867,3 +869,88 @@ async def test_helm_test_hook_script_passes_against_a_ready_gateway_and_fails_ot
         harness.gateway.drain()
         draining = await asyncio.to_thread(_run_hook, env)
         assert draining.returncode != 0
+
+
+# --- workers (serve --workers) --------------------------------------------------------------------
+
+WORKERS_READY = {"metrics": {"port": 9090}, **SHARED_STORE}
+
+
+def workers_values(cpu: str | int | None, **values: Any) -> dict[str, Any]:
+    limits = {"memory": "512Mi"} if cpu is None else {"cpu": cpu, "memory": "512Mi"}
+    return {**WORKERS_READY, "resources": {"requests": {"cpu": "500m", "memory": "256Mi"}, "limits": limits}, **values}
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({}, 1),  # the chart's default limit of 1 CPU: one process, no --workers argument
+        (workers_values("1"), 1),
+        (workers_values("500m"), 1),
+        (workers_values(None), 1),
+        (workers_values("1500m"), 2),
+        (workers_values(2), 2),
+        (workers_values("4"), 4),
+        (workers_values("1", workers=3), 3),
+    ],
+)
+def test_workers_follow_the_cpu_limit(values, expected):
+    docs = objects(values)
+    args = gateway_container(docs)["args"]
+    parsed = cli._parser().parse_args(args)
+    assert parsed.workers == expected
+    assert ("--workers" in args) == (expected > 1)  # one worker renders the pod exactly as before
+
+
+def test_every_worker_has_a_metrics_port_scraped_by_the_monitor():
+    monitors = {"serviceMonitor": {"enabled": True}}
+    values = workers_values("3", networkPolicy={"enabled": True, "metricsFrom": [{"podSelector": {}}]})
+    values["metrics"] = {**values["metrics"], **monitors}
+    docs = objects(values)
+    expected = {"metrics": 9090, "metrics-1": 9091, "metrics-2": 9092}
+    assert {name: port for name, port in container_ports(docs).items() if name != "http"} == expected
+    service_ports = {p["name"]: (p["port"], p["targetPort"]) for p in one(docs, "Service")["spec"]["ports"]}
+    assert {name: service_ports[name] for name in expected} == {name: (port, name) for name, port in expected.items()}
+    assert [e["port"] for e in one(docs, "ServiceMonitor")["spec"]["endpoints"]] == list(expected)
+    policy_ports = [p["port"] for rule in one(docs, "NetworkPolicy")["spec"]["ingress"] for p in rule["ports"]]
+    assert set(expected) <= set(policy_ports)
+    pod_values = workers_values("3")
+    pod_values["metrics"] = {**pod_values["metrics"], "podMonitor": {"enabled": True}}
+    endpoints = one(objects(pod_values), "PodMonitor")["spec"]["podMetricsEndpoints"]
+    assert [e["port"] for e in endpoints] == list(expected)
+
+
+def test_the_rendered_workers_config_passes_the_gateways_own_check(tmp_path, monkeypatch):
+    """What the supervisor checks before forking (gateway/workers.py check_workers) accepts the chart's
+    config for the worker count the chart passes."""
+    docs = objects(workers_values("2"))
+    (tmp_path / "config.yaml").write_text(one(docs, "ConfigMap")["data"]["config.yaml"])
+    monkeypatch.setenv("MCP_CLIENT_SECRET", "test-value-of-the-client-secret-0123456789")
+    workers = cli._parser().parse_args(gateway_container(docs)["args"]).workers
+    check_workers(load_config(tmp_path / "config.yaml"), workers)
+
+
+SSE_ROUTE_ONLY = {**SHARED_STORE["config"], "routes": [LEGACY_ROUTE]}
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({**workers_values("2"), "metrics": {"port": None}}, "metrics.port is required with 2 workers"),
+        (workers_values("2", containerPort=9091), "metrics.port 9090 to 9091 (one per worker) must not include"),
+        (
+            {**workers_values("2"), "config": {"replay_store": "memory"}},
+            "config.replay_store must be a Redis URL with 2",
+        ),
+        (workers_values("2", config=SSE_ROUTE_ONLY), "routes with transport: sse cannot be served by 2 workers"),
+    ],
+)
+def test_render_refuses_workers_whose_state_would_diverge(chart, values, message):
+    with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+@pytest.mark.parametrize("workers", [0, "many", "2"])
+def test_schema_rejects_bad_workers(chart, workers):
+    with pytest.raises(helm.HelmValuesError):
+        chart.render({"workers": workers}, name=RELEASE, namespace=NAMESPACE)

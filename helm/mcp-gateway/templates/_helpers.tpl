@@ -66,6 +66,27 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if ne (include "mcp-gateway.metricsPort" .) (toString (int .Values.containerPort)) }}true{{ end }}
 {{- end }}
 
+{{/*
+The number of gateway processes in the pod (`serve --workers N`): workers, or for "auto" the CPU limit
+rounded up (1 without a limit). Computed here, not by the gateway's own `--workers auto`, because every
+worker serves its own /metrics port and the ports, Service and monitors must list them all.
+*/}}
+{{- define "mcp-gateway.workers" -}}
+{{- if eq (toString .Values.workers) "auto" }}
+{{- $cpu := toString (((.Values.resources | default dict).limits | default dict).cpu | default "") }}
+{{- if not $cpu }}1
+{{- else if hasSuffix "m" $cpu }}{{ max 1 (int (ceil (divf (float64 (trimSuffix "m" $cpu)) 1000))) }}
+{{- else }}{{ max 1 (int (ceil (float64 $cpu))) }}
+{{- end }}
+{{- else }}{{ int .Values.workers }}
+{{- end }}
+{{- end }}
+
+{{/* The name of worker $'s metrics port: metrics, metrics-1, metrics-2, ... */}}
+{{- define "mcp-gateway.workerMetricsPortName" -}}
+{{- if eq (int .) 0 }}metrics{{ else }}metrics-{{ . }}{{ end }}
+{{- end }}
+
 {{/* The named container/Service port that serves /metrics. */}}
 {{- define "mcp-gateway.metricsPortName" -}}
 {{- if include "mcp-gateway.separateMetricsPort" . }}metrics{{ else }}http{{ end }}
@@ -150,6 +171,22 @@ authorization.signing_key_file (the mounted Secret).
 {{- end }}
 {{- if and $multi (include "mcp-gateway.hasLegacySseRoute" .) (not .Values.legacySseAffinity) }}
 {{- fail "routes with transport: sse need session affinity with more than one replica (replicaCount > 1 or autoscaling.enabled): the legacy HTTP+SSE transport answers each POST on the client's GET stream, which lives in one pod. Set legacySseAffinity to ClientIP (the Service pins client addresses) or ingress (your ingress pins clients with a cookie or source hash), or run one replica" }}
+{{- end }}
+{{- $workers := int (include "mcp-gateway.workers" .) }}
+{{- if gt $workers 1 }}
+{{- if not (include "mcp-gateway.separateMetricsPort" .) }}
+{{- fail (printf "metrics.port is required with %d workers (workers, or the CPU limit when workers is auto): each worker serves its own /metrics on metrics.port + its index; on the http port a scrape would show one worker's counters" $workers) }}
+{{- end }}
+{{- $metricsPort := int (include "mcp-gateway.metricsPort" .) }}
+{{- if and (le $metricsPort (int .Values.containerPort)) (lt (int .Values.containerPort) (add $metricsPort $workers)) }}
+{{- fail (printf "metrics.port %d to %d (one per worker) must not include containerPort %d" $metricsPort (add $metricsPort $workers -1) (int .Values.containerPort)) }}
+{{- end }}
+{{- if eq (include "mcp-gateway.replayStore" .) "memory" }}
+{{- fail (printf "config.replay_store must be a Redis URL with %d workers (workers, or the CPU limit when workers is auto): with the in-memory store an ID-JAG can be redeemed once per worker. Set config.replay_store, or workers: 1" $workers) }}
+{{- end }}
+{{- if include "mcp-gateway.hasLegacySseRoute" . }}
+{{- fail (printf "routes with transport: sse cannot be served by %d workers: the legacy HTTP+SSE transport answers each POST on the GET stream one worker holds. Set workers: 1 (and scale with replicas and legacySseAffinity)" $workers) }}
+{{- end }}
 {{- end }}
 {{- if .Values.autoscaling.enabled }}
 {{- if gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas) }}
