@@ -50,6 +50,7 @@ from gateway.routes import RouteTable
 from gateway.runtime import ReloadRefused, Runtime
 from gateway.signals.receiver import SignalReceiver
 from gateway.telemetry import Tracing
+from gateway.tool_pins import DriftState
 
 log = logging.getLogger("gateway")
 
@@ -108,6 +109,7 @@ class Gateway:
             self.metrics,
             credentials=UpstreamCredentials(self.idp_session, self.retained_assertions),
             tracing=tracing,
+            tool_drift=DriftState(on_drift=self._audit_drift),
         )
         # Shared Signals (gateway/signals/): built once; its transmitters need a restart to change.
         self.signals = (
@@ -141,6 +143,7 @@ class Gateway:
             condition_health=self.condition_health,
             revocations=self.services.revocations,
             retain=self._retain_assertion,
+            tool_drift=self.services.tool_drift,
         )
 
     # Convenience views of the current runtime (tests, benchmarks, the demo).
@@ -284,6 +287,7 @@ class Gateway:
                 condition_health=self.condition_health,
                 revocations=self.services.revocations,
                 retain=self._retain_assertion,
+                tool_drift=self.services.tool_drift,
             )
         except (ConfigError, SigningKeyError, ReloadRefused) as exc:
             self.metrics.reloads.labels("failure").inc()
@@ -445,6 +449,21 @@ class Gateway:
         if not self.runtime.origins.is_allowed(request.headers.get("Origin")):
             return OriginRefused().to_response()
         return None
+
+    def _audit_drift(self, route: str, tool: str, pinned: str | None, observed: str, action: str) -> None:
+        """One audit line and one count per change of a tool's definition away from its pin."""
+        change = "unpinned" if pinned is None else "changed"
+        self.metrics.tool_drift.labels(route, change, action).inc()
+        self.audit.emit(
+            "tool.drift",
+            route=route,
+            method="tools/list",
+            target=tool,
+            decision="deny" if action == "refused" else "allow",
+            reason=f"tool_drift: {change}",
+            old_sha256=pinned,
+            new_sha256=observed,
+        )
 
     def _audit_revocation(self, principal: Principal) -> None:
         route = self.runtime.routes.for_resource(principal.audience)

@@ -1,4 +1,4 @@
-"""The ``mcp-gateway`` command: serve | check | demo | dev-idp.
+"""The ``mcp-gateway`` command: serve | check | pin | demo | dev-idp.
 
 User errors (bad config, unusable key, busy port) end with one line on stderr and a non-zero exit
 status; tracebacks are for bugs only.
@@ -13,12 +13,14 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from gateway import __version__, event_loop, logs
 from gateway.condition_health import find_problems, has_conditions, needs_prompts
 from gateway.config import ConfigError, GatewayConfig, RouteConfig, describe, load_config
 from gateway.mcp_methods import KINDS
 from gateway.oauth.keys import SigningKey, SigningKeyError, load_signing_key
+from gateway.tool_pins import definition_hash, write_pins
 from gateway.upstream_catalog import Catalog, CatalogError, fetch_catalog
 from gateway.workers import Worker, bind_shared, supervise, workers_argument
 
@@ -77,6 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--as-user", default=EXPLAIN_USER, metavar="SUB", help=f"with --explain: sub ({EXPLAIN_USER})")
     check.add_argument("--as-client", default=None, metavar="ID", help="with --explain: client_id (the first client)")
 
+    pin = add_command("pin", "write a route's tool_pins lock file from its upstream's tools/list")
+    pin.add_argument("--config", required=True, help="path to the YAML config")
+    pin.add_argument("--route", required=True, metavar="NAME", help="the route whose upstream's tools are pinned")
+
     demo = add_command("demo", "run upstream + development IdP + gateway and the whole flow")
     demo.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     demo.add_argument("--port", type=int, default=8080, help="gateway port (default 8080; 0 = any free port)")
@@ -99,6 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _explain(args)
         if args.command == "check":
             return _check(args.config, args.as_groups, upstreams=args.upstreams)
+        if args.command == "pin":
+            return asyncio.run(_pin(args.config, args.route))
         if args.command == "serve" and args.workers > 1:
             return supervise(args.config, level, args.workers, _signing_key, _serve_worker)
         if args.command == "serve":
@@ -187,12 +195,70 @@ async def _check_upstreams(config: GatewayConfig) -> int:
         else:
             errors = sum(len(problem.problems) for problem in problems)
             verdict = f"conditions: {errors} type error{'s' * (errors != 1)}" if errors else "conditions type-check"
+        pin_problems = _pin_problems(route, index, catalog)
+        if route.tool_pins is not None:
+            verdict += (
+                f"; pins: {len(pin_problems)} problem{'s' * (len(pin_problems) != 1)}"
+                if pin_problems
+                else ("; pins match")
+            )
         print(f"  {route.name}: {listed}; {verdict}", flush=True)
         for problem in problems:
             failed = True
             for line in problem.lines():
                 print(f"mcp-gateway: {config.source}: {line}", file=sys.stderr)
+        for line in pin_problems:
+            failed = True
+            print(f"mcp-gateway: {config.source}: {line}", file=sys.stderr)
     return 2 if failed else 0
+
+
+async def _pin(path: str, name: str) -> int:
+    """``pin --route NAME``: list the route's upstream tools (every page) and write ``tool_pins``."""
+    config = load_config(path, read_tool_pins=False)  # the lock file may not exist yet: pin writes it
+    index = next((i for i, route in enumerate(config.routes) if route.name == name), None)
+    if index is None:
+        names = ", ".join(route.name for route in config.routes)
+        print(f"mcp-gateway: {config.source}: --route: no route named {name!r} (routes: {names})", file=sys.stderr)
+        return 2
+    route = config.routes[index]
+    if route.tool_pins is None:
+        print(
+            f"mcp-gateway: {config.source}: routes[{index}].tool_pins: is not set (add the lock file's path, "
+            f"e.g. pins/{name}.json)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        catalog = await fetch_catalog(route, config.limits, prompts=False)
+    except CatalogError as exc:
+        print(
+            f"mcp-gateway: {config.source}: routes[{index}].upstream: cannot list the tools of route "
+            f"'{name}' ({route.upstream}): {exc}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        pinned = write_pins(Path(route.tool_pins.path), name, route.upstream, list(catalog.definitions))
+    except OSError as exc:
+        print(f"mcp-gateway: cannot write {route.tool_pins.path}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    _say(f"pinned {len(pinned)} tools of route '{name}' to {route.tool_pins.path}")
+    return 0
+
+
+def _pin_problems(route: RouteConfig, index: int, catalog: Catalog) -> list[str]:
+    """``check --upstreams``: pinned tools the upstream no longer lists, or lists changed."""
+    if route.tool_pins is None:
+        return []
+    listed = {tool["name"]: definition_hash(tool) for tool in catalog.definitions}
+    problems = []
+    for tool, digest in sorted(route.tool_pins.tools.items()):
+        if tool not in listed:
+            problems.append(f"routes[{index}].tool_pins: tool '{tool}' is pinned but the upstream no longer has it")
+        elif listed[tool] != digest:
+            problems.append(f"routes[{index}].tool_pins: tool '{tool}' changed since it was pinned")
+    return problems
 
 
 def _signing_key(config: GatewayConfig) -> SigningKey:

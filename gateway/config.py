@@ -26,6 +26,7 @@ from gateway.conditions import ConditionError, compile_cost
 from gateway.mcp_methods import KINDS
 from gateway.policy import RoutePolicy, RuleSet, describe_access, parse_rules
 from gateway.quotas import QuotaRule, parse_quotas
+from gateway.tool_pins import DRIFT_MODES, PinFileError, ToolPins, load_pins
 from gateway.urls import canonical_url, origin_of
 
 TRANSPORTS = ("streamable-http", "sse")
@@ -253,6 +254,9 @@ class RouteConfig:
     # RFC 9449 §7.1: only DPoP-bound tokens with a proof are accepted here (RFC 9728
     # dpop_bound_access_tokens_required).
     require_dpop: bool = False
+    # The lock file of ``mcp-gateway pin`` (gateway/tool_pins.py) and what a drift from it does.
+    tool_pins: ToolPins | None = field(default=None, compare=False)
+    on_tool_drift: str = "hide"
 
 
 @dataclass(frozen=True)
@@ -403,8 +407,9 @@ def _kind(value: Any) -> str:
     return "nothing" if value is None else type(value).__name__
 
 
-def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
-    """Read and validate a config file; raises ConfigError for every user-facing problem."""
+def load_config(path: str | os.PathLike[str], *, read_tool_pins: bool = True) -> GatewayConfig:
+    """Read and validate a config file; raises ConfigError for every user-facing problem.
+    ``read_tool_pins=False`` (``mcp-gateway pin``, which writes them) leaves the routes' lock files unread."""
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -422,10 +427,12 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
     except ValueError as exc:
         # SafeLoader builds dates itself and raises ValueError for one like 2001-02-30.
         raise ConfigError(source, "", f"invalid YAML: {exc}") from None
-    return parse_config(data, source=source, base_dir=Path(path).resolve().parent)
+    return parse_config(data, source=source, base_dir=Path(path).resolve().parent, read_tool_pins=read_tool_pins)
 
 
-def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None = None) -> GatewayConfig:
+def parse_config(
+    data: Any, *, source: str = "<config>", base_dir: Path | None = None, read_tool_pins: bool = True
+) -> GatewayConfig:
     """Validate an already-parsed YAML document (used by tests and the demo)."""
     root = _Node(source, "", data)
     host, port = _parse_listen(root)
@@ -443,7 +450,7 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None =
     allowed_origins = tuple(_origin(root, o) for o in origins) if origins is not None else (origin_of(public_url),)
     limits = _parse_limits(root.child("limits"))
     authorization = _parse_authorization(root.child("authorization"), public_url, base_dir, insecure_ok)
-    routes = _parse_routes(root, public_url, base_dir, insecure_ok)
+    routes = _parse_routes(root, public_url, base_dir, insecure_ok, read_tool_pins)
     # A separate, unauthenticated listener for Prometheus (keeps /metrics off the public port).
     metrics_listen = _parse_listen(root, "metrics_listen", None) if root.data.get("metrics_listen") else None
     if metrics_listen is None:
@@ -966,15 +973,22 @@ def _authorization_file(item: _Node, name: str, base_dir: Path | None) -> Secret
     return Secret(value)
 
 
-def _parse_routes(root: _Node, public_url: str, base_dir: Path | None, insecure_ok: bool) -> tuple[RouteConfig, ...]:
+def _parse_routes(
+    root: _Node, public_url: str, base_dir: Path | None, insecure_ok: bool, read_tool_pins: bool = True
+) -> tuple[RouteConfig, ...]:
     routes: list[RouteConfig] = []
     for item in root.children("routes", required=True):
-        routes.append(_parse_route(item, public_url, routes, base_dir, insecure_ok))
+        routes.append(_parse_route(item, public_url, routes, base_dir, insecure_ok, read_tool_pins))
     return tuple(routes)
 
 
 def _parse_route(
-    item: _Node, public_url: str, earlier: list[RouteConfig], base_dir: Path | None, insecure_ok: bool
+    item: _Node,
+    public_url: str,
+    earlier: list[RouteConfig],
+    base_dir: Path | None,
+    insecure_ok: bool,
+    read_tool_pins: bool = True,
 ) -> RouteConfig:
     name = item.string("name", required=True)
     assert name is not None
@@ -1023,9 +1037,33 @@ def _parse_route(
         require_dpop=_flag(item, "require_dpop"),
         identity_header=_parse_identity_header(item, upstream, upstream_headers),
         upstream_authorization=_parse_upstream_authorization(item, public_url, base_dir, insecure_ok),
+        tool_pins=_parse_tool_pins(item, base_dir, read_tool_pins),
+        on_tool_drift=_parse_on_tool_drift(item),
     )
     item.finish()
     return route
+
+
+def _parse_tool_pins(item: _Node, base_dir: Path | None, read: bool) -> ToolPins | None:
+    path = item.string("tool_pins")
+    if path is None:
+        return None
+    if not read:
+        return ToolPins(str(_resolve(base_dir, path)), {})
+    try:
+        return load_pins(_resolve(base_dir, path))
+    except PinFileError as exc:
+        raise item.error("tool_pins", str(exc)) from None
+
+
+def _parse_on_tool_drift(item: _Node) -> str:
+    mode = item.string("on_tool_drift", "hide")
+    assert mode is not None
+    if mode not in DRIFT_MODES:
+        raise item.error("on_tool_drift", f"must be one of {', '.join(DRIFT_MODES)}, got {mode!r}")
+    if "tool_pins" not in item.data and "on_tool_drift" in item.data:
+        raise item.error("on_tool_drift", "needs tool_pins (the lock file written by mcp-gateway pin)")
+    return mode
 
 
 # Headers the gateway, HTTP (hop-by-hop, RFC 9110 §7.6.1) or MCP itself sets on the way upstream: an

@@ -22,9 +22,9 @@ from gateway.config import RouteConfig
 from gateway.engine import Decision, DecisionContext, DecisionEngine, Effect, Explanation
 from gateway.mcp_methods import HANDSHAKE_METHODS, NOUNS
 from gateway.oauth.access_token import Principal
-from gateway.policy import RoutePolicy
 from gateway.proxy.jsonrpc import ResultRewriter, advertise_ema_extension
 from gateway.proxy.request_body import RpcBody, RpcMessage, canonical_json
+from gateway.tool_pins import DriftState
 
 # JSON-RPC codes the gateway answers with (implementation-defined server errors, JSON-RPC 2.0 §5.1;
 # -32020 is MCP 2026-07-28's HeaderMismatch).
@@ -59,14 +59,22 @@ class Plan:
     request_id: Any = None  # the first request's id, for gateway-made error bodies
 
 
-def list_filter_for(policy: RoutePolicy, groups: frozenset[str]) -> ResultRewriter:
-    """A rewriter that filters every list-shaped result for ``groups`` (none needed on open routes)."""
-    return ResultRewriter(partial(policy.filter_lists, groups=groups) if policy.restricts_lists else None)
+def list_filter_for(route: RouteConfig, groups: frozenset[str], drift: DriftState | None = None) -> ResultRewriter:
+    """A rewriter that filters every list-shaped result for ``groups`` and, on a route with ``tool_pins``,
+    checks its tools against the pins (none needed on open routes without pins)."""
+    policy = route.policy
+    by_policy = partial(policy.filter_lists, groups=groups) if policy.restricts_lists else None
+    if route.tool_pins is None or drift is None:
+        return ResultRewriter(by_policy)
+    by_pins = partial(drift.check_list, route.name, route.tool_pins, route.on_tool_drift)
+    if by_policy is None:
+        return ResultRewriter(by_pins)
+    return ResultRewriter(lambda result: by_policy(by_pins(result)))
 
 
-def stream_plan(policy: RoutePolicy, groups: frozenset[str]) -> Plan:
+def stream_plan(route: RouteConfig, groups: frozenset[str], drift: DriftState | None = None) -> Plan:
     """GET and DELETE: nothing to decide or forward, but whatever the stream carries is filtered."""
-    return Plan(forward_body=None, rewriter=list_filter_for(policy, groups))
+    return Plan(forward_body=None, rewriter=list_filter_for(route, groups, drift))
 
 
 async def plan_request(
@@ -78,6 +86,7 @@ async def plan_request(
     *,
     digest_arguments: Callable[[Any], str] | None = None,
     explanation: Explanation | None = None,
+    tool_drift: DriftState | None = None,
 ) -> Plan:
     """Decide every message of one request; ``forward_body`` is the canonical JSON of the messages
     allowed through (None when none is), so the upstream reads exactly what was decided.
@@ -86,7 +95,7 @@ async def plan_request(
     plan = Plan(
         forward_body=None,
         batch=batch,
-        rewriter=list_filter_for(route.policy, frozenset(principal.groups)),
+        rewriter=list_filter_for(route, frozenset(principal.groups), tool_drift),
         request_id=next((m.id for m in messages if m.is_request), None),
     )
     # The mirror headers are part of Streamable HTTP; the legacy HTTP+SSE transport has none.

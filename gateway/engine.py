@@ -7,13 +7,15 @@ each able to end the decision:
 
 1. scopes: a method that needs a scope the token lacks -> ``step_up`` (RFC 6750 §3.1
    ``insufficient_scope``; MCP authorization "Scope Challenge Handling");
-2. rules: a rule that would decide the call but whose condition does not type-check against the tool's
+2. pins: a ``tools/call`` of a tool that drifted from the route's ``tool_pins`` (gateway/tool_pins.py)
+   -> ``deny`` with ``tool_drift``;
+3. rules: a rule that would decide the call but whose condition does not type-check against the tool's
    current ``inputSchema`` (gateway/condition_health.py) -> ``deny`` with ``condition_invalid``;
    the route's tools / resources / prompts rules (gateway/policy.py), with their ``when``
    conditions in CEL (gateway/conditions.py) evaluated on the call's arguments, user, client, route
    and time -> ``deny`` naming the rule id (and ``condition`` when a condition decided, or
    ``condition_error`` when it could not be evaluated), or the rule that allows;
-3. quotas: a ``tools/call`` counted by a quota whose ``cost`` does not type-check -> ``deny`` with
+4. quotas: a ``tools/call`` counted by a quota whose ``cost`` does not type-check -> ``deny`` with
    ``condition_invalid``; counted by the route's quotas (gateway/quotas.py) -> ``throttle`` with the
    quota id and when to retry; a quota store that cannot answer -> ``deny`` (fail closed). Each quota's
    outcome (charged, exhausted, unavailable) goes to ``on_quota``: the metrics.
@@ -41,6 +43,7 @@ from gateway.oauth.access_token import Principal
 from gateway.policy import Decision as RulesDecision
 from gateway.policy import RoutePolicy, Rule, RuleStep, target_problem
 from gateway.quotas import Charge, QuotaOutcome, QuotaRule, QuotaStore, QuotaStoreUnavailable
+from gateway.tool_pins import DriftState
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +115,12 @@ class DecisionEngine:
         condition_health: ConditionHealth | None = None,
         *,
         on_quota: QuotaObserver | None = None,
+        tool_drift: DriftState | None = None,
     ) -> None:
         self._quotas = quota_store
         self._health = condition_health
         self._on_quota = on_quota
+        self._drift = tool_drift
 
     async def decide(self, ctx: DecisionContext) -> Decision:
         policy = ctx.route.policy
@@ -126,12 +131,24 @@ class DecisionEngine:
         if call.kind is None:
             return NOT_A_NAMED_CALL
         facts = _Facts(ctx)
-        decision = self._invalid_condition(ctx, "rule") or _by_rules(
-            policy, call.kind, call.target, ctx.groups, facts, ctx.explanation
+        decision = (
+            self._drifted(ctx)
+            or self._invalid_condition(ctx, "rule")
+            or _by_rules(policy, call.kind, call.target, ctx.groups, facts, ctx.explanation)
         )
         if decision.allowed and call.method == "tools/call" and ctx.route.quotas and call.target is not None:
             return self._invalid_condition(ctx, "quota") or await self._charge(ctx, call.target, facts) or decision
         return decision
+
+    def _drifted(self, ctx: DecisionContext) -> Decision | None:
+        """Refuse a call of a tool that ``on_tool_drift`` keeps from agents (changed, or not pinned)."""
+        route, call = ctx.route, ctx.call
+        if route.tool_pins is None or call.method != "tools/call" or self._drift is None:
+            return None
+        why = self._drift.refuses(route.name, route.tool_pins, route.on_tool_drift, call.target)
+        if why is None:
+            return None
+        return Decision(Effect.DENY, f"tool_drift: {why}", data={"reason": "tool_drift"})
 
     def _invalid_condition(self, ctx: DecisionContext, owner: str) -> Decision | None:
         """Refuse a call that a rule's condition or a quota's cost found not to type-check would decide."""

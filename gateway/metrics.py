@@ -250,6 +250,12 @@ class Metrics:
             ["route", "result"],
             registry=r,
         )
+        self.tool_drift = Counter(
+            "mcp_gateway_tool_drift_total",
+            "Tools whose listed definition differs from the route's tool_pins, once per change, by change and action",
+            ["route", "change", "action"],
+            registry=r,
+        )
         self.signals = Counter(
             "mcp_gateway_shared_signals_total",
             "Security Event Tokens received from Shared Signals transmitters, by delivery and result",
@@ -296,6 +302,10 @@ class Metrics:
             for quota in route.quotas:
                 for result in QUOTA_RESULTS:
                     self.quota_decisions.labels(route.name, quota.id, result)
+            if route.tool_pins is not None:
+                for change in ("changed", "unpinned"):
+                    for action in ("refused", "logged"):
+                        self.tool_drift.labels(route.name, change, action)
             if route.upstream_authorization is not None:
                 for result in UPSTREAM_CREDENTIAL_RESULTS:
                     self.upstream_credentials.labels(route.name, result)

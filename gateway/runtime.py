@@ -47,6 +47,7 @@ from gateway.quotas import QuotaStore
 from gateway.routes import RouteTable
 from gateway.sessions import SessionBinder, derive_session_key
 from gateway.signals.revocations import SubjectRevocations
+from gateway.tool_pins import DriftState
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,7 @@ class Runtime:
         clock: Callable[[], float] = time.time,
         revocations: SubjectRevocations | None = None,
         retain: Callable[[Grant, IssuedToken, str], None] | None = None,
+        tool_drift: DriftState | None = None,
     ) -> Runtime:
         """Raises ConfigError / SigningKeyError / ReloadRefused without touching ``previous``."""
         if previous is not None:
@@ -173,6 +175,7 @@ class Runtime:
                 quota_store,
                 condition_health,
                 on_quota=lambda route, quota, result: metrics.quota_decisions.labels(route, quota, result).inc(),
+                tool_drift=tool_drift,
             ),
             revoked_users=frozenset((s.issuer, s.tenant, s.subject) for s in config.revoked_subjects),
         )

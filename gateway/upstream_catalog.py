@@ -56,6 +56,8 @@ class _MethodNotFound(CatalogError):
 class Catalog:
     tools: Mapping[str, Mapping[str, Any]]  # tool name -> its inputSchema
     prompts: Mapping[str, Mapping[str, Any]]  # prompt name -> a JSON Schema of its arguments
+    # The tools as listed (the first of each name), for ``mcp-gateway pin`` (gateway/tool_pins.py).
+    definitions: tuple[Mapping[str, Any], ...] = ()
 
 
 def prompt_schema(arguments: Any) -> dict[str, Any]:
@@ -95,7 +97,9 @@ async def fetch_catalog(route: RouteConfig, limits: LimitsConfig, *, prompts: bo
         raise CatalogError(f"connection failed: {type(exc).__name__}") from None
     except EventTooLarge:
         raise CatalogError("an event on the stream is too large") from None
-    return Catalog(_named(tools, lambda tool: tool.get("inputSchema")), _named(listed_prompts, _prompt_arguments))
+    named = _named(tools, lambda tool: tool.get("inputSchema"))
+    definitions = {t["name"]: t for t in reversed(tools) if isinstance(t, dict) and isinstance(t.get("name"), str)}
+    return Catalog(named, _named(listed_prompts, _prompt_arguments), tuple(definitions[name] for name in named))
 
 
 def _prompt_arguments(prompt: dict[str, Any]) -> dict[str, Any]:

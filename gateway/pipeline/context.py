@@ -22,6 +22,7 @@ from gateway.metrics import Metrics
 from gateway.oauth.access_token import Principal
 from gateway.signals.revocations import SubjectRevocations
 from gateway.telemetry import NO_TRACE, RequestTrace, Tracing
+from gateway.tool_pins import DriftState
 
 if TYPE_CHECKING:
     from gateway.enforce import Plan
@@ -51,6 +52,8 @@ class Services:
     # Per-user upstream tokens of routes with upstream_authorization (gateway/oauth/chain.py).
     credentials: UpstreamCredentials | None = None
     tracing: Tracing | None = None  # OpenTelemetry traces (telemetry.otlp_endpoint); None: off
+    # What the latest tools/list results showed on routes with tool_pins (gateway/tool_pins.py).
+    tool_drift: DriftState = field(default_factory=DriftState)
 
 
 @dataclass

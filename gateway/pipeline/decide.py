@@ -17,7 +17,7 @@ async def decide(ctx: RequestContext) -> None:
     principal, route = ctx.principal, ctx.route
     assert principal is not None
     if ctx.rpc is None:  # GET (a listening stream) and DELETE carry no messages; their results are filtered
-        ctx.plan = stream_plan(route.policy, frozenset(principal.groups))
+        ctx.plan = stream_plan(route, frozenset(principal.groups), ctx.services.tool_drift)
         return
     plan = await plan_request(
         ctx.rpc,
@@ -26,6 +26,7 @@ async def decide(ctx: RequestContext) -> None:
         principal,
         route,
         digest_arguments=ctx.runtime.argument_digest,
+        tool_drift=ctx.services.tool_drift,
     )
     if plan.mismatch:
         raise rpc_refusal(400, HEADER_MISMATCH, plan.mismatch, "header_mismatch", plan.request_id)

@@ -30,6 +30,9 @@ Test hooks (plain HTTP, outside MCP, never behind the gateway):
   ``notifications/tools/list_changed`` to every session that has listed tools (on its standalone GET
   stream, MCP 2025-11-25 "List Changed Notification") and answers ``{"notified": N}``.  The tool itself
   is unchanged: this is how a server whose schema changes at run time looks to a gateway.
+* ``PUT /_test/tool_override/<tool>`` (body: a JSON object of Tool members, e.g. ``{"description": ...}``)
+  — from now on ``tools/list`` advertises the tool with those members replaced; ``DELETE`` restores it.
+  Announced like ``input_schema``: how a "rug pull" (a reviewed tool's description changing) looks.
 """
 
 from __future__ import annotations
@@ -77,6 +80,8 @@ class UpstreamHooks:
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
     # tool name -> the inputSchema tools/list advertises instead of the tool's own
     input_schemas: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # tool name -> Tool members tools/list advertises instead of the tool's own
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     # sessions that listed tools, newest last: they are told when the list changes
     tool_listeners: list[Any] = field(default_factory=list)
 
@@ -88,10 +93,11 @@ class UpstreamHooks:
         if ctx.session not in self.tool_listeners:
             self.tool_listeners.append(ctx.session)
             del self.tool_listeners[:-MAX_LISTENING_SESSIONS]
-        if not self.input_schemas or not isinstance(result.get("tools"), list):
+        if not (self.input_schemas or self.overrides) or not isinstance(result.get("tools"), list):
             return result
         schemas = self.input_schemas
         tools = [{**t, "inputSchema": schemas[t["name"]]} if t.get("name") in schemas else t for t in result["tools"]]
+        tools = [{**t, **self.overrides.get(t.get("name"), {})} for t in tools]
         return {**result, "tools": tools}
 
     async def announce_tool_list_changed(self) -> int:
@@ -338,6 +344,18 @@ def build_server(hooks: UpstreamHooks, *, log_level: LogLevel = "WARNING") -> MC
             hooks.input_schemas[tool] = schema
         else:
             hooks.input_schemas.pop(tool, None)
+        return JSONResponse({"notified": await hooks.announce_tool_list_changed()})
+
+    @mcp.custom_route("/_test/tool_override/{tool}", methods=["PUT", "DELETE"])
+    async def tool_override(request: Request) -> Response:
+        tool = request.path_params["tool"]
+        if request.method == "PUT":
+            members = await request.json()
+            if not isinstance(members, dict):
+                return JSONResponse({"error": "the body must be a JSON object of Tool members"}, status_code=400)
+            hooks.overrides[tool] = members
+        else:
+            hooks.overrides.pop(tool, None)
         return JSONResponse({"notified": await hooks.announce_tool_list_changed()})
 
     return mcp

@@ -130,6 +130,16 @@ class RunningUpstream:
             result = self._request("PUT", path, json.dumps(schema).encode())
         return result["notified"]
 
+    def override_tool(self, tool: str, members: dict[str, Any] | None) -> int:
+        """Make ``tools/list`` advertise ``tool`` with ``members`` (e.g. a new description) replaced (None:
+        the tool's own again); announced like :meth:`set_input_schema`, whose return value this shares."""
+        path = "/_test/tool_override/" + quote(tool, safe="")
+        if members is None:
+            result = self._request("DELETE", path)
+        else:
+            result = self._request("PUT", path, json.dumps(members).encode())
+        return result["notified"]
+
     def stderr_text(self) -> str:
         """What the upstream has logged so far — for assertion messages."""
         return read_so_far(self._stderr_file).decode(errors="replace")
