@@ -27,6 +27,7 @@ from gateway.policy import Decision as RulesDecision
 from gateway.policy import Rule, RuleSet, RuleStep
 from gateway.proxy.request_body import BodyRefused, canonical_json, read_rpc_body
 from gateway.quotas import MemoryQuotaStore, QuotaRule
+from gateway.tool_pins import DriftState
 
 # The request each kind is explained as, and the params member naming its target.
 _METHODS: Mapping[str, tuple[str, str]] = {
@@ -89,7 +90,8 @@ def explain(config: GatewayConfig, question: Question) -> list[str]:
         )
     explanation = Explanation()
     # A throwaway store: the same charging code runs, against counters nobody else reads.
-    engine = DecisionEngine(MemoryQuotaStore())
+    # No list seen (nothing is contacted): of the pins, only "not pinned" under on_tool_drift: hide decides.
+    engine = DecisionEngine(MemoryQuotaStore(), tool_drift=DriftState())
     plan = asyncio.run(plan_request(rpc, {}, engine, principal, route, explanation=explanation))
     lines += _rules(question.kind, route.policy.rules_for(question.kind), explanation)
     lines += _decision(route, plan)

@@ -380,3 +380,16 @@ async def test_log_only_reports(
             metrics = await scrape(http, h.url + "/metrics")
     assert line["decision"] == "allow" and line["target"] == "echo"
     assert metrics.value(DRIFT, route="json", change="changed", action="logged") == 1
+
+
+def test_explain_shows_an_unpinned_tool_refused_under_hide(
+    tmp_path: Path, pins: dict[str, Path], upstream_json: RunningUpstream
+) -> None:
+    unpin(pins["json"], "add")
+    route = {"name": "json", "path": "/json/mcp", "upstream": upstream_json.mcp_url, "tool_pins": "pins/json.json"}
+    config = str(write_config(tmp_path, [route]))
+    refused = run_cli("check", "--config", config, "--route", "json", "--explain", "add", '{"a": 1, "b": 2}')
+    assert refused.returncode == 0, refused.stderr
+    assert "decision: deny" in refused.stdout and '"reason": "tool_drift"' in refused.stdout
+    allowed = run_cli("check", "--config", config, "--route", "json", "--explain", "echo", '{"text": "hi"}')
+    assert "decision: allow" in allowed.stdout and "tool_drift" not in allowed.stdout
