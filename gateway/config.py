@@ -1278,6 +1278,8 @@ def describe(config: GatewayConfig, *, emit: Callable[[str], None], as_groups: f
             extra += f" upstream_authorization={chain.type}(as={chain.upstream_issuer},idp={chain.idp_token_endpoint})"
         if route.require_dpop:
             extra += " dpop=required"
+        if route.tool_pins is not None:
+            extra += f" tool_pins={len(route.tool_pins.tools)}({route.on_tool_drift})"
         emit(
             f"  {route.name}: {route.path} -> {route.upstream} [{route.transport}] "
             f"resource={route.resource} scopes={' '.join(route.scopes)} groups={groups}{extra}"

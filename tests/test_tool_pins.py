@@ -227,6 +227,8 @@ def test_check_upstreams_reports_pinned_tools_the_upstream_no_longer_has(
     result = run_cli("check", "--config", str(config), "--upstreams")
     assert result.returncode == 0, result.stderr
     assert "  json: " in result.stdout and "; pins match" in result.stdout
+    count = len(json.loads(pins["json"].read_text())["tools"])
+    assert f" tool_pins={count}(hide)" in result.stdout  # the route table shows the pins in force
 
     document = json.loads(pins["json"].read_text())
     document["tools"]["retired_tool"] = expected_hash({"name": "retired_tool"})
