@@ -184,12 +184,15 @@ def test_pin_errors_are_one_line_with_exit_status_2(tmp_path: Path, upstream_jso
     routes = [
         {"name": "plain", "path": "/plain/mcp", "upstream": upstream_json.mcp_url},
         {"name": "down", "path": "/down/mcp", "upstream": down, "tool_pins": "pins/down.json"},
+        {"name": "blocked", "path": "/blocked/mcp", "upstream": upstream_json.mcp_url, "tool_pins": "file/b.json"},
     ]
     config = write_config(tmp_path, routes)
+    (tmp_path / "file").write_text("a file where the lock file's directory should be")
     cases = {
-        "nope": f"{config}: --route: no route named 'nope' (routes: plain, down)",
+        "nope": f"{config}: --route: no route named 'nope' (routes: plain, down, blocked)",
         "plain": f"{config}: routes[0].tool_pins: is not set (add the lock file's path, e.g. pins/plain.json)",
         "down": f"{config}: routes[1].upstream: cannot list the tools of route 'down' ({down}): cannot connect",
+        "blocked": f"cannot write {tmp_path / 'file' / 'b.json'}: ",
     }
     for route, message in cases.items():
         result = run_cli("pin", "--config", str(config), "--route", route)
