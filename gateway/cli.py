@@ -197,11 +197,8 @@ async def _check_upstreams(config: GatewayConfig) -> int:
             verdict = f"conditions: {errors} type error{'s' * (errors != 1)}" if errors else "conditions type-check"
         pin_problems = _pin_problems(route, index, catalog)
         if route.tool_pins is not None:
-            verdict += (
-                f"; pins: {len(pin_problems)} problem{'s' * (len(pin_problems) != 1)}"
-                if pin_problems
-                else ("; pins match")
-            )
+            count = len(pin_problems)
+            verdict += f"; pins: {count} problem{'s' * (count != 1)}" if count else "; pins match"
         print(f"  {route.name}: {listed}; {verdict}", flush=True)
         for problem in problems:
             failed = True

@@ -236,10 +236,12 @@ def test_check_upstreams_reports_pinned_tools_the_upstream_no_longer_has(
     document = json.loads(pins["json"].read_text())
     document["tools"]["retired_tool"] = expected_hash({"name": "retired_tool"})
     pins["json"].write_text(json.dumps(document))
-    result = run_cli("check", "--config", str(config), "--upstreams")
+    with overridden(upstream_json, "echo", RUG_PULL):
+        result = run_cli("check", "--config", str(config), "--upstreams")
     assert result.returncode == 2
-    assert "; pins: 1 problem" in result.stdout
+    assert "; pins: 2 problems" in result.stdout
     assert result.stderr == (
+        f"mcp-gateway: {config}: routes[0].tool_pins: tool 'echo' changed since it was pinned\n"
         f"mcp-gateway: {config}: routes[0].tool_pins: tool 'retired_tool' is pinned but the upstream no longer has it\n"
     )
 
