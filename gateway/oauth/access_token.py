@@ -16,6 +16,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 from cachetools import TTLCache
 from jose import jws
@@ -52,10 +53,11 @@ class Principal:
     # The token's ``iat``: a Shared Signals cut-off refuses tokens issued before it.
     issued_at: float = 0.0
 
-    @property
+    @cached_property
     def identity(self) -> SubjectIdentity:
         """The user, namespaced by IdP and tenant: key every per-user decision on this, never on
-        ``subject`` alone (gateway/oauth/identity.py)."""
+        ``subject`` alone (gateway/oauth/identity.py). Cached: a principal lives in the token cache
+        and is asked for its identity several times per request."""
         return SubjectIdentity(self.idp_issuer, self.tenant, self.subject)
 
 

@@ -82,20 +82,8 @@ class IdTokenBridge(IdJagValidator):
         jti = claims.get("jti")
         replay_key = jti if isinstance(jti, str) and jti else "sha256:" + hashlib.sha256(assertion.encode()).hexdigest()
         await self._check_replay(idp, replay_key, float(claims["exp"]))
-        email = claims.get("email") if isinstance(claims.get("email"), str) else None
-        return Grant(
-            subject,
-            idp.issuer,
-            client_id,
-            route,
-            scopes,
-            groups,
-            replay_key,
-            email,
-            resources=granted_resources,
-            assertion_expires_at=claims["exp"],
-            assertion_issued_at=claims["iat"],
-            tenant=tenant,
+        return self._grant(
+            claims, subject, idp, client_id, route, scopes, groups, replay_key, granted_resources, tenant
         )
 
     def _check_id_token_audience(self, claims: dict[str, Any], idp: IdentityProviderConfig) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,7 @@ class SubjectIdentity:
     tenant: str | None
     subject: str
 
-    @property
+    @cached_property
     def key(self) -> str:
         """One string per identity and one identity per string (a JSON array, ASCII only): for map
         and store keys and MAC inputs. Joining with a separator would not be injective, since ``sub``

@@ -110,6 +110,22 @@ class IdJagValidator:
         scopes = self._check_scope(claims, route, scope)
         # Last: an assertion that fails any other rule must not consume its jti.
         await self._check_replay(idp, jti, float(claims["exp"]))
+        return self._grant(claims, subject, idp, client_id, route, scopes, groups, jti, granted_resources, tenant)
+
+    def _grant(
+        self,
+        claims: dict[str, Any],
+        subject: str,
+        idp: IdentityProviderConfig,
+        client_id: str,
+        route: RouteConfig,
+        scopes: tuple[str, ...],
+        groups: tuple[str, ...],
+        replay_key: str,
+        resources: tuple[str, ...],
+        tenant: str | None,
+    ) -> Grant:
+        """What a validated assertion (an ID-JAG, or an ID token through the bridge) entitles to."""
         email = claims.get("email") if isinstance(claims.get("email"), str) else None
         return Grant(
             subject,
@@ -118,9 +134,9 @@ class IdJagValidator:
             route,
             scopes,
             groups,
-            jti,
+            replay_key,
             email,
-            resources=granted_resources,
+            resources=resources,
             assertion_expires_at=claims["exp"],
             assertion_issued_at=claims["iat"],
             tenant=tenant,
