@@ -22,6 +22,8 @@ from gateway.proxy.request_body import RpcMessage
 # SEP-2243 (MCP 2026-07-28 Streamable HTTP): every request mirrors its method in Mcp-Method, and these
 # methods their target (name or URI) in Mcp-Name.
 MIRROR_HEADERS_SINCE = "2026-07-28"
+# MCP 2026-07-28: stateless requests, multi-round-trip requests instead of server-to-client requests.
+STATELESS_SINCE = "2026-07-28"
 NAMED_METHODS = frozenset({"tools/call", "resources/read", "prompts/get"})
 PROTOCOL_VERSION_META = "io.modelcontextprotocol/protocolVersion"
 _DATE_VERSION = re.compile(r"\d{4}-\d{2}-\d{2}")
@@ -83,14 +85,19 @@ def _missing_mirror_header(
     return None
 
 
-def _mirror_headers_required(message: RpcMessage, headers: Mapping[str, str]) -> bool:
-    """The request's protocol version (its ``_meta``, else the ``MCP-Protocol-Version`` header) is one
-    that defines the mirror headers. Versions are dates, so they compare as strings."""
+def request_protocol_version(message: RpcMessage, headers: Mapping[str, str]) -> str | None:
+    """The request's protocol version: its ``_meta`` (2026-07-28 requests carry it), else the
+    ``MCP-Protocol-Version`` header; None unless it is a date. Versions are dates: they compare as strings."""
     meta = (message.params or {}).get("_meta")
     version = meta.get(PROTOCOL_VERSION_META) if isinstance(meta, dict) else None
     if not isinstance(version, str):
         version = headers.get("MCP-Protocol-Version")
-    return isinstance(version, str) and _DATE_VERSION.fullmatch(version) is not None and version >= MIRROR_HEADERS_SINCE
+    return version if isinstance(version, str) and _DATE_VERSION.fullmatch(version) is not None else None
+
+
+def _mirror_headers_required(message: RpcMessage, headers: Mapping[str, str]) -> bool:
+    version = request_protocol_version(message, headers)
+    return version is not None and version >= MIRROR_HEADERS_SINCE
 
 
 def _decode_header(value: str) -> str:

@@ -11,13 +11,16 @@ something the gateway never checked. What is forwarded is the canonical JSON of 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from gateway.classify import classify, decidable, header_mismatch
+from gateway.approvals.desk import Answered, ApprovalDesk, Approved, Ask, refusal
+from gateway.approvals.stateless import is_gateway_state
+from gateway.classify import Call, classify, decidable, header_mismatch
 from gateway.config import RouteConfig
 from gateway.engine import Decision, DecisionContext, DecisionEngine, Effect, Explanation
 from gateway.mcp_methods import HANDSHAKE_METHODS, NOUNS
@@ -57,6 +60,7 @@ class Plan:
     missing_scopes: tuple[str, ...] = ()
     mismatch: str | None = None
     request_id: Any = None  # the first request's id, for gateway-made error bodies
+    ask: Ask | None = None  # a call to ask the caller about on this POST's SSE response before forwarding
 
 
 def list_filter_for(route: RouteConfig, groups: frozenset[str], drift: DriftState | None = None) -> ResultRewriter:
@@ -87,10 +91,12 @@ async def plan_request(
     digest_arguments: Callable[[Any], str] | None = None,
     explanation: Explanation | None = None,
     tool_drift: DriftState | None = None,
+    approvals: ApprovalDesk | None = None,
 ) -> Plan:
     """Decide every message of one request; ``forward_body`` is the canonical JSON of the messages
     allowed through (None when none is), so the upstream reads exactly what was decided.
-    ``explanation`` records the steps of the decision (``check --explain`` plans a one-message request)."""
+    ``explanation`` records the steps of the decision (``check --explain`` plans a one-message request).
+    ``approvals`` settles the calls the engine says to ask about; without it they need approval."""
     messages, batch = rpc.messages, rpc.batch
     plan = Plan(
         forward_body=None,
@@ -110,7 +116,8 @@ async def plan_request(
             kept.append(message.raw)
             continue
         call = classify(message)
-        decision = await engine.decide(DecisionContext(principal, route, call, now, explanation))
+        context = DecisionContext(principal, route, call, now, explanation)
+        decision = await engine.decide(context)
         if decision.effect is Effect.STEP_UP:
             missing.extend(s for s in decision.missing_scopes if s not in missing)
             continue
@@ -118,6 +125,26 @@ async def plan_request(
         if digest_arguments is not None and call.method == "tools/call":
             digest = digest_arguments(call.arguments)
         target = _for_audit(call.target)
+        raw = message.raw
+        if decision.effect is Effect.APPROVE or (decision.allowed and _carries_gateway_state(call)):
+            settled = await _settle(approvals, message, call, decision, batch=batch or plan.ask is not None)
+            if isinstance(settled, Answered):
+                plan.calls.append(
+                    CallRecord(call.method, call.kind, target, False, settled.reason, digest, decision.rule)
+                )
+                plan.local_responses.append(settled.response)
+                continue
+            if isinstance(settled, Ask):
+                plan.calls.append(
+                    CallRecord(call.method, call.kind, target, False, "approval asked", digest, decision.rule)
+                )
+                plan.ask = settled
+                continue
+            if decision.effect is Effect.APPROVE:  # approved: decided again as approved (quotas count it now)
+                decision = await engine.decide(dataclasses.replace(context, approved=True))
+            raw = settled.raw
+            if settled.after is not None and decision.allowed and message.is_request:
+                plan.rewriter.expect(message.id, settled.after)
         record = CallRecord(call.method, call.kind, target, decision.allowed, decision.reason, digest, decision.rule)
         plan.calls.append(record)
         if not decision.allowed:
@@ -125,11 +152,31 @@ async def plan_request(
             continue
         if message.is_request and call.method in HANDSHAKE_METHODS:
             plan.rewriter.expect(message.id, advertise_ema_extension)
-        kept.append(message.raw)
+        kept.append(raw)
     plan.missing_scopes = tuple(missing)
     if kept:
         plan.forward_body = canonical_json(kept if batch else kept[0])
     return plan
+
+
+def _carries_gateway_state(call: Call) -> bool:
+    """A call retried with the gateway's own ``requestState`` (gateway/approvals/stateless.py): the
+    upstream must never see it, so it is checked and unwrapped even if the call no longer needs approval."""
+    return call.method == "tools/call" and is_gateway_state((call.message.params or {}).get("requestState"))
+
+
+async def _settle(
+    approvals: ApprovalDesk | None, message: RpcMessage, call: Call, decision: Decision, *, batch: bool
+) -> Answered | Approved | Ask:
+    spec = decision.approval if decision.effect is Effect.APPROVE else None
+    if approvals is None:
+        return refusal(message, "approval_required", f"Calling tool '{_for_audit(call.target)}' needs approval")
+    settled = await approvals.settle(message, call, spec)
+    if isinstance(settled, Ask) and batch:
+        # The question goes on this POST's SSE response, before the call: one call per request.
+        text = f"Calling tool '{_for_audit(call.target)}' needs your approval: send it in a request of its own"
+        return refusal(message, "approval_required", text)
+    return settled
 
 
 def _for_audit(target: str | None) -> str | None:

@@ -15,7 +15,9 @@ each able to end the decision:
    conditions in CEL (gateway/conditions.py) evaluated on the call's arguments, user, client, route
    and time -> ``deny`` naming the rule id (and ``condition`` when a condition decided, or
    ``condition_error`` when it could not be evaluated), or the rule that allows;
-4. quotas: a ``tools/call`` counted by a quota whose ``cost`` does not type-check -> ``deny`` with
+4. approval: a call allowed by a rule with ``require_approval`` -> ``approve`` (ask a person first,
+   gateway/approvals/), unless the context says the call was approved; quotas are charged only then;
+5. quotas: a ``tools/call`` counted by a quota whose ``cost`` does not type-check -> ``deny`` with
    ``condition_invalid``; counted by the route's quotas (gateway/quotas.py) -> ``throttle`` with the
    quota id and when to retry; a quota store that cannot answer -> ``deny`` (fail closed). Each quota's
    outcome (charged, exhausted, unavailable) goes to ``on_quota``: the metrics.
@@ -35,6 +37,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from gateway.approvals.spec import ApprovalSpec
 from gateway.classify import Call
 from gateway.condition_health import ConditionHealth
 from gateway.conditions import ConditionEvaluationError, ConditionInput, ConditionUser
@@ -53,6 +56,7 @@ class Effect(enum.Enum):
     DENY = "deny"
     STEP_UP = "step_up"
     THROTTLE = "throttle"
+    APPROVE = "approve"  # allowed once a person approves it (gateway/approvals/)
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,7 @@ class Decision:
     rule: str | None = None  # the id of the rule or quota that decided
     missing_scopes: tuple[str, ...] = ()  # step_up: what the token lacks
     data: Mapping[str, Any] | None = None  # JSON-RPC error ``data`` for a refusal the client sees
+    approval: ApprovalSpec | None = None  # approve: what to ask and of whom
 
     @property
     def allowed(self) -> bool:
@@ -96,6 +101,7 @@ class DecisionContext:
     call: Call
     now: float
     explanation: Explanation | None = None
+    approved: bool = False  # a person approved this very call (gateway/approvals/): ask no more
 
     @property
     def groups(self) -> frozenset[str]:
@@ -136,6 +142,8 @@ class DecisionEngine:
             or self._invalid_condition(ctx, "rule")
             or _by_rules(policy, call.kind, call.target, ctx.groups, facts, ctx.explanation)
         )
+        if decision.approval is not None and not ctx.approved:
+            return Decision(Effect.APPROVE, "approval required", decision.rule, approval=decision.approval)
         if decision.allowed and call.method == "tools/call" and ctx.route.quotas and call.target is not None:
             return self._invalid_condition(ctx, "quota") or await self._charge(ctx, call.target, facts) or decision
         return decision
@@ -284,7 +292,7 @@ def _by_rules(
         explanation.verdict = verdict
     effect = Effect.ALLOW if verdict.allowed else Effect.DENY
     data = {"reason": "condition", "rule": verdict.rule} if verdict.by_condition else None
-    return Decision(effect, verdict.reason, rule=verdict.rule, data=data)
+    return Decision(effect, verdict.reason, rule=verdict.rule, data=data, approval=verdict.approval)
 
 
 def decision_context(principal: Principal, route: RouteConfig, call: Call) -> DecisionContext:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from gateway.approvals.spec import ApprovalSpec, parse_approval
 from gateway.conditions import Condition, ConditionError, ConditionEvaluationError, compile_condition
 from gateway.mcp_methods import KINDS, LIST_RESULT_KEYS
 
@@ -58,6 +59,8 @@ class Rule:
     id: str = ""  # ``id`` from the config, else its place: "tools[0]"
     # ``when``: the rule applies only when this CEL condition holds for the call (gateway/conditions.py).
     when: Condition | None = field(default=None, compare=False)
+    # ``require_approval``: an allow this rule gives holds only once a person approved the call.
+    approval: ApprovalSpec | None = None
     _allow: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
     _deny: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
 
@@ -69,9 +72,10 @@ class Rule:
         deny: Iterable[str] = (),
         rule_id: str = "",
         when: Condition | None = None,
+        approval: ApprovalSpec | None = None,
     ) -> Rule:
         allow, deny = tuple(allow), tuple(deny)
-        return cls(frozenset(groups), allow, deny, rule_id, when, _compile(allow), _compile(deny))
+        return cls(frozenset(groups), allow, deny, rule_id, when, approval, _compile(allow), _compile(deny))
 
     def applies_to(self, groups: frozenset[str]) -> bool:
         return ANY_GROUP in self.groups or not self.groups.isdisjoint(groups)
@@ -86,6 +90,8 @@ class Decision:
     rule: str | None = None
     # Refused because a ``when`` condition was false (or could not be evaluated), not by a name rule.
     by_condition: bool = False
+    # Allowed by a rule with ``require_approval``: the engine asks before it allows (gateway/approvals/).
+    approval: ApprovalSpec | None = None
 
 
 @dataclass
@@ -183,7 +189,8 @@ class RuleSet:
                 elif refused_by is None:
                     refused_by = rule
         if allowed_by is not None:
-            return Decision(True, f"allowed by {','.join(sorted(allowed_by.groups))} rule", allowed_by.id or None)
+            reason = f"allowed by {','.join(sorted(allowed_by.groups))} rule"
+            return Decision(True, reason, allowed_by.id or None, approval=allowed_by.approval)
         if refused_by is not None:
             return Decision(False, f"condition of rule {refused_by.id} is false", refused_by.id or None, True)
         return Decision(False, "no rule allows it")
@@ -272,9 +279,11 @@ def parse_rules(value: Any, key: str, error: Any) -> tuple[Rule, ...] | None:
         where = f"{key}[{i}]"
         if not isinstance(item, dict):
             raise error(where, "must be a mapping with groups, allow and/or deny")
-        unknown = sorted(set(item) - {"id", "groups", "allow", "deny", "when"})
+        unknown = sorted(set(item) - {"id", "groups", "allow", "deny", "when", "require_approval"})
         if unknown:
-            raise error(f"{where}.{unknown[0]}", "unknown key (expected id, groups, allow, deny, when)")
+            raise error(
+                f"{where}.{unknown[0]}", "unknown key (expected id, groups, allow, deny, when, require_approval)"
+            )
         lists = {}
         for name in ("groups", "allow", "deny"):
             entries = item.get(name, [])
@@ -291,10 +300,27 @@ def parse_rules(value: Any, key: str, error: Any) -> tuple[Rule, ...] | None:
         if rule_id in seen_ids:
             raise error(f"{where}.id", f"duplicate rule id '{rule_id}'")
         seen_ids.add(rule_id)
+        approval = _approval(item, where, kind, lists, error)
         rules.append(
-            Rule.make(lists["groups"], lists["allow"], lists["deny"], rule_id, _when(item, where, kind, error))
+            Rule.make(
+                lists["groups"], lists["allow"], lists["deny"], rule_id, _when(item, where, kind, error), approval
+            )
         )
     return tuple(rules)
+
+
+def _approval(
+    item: dict[str, Any], where: str, kind: str, lists: dict[str, list[str]], error: Any
+) -> ApprovalSpec | None:
+    approval = parse_approval(item.get("require_approval"), f"{where}.require_approval", error)
+    if approval is None:
+        return None
+    if kind != "tools":
+        # Only tools/call has an approval round in every protocol generation the gateway serves.
+        raise error(f"{where}.require_approval", "is only for tools rules")
+    if not lists["allow"] or lists["deny"]:
+        raise error(f"{where}.require_approval", "needs a rule with allow patterns and no deny patterns")
+    return approval
 
 
 def _when(item: dict[str, Any], where: str, kind: str, error: Any) -> Condition | None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 
+from gateway.approvals.stateless import StateSigner, derive_state_key
 from gateway.audit import argument_digester
 from gateway.bearer import BearerGuard
 from gateway.condition_health import ConditionHealth
@@ -85,6 +86,9 @@ class Runtime:
     # audit.argument_hashes: the keyed digest of tool arguments written to audit lines, or None.
     argument_digest: Callable[[Any], str] | None = None
     engine: DecisionEngine = field(default_factory=DecisionEngine)
+    # Signs the stateless approval rounds of MCP 2026-07-28 clients (gateway/approvals/stateless.py).
+    approval_states: StateSigner = None  # type: ignore[assignment]  # set by build
+    replay: ReplayStore = None  # type: ignore[assignment]  # set by build: single-use of approvals too
     # revoked.subjects as (issuer, tenant or None for every tenant, subject).
     revoked_users: frozenset[tuple[str, str | None, str]] = frozenset()
     # RFC 7009 revoked access tokens (in the shared replay store) and the endpoints of RFC 7009 / 7662.
@@ -178,6 +182,8 @@ class Runtime:
                 tool_drift=tool_drift,
             ),
             revoked_users=frozenset((s.issuer, s.tenant, s.subject) for s in config.revoked_subjects),
+            approval_states=StateSigner(derive_state_key(signing_key.secret_material)),
+            replay=replay_store,
         )
         clients = ClientAuthenticator(
             auth,

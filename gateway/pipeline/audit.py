@@ -91,3 +91,8 @@ def audit_completion(ctx: RequestContext, status: int) -> None:
         status=status,
         latency_ms=elapsed_ms(ctx.started),
     )
+
+
+def audit_approval(ctx: RequestContext, event: str, **fields: Any) -> None:
+    """approval.asked / granted / declined / cancelled / expired / refused (gateway/approvals/)."""
+    ctx.services.audit.emit(event, request_id=ctx.request_id, **who(ctx.principal), **fields)

@@ -7,9 +7,13 @@ A request whose ``Mcp-Method`` / ``Mcp-Name`` headers disagree with its body is 
 
 from __future__ import annotations
 
+import functools
+
+from gateway.approvals.desk import ApprovalDesk
 from gateway.bearer import challenge_body, challenge_headers
 from gateway.enforce import HEADER_MISMATCH, plan_request, stream_plan
 from gateway.oauth import metadata
+from gateway.pipeline.audit import audit_approval
 from gateway.pipeline.context import Refusal, RequestContext, rpc_refusal
 
 
@@ -19,6 +23,14 @@ async def decide(ctx: RequestContext) -> None:
     if ctx.rpc is None:  # GET (a listening stream) and DELETE carry no messages; their results are filtered
         ctx.plan = stream_plan(route, frozenset(principal.groups), ctx.services.tool_drift)
         return
+    desk = ApprovalDesk(
+        principal=principal,
+        route=route.name,
+        headers=ctx.request.headers,
+        signer=ctx.runtime.approval_states,
+        replay=ctx.runtime.replay,
+        observe=functools.partial(audit_approval, ctx),
+    )
     plan = await plan_request(
         ctx.rpc,
         ctx.request.headers,
@@ -27,6 +39,7 @@ async def decide(ctx: RequestContext) -> None:
         route,
         digest_arguments=ctx.runtime.argument_digest,
         tool_drift=ctx.services.tool_drift,
+        approvals=desk,
     )
     if plan.mismatch:
         raise rpc_refusal(400, HEADER_MISMATCH, plan.mismatch, "header_mismatch", plan.request_id)
