@@ -190,6 +190,9 @@ def _rule_line(rule: Rule) -> str:
         parts.append(f"deny {_names(rule.deny)}")
     if rule.when is not None:
         parts.append(f"when {rule.when.source}")
+    if rule.approval is not None:
+        who = f"a member of {_names(rule.approval.approver_groups)}" if rule.approval.delegated else "the caller"
+        parts.append(f"require_approval by {who} within {rule.approval.timeout_seconds} s")
     return "; ".join(parts)
 
 
@@ -226,6 +229,10 @@ def _decision(route: RouteConfig, plan: Plan) -> list[str]:
         ]
     response = plan.local_responses[0]
     effect = "throttle" if response["error"]["code"] == QUOTA_EXCEEDED else "deny"
+    if response["error"]["data"].get("reason") == "approval_required":
+        return [
+            f'decision: ask for approval{by}: the call is forwarded once a person approves it (see README "Approvals")',
+        ]
     if "quota" in response["error"]["data"]:  # refused by a quota (exhausted, or its cost failed)
         by = f" by quota {record.rule}"
     return [

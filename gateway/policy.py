@@ -343,7 +343,12 @@ def describe_access(policy: RoutePolicy, groups: frozenset[str]) -> list[str]:
         if rules.unrestricted:
             lines.append(f"{kind}: all (no rules)")
             continue
-        allow = [p for r in rules.rules or () if r.applies_to(groups) for p in r.allow]
+        allow = [
+            p + (" (with approval)" if r.approval else "")
+            for r in rules.rules or ()
+            if r.applies_to(groups)
+            for p in r.allow
+        ]
         deny = [p for r in rules.rules or () if r.applies_to(groups) for p in r.deny]
         if not allow:
             lines.append(f"{kind}: none")

@@ -251,3 +251,46 @@ async def test_an_expired_state_is_refused(gw: GatewayHarness, upstream: Running
     assert status == 200
     assert reason_of(answer) == "approval_timeout"
     assert calls_seen(upstream, "add") == []
+
+
+# --- an upstream that asks for input itself --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def modern_upstream() -> Iterator[RunningUpstream]:
+    with start_upstream("streamable-sse", module="tests.support.conformance_server") as running:
+        yield running
+
+
+@pytest.mark.parametrize(
+    ("tool", "expected"),
+    [
+        ("test_input_required_result_multi_round", "Ada likes blue."),  # the upstream's state changes each round
+        ("test_input_required_result_request_state", "state-ok: confirmation received"),
+    ],
+)
+async def test_an_upstream_asking_for_input_keeps_working_after_the_approval(
+    idp: DevIdentityProvider, modern_upstream: RunningUpstream, tool: str, expected: str
+) -> None:
+    rules = {"tools": [{"groups": ["support"], "allow": ["test_*"], "require_approval": True}]}
+    routes = [{"name": "approve", "path": "/approve/mcp", "upstream": modern_upstream.mcp_url, **rules}]
+    answers = {"name": "Ada", "color": "blue", "ok": True}
+    asked: list[str] = []
+
+    async def elicit(context: Any, params: types.ElicitRequestParams) -> types.ElicitResult:
+        asked.append(params.message)
+        if params.message.startswith("Approve the call"):
+            return types.ElicitResult(action="accept", content={"approve": True})
+        field = next(iter(params.requested_schema["properties"]))
+        return types.ElicitResult(action="accept", content={field: answers[field]})
+
+    async with running_gateway(idp, routes) as gw:
+        token = await gw.access_token("approve", user="bob")
+        async with create_mcp_http_client(headers={"Authorization": f"Bearer {token}"}) as http:
+            transport = streamable_http_client(gw.route_url("approve"), http_client=http)
+            async with Client(transport, mode=VERSION, elicitation_callback=elicit) as client:
+                result = await client.call_tool(tool, {})
+    assert text_of(result) == expected
+    # Asked once by the gateway, then only by the upstream: the approval holds for every round of the call.
+    assert [m.startswith("Approve the call") for m in asked].count(True) == 1
+    assert len(asked) >= 2
