@@ -21,12 +21,22 @@ def _absolute_uri(value: str) -> bool:
     return bool(urllib.parse.urlsplit(value).scheme)
 
 
-# RFC 9493 §3.2: each format's required members, and what each member's value must look like.
+def _email(value: str) -> bool:
+    local, at, domain = value.rpartition("@")
+    return bool(local and at and domain)
+
+
+def _any(value: str) -> bool:
+    return True
+
+
+# RFC 9493 §3.2: each format's required members (always non-empty strings), and what else each
+# member's value must look like.
 _FORMATS: dict[str, dict[str, Callable[[str], bool]]] = {
     "account": {"uri": lambda v: v.startswith("acct:") and len(v) > 5},  # an RFC 7565 acct URI
-    "email": {"email": lambda v: "@" in v.strip("@")},
-    "iss_sub": {"iss": bool, "sub": bool},
-    "opaque": {"id": bool},
+    "email": {"email": _email},
+    "iss_sub": {"iss": _any, "sub": _any},
+    "opaque": {"id": _any},
     "phone_number": {"phone_number": lambda v: _E164.fullmatch(v) is not None},
     "did": {"url": lambda v: v.startswith("did:")},
     "uri": {"uri": _absolute_uri},
@@ -58,7 +68,7 @@ def subject_identifier_problem(value: Any, *, nested: bool = False) -> str | Non
     return None
 
 
-def iss_sub_pairs(value: dict[str, Any]) -> list[tuple[Any, Any]]:
+def iss_sub_pairs(value: dict[str, Any]) -> list[tuple[str, str]]:
     """The (``iss``, ``sub``) of every ``iss_sub`` identifier in a well-formed Subject Identifier."""
     if value["format"] == "aliases":
         return [pair for identifier in value["identifiers"] for pair in iss_sub_pairs(identifier)]
