@@ -15,8 +15,9 @@
 # index, so a rebuild starts from the same bytes until someone moves the pin on purpose (to pick up
 # Debian and CPython security fixes: `docker buildx imagetools inspect python:3.11-slim` prints the
 # current index digest; update both FROM lines). Every Python package comes from a hashed lock
-# generated with pip-tools from pyproject.toml (regenerate both files after changing dependencies):
-#   pip-compile --generate-hashes --strip-extras --no-emit-find-links --no-emit-index-url \
+# generated with pip-tools from pyproject.toml (regenerate both files after changing dependencies).
+# The runtime lock includes the `otel` extra, so `telemetry.otlp_endpoint` and `audit.sink: otlp` work:
+#   pip-compile --generate-hashes --strip-extras --no-emit-find-links --no-emit-index-url --extra otel \
 #     --output-file=requirements.lock pyproject.toml
 #   pip-compile --generate-hashes --strip-extras --no-emit-find-links --no-emit-index-url --allow-unsafe \
 #     --only-build-deps --all-build-deps --output-file=build-requirements.lock pyproject.toml

@@ -275,11 +275,13 @@ def _locked(path: Path) -> dict[str, tuple[str, int]]:
 
 
 def test_lock_files_pin_every_dependency_with_hashes():
-    """The locks cover pyproject.toml (runtime dependencies and build-system requirements) with
+    """The locks cover pyproject.toml (runtime dependencies with the ``otel`` extra, which
+    ``audit.sink: otlp`` and ``telemetry.otlp_endpoint`` need, and build-system requirements) with
     versions its specifiers allow; the real install from the lock is the `installed` fixture below."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    runtime = project["project"]["dependencies"] + project["project"]["optional-dependencies"]["otel"]
     for lock, declared in [
-        ("requirements.lock", project["project"]["dependencies"]),
+        ("requirements.lock", runtime),
         ("build-requirements.lock", project["build-system"]["requires"]),
     ]:
         pins = _locked(REPO / lock)
@@ -389,6 +391,31 @@ def test_installed_entry_point_runs(installed):
     assert result.returncode == 0, result.stderr
     assert "serve" in result.stdout
     assert "check" in result.stdout
+
+
+def test_installed_package_accepts_opentelemetry_config(installed):
+    """The image carries the ``otel`` extra: a config exporting traces and the audit trail over OTLP
+    passes ``check`` (without the extra it is a config error naming it)."""
+    config = installed.workdir / "otel.yaml"  # JSON is YAML
+    config.write_text(
+        json.dumps(
+            {
+                "public_url": "http://127.0.0.1:8080",
+                "authorization": {
+                    "clients": [{"client_id": "agent", "client_secret": "agent-secret-0123456789abcdef"}],
+                    "identity_providers": [{"issuer": "http://127.0.0.1:9/idp"}],
+                },
+                "telemetry": {"otlp_endpoint": "http://127.0.0.1:4318"},
+                "audit": {"sink": "otlp"},
+                "routes": [{"name": "demo", "path": "/mcp", "upstream": "http://127.0.0.1:9/mcp"}],
+            }
+        )
+    )
+    result = _run(
+        [str(installed.bin("mcp-gateway")), "check", "--config", str(config)], cwd=installed.workdir, env=_clean_env()
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "telemetry: OTLP/HTTP traces to http://127.0.0.1:4318" in result.stdout
 
 
 def test_installed_demo_runs_the_whole_flow(installed):

@@ -166,7 +166,8 @@ IN_MEMORY_REPLAY = "config.replay_store must be a Redis URL shared by every pod"
         ({"replicaCount": 2, **SHARED_KEY}, IN_MEMORY_REPLAY),
         ({"autoscaling": {"enabled": True}, **SHARED_KEY}, IN_MEMORY_REPLAY),
         ({"replicaCount": 3, **SHARED_KEY, "config": {"replay_store": "memory"}}, IN_MEMORY_REPLAY),
-        ({"config": {"audit": {"sink": "/tmp/audit.jsonl"}}}, "config.audit.sink must be stdout in Kubernetes"),
+        ({"config": {"audit": {"sink": "/tmp/audit.jsonl"}}}, "config.audit.sink must be stdout or otlp in Kubernetes"),
+        ({"config": {"audit": {"sink": "otlp"}}}, "config.audit.sink: otlp needs config.telemetry.otlp_endpoint"),
     ],
 )
 def test_render_refuses_unworkable_values(chart, values, message):
@@ -206,6 +207,12 @@ def test_legacy_sse_affinity_by_client_ip_or_at_the_ingress():
 def test_audit_to_stdout_renders():
     values = {"config": {"audit": {"sink": "stdout", "argument_hashes": True}}}
     assert rendered_config(objects(values))["audit"] == {"sink": "stdout", "argument_hashes": True}
+
+
+def test_audit_to_otlp_renders_with_a_telemetry_endpoint():
+    telemetry = {"otlp_endpoint": "http://otel-collector.observability:4318"}
+    config = rendered_config(objects({"config": {"audit": {"sink": "otlp"}, "telemetry": telemetry}}))
+    assert (config["audit"], config["telemetry"]) == ({"sink": "otlp"}, telemetry)
 
 
 def test_user_mounted_signing_key_allows_replicas():

@@ -314,6 +314,20 @@ async def test_rule_audience_missing_is_refused(gw: GatewayHarness) -> None:
     await expect_error(gw, gw.id_jag(aud=None), "invalid_grant")
 
 
+async def test_ema_aud_and_resource_are_validated_as_a_pair(gw: GatewayHarness) -> None:
+    """An ID-JAG for another AS naming our resource, or for us naming another AS's resource, is refused
+    whole (invalid_grant), also when the client's resource parameter names one of our routes."""
+    ours, theirs = gw.resource("json"), "https://other-as.example.com/mcp"
+    for claims in (
+        gw.id_jag_claims(None, aud="https://other-as.example.com", resource=ours),
+        gw.id_jag_claims(None, resource=theirs),
+        gw.id_jag_claims(None, resource=[ours, theirs]),
+    ):
+        await expect_error(gw, gw.idp.sign(claims), "invalid_grant")
+        await expect_error(gw, gw.idp.sign(claims), "invalid_grant", extra={"resource": ours})
+    await expect_token(gw, gw.id_jag(None, aud=gw.issuer + "/", resource=ours + "/"), extra={"resource": ours})
+
+
 # -- 9. client_id claim ----------------------------------------------------------------------
 
 
@@ -338,6 +352,88 @@ async def test_rule_subject_must_be_present(gw: GatewayHarness, sub: Any) -> Non
     if sub is not None:
         claims["sub"] = sub
     await expect_error(gw, gw.idp.sign(claims), "invalid_grant")
+
+
+# -- 10b. sub_id (RFC 9493 subject identifier) ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sub_id",
+    [
+        {"format": "opaque", "id": "NameID-7f3a"},
+        {"format": "email", "email": "alice@example.com"},
+        {"format": "iss_sub", "iss": "https://saml-idp.example.com/metadata", "sub": "alice.saml"},
+        {"format": "account", "uri": "acct:alice@example.com"},
+        {"format": "phone_number", "phone_number": "+12065550100"},
+        {"format": "did", "url": "did:example:123456"},
+        {"format": "uri", "uri": "https://example.com/users/alice"},
+        {"format": "aliases", "identifiers": [{"format": "email", "email": "alice@example.com"}]},
+        {"format": "a_format_registered_later", "anything": ["goes"]},
+    ],
+    ids=lambda v: v["format"],
+)
+async def test_rule_sub_id_well_formed_is_accepted_and_sub_stays_the_user(gw: GatewayHarness, sub_id: dict) -> None:
+    body = await expect_token(gw, gw.id_jag(sub_id=sub_id))
+    claims = jwt.get_unverified_claims(body["access_token"])
+    assert json.loads(claims["sub"]) == [gw.idp.issuer, None, "alice"]
+    assert claims["idp_sub"] == "alice"
+
+
+@pytest.mark.parametrize(
+    ("sub_id", "problem"),
+    [
+        ("alice@example.com", "not a JSON object"),
+        ({"email": "alice@example.com"}, "no format"),
+        ({"format": 7, "id": "x"}, "no format"),
+        ({"format": "email"}, "email member"),
+        ({"format": "email", "email": "alice"}, "email member"),
+        ({"format": "opaque", "id": ""}, "id member"),
+        ({"format": "iss_sub", "iss": "https://idp.example.com"}, "sub member"),
+        ({"format": "account", "uri": "mailto:alice@example.com"}, "uri member"),
+        ({"format": "phone_number", "phone_number": "555-0100"}, "phone_number member"),
+        ({"format": "did", "url": "https://example.com"}, "url member"),
+        ({"format": "uri", "uri": "alice"}, "uri member"),
+        ({"format": "aliases", "identifiers": []}, "no identifiers"),
+        ({"format": "aliases", "identifiers": [{"format": "opaque"}]}, "id member"),
+        ({"format": "aliases", "identifiers": [{"format": "aliases", "identifiers": []}]}, "nests aliases"),
+    ],
+)
+async def test_rule_sub_id_malformed_is_invalid_grant(gw: GatewayHarness, sub_id: Any, problem: str) -> None:
+    body = await expect_error(gw, gw.id_jag(sub_id=sub_id), "invalid_grant")
+    assert "sub_id" in body["error_description"] and problem in body["error_description"], body
+
+
+async def test_rule_sub_id_naming_another_subject_of_this_issuer_is_refused(gw: GatewayHarness) -> None:
+    """RFC 9493 §4: sub and sub_id identify the same subject."""
+    mallory = {"format": "iss_sub", "iss": gw.idp.issuer, "sub": "mallory"}
+    body = await expect_error(gw, gw.id_jag(sub_id=mallory), "invalid_grant")
+    assert "another subject" in body["error_description"]
+    aliased = {"format": "aliases", "identifiers": [{"format": "opaque", "id": "x"}, mallory]}
+    await expect_error(gw, gw.id_jag(sub_id=aliased), "invalid_grant")
+    await expect_token(gw, gw.id_jag(sub_id={**mallory, "sub": "alice"}))
+
+
+async def test_rule_sub_id_does_not_stand_in_for_a_missing_sub(gw: GatewayHarness) -> None:
+    claims = gw.id_jag_claims(sub_id={"format": "opaque", "id": "NameID-7f3a"})
+    claims.pop("sub")
+    await expect_error(gw, gw.idp.sign(claims), "invalid_grant")
+
+
+# -- 10c. aud_sub and aud_tenant (the user and tenant at the resource AS) ---------------------
+
+
+async def test_rule_aud_sub_and_aud_tenant_are_accepted_and_do_not_change_the_user(gw: GatewayHarness) -> None:
+    body = await expect_token(gw, gw.id_jag(aud_sub="gw-user-42", aud_tenant="acme"))
+    claims = jwt.get_unverified_claims(body["access_token"])
+    assert json.loads(claims["sub"]) == [gw.idp.issuer, None, "alice"]
+    await expect_token(gw, gw.id_jag(aud_tenant="acme"))
+
+
+@pytest.mark.parametrize("name", ["aud_sub", "aud_tenant"])
+@pytest.mark.parametrize("value", ["", 42, ["acme"], {"id": "acme"}], ids=["empty", "number", "array", "object"])
+async def test_rule_aud_sub_and_aud_tenant_must_be_strings(gw: GatewayHarness, name: str, value: Any) -> None:
+    body = await expect_error(gw, gw.id_jag(**{name: value}), "invalid_grant")
+    assert name in body["error_description"]
 
 
 # -- 11. time --------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from gateway.oauth.errors import InvalidDpopProof, InvalidGrant, InvalidScope, I
 from gateway.oauth.identity import SubjectIdentity
 from gateway.oauth.jwks import KeyRing, KeyUnavailable
 from gateway.oauth.replay import ReplayStore, ReplayStoreUnavailable
+from gateway.oauth.subject_id import iss_sub_pairs, subject_identifier_problem
 from gateway.routes import RouteTable
 from gateway.urls import canonical_url, resource_problem
 
@@ -98,6 +99,8 @@ class IdJagValidator:
         self._check_audience(claims)
         self._check_client_id(claims, client_id)
         subject = self._check_subject(claims)
+        self._check_sub_id(claims, subject)
+        self._check_audience_subject(claims)
         self._check_times(claims, now)
         jti = self._check_jti(claims)
         self._check_confirmation(claims, dpop_jkt)
@@ -252,6 +255,34 @@ class IdJagValidator:
         if not isinstance(sub, str) or not sub:
             raise InvalidGrant("assertion has no subject", reason="subject")
         return sub
+
+    def _check_sub_id(self, claims: dict[str, Any], subject: str) -> None:
+        """``sub_id`` (RFC 9493 §4), which an IdP adds for a resource application it federates by SAML,
+        where the NameID, not ``sub``, is what that application knows the user by: when present it must
+        be a well-formed Subject Identifier (RFC 9493 §3). It does not replace ``sub``, which the draft
+        (§3.1) and RFC 7523 §3 still require and which stays who the user is (``Grant.identity``), so
+        the principal, its revocations and its audit trail are the same with or without ``sub_id``.
+        RFC 9493 §4: ``sub`` and ``sub_id`` must identify the same subject, so an ``iss_sub`` identifier
+        of this very issuer naming another ``sub`` contradicts the assertion and is refused."""
+        sub_id = claims.get("sub_id")
+        if sub_id is None:
+            return
+        if problem := subject_identifier_problem(sub_id):
+            raise InvalidGrant(f"assertion sub_id {problem} (RFC 9493 subject identifier)", reason="subject")
+        for iss, sub in iss_sub_pairs(sub_id):
+            if iss == claims["iss"] and sub != subject:
+                raise InvalidGrant("assertion sub_id names another subject than sub", reason="subject")
+
+    def _check_audience_subject(self, claims: dict[str, Any]) -> None:
+        """Draft §3.1: ``aud_sub`` is the user's identifier at the resource AS and ``aud_tenant`` the
+        resource AS's tenant it is scoped to, both JSON strings. They help an AS that keeps its own user
+        accounts find (or provision) the account; the gateway keeps none, so the user stays the IdP's
+        ``iss`` + ``tenant`` + ``sub`` (draft §6.3) and these claims only have to be well-formed. A
+        single-tenant AS has no tenants for ``aud_tenant`` to choose between, so no value is refused."""
+        for name in ("aud_sub", "aud_tenant"):
+            value = claims.get(name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise InvalidGrant(f"assertion {name} claim must be a non-empty string", reason=name)
 
     def _check_times(self, claims: dict[str, Any], now: float) -> None:
         """EMA §7.4.2 validity window with minimal skew (for ``iat`` and ``nbf``); RFC 7523 §3 items

@@ -204,8 +204,12 @@ authorization.signing_key_file (the mounted Secret).
 {{- fail "httpRoute.parentRefs is required when httpRoute.enabled: the Gateway(s) the route attaches to" }}
 {{- end }}
 {{- $audit := get (.Values.config | default dict) "audit" | default dict }}
-{{- if ne (get $audit "sink" | default "stdout") "stdout" }}
-{{- fail "config.audit.sink must be stdout in Kubernetes: the audit trail is collected with the pod's logs. The root filesystem is read-only; a file could only live in the small /tmp emptyDir, which the gateway does not rotate and would fill (evicting the pod)" }}
+{{- $telemetry := get (.Values.config | default dict) "telemetry" | default dict }}
+{{- $sink := get $audit "sink" | default "stdout" }}
+{{- if and (eq $sink "otlp") (not (get $telemetry "otlp_endpoint")) }}
+{{- fail "config.audit.sink: otlp needs config.telemetry.otlp_endpoint: the OpenTelemetry receiver the audit records are sent to" }}
+{{- else if not (has $sink (list "stdout" "otlp")) }}
+{{- fail "config.audit.sink must be stdout or otlp in Kubernetes: the audit trail is collected with the pod's logs or sent to an OpenTelemetry receiver. The root filesystem is read-only; a file could only live in the small /tmp emptyDir, which the gateway does not rotate and would fill (evicting the pod)" }}
 {{- end }}
 {{- if and .Values.clientSecrets.env (not .Values.clientSecrets.existingSecret) }}
 {{- fail "clientSecrets.existingSecret is required when clientSecrets.env is set" }}
