@@ -66,6 +66,9 @@ GRANT_OUTCOMES = (
 )
 POLICY_KINDS = ("tools", "resources", "prompts")
 QUOTA_RESULTS = ("charged", "exhausted", "unavailable")
+# The approval events (gateway/approvals/): asked, answered (granted, declined, cancelled), expired,
+# refused (a state or answer that was not this call's), used (a granted approval let its call through).
+APPROVAL_EVENTS = ("asked", "granted", "declined", "cancelled", "expired", "refused", "used")
 # Per-user upstream credentials of chained ID-JAG routes (gateway/oauth/chain.py): a cache hit, a new
 # exchange, or a failure at one step of the chain.
 UPSTREAM_CREDENTIAL_RESULTS = (
@@ -256,6 +259,12 @@ class Metrics:
             ["route", "change", "action"],
             registry=r,
         )
+        self.approvals = Counter(
+            "mcp_gateway_approvals_total",
+            "Approvals of calls a require_approval rule lets through, by route and event",
+            ["route", "event"],
+            registry=r,
+        )
         self.signals = Counter(
             "mcp_gateway_shared_signals_total",
             "Security Event Tokens received from Shared Signals transmitters, by delivery and result",
@@ -306,6 +315,9 @@ class Metrics:
                 for change in ("changed", "unpinned"):
                     for action in ("refused", "logged"):
                         self.tool_drift.labels(route.name, change, action)
+            if any(rule.approval is not None for rule in route.policy.tools.rules or ()):
+                for event in APPROVAL_EVENTS:
+                    self.approvals.labels(route.name, event)
             if route.upstream_authorization is not None:
                 for result in UPSTREAM_CREDENTIAL_RESULTS:
                     self.upstream_credentials.labels(route.name, result)

@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -27,6 +28,7 @@ from gateway.approvals.stateless import RoundState
 from gateway.devidp import DevIdentityProvider
 from gateway.oauth.identity import SubjectIdentity
 from gateway.sessions import principal_key
+from tests.support.audit import audit_events
 from tests.support.harness import CLIENT_ID, GatewayHarness, running_gateway
 from tests.support.mcp_http import read_response
 from tests.support.sdk import text_of
@@ -52,10 +54,10 @@ def upstream() -> Iterator[RunningUpstream]:
 
 
 @pytest.fixture
-async def gw(idp: DevIdentityProvider, upstream: RunningUpstream) -> AsyncIterator[GatewayHarness]:
+async def gw(idp: DevIdentityProvider, upstream: RunningUpstream, tmp_path: Path) -> AsyncIterator[GatewayHarness]:
     upstream.reset()
     routes = [{"name": "approve", "path": "/approve/mcp", "upstream": upstream.mcp_url, **RULES}]
-    async with running_gateway(idp, routes) as harness:
+    async with running_gateway(idp, routes, audit={"sink": str(tmp_path / "audit.log")}) as harness:
         yield harness
 
 
@@ -93,6 +95,18 @@ async def test_approved_call_runs_once_with_the_approved_arguments(
     # The upstream never sees the gateway's round: no requestState, no inputResponses.
     bodies = [e for e in upstream.recorded() if e["method"] == "tools/call"]
     assert len(bodies) == 1
+    asked, granted = await audit_events(Path(gw.config.audit_sink), "approval.asked", "approval.granted")
+    assert asked["approval_id"] == granted["approval_id"] and len(asked["approval_id"]) >= 20
+    assert (granted["route"], granted["target"], granted["approver"], granted["sub"]) == (
+        "approve",
+        "echo",
+        "bob",
+        "bob",
+    )
+    assert "refund 5000" not in json.dumps([asked, granted])  # arguments are never logged
+    metrics = gw.gateway.metrics.approvals
+    assert metrics.labels("approve", "asked")._value.get() == 1
+    assert metrics.labels("approve", "granted")._value.get() == 1
 
 
 @pytest.mark.parametrize(

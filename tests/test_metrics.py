@@ -61,6 +61,7 @@ FAMILIES = {
     "mcp_gateway_condition_invalid": "gauge",
     "mcp_gateway_condition_checks": "counter",
     "mcp_gateway_tool_drift": "counter",
+    "mcp_gateway_approvals": "counter",
     "mcp_gateway_shared_signals": "counter",
     "mcp_gateway_signal_cutoffs": "counter",
     "mcp_gateway_audit_dropped_lines": "counter",

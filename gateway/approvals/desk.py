@@ -114,8 +114,8 @@ class ApprovalDesk:
         owner = principal_key(self._principal.identity, self._principal.client_id)
         return CallBinding(self._route, owner, call.target or "", arguments_sha256(call.arguments))
 
-    def _event(self, event: str, binding: CallBinding, approval_id: str, **fields: Any) -> None:
-        self._observe(event, approval_id=approval_id, route=binding.route, tool=binding.tool, **fields)
+    def _event(self, event: str, binding: CallBinding, approval_id: str | None, **fields: Any) -> None:
+        self._observe(event, approval_id=approval_id, route=binding.route, target=binding.tool, **fields)
 
     async def settle(self, message: RpcMessage, call: Call, spec: ApprovalSpec | None) -> Settlement:
         """``spec`` None: the call is allowed without approval but carries a gateway state to unwrap."""
@@ -151,7 +151,7 @@ class ApprovalDesk:
 
     def _ask_stateless(self, message: RpcMessage, binding: CallBinding, spec: ApprovalSpec, text: str) -> Answered:
         token, nonce = self._signer.new(binding, ASK, self._clock(), spec.timeout_seconds)
-        self._event("approval.asked", binding, nonce, via="input_required")
+        self._event("approval.asked", binding, nonce, reason="input_required")
         result = stateless.input_required(text, token)
         return Answered({"jsonrpc": "2.0", "id": message.id, "result": result}, "approval asked")
 
@@ -163,9 +163,9 @@ class ApprovalDesk:
             state = self._signer.verify(token, binding, self._clock())
         except StateInvalid as invalid:
             if invalid.problem == "expired":
-                self._event("approval.expired", binding, "", via="input_required")
+                self._event("approval.expired", binding, None, reason="input_required")
                 return refusal(message, "approval_timeout", "The approval of this call expired; call it again")
-            self._event("approval.refused", binding, "", problem=invalid.problem)
+            self._event("approval.refused", binding, None, reason=invalid.problem)
             return refusal(
                 message,
                 "approval_state_invalid",
@@ -177,7 +177,7 @@ class ApprovalDesk:
         except ReplayStoreUnavailable:
             return refusal(message, "approval_unavailable", "Approvals are unavailable right now; try again")
         if not first:
-            self._event("approval.refused", binding, state.nonce, problem="replayed")
+            self._event("approval.refused", binding, state.nonce, reason="replayed")
             return refusal(message, "approval_state_invalid", "This requestState was already used", detail="replayed")
         responses = params.get("inputResponses")
         responses = dict(responses) if isinstance(responses, dict) else {}

@@ -94,5 +94,6 @@ def audit_completion(ctx: RequestContext, status: int) -> None:
 
 
 def audit_approval(ctx: RequestContext, event: str, **fields: Any) -> None:
-    """approval.asked / granted / declined / cancelled / expired / refused (gateway/approvals/)."""
+    """approval.asked / granted / declined / cancelled / expired / refused / used (gateway/approvals/)."""
     ctx.services.audit.emit(event, request_id=ctx.request_id, **who(ctx.principal), **fields)
+    ctx.services.metrics.approvals.labels(ctx.route.name, event.removeprefix("approval.")).inc()
