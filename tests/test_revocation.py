@@ -8,8 +8,6 @@ may not know about, another client's token included.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -23,6 +21,7 @@ from gateway.devidp import DevIdentityProvider
 from gateway.oauth.keys import SigningKey
 from gateway.oauth.replay import MemoryReplayStore, RedisReplayStore
 from gateway.signals.events import principal_keys
+from tests.support.audit import audit_events
 from tests.support.harness import (
     CLIENT_ID,
     CLIENT_SECRET,
@@ -228,18 +227,6 @@ async def test_a_token_revoked_at_one_replica_is_refused_by_the_other(
     assert await introspect(http, second, token) == {"active": False}
     (line,) = await audit_events(Path(first.config.audit_sink), "token.revoked")
     assert (line["client_id"], line["sub"], line["route"], line["decision"]) == (CLIENT_ID, "alice", "json", "deny")
-
-
-async def audit_events(path: Path, event: str) -> list[dict[str, Any]]:
-    """The audit lines of ``event``, once there is one (the log is written by a background task)."""
-    deadline = time.monotonic() + 10.0
-    while True:
-        text = path.read_text(encoding="utf-8") if path.exists() else ""
-        lines = [json.loads(line) for line in text.splitlines()]
-        if any(line["event"] == event for line in lines):
-            return [line for line in lines if line["event"] == event]
-        assert time.monotonic() < deadline, f"no {event} audit line: {text}"
-        await asyncio.sleep(0.02)
 
 
 async def test_a_store_outage_refuses_revocations_and_keeps_known_ones(
