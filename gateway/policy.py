@@ -117,6 +117,7 @@ class RuleSet:
         self.rules = rules
         self.decide = lru_cache(maxsize=4096)(self._decide)
         self.conditional = any(rule.when is not None for rule in rules or ())
+        self.asks = any(rule.approval is not None for rule in rules or ())  # some allow needs approval
 
     @property
     def unrestricted(self) -> bool:

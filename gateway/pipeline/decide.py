@@ -23,14 +23,16 @@ async def decide(ctx: RequestContext) -> None:
     if ctx.rpc is None:  # GET (a listening stream) and DELETE carry no messages; their results are filtered
         ctx.plan = stream_plan(route, frozenset(principal.groups), ctx.services.tool_drift)
         return
-    desk = ApprovalDesk(
-        principal=principal,
-        route=route.name,
-        headers=ctx.request.headers,
-        signer=ctx.runtime.approval_states,
-        replay=ctx.runtime.replay,
-        observe=functools.partial(audit_approval, ctx),
-    )
+    desk = None
+    if route.policy.tools.asks:  # only routes with require_approval rules ask (the hot path builds nothing)
+        desk = ApprovalDesk(
+            principal=principal,
+            route=route.name,
+            headers=ctx.request.headers,
+            signer=ctx.runtime.approval_states,
+            replay=ctx.runtime.replay,
+            observe=functools.partial(audit_approval, ctx),
+        )
     plan = await plan_request(
         ctx.rpc,
         ctx.request.headers,
