@@ -168,14 +168,18 @@ def call(
     return {"jsonrpc": "2.0", "id": request_id, "method": "tools/call", "params": params}
 
 
-async def post(http: aiohttp.ClientSession, gw: GatewayHarness, token: str, body: dict[str, Any]) -> tuple[int, Any]:
-    headers = {
+def headers_for(tool: str, token: str = "") -> dict[str, str]:
+    return {
         "Authorization": f"Bearer {token}",
         "Accept": "application/json, text/event-stream",
         "MCP-Protocol-Version": VERSION,
         "Mcp-Method": "tools/call",
-        "Mcp-Name": body["params"]["name"],
+        "Mcp-Name": tool,
     }
+
+
+async def post(http: aiohttp.ClientSession, gw: GatewayHarness, token: str, body: dict[str, Any]) -> tuple[int, Any]:
+    headers = headers_for(body["params"]["name"], token)
     async with http.post(gw.route_url("approve"), json=body, headers=headers) as response:
         return response.status, await read_response(response, body["id"])
 
@@ -308,3 +312,30 @@ async def test_an_upstream_asking_for_input_keeps_working_after_the_approval(
     # Asked once by the gateway, then only by the upstream: the approval holds for every round of the call.
     assert [m.startswith("Approve the call") for m in asked].count(True) == 1
     assert len(asked) >= 2
+
+
+async def test_a_retry_of_the_upstreams_round_keeps_its_state_through_the_approval(
+    idp: DevIdentityProvider, modern_upstream: RunningUpstream
+) -> None:
+    """The call needing approval is itself the retry of an upstream round (its own requestState and the
+    client's answer to it): once approved, the upstream gets exactly that round back."""
+    rules = {"tools": [{"groups": ["support"], "allow": ["test_*"], "require_approval": True}]}
+    routes = [{"name": "approve", "path": "/approve/mcp", "upstream": modern_upstream.mcp_url, **rules}]
+    tool = "test_input_required_result_request_state"
+    confirm = {"confirm": {"action": "accept", "content": {"ok": True}}}
+    async with running_gateway(idp, routes) as gw:
+        token = await gw.access_token("approve", user="bob")
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
+            # The upstream's round, started without the gateway (the SDK server seals its own state).
+            direct = {k: v for k, v in headers_for(tool).items() if k != "Authorization"}
+            async with http.post(modern_upstream.mcp_url, json=call(9, tool, {}), headers=direct) as response:
+                upstream_state = (await read_response(response, 9))["result"]["requestState"]
+            body = call(1, tool, {}, state=upstream_state, responses=confirm)
+            status, asked = await post(http, gw, token, body)
+            assert status == 200 and asked["result"]["resultType"] == "input_required", asked
+            state = asked["result"]["requestState"]
+            status, answer = await post(
+                http, gw, token, call(2, tool, {}, state=state, responses={**confirm, **APPROVE})
+            )
+    assert status == 200, answer
+    assert answer["result"]["content"][0]["text"] == "state-ok: confirmation received", answer

@@ -150,7 +150,10 @@ class ApprovalDesk:
         return version is not None and version >= STATELESS_SINCE
 
     def _ask_stateless(self, message: RpcMessage, binding: CallBinding, spec: ApprovalSpec, text: str) -> Answered:
-        token, nonce = self._signer.new(binding, ASK, self._clock(), spec.timeout_seconds)
+        # A call that was itself a retry of the upstream's round keeps that round: its state rides along.
+        inner = (message.params or {}).get("requestState")
+        inner = inner if isinstance(inner, str) else None
+        token, nonce = self._signer.new(binding, ASK, self._clock(), spec.timeout_seconds, inner)
         self._event("approval.asked", binding, nonce, reason="input_required")
         result = stateless.input_required(text, token)
         return Answered({"jsonrpc": "2.0", "id": message.id, "result": result}, "approval asked")
@@ -188,10 +191,11 @@ class ApprovalDesk:
                 return refusal(message, f"approval_{answer}", f"The call of tool '{binding.tool}' was not approved")
             self._event("approval.granted", binding, state.nonce, approver=self._principal.subject)
         forwarded = {k: v for k, v in params.items() if k not in ("requestState", "inputResponses")}
-        if responses:
-            forwarded["inputResponses"] = responses
-        if state.stage == APPROVED and state.inner is not None:
+        if state.inner is not None:  # the upstream's own round: its state back, and the client's answers to it
             forwarded["requestState"] = state.inner
+            if responses:
+                forwarded["inputResponses"] = responses
+        # Without an upstream round in progress the upstream asked nothing: nothing to answer is forwarded.
         ttl = spec.timeout_seconds if spec is not None else max(1, state.expires_at - int(self._clock()))
         return Approved({**message.raw, "params": forwarded}, self._wrap_upstream_round(binding, ttl))
 

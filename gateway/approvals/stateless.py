@@ -14,8 +14,10 @@ the retry, so any replica finishes the round:
 - ``exp``: an approval round is short (the rule's ``timeout_seconds``);
 - ``nonce``: a state is used once (recorded in the replay store until ``exp``): one approval, one call;
 - ``stage``: ``ask`` (the gateway's question is pending) or ``approved`` (the call was approved and the
-  upstream itself asked for input: its own ``requestState`` rides along in ``inner``, so the gateway's
-  state and the upstream's never collide and the upstream gets its own back, unchanged).
+  upstream itself asked for input);
+- ``inner``: the upstream's own ``requestState`` of a round in progress (the one the upstream just
+  returned, or the one the asked call carried), so the gateway's state and the upstream's never collide
+  and the upstream gets its own back, unchanged, with the client's answers to its questions.
 
 The client sees its own route, tool and an argument hash in the state; nothing it did not send.
 """
