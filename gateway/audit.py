@@ -51,6 +51,11 @@ FIELDS = (
     "args_sha256",
     "old_sha256",
     "new_sha256",
+    "approval_id",
+    "tool",
+    "approver",
+    "approver_idp",
+    "approver_groups",
 )
 _RECORD_FIELDS = FIELDS[2:]  # what callers pass; ts and event are emit's own
 # One encoder for every line: json.dumps with any non-default option builds a new JSONEncoder per
