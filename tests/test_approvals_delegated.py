@@ -25,6 +25,10 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 
+from gateway.approvals.binding import CallBinding, arguments_sha256
+from gateway.approvals.delegated import DelegatedDesk
+from gateway.approvals.desk import Answered
+from gateway.approvals.spec import ApprovalSpec
 from gateway.approvals.store import (
     CONFLICT,
     DECIDED,
@@ -39,7 +43,9 @@ from gateway.approvals.store import (
     RedisApprovalStore,
 )
 from gateway.devidp import DevIdentityProvider
-from tests.support.harness import GatewayHarness, running_gateway
+from gateway.oauth.access_token import Principal
+from gateway.proxy.request_body import RpcMessage
+from tests.support.harness import CLIENT_ID, CLIENT_SECRET, GatewayHarness, running_gateway
 from tests.support.loopback import free_port
 from tests.support.mcp_http import McpHttp, tool_call
 from tests.support.redis_server import RedisServer, running_redis
@@ -197,6 +203,7 @@ async def test_bad_tokens_ids_and_bodies_are_refused_cleanly(gw: GatewayHarness)
             (url, {}, {"decision": "approve"}, 401),  # no token
             (url, {"Authorization": "Bearer not-a-token"}, {}, 401),
             (url, {"Authorization": f"Bearer {carol}"}, {"decision": "maybe"}, 400),
+            (url, {"Authorization": f"Bearer {carol}"}, {"decision": ["approve"]}, 400),
             (url, {"Authorization": f"Bearer {carol}"}, [1], 400),
             (url, {"Authorization": f"Bearer {carol}", "Origin": "https://evil.example"}, {}, 403),
             (url[:-4] + "AAAA", {"Authorization": f"Bearer {carol}"}, {}, 404),  # unknown id
@@ -208,6 +215,22 @@ async def test_bad_tokens_ids_and_bodies_are_refused_cleanly(gw: GatewayHarness)
                 assert "error" in await response.json()
         async with http.put(url) as response:
             assert response.status == 405
+        form_cases = [
+            ({"Authorization": f"Bearer {carol}"}, {"access_token": carol}, 400),  # two ways at once (RFC 6750 §2)
+            ({}, [("access_token", carol), ("decision", "approve"), ("decision", "decline")], 400),
+            ({}, {"access_token": carol, "decision": "x" * 20_000}, 413),
+        ]
+        for headers, form, status in form_cases:
+            async with http.post(url, data=form, headers=headers) as response:
+                assert response.status == status, await response.text()
+        # A token revoked at the RFC 7009 endpoint decides nothing.
+        revocation = {"token": carol, "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}
+        async with http.post(gw.url + "/oauth2/revoke", data=revocation) as response:
+            assert response.status == 200
+        async with http.post(url, json={}, headers={"Authorization": f"Bearer {carol}"}) as response:
+            assert response.status == 401 and "revoked" in (await response.json())["error_description"]
+        async with http.get(url) as response:
+            assert "pending" in await response.text()  # nothing above decided it
 
 
 async def test_the_page_escapes_everything_and_its_form_decides(gw: GatewayHarness, upstream: RunningUpstream) -> None:
@@ -253,6 +276,31 @@ async def test_a_client_of_the_raw_protocol_gets_the_same_answers(
         assert answer["id"] == 7 and answer["error"]["data"]["reason"] == "approval_pending"
         assert "/approvals/" in answer["error"]["message"]
     assert calls_seen(upstream) == []
+
+
+async def test_a_retry_after_expiry_asks_again_and_the_expiry_is_audited() -> None:
+    """The desk on its own, with a clock of its own (no waiting for ``timeout_seconds``)."""
+    clock = [time.time()]
+    events: list[tuple[str, dict[str, Any]]] = []
+
+    def observe(event: str, **fields: Any) -> None:
+        events.append((event, fields))
+
+    desk = DelegatedDesk(MemoryApprovalStore(), "https://gw.example", observe, clock=lambda: clock[0])
+    raw = tool_call(1, "echo", {"text": "late"})
+    message = RpcMessage("tools/call", 1, raw["params"], raw)
+    binding = CallBinding("pay", "bob-key", "echo", arguments_sha256({"text": "late"}))
+    spec = ApprovalSpec(timeout_seconds=5, approver_groups=("finance",))
+    bob = Principal("bob", "c", "https://idp.example", "https://gw.example/pay/mcp", (), ("support",), 0.0, "jti")
+    first = await desk.settle(message, binding, spec, "text", bob)
+    clock[0] += 6
+    second = await desk.settle(message, binding, spec, "text", bob)
+    assert isinstance(first, Answered) and isinstance(second, Answered)
+    first_id = first.response["error"]["data"]["approval_id"]
+    assert second.response["error"]["data"]["approval_id"] != first_id
+    seen = [(event, fields["approval_id"]) for event, fields in events]
+    assert seen[:2] == [("approval.asked", first_id), ("approval.expired", first_id)]
+    assert events[2][0] == "approval.asked"
 
 
 # --- the store, memory and Redis alike ---------------------------------------------------------------

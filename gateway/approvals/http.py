@@ -218,7 +218,7 @@ async def _credentials(request: web.Request) -> tuple[str, str]:
     if not token:
         raise Refused(401, "invalid_token", "an access token is required", {"WWW-Authenticate": "Bearer"})
     decision = fields.get("decision", "approve")
-    if decision not in DECISIONS:
+    if not isinstance(decision, str) or decision not in DECISIONS:
         raise Refused(400, "invalid_request", "decision must be 'approve' or 'decline'")
     return token, decision
 
