@@ -24,6 +24,8 @@ import aiohttp
 from aiohttp import web
 
 from gateway import logs, pipeline
+from gateway.approvals import http as approval_http
+from gateway.approvals.store import ApprovalStore, open_approval_store
 from gateway.audit import AuditLog
 from gateway.bearer import BearerGuard
 from gateway.condition_health import ConditionHealth
@@ -101,6 +103,8 @@ class Gateway:
         # Quota counters live beside the replay cache (memory, or the same Redis for every replica).
         self._owns_quota_store = quota_store is None
         self.quota_store = quota_store if quota_store is not None else open_quota_store(config.replay_store)
+        # So do calls parked for approver_groups (gateway/approvals/).
+        self.approval_store: ApprovalStore = open_approval_store(config.replay_store)
         # Chained ID-JAG routes (gateway/oauth/chain.py): kept across reloads, like the upstream pools.
         self.retained_assertions = RetainedAssertions()
         tracing = Tracing(config.telemetry_otlp_endpoint) if config.telemetry_otlp_endpoint else None
@@ -110,6 +114,14 @@ class Gateway:
             credentials=UpstreamCredentials(self.idp_session, self.retained_assertions),
             tracing=tracing,
             tool_drift=DriftState(on_drift=self._audit_drift),
+            approvals=self.approval_store,
+        )
+        self.approval_pages = approval_http.ApprovalPages(
+            self.approval_store,
+            lambda: self.runtime,
+            self.services.revocations,
+            self.audit,
+            count=lambda route, event: self.metrics.approvals.labels(route, event).inc(),
         )
         # Shared Signals (gateway/signals/): built once; its transmitters need a restart to change.
         self.signals = (
@@ -258,6 +270,7 @@ class Gateway:
             await self.replay_store.close()
         if self._owns_quota_store:
             await self.quota_store.close()
+        await self.approval_store.close()
         await self.audit.close()
         if self.services.tracing is not None:
             await asyncio.to_thread(self.services.tracing.shutdown)  # exports what is still buffered
@@ -335,6 +348,7 @@ class Gateway:
             router.add_route("*", SSF_PUSH_PATH, self.signals.push)
         if self.config.metrics_listen is None:
             router.add_get("/metrics", self.metrics_endpoint)
+        router.add_route("*", approval_http.ROUTE, self.approval_pages.handle)
         router.add_route("*", "/{tail:.*}", self.handle_route)
 
     @web.middleware
@@ -356,15 +370,16 @@ class Gateway:
 
     async def _answer_and_log(self, request: web.Request, handler: Any, request_id: str) -> web.StreamResponse:
         started = time.monotonic()
+        path = approval_http.loggable_path(request.path)
         try:
             response = await handler(request)
         except web.HTTPException as exc:
             response = _plain_error(exc.status, exc.reason)
         except asyncio.CancelledError:
-            log.info("%s %s cancelled by client after %.3fs", request.method, request.path, time.monotonic() - started)
+            log.info("%s %s cancelled by client after %.3fs", request.method, path, time.monotonic() - started)
             raise
         except Exception:
-            log.exception("unhandled error on %s %s (request %s)", request.method, request.path, request_id)
+            log.exception("unhandled error on %s %s (request %s)", request.method, path, request_id)
             response = _plain_error(500, "internal error")
         if not response.prepared:
             response.headers["X-Request-Id"] = request_id
@@ -372,7 +387,7 @@ class Gateway:
             logging.DEBUG if request.path in _QUIET_PATHS else logging.INFO,
             "%s %s -> %d in %.3fs (request %s)",
             request.method,
-            request.path,
+            path,
             response.status,
             time.monotonic() - started,
             request_id,

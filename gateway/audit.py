@@ -53,6 +53,7 @@ FIELDS = (
     "new_sha256",
     "approval_id",
     "approver",
+    "approver_idp",
     "approver_groups",
 )
 _RECORD_FIELDS = FIELDS[2:]  # what callers pass; ts and event are emit's own

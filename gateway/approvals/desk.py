@@ -130,7 +130,11 @@ class ApprovalDesk:
         if spec.delegated:
             if self._delegated is None:
                 return refusal(message, "approval_required", "This call needs approval and approvals are unavailable")
-            return await self._delegated.settle(message, binding, spec, text, self._principal)
+            settled = await self._delegated.settle(message, binding, spec, text, self._principal)
+            if isinstance(settled, Approved) and self._stateless(message):
+                # The upstream's own rounds of this call (2026-07-28) stay approved: one approval, one call.
+                return Approved(settled.raw, self._wrap_upstream_round(binding, spec.timeout_seconds))
+            return settled
         if self._stateless(message):
             meta = params.get("_meta")
             capabilities = meta.get(CLIENT_CAPABILITIES_META) if isinstance(meta, dict) else None

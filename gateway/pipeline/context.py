@@ -25,6 +25,7 @@ from gateway.telemetry import NO_TRACE, RequestTrace, Tracing
 from gateway.tool_pins import DriftState
 
 if TYPE_CHECKING:
+    from gateway.approvals.store import ApprovalStore
     from gateway.enforce import Plan
     from gateway.oauth.chain import UpstreamCredentials
     from gateway.proxy.forward import ForwardRequest, LegacyStream
@@ -54,6 +55,7 @@ class Services:
     tracing: Tracing | None = None  # OpenTelemetry traces (telemetry.otlp_endpoint); None: off
     # What the latest tools/list results showed on routes with tool_pins (gateway/tool_pins.py).
     tool_drift: DriftState = field(default_factory=DriftState)
+    approvals: ApprovalStore | None = None  # calls parked for approver_groups (gateway/approvals/store.py)
 
 
 @dataclass

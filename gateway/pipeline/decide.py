@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 
+from gateway.approvals.delegated import DelegatedDesk
 from gateway.approvals.desk import ApprovalDesk
 from gateway.bearer import challenge_body, challenge_headers
 from gateway.enforce import HEADER_MISMATCH, plan_request, stream_plan
@@ -25,13 +26,16 @@ async def decide(ctx: RequestContext) -> None:
         return
     desk = None
     if route.policy.tools.asks:  # only routes with require_approval rules ask (the hot path builds nothing)
+        observe = functools.partial(audit_approval, ctx)
+        store = ctx.services.approvals
         desk = ApprovalDesk(
             principal=principal,
             route=route.name,
             headers=ctx.request.headers,
             signer=ctx.runtime.approval_states,
             replay=ctx.runtime.replay,
-            observe=functools.partial(audit_approval, ctx),
+            observe=observe,
+            delegated=DelegatedDesk(store, ctx.runtime.config.public_url, observe) if store is not None else None,
         )
     plan = await plan_request(
         ctx.rpc,

@@ -108,10 +108,15 @@ class ServedGateway:
             return response.status
 
     async def grant(
-        self, route: str, idp: DevIdentityProvider | None = None, *, user: str = "alice"
+        self,
+        route: str,
+        idp: DevIdentityProvider | None = None,
+        *,
+        user: str = "alice",
+        groups: Sequence[str] | None = None,
     ) -> tuple[int, dict[str, Any]]:
         """RFC 7523 jwt-bearer grant with an ID-JAG that ``idp`` (default: the test's IdP) signed for
-        ``route`` and ``user``; returns the status and the JSON body."""
+        ``route``, ``user`` and, when given, ``groups``; returns the status and the JSON body."""
         signer = idp or self.idp
         now = int(time.time())
         claims = {
@@ -124,6 +129,7 @@ class ServedGateway:
             "exp": now + 300,
             "scope": "mcp",
             "resource": f"{self.public_url}/{route}/mcp",
+            **({"groups": list(groups)} if groups is not None else {}),
         }
         form = {
             "grant_type": JWT_BEARER,
@@ -134,13 +140,17 @@ class ServedGateway:
         async with self.http.post(self.base + "/oauth2/token", data=form) as response:
             return response.status, await response.json()
 
-    async def token(self, route: str, *, user: str = "alice") -> str:
-        status, body = await self.grant(route, user=user)
+    async def token(self, route: str, *, user: str = "alice", groups: Sequence[str] | None = None) -> str:
+        status, body = await self.grant(route, user=user, groups=groups)
         assert status == 200, body
         return body["access_token"]
 
-    async def client(self, route: str, token: str | None = None, *, user: str = "alice") -> McpHttp:
-        client = McpHttp(self.http, f"{self.base}/{route}/mcp", token or await self.token(route, user=user))
+    async def client(
+        self, route: str, token: str | None = None, *, user: str = "alice", groups: Sequence[str] | None = None
+    ) -> McpHttp:
+        client = McpHttp(
+            self.http, f"{self.base}/{route}/mcp", token or await self.token(route, user=user, groups=groups)
+        )
         await client.initialize()
         return client
 
