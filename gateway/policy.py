@@ -344,13 +344,9 @@ def describe_access(policy: RoutePolicy, groups: frozenset[str]) -> list[str]:
         if rules.unrestricted:
             lines.append(f"{kind}: all (no rules)")
             continue
-        allow = [
-            p + (" (with approval)" if r.approval else "")
-            for r in rules.rules or ()
-            if r.applies_to(groups)
-            for p in r.allow
-        ]
-        deny = [p for r in rules.rules or () if r.applies_to(groups) for p in r.deny]
+        applying = [r for r in rules.rules or () if r.applies_to(groups)]
+        allow = [p + _qualifiers(r) for r in applying for p in r.allow]
+        deny = [p + _qualifiers(r) for r in applying for p in r.deny]
         if not allow:
             lines.append(f"{kind}: none")
         else:
@@ -358,3 +354,13 @@ def describe_access(policy: RoutePolicy, groups: frozenset[str]) -> list[str]:
     for pattern, scopes in policy.required_scopes:
         lines.append(f"scope required for {pattern}: {' '.join(scopes)}")
     return lines
+
+
+def _qualifiers(rule: Rule) -> str:
+    """What else a rule needs than a matching name: a pattern listed bare would read as always holding."""
+    parts = []
+    if rule.when is not None:
+        parts.append(f"when {rule.when.source}")
+    if rule.approval is not None:
+        parts.append("with approval")
+    return f" ({'; '.join(parts)})" if parts else ""

@@ -103,4 +103,4 @@ def test_check_explains_an_approval_as_an_ask(tmp_path: Path) -> None:
     small = check(config, "--explain", "refund", "--route", "billing", "--as-groups", "support", '{"amount": 50}')
     assert "decision: allow by rule refunds" in small
     listed = check(config, "--as-groups", "support")
-    assert "allow refund (with approval), refund" in listed
+    assert "allow refund (when args.amount > 1000; with approval), refund" in listed
