@@ -44,9 +44,7 @@ from gateway.oauth.keys import SigningKey, SigningKeyError
 from gateway.oauth.replay import ReplayStore, open_replay_store
 from gateway.oauth.token_endpoint import GrantOutcome
 from gateway.pipeline.context import METHOD_CLASS, RequestContext, Services
-from gateway.proxy.forward import (
-    upstream_path_remainder,
-)
+from gateway.proxy.forward import ForwardRequest, upstream_path_remainder
 from gateway.quotas import QuotaStore, open_quota_store
 from gateway.routes import RouteTable
 from gateway.runtime import ReloadRefused, Runtime
@@ -481,7 +479,16 @@ class Gateway:
         )
 
     def _audit_revocation(self, principal: Principal) -> None:
+        """An access token revoked at the RFC 7009 endpoint: later requests with it are refused, and the
+        streams already open with it on this replica end now (a revoked token must not keep a
+        listening stream alive for hours)."""
         route = self.runtime.routes.for_resource(principal.audience)
+        token_id = principal.token_id
+
+        def opened_with_it(fwd: ForwardRequest) -> bool:
+            return fwd.principal is not None and fwd.principal.token_id == token_id
+
+        ended = sum(upstream.end_streams_where(opened_with_it) for upstream in self.runtime.upstreams.values())
         self.audit.emit(
             "token.revoked",
             route=route.name if route is not None else None,
@@ -490,7 +497,7 @@ class Gateway:
             client_id=principal.client_id,
             idp=principal.idp_issuer,
             decision="deny",
-            reason="revoked by the client (RFC 7009)",
+            reason=f"revoked by the client (RFC 7009); {ended} streams ended here",
         )
 
     def _audit_grant(self, outcome: GrantOutcome) -> None:

@@ -8,6 +8,7 @@ may not know about, another client's token included.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -30,7 +31,7 @@ from tests.support.harness import (
     GatewayHarness,
     running_gateway,
 )
-from tests.support.mcp_http import ACCEPT, initialize_request
+from tests.support.mcp_http import ACCEPT, initialize_request, open_session
 from tests.support.redis_server import RedisServer, running_redis
 from tests.support.upstreams import RunningUpstream
 
@@ -82,6 +83,25 @@ async def test_a_revoked_token_is_refused_although_it_was_cached(
     assert "revoked" in headers["WWW-Authenticate"]
     # Other tokens of the same user and client are unaffected: revocation is per token.
     assert (await use(http, gw, await gw.access_token("json")))[0] == 200
+
+
+async def test_revoking_a_token_ends_the_streams_opened_with_it(
+    gw: GatewayHarness, http: aiohttp.ClientSession
+) -> None:
+    """A listening stream lives as long as the client keeps it; a revoked token must not keep it alive."""
+    revoked_client = await open_session(gw, http, "sse")
+    other_client = await open_session(gw, http, "sse")  # the same user, another token
+    headers = {"Accept": "text/event-stream"}
+    revoked_stream = await http.get(revoked_client.url, headers=revoked_client.headers(**headers))
+    other_stream = await http.get(other_client.url, headers=other_client.headers(**headers))
+    assert revoked_stream.status == other_stream.status == 200
+    assert (await revoke(http, gw, revoked_client.token))[0] == 200
+    async with asyncio.timeout(5):
+        while await revoked_stream.content.readany():
+            pass
+    assert not other_stream.content.at_eof()
+    revoked_stream.release()
+    other_stream.release()
 
 
 async def test_revoking_twice_or_an_unknown_token_is_answered_200(
