@@ -15,6 +15,8 @@ from gateway.enforce import HEADER_MISMATCH, plan_request, stream_plan
 from gateway.oauth import metadata
 from gateway.pipeline.audit import audit_approval
 from gateway.pipeline.context import Refusal, RequestContext, rpc_refusal
+from gateway.proxy.headers import SESSION_HEADER
+from gateway.sessions import SessionBinder
 
 
 async def decide(ctx: RequestContext) -> None:
@@ -32,6 +34,8 @@ async def decide(ctx: RequestContext) -> None:
             signer=ctx.runtime.approval_states,
             replay=ctx.runtime.replay,
             observe=functools.partial(audit_approval, ctx),
+            session_elicitation=SessionBinder.elicits(ctx.request.headers.get(SESSION_HEADER, "")),
+            can_stream=_can_stream(ctx),
         )
     plan = await plan_request(
         ctx.rpc,
@@ -59,3 +63,14 @@ async def decide(ctx: RequestContext) -> None:
             ),
         )
     ctx.plan = plan
+
+
+def _can_stream(ctx: RequestContext) -> bool:
+    """Whether the gateway may ask on this POST's SSE response (gateway/approvals/session.py): one
+    request (its question comes before that call's answer), a client that accepts ``text/event-stream``,
+    and Streamable HTTP (the legacy HTTP+SSE transport answers POSTs on the GET stream instead)."""
+    assert ctx.rpc is not None
+    if ctx.rpc.batch or ctx.route.transport == "sse":
+        return False
+    accept = ",".join(ctx.request.headers.getall("Accept", []))
+    return any(part.split(";")[0].strip().lower() == "text/event-stream" for part in accept.split(","))
