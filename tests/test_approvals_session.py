@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 
 from gateway.devidp import DevIdentityProvider
+from gateway.oauth.keys import SigningKey
+from gateway.oauth.replay import RedisReplayStore
 from tests.support.audit import audit_events
 from tests.support.harness import GatewayHarness, running_gateway
 from tests.support.mcp_http import (
@@ -36,7 +39,9 @@ from tests.support.mcp_http import (
     read_response,
     request,
     tool_call,
+    tool_text,
 )
+from tests.support.redis_server import RedisServer, running_redis
 from tests.support.sdk import text_of
 from tests.support.upstreams import RunningUpstream
 
@@ -282,3 +287,50 @@ async def test_the_session_id_carries_the_capability_under_its_mac(gw: GatewayHa
         async with plain.post(tool_call(2, "echo", {"text": "x"})) as response:
             assert response.status == 404
             assert json.loads(await response.text())["error"]["code"] == -32001
+
+
+# --- replicas: the answer reaches another process --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with running_redis(tmp_path_factory.mktemp("redis-approvals")) as server:
+        yield server
+
+
+async def test_the_answer_may_reach_another_replica_through_redis(
+    idp: DevIdentityProvider, upstream_json: RunningUpstream, redis_server: RedisServer
+) -> None:
+    """Two gateways of one deployment (one public URL, signing key and Redis): Bob is asked at the
+    first, his answer lands at the second, and the first forwards the call into Bob's open stream."""
+    upstream_json.reset()
+    prefix = f"test:{uuid.uuid4().hex}:"
+    stores = [RedisReplayStore.from_url(redis_server.url, prefix=prefix) for _ in range(2)]
+    routes = [{"name": "json", "path": "/json/mcp", "upstream": upstream_json.mcp_url, **RULES}]
+    options = {"public_url": "https://mcp.example.com", "signing_key": SigningKey.generate()}
+    try:
+        async with (
+            running_gateway(idp, routes, store=stores[0], **options) as first,
+            running_gateway(idp, routes, store=stores[1], **options) as second,
+            aiohttp.ClientSession(timeout=TIMEOUT) as http,
+        ):
+            bob = await eliciting_session(first, http, "bob")
+            bob_at_second = McpHttp(http, second.route_url("json"), bob.token)
+            bob_at_second.session_id = bob.session_id
+            alice_at_second = await eliciting_session(second, http, "alice")
+            async with bob.post(tool_call(5, "echo", {"text": "across"})) as asked:
+                async with asyncio.timeout(WAIT):
+                    question = await next_message(asked.content)
+                async with alice_at_second.post(approval(question)) as answered:
+                    assert answered.status == 403  # checked against the question's record in Redis
+                async with bob_at_second.post(approval(question)) as answered:
+                    assert answered.status == 202, await answered.text()
+                async with asyncio.timeout(WAIT):
+                    result = await read_response(asked, 5)
+            assert tool_text(result) == "across"
+            async with bob_at_second.post(approval(question)) as answered:
+                assert answered.status == 404  # one answer per question
+    finally:
+        for store in stores:
+            await store.close()
+    assert calls_seen(upstream_json, "echo") == [{"text": "across"}]

@@ -18,7 +18,7 @@ import json
 from aiohttp import web
 
 from gateway.approvals.desk import Answered, Ask, refusal
-from gateway.approvals.session import TIMEOUT, UNAVAILABLE, ask_caller
+from gateway.approvals.session import TIMEOUT, UNAVAILABLE, ask_caller, shared_asks
 from gateway.enforce import decide_approved
 from gateway.pipeline.audit import audit_approval
 from gateway.pipeline.context import RequestContext, rpc_error, rpc_refusal
@@ -85,6 +85,7 @@ async def _ask_then_forward(
         keep_alive=keep_alive,
         keepalive_seconds=ctx.runtime.config.limits.stream_keepalive_seconds or None,
         observe=functools.partial(audit_approval, ctx),
+        shared=shared_asks(ctx.runtime.replay),
     )
     if outcome != "approved":
         await send(_not_approved(ask, outcome).response)

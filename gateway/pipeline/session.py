@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 
 from gateway.approvals.desk import supports_form_elicitation
-from gateway.approvals.session import Delivery, is_gateway_id
+from gateway.approvals.session import Delivery, is_gateway_id, shared_asks
 from gateway.pipeline.context import (
     FORBIDDEN,
     INVALID_REQUEST,
@@ -38,6 +38,8 @@ from gateway.proxy.identity_header import identity_token
 from gateway.proxy.jsonrpc import ResultRewriter
 from gateway.proxy.request_body import RpcBody
 from gateway.sessions import SessionBinder, SessionCheck, principal_key
+
+INTERNAL_ERROR = -32603  # JSON-RPC 2.0 §5.1
 
 
 async def bind_session(ctx: RequestContext) -> Answer | None:
@@ -56,7 +58,7 @@ async def bind_session(ctx: RequestContext) -> Answer | None:
         and ctx.rpc is not None
         and any(m.method is None and is_gateway_id(m.id) for m in ctx.rpc.messages)
     ):
-        return _take_answer(ctx, ctx.rpc, owner, presented)
+        return await _take_answer(ctx, ctx.rpc, owner, presented)
     query = None
     rewriter = plan.rewriter
     wrap: Callable[[str], str] = functools.partial(
@@ -95,20 +97,24 @@ def _declares_elicitation(rpc: RpcBody | None) -> bool:
     return supports_form_elicitation((rpc.messages[0].params or {}).get("capabilities"))
 
 
-def _take_answer(ctx: RequestContext, rpc: RpcBody, owner: str, session: str | None) -> Answer:
+async def _take_answer(ctx: RequestContext, rpc: RpcBody, owner: str, session: str | None) -> Answer:
     """A client's answer to the gateway's own question: 202 once delivered, never forwarded."""
     if len(rpc.messages) > 1:
         raise rpc_refusal(
             400, INVALID_REQUEST, "an answer to the gateway must be sent on its own", "gateway answer in a batch"
         )
     message = rpc.messages[0]
-    delivery = ctx.services.asks.deliver(message.raw, owner, session)
+    delivery = await ctx.services.asks.deliver(message.raw, owner, session, shared_asks(ctx.runtime.replay))
     if delivery is Delivery.FOREIGN:
         raise rpc_refusal(
             403, FORBIDDEN, "this question was asked of another user, client or session", "approval answer foreign"
         )
+    if delivery is Delivery.UNAVAILABLE:
+        raise rpc_refusal(
+            503, INTERNAL_ERROR, "approvals are unavailable right now; send the answer again", "approvals unavailable"
+        )
     if delivery is Delivery.UNKNOWN:
-        # Answered already, timed out, or asked by another gateway process (README: Approvals).
+        # Answered already, timed out, or (replay_store: memory) asked by another gateway process.
         body = rpc_error(INVALID_REQUEST, "no question of this id is waiting for an answer here", message.id)
         raise Refusal(404, body, "approval answer unknown")
     return Answer(202, {**ctx.cors, "X-Request-Id": ctx.request_id})
