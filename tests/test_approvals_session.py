@@ -185,6 +185,34 @@ async def test_a_client_without_elicitation_gets_approval_required(
     assert calls_seen(upstream_json, "echo") == []
 
 
+async def test_quotas_count_a_call_only_once_it_is_approved(
+    idp: DevIdentityProvider, upstream_json: RunningUpstream
+) -> None:
+    upstream_json.reset()
+    quota = {"id": "one-echo", "per": "user", "tools": ["echo"], "limit": 1, "window": "1h"}
+    routes = [{"name": "json", "path": "/json/mcp", "upstream": upstream_json.mcp_url, **RULES, "quotas": [quota]}]
+    answers = [
+        types.ElicitResult(action="decline"),
+        types.ElicitResult(action="accept", content={"approve": True}),
+        types.ElicitResult(action="accept", content={"approve": True}),
+    ]
+
+    async def elicit(context: Any, params: types.ElicitRequestParams) -> types.ElicitResult:
+        return answers.pop(0)
+
+    async with running_gateway(idp, routes) as gw, sdk(gw, "json", elicit) as client:
+        with pytest.raises(MCPError) as declined:
+            await client.call_tool("echo", {"text": "first"})
+        assert declined.value.error.data["reason"] == "approval_declined"
+        assert text_of(await client.call_tool("echo", {"text": "second"})) == "second"  # the decline cost nothing
+        with pytest.raises(MCPError) as over:
+            await client.call_tool("echo", {"text": "third"})
+    assert over.value.error.code == -32029
+    assert over.value.error.data["reason"] == "quota"
+    assert answers == []
+    assert calls_seen(upstream_json, "echo") == [{"text": "second"}]
+
+
 # --- the answer, by hand ----------------------------------------------------------------------------------
 
 
@@ -202,6 +230,19 @@ async def eliciting_session(gw: GatewayHarness, http: aiohttp.ClientSession, use
     async with client.post(INITIALIZED) as response:
         assert response.status == 202
     return client
+
+
+@pytest.mark.parametrize("accept", ["application/json", "application/json, text/event-stream;q=0"])
+async def test_a_post_that_cannot_be_answered_with_sse_gets_approval_required(
+    gw: GatewayHarness, upstream_json: RunningUpstream, accept: str
+) -> None:
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
+        bob = await eliciting_session(gw, http, "bob")
+        async with bob.post(tool_call(4, "echo", {"text": "x"}), Accept=accept) as response:
+            assert response.status == 200
+            answer = await read_response(response, 4)
+    assert answer["error"]["data"]["reason"] == "approval_required"
+    assert calls_seen(upstream_json, "echo") == []
 
 
 def approval(question: dict[str, Any]) -> dict[str, Any]:

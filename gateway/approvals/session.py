@@ -145,19 +145,26 @@ class PendingAsks:
 
     def __init__(self, limit: int = MAX_PENDING_ASKS) -> None:
         self._pending: dict[str, _Pending] = {}
+        self._by_owner: dict[str, int] = {}
         self._limit = limit
 
-    def open(self, owner: str, session: str) -> tuple[str, asyncio.Future[dict[str, Any]]] | None:
-        """A new question's id and the future its answer arrives on; None when too many are open."""
-        if len(self._pending) >= self._limit:
+    def open(self, owner: str, session: str, owner_limit: int) -> tuple[str, asyncio.Future[dict[str, Any]]] | None:
+        """A new question's id and the future its answer arrives on; None when too many are open, in
+        all or for this principal (``owner_limit``: one user's questions cannot crowd out others')."""
+        if len(self._pending) >= self._limit or self._by_owner.get(owner, 0) >= owner_limit:
             return None
         ask_id = ASK_ID_PREFIX + secrets.token_urlsafe(24)
         answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[ask_id] = _Pending(owner, session, answer)
+        self._by_owner[owner] = self._by_owner.get(owner, 0) + 1
         return ask_id, answer
 
     def close(self, ask_id: str) -> None:
-        self._pending.pop(ask_id, None)
+        pending = self._pending.pop(ask_id, None)
+        if pending is not None:
+            left = self._by_owner.pop(pending.owner) - 1
+            if left:
+                self._by_owner[pending.owner] = left
 
     async def deliver(
         self, message: dict[str, Any], owner: str, session: str | None, shared: SharedAsks | None = None
@@ -184,6 +191,7 @@ async def ask_caller(
     *,
     owner: str,
     session: str,
+    owner_limit: int,
     approver: str,
     send: Callable[[dict[str, Any]], Awaitable[None]],
     keep_alive: Callable[[], Awaitable[None]],
@@ -194,7 +202,7 @@ async def ask_caller(
     """Send the question with ``send``, wait up to the rule's ``timeout_seconds`` for the answer, and
     say what came of it: ``approved``, ``declined``, ``cancelled``, ``timeout`` or ``unavailable``.
     Every step is told to ``observe`` with the gateway's request id as the approval id."""
-    opened = pending.open(owner, session)
+    opened = pending.open(owner, session, owner_limit)
     if opened is None:
         return UNAVAILABLE
     ask_id, answer = opened

@@ -73,4 +73,13 @@ def _can_stream(ctx: RequestContext) -> bool:
     if ctx.rpc.batch or ctx.route.transport == "sse":
         return False
     accept = ",".join(ctx.request.headers.getall("Accept", []))
-    return any(part.split(";")[0].strip().lower() == "text/event-stream" for part in accept.split(","))
+    return any(_accepts_event_stream(item) for item in accept.split(","))
+
+
+def _accepts_event_stream(item: str) -> bool:
+    """One media range of ``Accept``: ``text/event-stream``, not refused with ``q=0`` (RFC 9110 §12.5.1)."""
+    media_type, *parameters = (part.strip().lower() for part in item.split(";"))
+    if media_type != "text/event-stream":
+        return False
+    weights = [value.strip() for name, _, value in (p.partition("=") for p in parameters) if name.strip() == "q"]
+    return not weights or weights[0] not in ("0", "0.", "0.0", "0.00", "0.000")

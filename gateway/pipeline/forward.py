@@ -14,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 
+import aiohttp
 from aiohttp import web
 
 from gateway.approvals.desk import Answered, Ask, refusal
@@ -25,6 +27,8 @@ from gateway.pipeline.context import RequestContext, rpc_error, rpc_refusal
 from gateway.proxy.forward import KEEPALIVE, ForwardRequest, StreamLimitReached, sse_event
 from gateway.proxy.headers import SESSION_HEADER
 from gateway.proxy.request_body import canonical_json
+
+log = logging.getLogger(__name__)
 
 
 async def forward(ctx: RequestContext) -> web.StreamResponse:
@@ -63,11 +67,19 @@ async def forward(ctx: RequestContext) -> web.StreamResponse:
 async def _ask_then_forward(
     ctx: RequestContext, fwd: ForwardRequest, ask: Ask, headers: dict[str, str]
 ) -> web.StreamResponse:
-    principal = ctx.principal
-    assert principal is not None and fwd.owner is not None
     stream_headers = {**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     response = web.StreamResponse(status=200, headers={**stream_headers, "X-Accel-Buffering": "no"})
     await response.prepare(ctx.request)
+    try:
+        await _ask_and_answer(ctx, fwd, ask, response)
+    except aiohttp.ClientError as exc:  # the client left (a write failed): nothing more to say or forward
+        log.info("route %s: client left while asked for an approval: %s", ctx.route.name, type(exc).__name__)
+    return response
+
+
+async def _ask_and_answer(ctx: RequestContext, fwd: ForwardRequest, ask: Ask, response: web.StreamResponse) -> None:
+    principal = ctx.principal
+    assert principal is not None and fwd.owner is not None
 
     async def send(message: object) -> None:
         await response.write(sse_event(message))
@@ -80,6 +92,7 @@ async def _ask_then_forward(
         ctx.services.asks,
         owner=fwd.owner,
         session=ctx.request.headers.get(SESSION_HEADER, ""),
+        owner_limit=ctx.runtime.config.limits.max_streams_per_principal,
         approver=principal.subject,
         send=send,
         keep_alive=keep_alive,
@@ -90,12 +103,12 @@ async def _ask_then_forward(
     if outcome != "approved":
         await send(_not_approved(ask, outcome).response)
         await response.write_eof()
-        return response
+        return
     refused = await decide_approved(ctx.runtime.engine, principal, ctx.route, ask)
     if refused is not None:
         await send(refused)
         await response.write_eof()
-        return response
+        return
     fwd = dataclasses.replace(fwd, body=canonical_json(ask.message.raw), into=response)
     trace_headers = ctx.trace.upstream_headers()
     if trace_headers:
@@ -108,7 +121,6 @@ async def _ask_then_forward(
         assert isinstance(answered, web.Response) and isinstance(answered.body, bytes)
         await send(json.loads(answered.body))
         await response.write_eof()
-    return response
 
 
 def _not_approved(ask: Ask, outcome: str) -> Answered:

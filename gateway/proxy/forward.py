@@ -420,24 +420,23 @@ class Upstream:
     async def _relay_body_as_event(
         self, upstream: aiohttp.ClientResponse, fwd: ForwardRequest, response: web.StreamResponse, is_json: bool
     ) -> web.StreamResponse:
-        """A JSON answer to a call whose client already reads an SSE response: one event, then the end."""
-        failure: web.Response | None = None
+        """A JSON answer to a call whose client already reads an SSE response: one event, then the end.
+        A failure is returned as the gateway's own error response, which the caller writes as an event."""
         try:
             body = await self._read_whole(upstream)
         except (TimeoutError, aiohttp.ClientError) as exc:
-            failure = self._broken(fwd, exc)
-        else:
-            message = _json_message(fwd.rewriter.rewrite_json(body)) if is_json else None
-            if len(body) > _MAX_REWRITE_BYTES or (message is None and body.strip()):
-                failure = jsonrpc_error(
-                    502, UPSTREAM_PROTOCOL, f"upstream of route '{fwd.route.name}' answered badly", fwd.request_id
-                )
-            elif message is not None:
+            return self._broken(fwd, exc)
+        message = _json_message(fwd.rewriter.rewrite_json(body)) if is_json else None
+        if len(body) > _MAX_REWRITE_BYTES or (message is None and body.strip()):
+            log.warning("route %s: answer to an approved call is not JSON-RPC (or too large)", fwd.route.name)
+            text = f"upstream of route '{fwd.route.name}' answered with no JSON-RPC message"
+            return jsonrpc_error(502, UPSTREAM_PROTOCOL, text, fwd.request_id)
+        try:
+            if message is not None:
                 await response.write(sse_event(message))
-        if failure is not None:
-            assert isinstance(failure.body, bytes)
-            await response.write(sse_event(json.loads(failure.body)))
-        await response.write_eof()
+            await response.write_eof()
+        except aiohttp.ClientError:
+            log.info("route %s: client left before the answer of an approved call", fwd.route.name)
         return response
 
     async def _relay_events(
