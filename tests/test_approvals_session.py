@@ -27,6 +27,7 @@ from mcp.shared.exceptions import MCPError
 from gateway.devidp import DevIdentityProvider
 from gateway.oauth.keys import SigningKey
 from gateway.oauth.replay import RedisReplayStore
+from gateway.sessions import SessionBinder, SessionCheck, _b64
 from tests.support.audit import audit_events
 from tests.support.harness import GatewayHarness, running_gateway
 from tests.support.mcp_http import (
@@ -375,3 +376,19 @@ async def test_the_answer_may_reach_another_replica_through_redis(
         for store in stores:
             await store.close()
     assert calls_seen(upstream_json, "echo") == [{"text": "across"}]
+
+
+def test_session_ids_wrapped_before_the_capability_are_still_accepted() -> None:
+    binder = SessionBinder(b"k" * 32)
+    owner = _b64(binder._digest(b"k" * 32, "owner", "json", "bob"))
+
+    def old_id(*middle: str) -> str:
+        mac = _b64(binder._digest(b"k" * 32, "session", "up-1", *middle))
+        return ".".join((_b64(b"up-1"), *middle, mac))
+
+    for presented in (old_id(owner), old_id(owner, "1700000000")):
+        assert binder.unwrap("json", "bob", presented) == (SessionCheck.OK, "up-1")
+        assert not SessionBinder.elicits(presented)
+    assert SessionBinder.elicits(binder.wrap("json", "bob", "up-1", elicitation=True))
+    assert binder.unwrap("json", "bob", old_id(owner, "1700000000", "x"))[0] is SessionCheck.UNKNOWN
+    assert binder.unwrap("json", "alice", binder.wrap("json", "bob", "up-1"))[0] is SessionCheck.FOREIGN
