@@ -311,6 +311,8 @@ async def test_a_client_that_leaves_while_asked_forwards_nothing(
         async with bob.post(approval(question)) as answered:
             assert answered.status == 404
     assert calls_seen(upstream_json, "echo") == []
+    (cancelled,) = await audit_events(Path(gw.config.audit_sink), "approval.cancelled")
+    assert (cancelled["approval_id"], cancelled["reason"]) == (question["id"], "client_left")
 
 
 async def test_the_session_id_carries_the_capability_under_its_mac(gw: GatewayHarness) -> None:

@@ -231,6 +231,10 @@ async def ask_caller(
             await asyncio.wait({answer}, timeout=min(remaining, keepalive_seconds or remaining))
             if not answer.done() and loop.time() < deadline:
                 await keep_alive()  # SSE comment: proxies and load balancers keep an idle stream open
+    except (asyncio.CancelledError, ConnectionError):
+        # The client left (aiohttp cancels the handler, or a write fails): the call is dropped.
+        event("approval.cancelled", reason="client_left")
+        raise
     finally:
         pending.close(ask_id)
         if shared is not None and poll is not None:

@@ -72,7 +72,7 @@ async def _ask_then_forward(
     await response.prepare(ctx.request)
     try:
         await _ask_and_answer(ctx, fwd, ask, response)
-    except aiohttp.ClientError as exc:  # the client left (a write failed): nothing more to say or forward
+    except (aiohttp.ClientError, ConnectionError) as exc:  # the client left (a write failed): nothing to forward
         log.info("route %s: client left while asked for an approval: %s", ctx.route.name, type(exc).__name__)
     return response
 
