@@ -35,6 +35,7 @@ from tests.support.mcp_http import (
     PROTOCOL,
     WAIT,
     McpHttp,
+    new_gate,
     next_message,
     read_event,
     read_response,
@@ -52,6 +53,7 @@ RULES = {
         {"id": "support-echo", "groups": ["support"], "allow": ["echo"], "require_approval": {"message": "Echo?"}},
         {"id": "support-add", "groups": ["support"], "allow": ["add"], "require_approval": {"timeout_seconds": 5}},
         {"id": "support-weather", "groups": ["support"], "allow": ["get_weather"]},
+        {"id": "support-gated", "groups": ["support"], "allow": ["gated_stream"], "require_approval": True},
     ]
 }
 ROUTES = ["json", "sse"]
@@ -217,8 +219,8 @@ async def test_quotas_count_a_call_only_once_it_is_approved(
 # --- the answer, by hand ----------------------------------------------------------------------------------
 
 
-async def eliciting_session(gw: GatewayHarness, http: aiohttp.ClientSession, user: str) -> McpHttp:
-    client = McpHttp(http, gw.route_url("json"), await gw.access_token("json", user=user))
+async def eliciting_session(gw: GatewayHarness, http: aiohttp.ClientSession, user: str, route: str = "json") -> McpHttp:
+    client = McpHttp(http, gw.route_url(route), await gw.access_token(route, user=user))
     params = {
         "protocolVersion": PROTOCOL,
         "capabilities": {"elicitation": {}},
@@ -291,6 +293,27 @@ async def test_only_the_principal_and_session_asked_can_answer(
             assert (await answered.json())["error"]["code"] == -32600
     assert calls_seen(upstream_json, "echo") == []
     assert all(e["method"] is not None for e in upstream_json.recorded())
+
+
+async def test_an_approved_streaming_answer_is_relayed_event_by_event(
+    gw: GatewayHarness, upstream_sse: RunningUpstream
+) -> None:
+    gate = new_gate("approved-stream")
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
+        bob = await eliciting_session(gw, http, "bob", route="sse")
+        async with bob.post(tool_call(9, "gated_stream", {"gate": gate})) as asked:
+            async with asyncio.timeout(WAIT):
+                question = await next_message(asked.content)
+            async with bob.post(approval(question)) as answered:
+                assert answered.status == 202
+            async with asyncio.timeout(WAIT):
+                # The upstream's first event arrives while its call is still held at the gate: not buffered.
+                notification = await next_message(asked.content)
+            assert "id" not in notification and gate in json.dumps(notification)
+            upstream_sse.release(gate)
+            async with asyncio.timeout(WAIT):
+                result = await read_response(asked, 9)
+    assert tool_text(result) == f"gate {gate} released"
 
 
 async def test_a_client_that_leaves_while_asked_forwards_nothing(
