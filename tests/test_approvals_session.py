@@ -119,7 +119,7 @@ async def test_an_approved_call_runs_once(
     assert shown[0].startswith("Echo?") and "'echo'" in shown[0] and "refund 5000" in shown[0]
     assert calls_seen(upstreams[route], "echo") == [{"text": "refund 5000"}]
     # The client's answer to the gateway was consumed, never forwarded: the upstream saw no response.
-    assert all(e["method"] is not None for e in upstreams[route].recorded())
+    assert [e for e in upstreams[route].recorded() if e["kind"] == "response"] == []
     asked, granted = await audit_events(Path(gw.config.audit_sink), "approval.asked", "approval.granted")
     assert asked["approval_id"] == granted["approval_id"] and asked["approval_id"].startswith("mcpgw-ask-")
     assert (granted["route"], granted["target"], granted["approver"], granted["sub"]) == (route, "echo", "bob", "bob")
@@ -292,7 +292,7 @@ async def test_only_the_principal_and_session_asked_can_answer(
             assert answered.status == 404
             assert (await answered.json())["error"]["code"] == -32600
     assert calls_seen(upstream_json, "echo") == []
-    assert all(e["method"] is not None for e in upstream_json.recorded())
+    assert [e for e in upstream_json.recorded() if e["kind"] == "response"] == []
 
 
 async def test_an_approved_streaming_answer_is_relayed_event_by_event(
