@@ -159,6 +159,19 @@ async def plan_request(
     return plan
 
 
+async def decide_approved(
+    engine: DecisionEngine, principal: Principal, route: RouteConfig, ask: Ask
+) -> dict[str, Any] | None:
+    """A call asked about on its SSE response (``plan.ask``) and approved: decided again as approved,
+    so quotas count it now, as for :class:`Approved`. None: forward it; else the refusal to answer
+    with (a quota spent, or a rule changed by a reload, while the person decided)."""
+    call = classify(ask.message)
+    decision = await engine.decide(DecisionContext(principal, route, call, time.time(), approved=True))
+    if decision.allowed:
+        return None
+    return _refused(ask.message, call.kind, call.target, route.name, decision)
+
+
 def _carries_gateway_state(call: Call) -> bool:
     """A call retried with the gateway's own ``requestState`` (gateway/approvals/stateless.py): the
     upstream must never see it, so it is checked and unwrapped even if the call no longer needs approval."""

@@ -6,9 +6,12 @@ so a session id stolen from one user would work for another user with any valid 
 stale-session authorization bypass other gateways shipped.
 
 The binding is stateless, so any replica can check it: the gateway never shows clients the upstream's
-session id, but ``base64url(upstream id) "." owner "." created "." MAC``: a keyed fingerprint of the
-owner (route and principal), when the session was created (Unix seconds: a Shared Signals cut-off ends
-the sessions its user created before it, gateway/signals/), and an HMAC over all three.
+session id, but ``base64url(upstream id) "." owner "." created "." capabilities "." MAC``: a keyed
+fingerprint of the owner (route and principal), when the session was created (Unix seconds: a Shared
+Signals cut-off ends the sessions its user created before it, gateway/signals/), what the client declared
+in ``initialize`` that the gateway itself relies on (``e``: form elicitation, so an approval can be asked
+on a POST's SSE response, gateway/approvals/session.py; ``-``: nothing), and an HMAC over all four. Any
+replica or worker thus knows the capability without shared state, and a client cannot add it later.
 A request presenting a session id is accepted only if the MAC verifies for *the requesting* principal
 on *this* route; the upstream then receives its own id back. ``k`` is derived with HKDF (RFC 5869)
 from the gateway's signing key, so replicas sharing that key share sessions and nothing new needs
@@ -39,6 +42,7 @@ from gateway.oauth.identity import SubjectIdentity
 
 _MAC_BYTES = 16
 _MAX_UPSTREAM_ID = 512
+ELICITATION, NO_CAPABILITIES = "e", "-"
 
 
 def _b64(data: bytes) -> str:
@@ -72,22 +76,25 @@ class SessionBinder:
     def _digest(key: bytes, *parts: str) -> bytes:
         return hmac.new(key, "\x00".join(parts).encode(), hashlib.sha256).digest()[:_MAC_BYTES]
 
-    def wrap(self, route: str, principal: str, upstream_id: str) -> str:
+    def wrap(self, route: str, principal: str, upstream_id: str, *, elicitation: bool = False) -> str:
         """The session id the client sees (visible ASCII, as MCP requires): upstream id, a keyed
-        fingerprint of the owner (no identity is readable from it), the creation second, and a MAC
-        over all of them."""
+        fingerprint of the owner (no identity is readable from it), the creation second, the client's
+        capabilities the gateway uses, and a MAC over all of them."""
         owner = self._digest(self._key, "owner", route, principal)
         created = str(int(self._clock()))
-        mac = self._digest(self._key, "session", upstream_id, _b64(owner), created)
-        return f"{_b64(upstream_id.encode())}.{_b64(owner)}.{created}.{_b64(mac)}"
+        capabilities = ELICITATION if elicitation else NO_CAPABILITIES
+        mac = self._digest(self._key, "session", upstream_id, _b64(owner), created, capabilities)
+        return f"{_b64(upstream_id.encode())}.{_b64(owner)}.{created}.{capabilities}.{_b64(mac)}"
 
     def unwrap(self, route: str, principal: str, client_id: str) -> tuple[SessionCheck, str | None]:
         """Check a presented session id; on OK also return the upstream's own session id. Ids wrapped
-        before they carried a creation time (three parts) are still accepted."""
+        before they carried a creation time (three parts) or capabilities (four) are still accepted."""
         parts = client_id.split(".")
-        if len(parts) not in (3, 4) or len(client_id) > 2 * _MAX_UPSTREAM_ID:
+        if len(parts) not in (3, 4, 5) or len(client_id) > 2 * _MAX_UPSTREAM_ID:
             return SessionCheck.UNKNOWN, None
-        if len(parts) == 4 and not (parts[2].isascii() and parts[2].isdigit() and len(parts[2]) <= 12):
+        if len(parts) >= 4 and not (parts[2].isascii() and parts[2].isdigit() and len(parts[2]) <= 12):
+            return SessionCheck.UNKNOWN, None
+        if len(parts) == 5 and parts[3] not in (ELICITATION, NO_CAPABILITIES):
             return SessionCheck.UNKNOWN, None
         try:
             upstream_id = _unb64(parts[0]).decode()
@@ -106,7 +113,15 @@ class SessionBinder:
     def created_at(client_id: str) -> int:
         """When a session id that ``unwrap`` accepted was created (0: before ids carried it)."""
         parts = client_id.split(".")
-        return int(parts[2]) if len(parts) == 4 else 0
+        return int(parts[2]) if len(parts) >= 4 else 0
+
+    @staticmethod
+    def elicits(client_id: str) -> bool:
+        """Whether the session's client declared form elicitation in ``initialize``. Read before the
+        id is checked (no key needed); it counts only for an id ``unwrap`` accepts, which the MAC
+        guarantees was wrapped with this flag."""
+        parts = client_id.split(".")
+        return len(parts) == 5 and parts[3] == ELICITATION
 
 
 def principal_key(identity: SubjectIdentity, client_id: str) -> str:

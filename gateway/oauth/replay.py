@@ -179,6 +179,11 @@ class RedisReplayStore:
         )
         return cls(client, prefix=prefix, timeout=timeout)
 
+    @property
+    def client(self) -> Redis:
+        """The connection pool, for other state replicas share through the same Redis (approval answers)."""
+        return self._client
+
     def key_for(self, key: str) -> str:
         """The Redis key holding ``key`` (public so tests and operators can find it)."""
         return self._prefix + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()

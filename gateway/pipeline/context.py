@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from gateway.approvals.session import PendingAsks
 from gateway.audit import AuditLog
 from gateway.config import RouteConfig
 from gateway.metrics import Metrics
@@ -56,6 +57,8 @@ class Services:
     # What the latest tools/list results showed on routes with tool_pins (gateway/tool_pins.py).
     tool_drift: DriftState = field(default_factory=DriftState)
     approvals: ApprovalStore | None = None  # calls parked for approver_groups (gateway/approvals/store.py)
+    # Approvals asked on a POST's SSE response, waiting for the client's answer (gateway/approvals/session.py).
+    asks: PendingAsks = field(default_factory=PendingAsks)
 
 
 @dataclass

@@ -16,6 +16,8 @@ from gateway.enforce import HEADER_MISMATCH, plan_request, stream_plan
 from gateway.oauth import metadata
 from gateway.pipeline.audit import audit_approval
 from gateway.pipeline.context import Refusal, RequestContext, rpc_refusal
+from gateway.proxy.headers import SESSION_HEADER
+from gateway.sessions import SessionBinder
 
 
 async def decide(ctx: RequestContext) -> None:
@@ -36,6 +38,8 @@ async def decide(ctx: RequestContext) -> None:
             replay=ctx.runtime.replay,
             observe=observe,
             delegated=DelegatedDesk(store, ctx.runtime.config.public_url, observe) if store is not None else None,
+            session_elicitation=SessionBinder.elicits(ctx.request.headers.get(SESSION_HEADER, "")),
+            can_stream=_can_stream(ctx),
         )
     plan = await plan_request(
         ctx.rpc,
@@ -63,3 +67,23 @@ async def decide(ctx: RequestContext) -> None:
             ),
         )
     ctx.plan = plan
+
+
+def _can_stream(ctx: RequestContext) -> bool:
+    """Whether the gateway may ask on this POST's SSE response (gateway/approvals/session.py): one
+    request (its question comes before that call's answer), a client that accepts ``text/event-stream``,
+    and Streamable HTTP (the legacy HTTP+SSE transport answers POSTs on the GET stream instead)."""
+    assert ctx.rpc is not None
+    if ctx.rpc.batch or ctx.route.transport == "sse":
+        return False
+    accept = ",".join(ctx.request.headers.getall("Accept", []))
+    return any(_accepts_event_stream(item) for item in accept.split(","))
+
+
+def _accepts_event_stream(item: str) -> bool:
+    """One media range of ``Accept``: ``text/event-stream``, not refused with ``q=0`` (RFC 9110 §12.5.1)."""
+    media_type, *parameters = (part.strip().lower() for part in item.split(";"))
+    if media_type != "text/event-stream":
+        return False
+    weights = [value.strip() for name, _, value in (p.partition("=") for p in parameters) if name.strip() == "q"]
+    return not weights or weights[0] not in ("0", "0.", "0.0", "0.00", "0.000")

@@ -9,6 +9,9 @@ with the sign-in it belonged to, even for a new token of the same user.
 The legacy HTTP+SSE transport (2024-11-05) answers POSTed requests on the long-lived GET stream, not in
 the POST response: the GET stream owns the rewriter (list filtering, capability advertisement), and
 each POST of that session hands its expectations to it, found by the upstream session id.
+
+A POST carrying a client's answer to the gateway's own question (an approval asked on an SSE response,
+gateway/approvals/session.py) is consumed here, after the session check, and never forwarded.
 """
 
 from __future__ import annotations
@@ -17,15 +20,29 @@ import functools
 import time
 from collections.abc import Callable
 
-from gateway.pipeline.context import FORBIDDEN, INVALID_REQUEST, SESSION_NOT_FOUND, RequestContext, rpc_refusal
+from gateway.approvals.desk import supports_form_elicitation
+from gateway.approvals.session import Delivery, is_gateway_id, shared_asks
+from gateway.pipeline.context import (
+    FORBIDDEN,
+    INVALID_REQUEST,
+    SESSION_NOT_FOUND,
+    Answer,
+    Refusal,
+    RequestContext,
+    rpc_error,
+    rpc_refusal,
+)
 from gateway.proxy.forward import ForwardRequest, LegacyStream, session_param_names, wrap_session_params
 from gateway.proxy.headers import SESSION_HEADER
 from gateway.proxy.identity_header import identity_token
 from gateway.proxy.jsonrpc import ResultRewriter
+from gateway.proxy.request_body import RpcBody
 from gateway.sessions import SessionBinder, SessionCheck, principal_key
 
+INTERNAL_ERROR = -32603  # JSON-RPC 2.0 §5.1
 
-async def bind_session(ctx: RequestContext) -> None:
+
+async def bind_session(ctx: RequestContext) -> Answer | None:
     principal, plan, route, request = ctx.principal, ctx.plan, ctx.route, ctx.request
     assert principal is not None and plan is not None
     owner = principal_key(principal.identity, principal.client_id)
@@ -35,13 +52,22 @@ async def bind_session(ctx: RequestContext) -> None:
     ended = functools.partial(ctx.services.revocations.refuses, principal.identity, principal.email)
     if presented is not None:
         upstream_session = _check(binder, route.name, owner, presented, ended)
+    # Only routes that ask can have questions waiting (the hot path of the others checks nothing).
+    if (
+        route.policy.tools.asks
+        and ctx.rpc is not None
+        and any(m.method is None and is_gateway_id(m.id) for m in ctx.rpc.messages)
+    ):
+        return await _take_answer(ctx, ctx.rpc, owner, presented)
     query = None
     rewriter = plan.rewriter
-    wrap: Callable[[str], str] = functools.partial(binder.wrap, route.name, owner)
+    wrap: Callable[[str], str] = functools.partial(
+        binder.wrap, route.name, owner, elicitation=_declares_elicitation(ctx.rpc)
+    )
     legacy: LegacyStream | None = None
     if route.transport == "sse":
         rewriter, wrap, query, legacy = _legacy_session(ctx, binder, owner, ended)
-    if request.method == "POST" and plan.forward_body is None and legacy is None:
+    if request.method == "POST" and plan.forward_body is None and plan.ask is None and legacy is None:
         ctx.forward = None  # every message was answered by the gateway
         return
     ctx.forward = ForwardRequest(
@@ -60,6 +86,38 @@ async def bind_session(ctx: RequestContext) -> None:
         principal=principal,
         added_headers=_identity_header(ctx),
     )
+    return None
+
+
+def _declares_elicitation(rpc: RpcBody | None) -> bool:
+    """An ``initialize`` whose client can show forms: the session id the upstream hands out for it
+    says so (gateway/sessions.py), so later calls of the session can be asked about."""
+    if rpc is None or rpc.batch or rpc.messages[0].method != "initialize":
+        return False
+    return supports_form_elicitation((rpc.messages[0].params or {}).get("capabilities"))
+
+
+async def _take_answer(ctx: RequestContext, rpc: RpcBody, owner: str, session: str | None) -> Answer:
+    """A client's answer to the gateway's own question: 202 once delivered, never forwarded."""
+    if len(rpc.messages) > 1:
+        raise rpc_refusal(
+            400, INVALID_REQUEST, "an answer to the gateway must be sent on its own", "gateway answer in a batch"
+        )
+    message = rpc.messages[0]
+    delivery = await ctx.services.asks.deliver(message.raw, owner, session, shared_asks(ctx.runtime.replay))
+    if delivery is Delivery.FOREIGN:
+        raise rpc_refusal(
+            403, FORBIDDEN, "this question was asked of another user, client or session", "approval answer foreign"
+        )
+    if delivery is Delivery.UNAVAILABLE:
+        raise rpc_refusal(
+            503, INTERNAL_ERROR, "approvals are unavailable right now; send the answer again", "approvals unavailable"
+        )
+    if delivery is Delivery.UNKNOWN:
+        # Answered already, timed out, or (replay_store: memory) asked by another gateway process.
+        body = rpc_error(INVALID_REQUEST, "no question of this id is waiting for an answer here", message.id)
+        raise Refusal(404, body, "approval answer unknown")
+    return Answer(202, {**ctx.cors, "X-Request-Id": ctx.request_id})
 
 
 def _identity_header(ctx: RequestContext) -> tuple[tuple[str, str], ...]:

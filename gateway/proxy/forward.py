@@ -96,10 +96,20 @@ class LegacyStream:
     async def send(self, message: dict[str, Any]) -> None:
         if self.response is not None:
             # One write per event: aiohttp writes it as one chunk, never interleaved with the relay's.
-            await self.response.write(_event(message))
+            await self.response.write(sse_event(message))
 
 
-def _event(message: dict[str, Any]) -> bytes:
+def _json_message(body: bytes) -> Any:
+    """A JSON-RPC answer body as a value, or None when it is no JSON object or array."""
+    try:
+        message = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    return message if isinstance(message, dict | list) else None
+
+
+def sse_event(message: Any) -> bytes:
+    """One JSON-RPC message (or batch) as one SSE event, in a single write."""
     return b"event: message\ndata: " + json.dumps(message, separators=(",", ":")).encode() + b"\n\n"
 
 
@@ -129,6 +139,9 @@ class ForwardRequest:
     added_headers: tuple[tuple[str, str], ...] = ()
     # W3C Trace Context of the gateway's upstream span (gateway/telemetry.py), replacing the client's.
     trace_headers: tuple[tuple[str, str], ...] = ()
+    # The SSE response already open to the client (the gateway asked it for an approval there first,
+    # gateway/approvals/session.py): the upstream's answer is written into it as events.
+    into: web.StreamResponse | None = None
 
 
 class StreamLimitReached(Exception):
@@ -350,13 +363,11 @@ class Upstream:
     ) -> web.StreamResponse:
         timeout = self._limits.upstream_timeout_seconds
         is_json = upstream.headers.get("Content-Type", "").startswith("application/json")
+        if fwd.into is not None:
+            return await self._relay_body_as_event(upstream, fwd, fwd.into, is_json)
         if (fwd.rewriter and is_json) or fwd.injected:
             try:
-                async with asyncio.timeout(timeout):
-                    body = await upstream.content.read(_MAX_REWRITE_BYTES + 1)
-                while not upstream.content.at_eof() and len(body) <= _MAX_REWRITE_BYTES:
-                    async with asyncio.timeout(timeout):
-                        body += await upstream.content.read(_MAX_REWRITE_BYTES + 1)
+                body = await self._read_whole(upstream)
             except (TimeoutError, aiohttp.ClientError) as exc:
                 return self._broken(fwd, exc)
             if len(body) > _MAX_REWRITE_BYTES:
@@ -396,18 +407,53 @@ class Upstream:
                 request.transport.close()
         return response
 
+    async def _read_whole(self, upstream: aiohttp.ClientResponse) -> bytes:
+        """The upstream's body, read up to one byte past the rewrite limit (the caller checks it)."""
+        timeout = self._limits.upstream_timeout_seconds
+        async with asyncio.timeout(timeout):
+            body = await upstream.content.read(_MAX_REWRITE_BYTES + 1)
+        while not upstream.content.at_eof() and len(body) <= _MAX_REWRITE_BYTES:
+            async with asyncio.timeout(timeout):
+                body += await upstream.content.read(_MAX_REWRITE_BYTES + 1)
+        return body
+
+    async def _relay_body_as_event(
+        self, upstream: aiohttp.ClientResponse, fwd: ForwardRequest, response: web.StreamResponse, is_json: bool
+    ) -> web.StreamResponse:
+        """A JSON answer to a call whose client already reads an SSE response: one event, then the end.
+        A failure is returned as the gateway's own error response, which the caller writes as an event."""
+        try:
+            body = await self._read_whole(upstream)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            return self._broken(fwd, exc)
+        message = _json_message(fwd.rewriter.rewrite_json(body)) if is_json else None
+        if len(body) > _MAX_REWRITE_BYTES or (message is None and body.strip()):
+            log.warning("route %s: answer to an approved call is not JSON-RPC (or too large)", fwd.route.name)
+            text = f"upstream of route '{fwd.route.name}' answered with no JSON-RPC message"
+            return jsonrpc_error(502, UPSTREAM_PROTOCOL, text, fwd.request_id)
+        try:
+            if message is not None:
+                await response.write(sse_event(message))
+            await response.write_eof()
+        except aiohttp.ClientError:
+            log.info("route %s: client left before the answer of an approved call", fwd.route.name)
+        return response
+
     async def _relay_events(
         self, request: web.Request, upstream: aiohttp.ClientResponse, fwd: ForwardRequest
     ) -> web.StreamResponse:
-        headers = self._response_headers(upstream, fwd)
-        headers["X-Accel-Buffering"] = "no"
-        response = web.StreamResponse(status=upstream.status, headers=headers)
-        response.headers.setdefault("Cache-Control", "no-cache")
-        await response.prepare(request)
+        if fwd.into is not None:
+            response = fwd.into  # already open: the upstream's headers come too late to matter
+        else:
+            headers = self._response_headers(upstream, fwd)
+            headers["X-Accel-Buffering"] = "no"
+            response = web.StreamResponse(status=upstream.status, headers=headers)
+            response.headers.setdefault("Cache-Control", "no-cache")
+            await response.prepare(request)
         if fwd.legacy_stream is not None and request.method == "GET":
             fwd.legacy_stream.response = response
         for message in fwd.injected:
-            await response.write(_event(message))
+            await response.write(sse_event(message))
         self.streams[upstream] = request.method == "GET"
         self._stream_requests[upstream] = fwd
         gauge = self._metrics.open_streams.labels(fwd.route.name) if self._metrics is not None else None
