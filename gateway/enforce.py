@@ -48,6 +48,8 @@ class CallRecord:
     reason: str
     args_sha256: str | None = None
     rule: str | None = None
+    # Neither allowed nor refused yet: a person is being asked (the approval.* lines tell the rest).
+    asked: bool = False
 
 
 @dataclass
@@ -130,13 +132,15 @@ async def plan_request(
             settled = await _settle(approvals, message, call, decision, batch=batch or plan.ask is not None)
             if isinstance(settled, Answered):
                 plan.calls.append(
-                    CallRecord(call.method, call.kind, target, False, settled.reason, digest, decision.rule)
+                    CallRecord(
+                        call.method, call.kind, target, False, settled.reason, digest, decision.rule, settled.asked
+                    )
                 )
                 plan.local_responses.append(settled.response)
                 continue
             if isinstance(settled, Ask):
                 plan.calls.append(
-                    CallRecord(call.method, call.kind, target, False, "approval asked", digest, decision.rule)
+                    CallRecord(call.method, call.kind, target, False, "approval asked", digest, decision.rule, True)
                 )
                 plan.ask = settled
                 continue
@@ -160,16 +164,24 @@ async def plan_request(
 
 
 async def decide_approved(
-    engine: DecisionEngine, principal: Principal, route: RouteConfig, ask: Ask
-) -> dict[str, Any] | None:
+    engine: DecisionEngine,
+    principal: Principal,
+    route: RouteConfig,
+    ask: Ask,
+    digest_arguments: Callable[[Any], str] | None = None,
+) -> tuple[CallRecord, dict[str, Any] | None]:
     """A call asked about on its SSE response (``plan.ask``) and approved: decided again as approved,
-    so quotas count it now, as for :class:`Approved`. None: forward it; else the refusal to answer
-    with (a quota spent, or a rule changed by a reload, while the person decided)."""
+    so quotas count it now, as for :class:`Approved`. The decision's record (for the audit trail), and
+    None: forward it; else the refusal to answer with (a quota spent, or a rule changed by a reload,
+    while the person decided)."""
     call = classify(ask.message)
     decision = await engine.decide(DecisionContext(principal, route, call, time.time(), approved=True))
+    digest = digest_arguments(call.arguments) if digest_arguments is not None else None
+    target = _for_audit(call.target)
+    record = CallRecord(call.method, call.kind, target, decision.allowed, decision.reason, digest, decision.rule)
     if decision.allowed:
-        return None
-    return _refused(ask.message, call.kind, call.target, route.name, decision)
+        return record, None
+    return record, _refused(ask.message, call.kind, call.target, route.name, decision)
 
 
 def _carries_gateway_state(call: Call) -> bool:

@@ -124,6 +124,11 @@ async def test_an_approved_call_runs_once(
     assert asked["approval_id"] == granted["approval_id"] and asked["approval_id"].startswith("mcpgw-ask-")
     assert (granted["route"], granted["target"], granted["approver"], granted["sub"]) == (route, "echo", "bob", "bob")
     assert "refund 5000" not in json.dumps([asked, granted])  # arguments are never logged
+    # The call is in the trail as what it finally was: called (once approved), never "denied" while asked.
+    calls = await audit_events(Path(gw.config.audit_sink), "tool.called")
+    assert [(c["target"], c["rule"]) for c in calls if c["target"] == "echo"] == [("echo", "support-echo")]
+    lines = [json.loads(line) for line in Path(gw.config.audit_sink).read_text().splitlines()]
+    assert not [line for line in lines if line["event"] == "tool.denied" and line.get("target") == "echo"]
 
 
 @pytest.mark.parametrize("route", ROUTES)

@@ -104,6 +104,10 @@ async def test_approved_call_runs_once_with_the_approved_arguments(
         "bob",
     )
     assert "refund 5000" not in json.dumps([asked, granted])  # arguments are never logged
+    calls = await audit_events(Path(gw.config.audit_sink), "tool.called")
+    assert [c["rule"] for c in calls if c["target"] == "echo"] == ["support-echo"]  # the approved round
+    lines = [json.loads(line) for line in Path(gw.config.audit_sink).read_text().splitlines()]
+    assert not [line for line in lines if line["event"] == "tool.denied"]  # the question is no refusal
     metrics = gw.gateway.metrics.approvals
     assert metrics.labels("approve", "asked")._value.get() == 1
     assert metrics.labels("approve", "granted")._value.get() == 1

@@ -47,6 +47,7 @@ class Approved:
 class Answered:
     response: dict[str, Any]
     reason: str  # for the audit line of the call
+    asked: bool = False  # a question, not a refusal: audited as ``approval.asked`` alone
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,7 @@ class ApprovalDesk:
         token, nonce = self._signer.new(binding, ASK, self._clock(), spec.timeout_seconds, inner)
         self._event("approval.asked", binding, nonce, reason="input_required")
         result = stateless.input_required(text, token)
-        return Answered({"jsonrpc": "2.0", "id": message.id, "result": result}, "approval asked")
+        return Answered({"jsonrpc": "2.0", "id": message.id, "result": result}, "approval asked", asked=True)
 
     async def _resume(
         self, message: RpcMessage, binding: CallBinding, token: str, spec: ApprovalSpec | None

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.audit import elapsed_ms
+from gateway.enforce import CallRecord
 from gateway.oauth.access_token import Principal
 from gateway.pipeline.context import Refusal, RequestContext
 
@@ -63,22 +64,29 @@ def audit_decisions(ctx: RequestContext) -> None:
         )
         return
     for call in plan.calls:
-        decision = "allow" if call.allowed else "deny"
-        if call.kind is not None:
-            ctx.services.metrics.policy_decisions.labels(route.name, call.kind, decision).inc()
-        allowed_event, denied_event = _CALL_EVENTS.get(call.kind or "", ("request.allowed", "request.denied"))
-        audit.emit(
-            allowed_event if call.allowed else denied_event,
-            request_id=ctx.request_id,
-            route=route.name,
-            **principal,
-            method=call.method,
-            target=call.target,
-            decision=decision,
-            reason=call.reason,
-            rule=call.rule,
-            args_sha256=call.args_sha256,
-        )
+        if not call.asked:  # a question: its approval.* lines tell what happened
+            audit_call(ctx, call)
+
+
+def audit_call(ctx: RequestContext, call: CallRecord) -> None:
+    """One decided call: its ``tool.called`` / ``tool.denied`` (...) line and its policy metric."""
+    decision = "allow" if call.allowed else "deny"
+    route = ctx.route
+    if call.kind is not None:
+        ctx.services.metrics.policy_decisions.labels(route.name, call.kind, decision).inc()
+    allowed_event, denied_event = _CALL_EVENTS.get(call.kind or "", ("request.allowed", "request.denied"))
+    ctx.services.audit.emit(
+        allowed_event if call.allowed else denied_event,
+        request_id=ctx.request_id,
+        route=route.name,
+        **who(ctx.principal),
+        method=call.method,
+        target=call.target,
+        decision=decision,
+        reason=call.reason,
+        rule=call.rule,
+        args_sha256=call.args_sha256,
+    )
 
 
 def audit_completion(ctx: RequestContext, status: int) -> None:

@@ -22,7 +22,7 @@ from aiohttp import web
 from gateway.approvals.desk import Answered, Ask, refusal
 from gateway.approvals.session import TIMEOUT, UNAVAILABLE, ask_caller, shared_asks
 from gateway.enforce import decide_approved
-from gateway.pipeline.audit import audit_approval
+from gateway.pipeline.audit import audit_approval, audit_call
 from gateway.pipeline.context import RequestContext, rpc_error, rpc_refusal
 from gateway.proxy.forward import KEEPALIVE, ForwardRequest, StreamLimitReached, sse_event
 from gateway.proxy.headers import SESSION_HEADER
@@ -104,7 +104,8 @@ async def _ask_and_answer(ctx: RequestContext, fwd: ForwardRequest, ask: Ask, re
         await send(_not_approved(ask, outcome).response)
         await response.write_eof()
         return
-    refused = await decide_approved(ctx.runtime.engine, principal, ctx.route, ask)
+    record, refused = await decide_approved(ctx.runtime.engine, principal, ctx.route, ask, ctx.runtime.argument_digest)
+    audit_call(ctx, record)  # the call as finally decided: tool.called, or tool.denied (e.g. a quota)
     if refused is not None:
         await send(refused)
         await response.write_eof()
