@@ -66,6 +66,7 @@ RULES = {
     ]
 }
 TIMEOUT = aiohttp.ClientTimeout(total=15)
+SHOWN_URLS: list[str] = []  # approval URLs the requester's client showed (URL-mode elicitation)
 CSP = "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'"
 MODES = ["legacy", "2026-07-28"]  # 2025-11-25 sessions, and stateless 2026-07-28 requests
 
@@ -100,7 +101,11 @@ async def sdk(gw: GatewayHarness, mode: str, **claims: Any) -> AsyncIterator[Cli
     token = await gw.access_token("pay", user="bob", **claims)
 
     async def elicit(context: Any, params: Any) -> Any:
-        raise AssertionError("the requester must not be asked to approve their own call")
+        # 2026-07-28 clients that show URLs are shown the approval page (to hand to an approver) and
+        # acknowledge it; nobody asks the requester to approve their own call.
+        assert params.mode == "url", "the requester must not be asked to approve their own call"
+        SHOWN_URLS.append(params.url)
+        return types.ElicitResult(action="accept")
 
     async with create_mcp_http_client(headers={"Authorization": f"Bearer {token}"}) as http:
         transport = streamable_http_client(gw.route_url("pay"), http_client=http)
@@ -144,9 +149,12 @@ async def audit_lines(gw: GatewayHarness, event: str, count: int) -> list[dict[s
 async def test_an_approved_call_runs_once_and_only_with_its_arguments(
     gw: GatewayHarness, upstream: RunningUpstream, mode: str
 ) -> None:
+    SHOWN_URLS.clear()
     async with sdk(gw, mode) as client:
         data = await pending(client, {"text": "refund 5000"})
         assert data["approval_url"] == f"{gw.config.public_url}/approvals/{data['approval_id']}"
+        # A 2026-07-28 client that declares URL-mode elicitation was shown the page first.
+        assert SHOWN_URLS == ([data["approval_url"]] if mode != "legacy" else [])
         assert len(data["approval_id"]) == 22 and 0 < data["expires_in"] <= 120
         # Asked again before anyone decided: the same approval, not a second one.
         assert (await pending(client, {"text": "refund 5000"}))["approval_id"] == data["approval_id"]
@@ -425,6 +433,8 @@ async def test_an_upstream_asking_for_input_keeps_working_after_an_approval_by_s
     answers = {"name": "Ada", "color": "blue"}
 
     async def elicit(context: Any, params: Any) -> types.ElicitResult:
+        if params.mode == "url":  # the approval page, shown to the requester to pass on
+            return types.ElicitResult(action="accept")
         field = next(iter(params.requested_schema["properties"]))
         return types.ElicitResult(action="accept", content={field: answers[field]})
 
@@ -440,3 +450,58 @@ async def test_an_upstream_asking_for_input_keeps_working_after_an_approval_by_s
                     url = parked.value.error.data["approval_url"]
                     assert (await decide(gw, url))[0] == 200
                     assert text_of(await client.call_tool(tool, {})) == "Ada likes blue."
+
+
+def modern_call(request_id: int, arguments: dict[str, Any], **params: Any) -> dict[str, Any]:
+    meta = {
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {"elicitation": {"url": {}}},
+        "io.modelcontextprotocol/clientInfo": {"name": "approvals-test", "version": "1"},
+    }
+    body = {"name": "echo", "arguments": arguments, "_meta": meta, **params}
+    return {"jsonrpc": "2.0", "id": request_id, "method": "tools/call", "params": body}
+
+
+async def modern_post(http: aiohttp.ClientSession, gw: GatewayHarness, token: str, body: dict[str, Any]) -> Any:
+    headers = {
+        "Authorization": f"Bearer {token}",
+        "Accept": "application/json, text/event-stream",
+        "MCP-Protocol-Version": "2026-07-28",
+        "Mcp-Method": "tools/call",
+        "Mcp-Name": "echo",
+    }
+    async with http.post(gw.route_url("pay"), json=body, headers=headers) as response:
+        assert response.status == 200, await response.text()
+        return await response.json()
+
+
+async def test_a_client_that_shows_urls_gets_the_approval_page_as_a_url_elicitation(
+    gw: GatewayHarness, upstream: RunningUpstream
+) -> None:
+    """MCP 2026-07-28 URL-mode elicitation: the approval page is shown to the requester; the retry is
+    forwarded once if an approver granted it meanwhile; dismissed, nothing is forwarded; the round's
+    state is used once."""
+    token = await gw.access_token("pay", user="bob")
+    seen = {"action": "accept"}
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
+        first = (await modern_post(http, gw, token, modern_call(1, {"text": "10"})))["result"]
+        assert first["resultType"] == "input_required"
+        request = first["inputRequests"]["mcp_gateway_approval"]
+        assert request["method"] == "elicitation/create" and request["params"]["mode"] == "url"
+        url, state = request["params"]["url"], first["requestState"]
+        assert url.startswith(f"{gw.config.public_url}/approvals/")
+
+        dismissed = modern_call(
+            2, {"text": "10"}, requestState=state, inputResponses={"mcp_gateway_approval": {"action": "cancel"}}
+        )
+        answer = await modern_post(http, gw, token, dismissed)
+        assert answer["error"]["data"]["reason"] == "approval_cancelled"
+
+        state = (await modern_post(http, gw, token, modern_call(3, {"text": "10"})))["result"]["requestState"]
+        assert (await decide(gw, url))[0] == 200  # the approver decided before the requester came back
+        retry = modern_call(4, {"text": "10"}, requestState=state, inputResponses={"mcp_gateway_approval": seen})
+        done = await modern_post(http, gw, token, retry)
+        assert done["result"]["content"][0]["text"] == "10", done
+        replayed = await modern_post(http, gw, token, {**retry, "id": 5})
+        assert replayed["error"]["data"]["detail"] == "replayed"
+    assert calls_seen(upstream) == [{"text": "10"}]

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from gateway.approvals import stateless
 from gateway.approvals.binding import CallBinding, arguments_sha256, summary
 from gateway.approvals.spec import ApprovalSpec
-from gateway.approvals.stateless import APPROVAL_INPUT, APPROVED, ASK, StateInvalid, StateSigner
+from gateway.approvals.stateless import APPROVAL_INPUT, APPROVED, ASK, PARKED, StateInvalid, StateSigner
 from gateway.classify import STATELESS_SINCE, Call, request_protocol_version
 from gateway.oauth.access_token import Principal
 from gateway.oauth.replay import ReplayStore, ReplayStoreUnavailable
@@ -135,11 +135,11 @@ class ApprovalDesk:
             if isinstance(settled, Approved) and self._stateless(message):
                 # The upstream's own rounds of this call (2026-07-28) stay approved: one approval, one call.
                 return Approved(settled.raw, self._wrap_upstream_round(binding, spec.timeout_seconds))
+            if isinstance(settled, Answered) and settled.reason == "approval_pending" and self._shows_urls(message):
+                return self._park_stateless(message, binding, spec, settled)
             return settled
         if self._stateless(message):
-            meta = params.get("_meta")
-            capabilities = meta.get(CLIENT_CAPABILITIES_META) if isinstance(meta, dict) else None
-            if supports_form_elicitation(capabilities):
+            if supports_form_elicitation(self._capabilities(message)):
                 return self._ask_stateless(message, binding, spec, text)
         elif self._session_elicitation and self._can_stream:
             return Ask(message, binding, spec, text)
@@ -149,6 +149,30 @@ class ApprovalDesk:
             f"Calling tool '{binding.tool}' needs your approval, and your client cannot be asked "
             "(it did not declare the elicitation capability)",
         )
+
+    def _capabilities(self, message: RpcMessage) -> Any:
+        meta = (message.params or {}).get("_meta")
+        return meta.get(CLIENT_CAPABILITIES_META) if isinstance(meta, dict) else None
+
+    def _shows_urls(self, message: RpcMessage) -> bool:
+        """A 2026-07-28 client declaring URL-mode elicitation (``elicitation: {url: {}}``)."""
+        elicitation = (self._capabilities(message) or {}).get("elicitation") if self._stateless(message) else None
+        return isinstance(elicitation, dict) and "url" in elicitation
+
+    def _park_stateless(
+        self, message: RpcMessage, binding: CallBinding, spec: ApprovalSpec, pending: Answered
+    ) -> Answered:
+        """``approval_pending`` as a URL-mode elicitation: the client shows its user the approval page to
+        hand to an approver; its retry (the state, stage ``parked``) is forwarded if the approval was
+        granted meanwhile, and answered ``approval_pending`` (no second round) if not."""
+        url = pending.response["error"]["data"]["approval_url"]
+        text = f"{pending.response['error']['message']}. Open {url} and pass it to an approver."
+        inner = (message.params or {}).get("requestState")
+        token, _ = self._signer.new(
+            binding, PARKED, self._clock(), spec.timeout_seconds, inner if isinstance(inner, str) else None
+        )
+        result = stateless.input_required(text, token, stateless.url_request(text, url))
+        return Answered({"jsonrpc": "2.0", "id": message.id, "result": result}, "approval pending", asked=True)
 
     def _stateless(self, message: RpcMessage) -> bool:
         version = request_protocol_version(message, self._headers)
@@ -195,6 +219,10 @@ class ApprovalDesk:
                 self._event(f"approval.{answer}", binding, state.nonce, approver=self._principal.subject)
                 return refusal(message, f"approval_{answer}", f"The call of tool '{binding.tool}' was not approved")
             self._event("approval.granted", binding, state.nonce, approver=self._principal.subject)
+        elif state.stage == PARKED:
+            blocked = await self._parked(message, binding, spec, responses.pop(APPROVAL_INPUT, None))
+            if blocked is not None:
+                return blocked
         forwarded = {k: v for k, v in params.items() if k not in ("requestState", "inputResponses")}
         if state.inner is not None:  # the upstream's own round: its state back, and the client's answers to it
             forwarded["requestState"] = state.inner
@@ -203,6 +231,24 @@ class ApprovalDesk:
         # Without an upstream round in progress the upstream asked nothing: nothing to answer is forwarded.
         ttl = spec.timeout_seconds if spec is not None else max(1, state.expires_at - int(self._clock()))
         return Approved({**message.raw, "params": forwarded}, self._wrap_upstream_round(binding, ttl))
+
+    async def _parked(
+        self, message: RpcMessage, binding: CallBinding, spec: ApprovalSpec | None, answer: Any
+    ) -> Answered | None:
+        """The retry after the client showed the approval URL: None when the approval was granted (the
+        call goes on, once), else why not. The question was the requester's to dismiss, not to answer."""
+        if not isinstance(answer, dict) or answer.get("action") != "accept":
+            self._event("approval.cancelled", binding, None, reason="approval URL dismissed")
+            return refusal(
+                message, "approval_cancelled", f"The call of tool '{binding.tool}' was not sent for approval"
+            )
+        if spec is None:  # the rule no longer asks
+            return None
+        if not spec.delegated or self._delegated is None:
+            return refusal(message, "approval_required", "The approval rule of this call changed; call it again")
+        text = summary(spec, self._route, binding.tool, (message.params or {}).get("arguments"))
+        settled = await self._delegated.settle(message, binding, spec, text, self._principal)
+        return None if isinstance(settled, Approved) else settled
 
     def _wrap_upstream_round(self, binding: CallBinding, ttl: int) -> ResultRewrite:
         """An approved call the upstream answers with its own ``InputRequiredResult``: the client's

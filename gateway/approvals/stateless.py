@@ -42,6 +42,7 @@ PREFIX = "mcpgw1."
 APPROVAL_INPUT = "mcp_gateway_approval"  # the gateway's key in inputRequests / inputResponses
 MAX_STATE_CHARS = 262_144  # an upstream's own state rides inside ours
 ASK, APPROVED = "ask", "approved"
+PARKED = "parked"  # waiting for someone else (approver_groups): the client showed its user the approval URL
 
 
 def derive_state_key(secret_material: bytes) -> bytes:
@@ -123,7 +124,7 @@ class StateSigner:
         if presented != (expected.route, owner, expected.tool, expected.args_sha256):
             raise StateInvalid("foreign")
         expires_at, nonce, stage, inner = fields.get("x"), fields.get("n"), fields.get("s"), fields.get("u")
-        if not isinstance(expires_at, int) or not isinstance(nonce, str) or stage not in (ASK, APPROVED):
+        if not isinstance(expires_at, int) or not isinstance(nonce, str) or stage not in (ASK, APPROVED, PARKED):
             raise StateInvalid("tampered")
         if now >= expires_at:
             raise StateInvalid("expired")
@@ -152,10 +153,16 @@ def approval_request(message: str) -> dict[str, Any]:
     }
 
 
-def input_required(message: str, state: str) -> dict[str, Any]:
+def url_request(message: str, url: str) -> dict[str, Any]:
+    """A URL-mode ``elicitation/create`` (MCP 2026-07-28 "Elicitation", URL mode): the client shows the
+    URL to its user, who hands it to an approver; nothing is entered through the client."""
+    return {"method": "elicitation/create", "params": {"mode": "url", "message": message, "url": url}}
+
+
+def input_required(message: str, state: str, request: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "resultType": "input_required",
-        "inputRequests": {APPROVAL_INPUT: approval_request(message)},
+        "inputRequests": {APPROVAL_INPUT: request if request is not None else approval_request(message)},
         "requestState": state,
     }
 
