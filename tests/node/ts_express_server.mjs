@@ -16,7 +16,6 @@ import { randomUUID } from 'node:crypto';
 import { McpServer } from '@modelcontextprotocol/sdk/server/mcp.js';
 import { StreamableHTTPServerTransport } from '@modelcontextprotocol/sdk/server/streamableHttp.js';
 import { createMcpExpressApp } from '@modelcontextprotocol/sdk/server/express.js';
-import { InMemoryEventStore } from '@modelcontextprotocol/sdk/examples/shared/inMemoryEventStore.js';
 import { isInitializeRequest } from '@modelcontextprotocol/sdk/types.js';
 import { z } from 'zod';
 
@@ -42,6 +41,42 @@ function badRequest(res, message) {
     res.status(400).json({ jsonrpc: '2.0', id: null, error: { code: -32000, message } });
 }
 
+// Resumability (Streamable HTTP "Resumability and Redelivery") needs events replayed in the order they
+// were stored. The SDK's example store orders ids `${stream}_${Date.now()}_${random}` as strings, so two
+// events of one millisecond (a priming event and the result right after it) come back in random order
+// and the result is sometimes not replayed at all. Ids here carry a counter instead.
+class OrderedEventStore {
+    constructor() {
+        this.events = [];
+        this.sequence = 0;
+    }
+
+    async storeEvent(streamId, message) {
+        this.sequence += 1;
+        const eventId = `${streamId}_${String(this.sequence).padStart(12, '0')}`;
+        this.events.push({ eventId, streamId, message });
+        return eventId;
+    }
+
+    async getStreamIdForEventId(eventId) {
+        return this.events.find(event => event.eventId === eventId)?.streamId;
+    }
+
+    async replayEventsAfter(lastEventId, { send }) {
+        const index = this.events.findIndex(event => event.eventId === lastEventId);
+        if (index < 0) {
+            return '';
+        }
+        const { streamId } = this.events[index];
+        for (const event of this.events.slice(index + 1)) {
+            if (event.streamId === streamId) {
+                await send(event.eventId, event.message);
+            }
+        }
+        return streamId;
+    }
+}
+
 app.post('/mcp', async (req, res) => {
     const sessionId = req.headers['mcp-session-id'];
     let transport = sessionId === undefined ? undefined : transports.get(sessionId);
@@ -52,7 +87,7 @@ app.post('/mcp', async (req, res) => {
         }
         transport = new StreamableHTTPServerTransport({
             sessionIdGenerator: () => randomUUID(),
-            eventStore: new InMemoryEventStore(),
+            eventStore: new OrderedEventStore(),
             onsessioninitialized: id => transports.set(id, transport),
         });
         transport.onclose = () => transports.delete(transport.sessionId);
