@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import functools
 import hashlib
 import hmac
 import json
@@ -41,6 +42,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from gateway.oauth.identity import SubjectIdentity
 
 _MAC_BYTES = 16
+_CHECKED_SESSIONS = 4096  # session checks remembered per binder (live sessions, not every id ever seen)
 _MAX_UPSTREAM_ID = 512
 ELICITATION, NO_CAPABILITIES = "e", "-"
 
@@ -71,6 +73,7 @@ class SessionBinder:
         self._key = key
         self._keys = (key, *other_keys)
         self._clock = clock
+        self._checked = functools.lru_cache(maxsize=_CHECKED_SESSIONS)(self.check)
 
     @staticmethod
     def _digest(key: bytes, *parts: str) -> bytes:
@@ -87,6 +90,11 @@ class SessionBinder:
         return f"{_b64(upstream_id.encode())}.{_b64(owner)}.{created}.{capabilities}.{_b64(mac)}"
 
     def unwrap(self, route: str, principal: str, client_id: str) -> tuple[SessionCheck, str | None]:
+        """:meth:`check`, remembered: a session's requests present the same id over and over, and the
+        answer depends only on the keys, which a binder never changes (a reload builds a new one)."""
+        return self._checked(route, principal, client_id)
+
+    def check(self, route: str, principal: str, client_id: str) -> tuple[SessionCheck, str | None]:
         """Check a presented session id; on OK also return the upstream's own session id. Ids wrapped
         before they carried a creation time (three parts) or capabilities (four) are still accepted."""
         parts = client_id.split(".")

@@ -226,13 +226,24 @@ async def test_initialize_result_advertises_the_ema_extension(
 
 @pytest.mark.parametrize(("route", "upstream_fixture"), [("json", "upstream_json"), ("sse", "upstream_sse")])
 async def test_session_id_is_bound_to_its_principal_and_carries_later_requests(
-    gw: GatewayHarness, http: aiohttp.ClientSession, request: pytest.FixtureRequest, route: str, upstream_fixture: str
+    gw: GatewayHarness,
+    http: aiohttp.ClientSession,
+    request: pytest.FixtureRequest,
+    route: str,
+    upstream_fixture: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     upstream: RunningUpstream = request.getfixturevalue(upstream_fixture)
     client = await connect(gw, http, route)
     await client.initialize()
     assert client.session_id
-    assert tool_text(await client.call(tool_call(2, "echo", {"text": "through the gateway"}))) == "through the gateway"
+    # Later (the gateway's clock says a minute), the upstream echoing its session id on an answer: the
+    # client keeps the id it has (its creation second is when the session began, not this answer's).
+    binder = gw.gateway.runtime.sessions
+    monkeypatch.setattr(binder, "_clock", lambda: time.time() + 60)
+    async with client.post(tool_call(2, "echo", {"text": "through the gateway"})) as response:
+        assert tool_text(await read_response(response, 2)) == "through the gateway"
+        assert response.headers.get("Mcp-Session-Id", client.session_id) == client.session_id
     # Clients see a gateway-bound id (gateway/sessions.py), never the upstream's own: the upstream
     # does not know it, and the gateway maps it back to the upstream's id for this principal only.
     direct = {"Accept": ACCEPT, "Mcp-Session-Id": client.session_id, "MCP-Protocol-Version": PROTOCOL}

@@ -64,6 +64,8 @@ async def bind_session(ctx: RequestContext) -> Answer | None:
     wrap: Callable[[str], str] = functools.partial(
         binder.wrap, route.name, owner, elicitation=_declares_elicitation(ctx.rpc)
     )
+    if upstream_session is not None:
+        wrap = functools.partial(_same_or_wrap, presented, upstream_session, wrap)
     legacy: LegacyStream | None = None
     if route.transport == "sse":
         rewriter, wrap, query, legacy = _legacy_session(ctx, binder, owner, ended)
@@ -87,6 +89,12 @@ async def bind_session(ctx: RequestContext) -> Answer | None:
         added_headers=_identity_header(ctx),
     )
     return None
+
+
+def _same_or_wrap(presented: str, upstream_id: str, wrap: Callable[[str], str], echoed: str) -> str:
+    """An upstream echoing the session this request named: the client keeps the id it presented (same
+    creation second, same capabilities, no new MAC per response); any other id is wrapped anew."""
+    return presented if echoed == upstream_id else wrap(echoed)
 
 
 def _declares_elicitation(rpc: RpcBody | None) -> bool:
