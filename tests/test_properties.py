@@ -35,8 +35,11 @@ from gateway.devidp import DevIdentityProvider
 from tests.support.harness import CLIENT_ID, CLIENT_SECRET, JWT_BEARER, GatewayHarness, running_gateway
 from tests.support.upstreams import RunningUpstream, start_lenient
 
-DENIED = ("secret_tool", "delete_everything")
-TOOL_RULES = [{"groups": ["*"], "allow": ["echo"], "deny": list(DENIED)}]
+DENIED = ("secret_tool", "delete_everything")  # never run: one denied, one needing an approval nobody gives
+TOOL_RULES = [
+    {"groups": ["*"], "allow": ["echo"], "deny": ["secret_tool"]},
+    {"groups": ["*"], "allow": ["delete_everything"], "require_approval": True},
+]
 ANSWER_SECONDS = 10.0  # "never a hang": every answer, however hostile the input, within this
 MAX_ANSWER_BYTES = 1024 * 1024
 SETTINGS = settings(
@@ -345,14 +348,32 @@ METHODS = st.sampled_from(
     ["tools/call", "tools/list", "initialize", "TOOLS/CALL", "Tools/List", "resources/read", "notifications/x"]
 ) | st.text(max_size=12)
 IDS = st.none() | st.integers() | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=8) | JSON_VALUES
+# The gateway's own approval state (gateway/approvals/stateless.py), forged: a prefix, then anything.
+REQUEST_STATES = st.builds(lambda tail: "mcpgw1." + tail, st.text(max_size=60)) | JSON_VALUES
+MODERN_META = st.just(
+    {
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {"elicitation": {"form": {}, "url": {}}},
+    }
+)
 PARAMS = st.fixed_dictionaries(
-    {}, optional={"name": NAMES | JSON_VALUES, "arguments": JSON_VALUES, "_meta": JSON_VALUES}
+    {},
+    optional={
+        "name": NAMES | JSON_VALUES,
+        "arguments": JSON_VALUES,
+        "_meta": MODERN_META | JSON_VALUES,
+        "requestState": REQUEST_STATES,
+        "inputResponses": JSON_VALUES,
+    },
 )
 MESSAGES = st.fixed_dictionaries(
     {"jsonrpc": st.sampled_from(["2.0", "1.0"])}, optional={"id": IDS, "method": METHODS, "params": PARAMS}
 )
 SEEDS = [
     b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"secret_tool","arguments":{}}}',
+    b'{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"delete_everything","requestState":'
+    b'"mcpgw1.eyJyIjoibGVuaWVudCJ9.AAAA","inputResponses":{"mcp_gateway_approval":{"action":"accept",'
+    b'"content":{"approve":true}}},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}',
     b'[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"text":"hi"}}},'
     b'{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"delete_everything"}}]',
     b'{"jsonrpc":"2.0","id":3,"method":"tools/list"}',
@@ -445,4 +466,4 @@ async def test_every_body_gets_a_json_answer_and_never_runs_a_denied_tool(
         assert content_type == "application/json" and is_json(answer), (status, content_type, answer[:300])
     ran = [name for name in lenient.executed() if name in DENIED]
     assert not ran, f"denied {ran} executed upstream: {status} {answer[:300]!r}"
-    assert not tools_listed(answer) & set(DENIED), answer[:300]
+    assert "secret_tool" not in tools_listed(answer), answer[:300]
