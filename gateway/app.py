@@ -137,9 +137,10 @@ class Gateway:
             else None
         )
         self._metrics_runner: web.AppRunner | None = None
-        # Conditions that do not type-check against the upstreams' schemas, kept current in the background.
+        # Conditions that do not type-check against the upstreams' schemas, and pinned tools that drifted,
+        # kept current in the background.
         self.condition_health = ConditionHealth()
-        self.conditions = ConditionMonitor(self.condition_health, self.metrics)
+        self.conditions = ConditionMonitor(self.condition_health, self.metrics, self.services.tool_drift)
         self.runtime = Runtime.build(
             config,
             replay_store=self.replay_store,

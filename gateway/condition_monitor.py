@@ -1,4 +1,5 @@
-"""``serve``: keep conditions type-checked against what the upstreams offer now, in the background.
+"""``serve``: keep conditions type-checked, and pinned tools compared, against what the upstreams offer
+now, in the background.
 
 Each route with conditions (``when`` on tools or prompts rules, a quota ``cost``) has a watcher task that
 lists its upstream's tools (and prompts) with gateway/upstream_catalog.py and checks every condition
@@ -6,6 +7,10 @@ against them (gateway/condition_health.py). It runs at start, after every config
 upstream announces ``notifications/tools/list_changed`` or ``notifications/prompts/list_changed`` (MCP
 2025-11-25 "List Changed Notification") on a stream the gateway relays; notifications are debounced,
 because every connected client's stream carries its own copy.
+
+Routes with ``tool_pins`` are watched the same way: each listing is compared with the pins
+(gateway/tool_pins.py ``DriftState``), so after a start or a reload a changed tool is hidden and its
+calls refused before any client lists the tools through the gateway.
 
 Nothing waits for it: readiness and requests go on while an upstream is slow or down. An upstream that
 cannot be listed is logged and retried with backoff; meanwhile its conditions keep the last result
@@ -26,6 +31,7 @@ from gateway.condition_health import ConditionHealth, ConditionProblem, checks, 
 from gateway.config import GatewayConfig, LimitsConfig, RouteConfig
 from gateway.metrics import Metrics
 from gateway.proxy.forward import Upstream
+from gateway.tool_pins import DriftState
 from gateway.upstream_catalog import CatalogError, fetch_catalog
 
 log = logging.getLogger(__name__)
@@ -49,19 +55,24 @@ def _upstream_identity(route: RouteConfig) -> tuple[object, ...]:
     return (route.upstream, route.transport, route.upstream_headers)
 
 
+def _watched(route: RouteConfig) -> bool:
+    return has_conditions(route) or route.tool_pins is not None
+
+
 class ConditionMonitor:
-    def __init__(self, health: ConditionHealth, metrics: Metrics) -> None:
+    def __init__(self, health: ConditionHealth, metrics: Metrics, drift: DriftState | None = None) -> None:
         self.health = health
         self._metrics = metrics
+        self._drift = drift
         self._watches: dict[str, _Watch] = {}
 
     def configure(self, config: GatewayConfig, upstreams: Mapping[str, Upstream]) -> None:
-        """Watch the routes of ``config`` that have conditions and check them all again (at start and
-        after each reload; runs on the event loop, returns at once)."""
+        """Watch the routes of ``config`` that have conditions or pinned tools and check them all again (at
+        start and after each reload; runs on the event loop, returns at once)."""
         watched = set()
         for index, route in enumerate(config.routes):
             upstream = upstreams.get(route.name)
-            if not has_conditions(route):
+            if not _watched(route):
                 if upstream is not None:
                     upstream.on_list_changed = None
                 continue
@@ -73,8 +84,9 @@ class ConditionMonitor:
             elif _upstream_identity(watch.route) != _upstream_identity(route):
                 self.health.drop(route.name)  # found on another server: says nothing about this one
             watch.route, watch.index, watch.limits = route, index, config.limits
-            for kind in ("ok", "invalid", "unreachable"):
-                self._metrics.condition_checks.labels(route.name, kind)
+            if has_conditions(route):
+                for kind in ("ok", "invalid", "unreachable"):
+                    self._metrics.condition_checks.labels(route.name, kind)
             if upstream is not None:
                 upstream.on_list_changed = self.list_changed
             watch.wake.set()
@@ -123,14 +135,22 @@ class ConditionMonitor:
     async def _check(self, watch: _Watch) -> bool:
         """One complete check of ``watch``'s route; False when its upstream could not be listed."""
         route, index = watch.route, watch.index
+        conditions = has_conditions(route)
         try:
             catalog = await fetch_catalog(route, watch.limits, prompts=needs_prompts(route))
         except CatalogError as exc:
-            self._metrics.condition_checks.labels(route.name, "unreachable").inc()
-            log.warning(
-                "route %s: cannot list the upstream's tools to type-check conditions: %s; retrying", route.name, exc
-            )
+            if conditions:
+                self._metrics.condition_checks.labels(route.name, "unreachable").inc()
+            why = "type-check conditions" if conditions else "compare them with the pins"
+            log.warning("route %s: cannot list the upstream's tools to %s: %s; retrying", route.name, why, exc)
             return False
+        if route.tool_pins is not None and self._drift is not None and watch.route is route:
+            # As a tools/list result through the gateway would be: drift audited and counted once per change.
+            self._drift.check_list(
+                route.name, route.tool_pins, route.on_tool_drift, {"tools": list(catalog.definitions)}
+            )
+        if not conditions:
+            return True
         problems: list[ConditionProblem] = []
         for problem in checks(route, index, catalog):
             if problem is not None:

@@ -400,3 +400,24 @@ def test_explain_shows_an_unpinned_tool_refused_under_hide(
     assert "decision: deny" in refused.stdout and '"reason": "tool_drift"' in refused.stdout
     allowed = run_cli("check", "--config", config, "--route", "json", "--explain", "echo", '{"text": "hi"}')
     assert "decision: allow" in allowed.stdout and "tool_drift" not in allowed.stdout
+
+
+async def test_a_tool_changed_before_the_gateway_started_is_refused_before_anyone_lists_it(
+    idp: DevIdentityProvider,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    pins: dict[str, Path],
+    upstream_json: RunningUpstream,
+    upstream_sse: RunningUpstream,
+) -> None:
+    """The gateway lists each pinned route's upstream itself at start (and after reloads and
+    list_changed), so a restart does not open a window until some client lists the tools."""
+    audit = tmp_path / "audit.log"
+    with overridden(upstream_json, "echo", RUG_PULL):
+        async with pinned_gateway(idp, pins, {"json": upstream_json, "sse": upstream_sse}, audit, "hide") as harness:
+            (line,) = await drift_lines(audit, 1)  # found by the gateway's own listing
+            assert (line["route"], line["target"], line["reason"]) == ("json", "echo", "tool_drift: changed")
+            upstream_json.reset()
+            alice = await open_session(harness, http, "json")
+            assert drift_refusal(await call(alice, 2, "echo", {"text": "hi"}))["reason"] == "tool_drift"
+            assert forwarded_calls(upstream_json) == []
