@@ -46,11 +46,8 @@ async def forward(ctx: RequestContext) -> web.StreamResponse:
     if fwd is None:  # every message was answered by the gateway (refused calls)
         single = plan.local_responses[0] if not plan.batch else plan.local_responses
         return web.json_response(single, headers=local_headers)
-    trace_headers = ctx.trace.upstream_headers()
-    if trace_headers:
-        fwd = dataclasses.replace(fwd, trace_headers=trace_headers)
     try:
-        response = await ctx.runtime.upstreams[ctx.route.name].forward(ctx.request, fwd)
+        response = await ctx.runtime.upstreams[ctx.route.name].forward(ctx.request, _traced(ctx, fwd))
     except StreamLimitReached as refused:
         retry = {"Retry-After": str(refused.retry_after_seconds)}
         raise rpc_refusal(
@@ -111,17 +108,20 @@ async def _ask_and_answer(ctx: RequestContext, fwd: ForwardRequest, ask: Ask, re
         await response.write_eof()
         return
     fwd = dataclasses.replace(fwd, body=canonical_json(ask.message.raw), into=response)
-    trace_headers = ctx.trace.upstream_headers()
-    if trace_headers:
-        fwd = dataclasses.replace(fwd, trace_headers=trace_headers)
     try:
-        answered = await ctx.runtime.upstreams[ctx.route.name].forward(ctx.request, fwd)
+        answered = await ctx.runtime.upstreams[ctx.route.name].forward(ctx.request, _traced(ctx, fwd))
     except StreamLimitReached as limited:
         answered = web.json_response(rpc_error(limited.code, limited.message, limited.request_id))
     if answered is not response:  # the gateway's own error (pool busy, upstream unreachable or slow)
         assert isinstance(answered, web.Response) and isinstance(answered.body, bytes)
         await send(json.loads(answered.body))
         await response.write_eof()
+
+
+def _traced(ctx: RequestContext, fwd: ForwardRequest) -> ForwardRequest:
+    """The W3C Trace Context of the gateway's upstream span, when traces are on (gateway/telemetry.py)."""
+    trace_headers = ctx.trace.upstream_headers()
+    return dataclasses.replace(fwd, trace_headers=trace_headers) if trace_headers else fwd
 
 
 def _not_approved(ask: Ask, outcome: str) -> Answered:
