@@ -428,7 +428,18 @@ def test_invalid_config_names_key_path_and_problem(
 
 
 @pytest.mark.parametrize(
-    "path", ["/.well-known", "/.well-known/x", "/oauth2", "/oauth2/token", "/healthz", "/readyz", "/metrics/x"]
+    "path",
+    [
+        "/.well-known",
+        "/.well-known/x",
+        "/oauth2",
+        "/oauth2/token",
+        "/healthz",
+        "/readyz",
+        "/metrics/x",
+        "/approvals/mcp",
+        "/ssf/events",
+    ],
 )
 def test_route_path_may_not_shadow_the_gateways_own_endpoints(path: str) -> None:
     error = rejection(edited({"routes[1].path": path}))
