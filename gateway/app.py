@@ -42,6 +42,7 @@ from gateway.oauth.idjag import Grant
 from gateway.oauth.jwks import KeyRing
 from gateway.oauth.keys import SigningKey, SigningKeyError
 from gateway.oauth.replay import ReplayStore, open_replay_store
+from gateway.oauth.revocation_bus import revocation_bus
 from gateway.oauth.token_endpoint import GrantOutcome
 from gateway.pipeline.context import METHOD_CLASS, RequestContext, Services
 from gateway.proxy.forward import ForwardRequest, upstream_path_remainder
@@ -101,6 +102,8 @@ class Gateway:
         # Quota counters live beside the replay cache (memory, or the same Redis for every replica).
         self._owns_quota_store = quota_store is None
         self.quota_store = quota_store if quota_store is not None else open_quota_store(config.replay_store)
+        # Replicas sharing a Redis replay store end each other's streams of a revoked token.
+        self.revoked_tokens = revocation_bus(self.replay_store)
         # So do calls parked for approver_groups (gateway/approvals/).
         self.approval_store: ApprovalStore = open_approval_store(config.replay_store)
         # Chained ID-JAG routes (gateway/oauth/chain.py): kept across reloads, like the upstream pools.
@@ -217,6 +220,8 @@ class Gateway:
         if self.signals is not None:
             self.signals.start()
             await self.signals.prefetch_keys()
+        if self.revoked_tokens is not None:
+            self._spawn(self.revoked_tokens.listen(self._revoked_elsewhere))
         await self.runtime.keys.prefetch()
         if not self.runtime.keys.ready:
             self._spawn(self._retry_jwks())
@@ -479,17 +484,27 @@ class Gateway:
             new_sha256=observed,
         )
 
-    def _audit_revocation(self, principal: Principal) -> None:
-        """An access token revoked at the RFC 7009 endpoint: later requests with it are refused, and the
-        streams already open with it on this replica end now (a revoked token must not keep a
-        listening stream alive for hours)."""
-        route = self.runtime.routes.for_resource(principal.audience)
-        token_id = principal.token_id
+    def _end_streams_of_token(self, token_id: str) -> int:
+        """End the streams opened with one access token (a revoked token must not keep a listening
+        stream alive for hours); returns how many."""
 
         def opened_with_it(fwd: ForwardRequest) -> bool:
             return fwd.principal is not None and fwd.principal.token_id == token_id
 
-        ended = sum(upstream.end_streams_where(opened_with_it) for upstream in self.runtime.upstreams.values())
+        return sum(upstream.end_streams_where(opened_with_it) for upstream in self.runtime.upstreams.values())
+
+    def _revoked_elsewhere(self, token_id: str) -> None:
+        ended = self._end_streams_of_token(token_id)
+        if ended:
+            log.info("access token revoked at another replica: ended %d streams here", ended)
+
+    def _audit_revocation(self, principal: Principal) -> None:
+        """An access token revoked at the RFC 7009 endpoint: later requests with it are refused, and the
+        streams open with it end now, here and (through the revoked-token bus) on the other replicas."""
+        route = self.runtime.routes.for_resource(principal.audience)
+        ended = self._end_streams_of_token(principal.token_id)
+        if self.revoked_tokens is not None:
+            self._spawn(self.revoked_tokens.publish(principal.token_id))
         self.audit.emit(
             "token.revoked",
             route=route.name if route is not None else None,

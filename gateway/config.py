@@ -39,8 +39,9 @@ DEFAULT_IDP_ALGORITHMS = ASYMMETRIC_ALGORITHMS
 # The Shared Signals push endpoint (RFC 8935), served only when a transmitter pushes.
 SSF_PUSH_PATH = "/ssf/events"
 # Paths the gateway serves itself; a route may not shadow them (nor be shadowed by them: the approval
-# page, gateway/approvals/http.py, and the push endpoint are matched before the routes).
-RESERVED_PREFIXES = ("/.well-known", "/oauth2", "/healthz", "/readyz", "/metrics", "/approvals", SSF_PUSH_PATH)
+# page, gateway/approvals/http.py, is matched before the routes). The Shared Signals push endpoint is
+# reserved only when a transmitter pushes.
+RESERVED_PREFIXES = ("/.well-known", "/oauth2", "/healthz", "/readyz", "/metrics", "/approvals")
 SSF_DELIVERY_METHODS = ("push", "poll")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _ROUTE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")

@@ -438,7 +438,6 @@ def test_invalid_config_names_key_path_and_problem(
         "/readyz",
         "/metrics/x",
         "/approvals/mcp",
-        "/ssf/events",
     ],
 )
 def test_route_path_may_not_shadow_the_gateways_own_endpoints(path: str) -> None:

@@ -283,3 +283,25 @@ async def test_the_memory_store_remembers_a_revocation_until_the_token_expires()
     assert not await store.is_recorded("access_token_revoked\x00jti-2")
     now[0] += 2
     assert not await store.is_recorded("access_token_revoked\x00jti-1")
+
+
+async def test_a_token_revoked_at_one_replica_ends_its_streams_at_the_other(
+    replicas: tuple[GatewayHarness, GatewayHarness], http: aiohttp.ClientSession
+) -> None:
+    first, second = replicas
+    bus = second.gateway.revoked_tokens
+    assert bus is not None
+    async with asyncio.timeout(5):
+        await bus.subscribed.wait()
+    client = await open_session(second, http, "json")
+    kept = await open_session(second, http, "json")  # the same user, another token
+    stream = await http.get(client.url, headers=client.headers(Accept="text/event-stream"))
+    other = await http.get(kept.url, headers=kept.headers(Accept="text/event-stream"))
+    assert stream.status == other.status == 200
+    assert (await revoke(http, first, client.token))[0] == 200
+    async with asyncio.timeout(5):
+        while await stream.content.readany():
+            pass
+    assert not other.content.at_eof()
+    stream.release()
+    other.release()
