@@ -47,7 +47,7 @@ from gateway.oauth.access_token import Principal
 from gateway.proxy.request_body import RpcMessage
 from tests.support.harness import CLIENT_ID, CLIENT_SECRET, GatewayHarness, running_gateway
 from tests.support.loopback import free_port
-from tests.support.mcp_http import McpHttp, tool_call
+from tests.support.mcp_http import McpHttp, legacy_call, legacy_handshake, open_legacy_stream, tool_call
 from tests.support.redis_server import RedisServer, running_redis
 from tests.support.sdk import text_of
 from tests.support.serve import WAIT, config_document, served
@@ -505,3 +505,30 @@ async def test_a_client_that_shows_urls_gets_the_approval_page_as_a_url_elicitat
         replayed = await modern_post(http, gw, token, {**retry, "id": 5})
         assert replayed["error"]["data"]["detail"] == "replayed"
     assert calls_seen(upstream) == [{"text": "10"}]
+
+
+async def test_legacy_http_sse_clients_are_parked_and_run_the_call_once_approved(
+    idp: DevIdentityProvider, upstream_legacy: RunningUpstream
+) -> None:
+    """The 2024-11-05 HTTP+SSE transport: answers travel on the GET stream, refusals too; approval by
+    someone else works for it as for any client (nobody can be asked on that transport)."""
+    routes = [{"name": "pay", "path": "/pay", "upstream": upstream_legacy.base_url, "transport": "sse", **RULES}]
+    async with running_gateway(idp, routes) as gw, aiohttp.ClientSession(timeout=TIMEOUT) as http:
+        token = await gw.access_token("pay", user="bob")
+        headers = {"Authorization": f"Bearer {token}"}
+        stream, endpoint = await open_legacy_stream(http, gw.route_url("pay") + "/sse", token)
+        try:
+            await legacy_handshake(http, stream, gw.url + endpoint, headers)
+            upstream_legacy.reset()
+            parked = await legacy_call(http, stream, gw.url + endpoint, headers, tool_call(2, "echo", {"text": "7"}))
+            data = parked["error"]["data"]
+            assert data["reason"] == "approval_pending", parked
+            assert calls_seen(upstream_legacy) == []
+            assert (await decide(gw, data["approval_url"]))[0] == 200
+            done = await legacy_call(http, stream, gw.url + endpoint, headers, tool_call(3, "echo", {"text": "7"}))
+            assert done["result"]["content"][0]["text"] == "7", done
+            again = await legacy_call(http, stream, gw.url + endpoint, headers, tool_call(4, "echo", {"text": "7"}))
+            assert again["error"]["data"]["reason"] == "approval_pending"
+        finally:
+            stream.close()
+    assert calls_seen(upstream_legacy) == [{"text": "7"}]
