@@ -23,9 +23,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import IO, Any
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
+from gateway.oauth.keys import derive_key
 from gateway.telemetry import AuditRecords
 
 log = logging.getLogger(__name__)
@@ -67,9 +65,7 @@ def argument_digester(secret_material: bytes) -> Callable[[Any], str]:
     storing them. Keyed, because a plain hash of a low-entropy argument (an amount, an account
     number) is reversed by hashing every candidate; the key is derived with HKDF (RFC 5869) from the
     gateway's signing key, so replicas sharing the key produce the same digests."""
-    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"mcp-gateway", info=b"audit-arguments/v1").derive(
-        secret_material
-    )
+    key = derive_key(secret_material, "audit-arguments/v1")
 
     def digest(arguments: Any) -> str:
         canonical = json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

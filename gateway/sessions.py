@@ -26,7 +26,6 @@ ids, and sessions started before the switch survive it until the old key is drop
 
 from __future__ import annotations
 
-import base64
 import binascii
 import enum
 import functools
@@ -36,10 +35,9 @@ import json
 import time
 from collections.abc import Callable, Sequence
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
+from gateway import b64url
 from gateway.oauth.identity import SubjectIdentity
+from gateway.oauth.keys import derive_key
 
 _MAC_BYTES = 16
 _CHECKED_SESSIONS = 4096  # session checks remembered per binder (live sessions, not every id ever seen)
@@ -47,18 +45,8 @@ _MAX_UPSTREAM_ID = 512
 ELICITATION, NO_CAPABILITIES = "e", "-"
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
 def derive_session_key(secret_material: bytes) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=b"mcp-gateway", info=b"session-binding/v2").derive(
-        secret_material
-    )
+    return derive_key(secret_material, "session-binding/v2")
 
 
 class SessionCheck(enum.Enum):
@@ -86,8 +74,9 @@ class SessionBinder:
         owner = self._digest(self._key, "owner", route, principal)
         created = str(int(self._clock()))
         capabilities = ELICITATION if elicitation else NO_CAPABILITIES
-        mac = self._digest(self._key, "session", upstream_id, _b64(owner), created, capabilities)
-        return f"{_b64(upstream_id.encode())}.{_b64(owner)}.{created}.{capabilities}.{_b64(mac)}"
+        fingerprint = b64url.encode(owner)
+        mac = self._digest(self._key, "session", upstream_id, fingerprint, created, capabilities)
+        return f"{b64url.encode(upstream_id.encode())}.{fingerprint}.{created}.{capabilities}.{b64url.encode(mac)}"
 
     def unwrap(self, route: str, principal: str, client_id: str) -> tuple[SessionCheck, str | None]:
         """:meth:`check`, remembered: a session's requests present the same id over and over, and the
@@ -105,15 +94,15 @@ class SessionBinder:
         if len(parts) == 5 and parts[3] not in (ELICITATION, NO_CAPABILITIES):
             return SessionCheck.UNKNOWN, None
         try:
-            upstream_id = _unb64(parts[0]).decode()
-            mac = _unb64(parts[-1])
+            upstream_id = b64url.decode(parts[0]).decode()
+            mac = b64url.decode(parts[-1])
         except (binascii.Error, ValueError, UnicodeDecodeError):
             return SessionCheck.UNKNOWN, None
         signed = (upstream_id, *parts[1:-1])
         key = next((k for k in self._keys if hmac.compare_digest(mac, self._digest(k, "session", *signed))), None)
         if key is None:
             return SessionCheck.UNKNOWN, None
-        if not hmac.compare_digest(parts[1], _b64(self._digest(key, "owner", route, principal))):
+        if not hmac.compare_digest(parts[1], b64url.encode(self._digest(key, "owner", route, principal))):
             return SessionCheck.FOREIGN, None
         return SessionCheck.OK, upstream_id
 

@@ -24,10 +24,11 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 
+from gateway.b64url import encode as _b64
 from gateway.devidp import DevIdentityProvider
 from gateway.oauth.keys import SigningKey
 from gateway.oauth.replay import RedisReplayStore
-from gateway.sessions import SessionBinder, SessionCheck, _b64
+from gateway.sessions import SessionBinder, SessionCheck
 from tests.support.audit import audit_events
 from tests.support.harness import GatewayHarness, running_gateway
 from tests.support.mcp_http import (

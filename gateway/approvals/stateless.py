@@ -24,7 +24,6 @@ The client sees its own route, tool and an argument hash in the state; nothing i
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import hmac
@@ -33,10 +32,9 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
+from gateway import b64url
 from gateway.approvals.binding import CallBinding
+from gateway.oauth.keys import derive_key
 
 PREFIX = "mcpgw1."
 APPROVAL_INPUT = "mcp_gateway_approval"  # the gateway's key in inputRequests / inputResponses
@@ -46,17 +44,7 @@ PARKED = "parked"  # waiting for someone else (approver_groups): the client show
 
 
 def derive_state_key(secret_material: bytes) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=b"mcp-gateway", info=b"approval-state/v1").derive(
-        secret_material
-    )
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    return derive_key(secret_material, "approval-state/v1")
 
 
 def is_gateway_state(value: Any) -> bool:
@@ -99,8 +87,8 @@ class StateSigner:
             "s": state.stage,
             "u": state.inner,
         }
-        payload = _b64(json.dumps(fields, separators=(",", ":")).encode())
-        return f"{PREFIX}{payload}.{_b64(self._mac(payload))}"
+        payload = b64url.encode(json.dumps(fields, separators=(",", ":")).encode())
+        return f"{PREFIX}{payload}.{b64url.encode(self._mac(payload))}"
 
     def new(self, binding: CallBinding, stage: str, now: float, ttl: int, inner: str | None = None) -> tuple[str, str]:
         """A fresh state and its nonce (the approval id the audit trail correlates on)."""
@@ -113,8 +101,8 @@ class StateSigner:
             raise StateInvalid("tampered")
         payload, _, mac = token[len(PREFIX) :].partition(".")
         try:
-            authentic = hmac.compare_digest(_unb64(mac), self._mac(payload))
-            fields = json.loads(_unb64(payload)) if authentic else None
+            authentic = hmac.compare_digest(b64url.decode(mac), self._mac(payload))
+            fields = json.loads(b64url.decode(payload)) if authentic else None
         except (binascii.Error, ValueError, UnicodeDecodeError):
             raise StateInvalid("tampered") from None
         if not isinstance(fields, dict):

@@ -19,7 +19,6 @@ store lookup is needed. A nonce is accepted in its own window and the next one.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import time
@@ -27,15 +26,14 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from jose import jwk, jws
 from jose.exceptions import JOSEError
 from jose.utils import base64url_decode
 
+from gateway import b64url
 from gateway.config import ASYMMETRIC_ALGORITHMS
 from gateway.oauth import jose_json
-from gateway.oauth.keys import jwk_thumbprint
+from gateway.oauth.keys import derive_key, jwk_thumbprint
 from gateway.oauth.replay import ReplayStore
 from gateway.urls import canonical_url
 
@@ -68,9 +66,7 @@ class ProofError(Exception):
 def derive_nonce_key(secret_material: bytes) -> bytes:
     """A key for nothing but nonces, derived from the signing key (RFC 5869 HKDF), so replicas that
     share the signing key share it and a nonce reveals nothing about the signing key."""
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=b"mcp-gateway", info=b"dpop-nonce/v1").derive(
-        secret_material
-    )
+    return derive_key(secret_material, "dpop-nonce/v1")
 
 
 class NonceIssuer:
@@ -91,7 +87,7 @@ class NonceIssuer:
 
     def _nonce(self, window: int) -> str:
         mac = hmac.new(self._key, str(window).encode(), hashlib.sha256).digest()
-        return f"{window}.{_b64url(mac)}"
+        return f"{window}.{b64url.encode(mac)}"
 
 
 class DpopVerifier:
@@ -163,7 +159,7 @@ class DpopVerifier:
             raise ProofError("the DPoP proof iat is outside the acceptable window")
         if access_token is not None:
             ath = claims.get("ath")
-            expected = _b64url(hashlib.sha256(access_token.encode()).digest())
+            expected = b64url.encode(hashlib.sha256(access_token.encode()).digest())
             if not isinstance(ath, str) or not hmac.compare_digest(ath.encode(), expected.encode()):
                 raise ProofError("the DPoP proof ath does not match the access token")
         return jti
@@ -223,7 +219,3 @@ def _target(url: str) -> str:
     if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
         return ""
     return canonical_url(urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")))
-
-
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()

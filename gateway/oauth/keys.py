@@ -7,7 +7,6 @@ keys are supported, so the published JWKS can never be used to forge a token.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import logging
@@ -15,10 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from jose import jwk
 from jose.backends.base import Key
+
+from gateway import b64url
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +97,18 @@ def load_signing_key(path: str | None) -> SigningKey:
     return SigningKey.generate()
 
 
+def derive_key(secret_material: bytes, purpose: str) -> bytes:
+    """A 256-bit key for one purpose only (session binding, DPoP nonces, approval states, argument
+    digests), derived from the signing key with HKDF (RFC 5869): replicas sharing the signing key derive
+    the same keys, and no derived key or what it protects reveals the signing key or another purpose's."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=b"mcp-gateway", info=purpose.encode()).derive(
+        secret_material
+    )
+
+
 def jwk_thumbprint(public_jwk: dict[str, Any]) -> str:
     """RFC 7638 §3: SHA-256 over the required members, lexicographically ordered, no whitespace."""
     required = {"RSA": ("e", "kty", "n"), "EC": ("crv", "kty", "x", "y")}[public_jwk["kty"]]
     canonical = json.dumps({k: public_jwk[k] for k in required}, separators=(",", ":"), sort_keys=True)
     digest = hashlib.sha256(canonical.encode()).digest()
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+    return b64url.encode(digest)
