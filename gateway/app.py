@@ -120,7 +120,6 @@ class Gateway:
         self.approval_pages = approval_http.ApprovalPages(
             self.approval_store,
             lambda: self.runtime,
-            self.services.revocations,
             self.audit,
             count=lambda route, event: self.metrics.approvals.labels(route, event).inc(),
         )

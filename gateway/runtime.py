@@ -95,6 +95,17 @@ class Runtime:
     token_revocations: TokenRevocations = None  # type: ignore[assignment]  # set by build
     revocation_endpoint: RevocationEndpoint = None  # type: ignore[assignment]
     introspection_endpoint: IntrospectionEndpoint = None  # type: ignore[assignment]
+    # Users the IdP cut off through Shared Signals (gateway/signals/), shared with the proxied path.
+    subject_revocations: SubjectRevocations | None = None
+
+    def refuses_holder(self, principal: Principal) -> bool:
+        """Whether a valid token's holder is refused anyway: revoked by the config, or cut off by the IdP
+        (Shared Signals) after the token was issued. RFC 7009 revocation of the token itself is
+        ``token_revocations`` (it needs the replay store)."""
+        cut_off = self.subject_revocations
+        return self.is_revoked(principal.identity, principal.client_id) or (
+            cut_off is not None and cut_off.refuses(principal.identity, principal.email, principal.issued_at)
+        )
 
     def is_revoked(self, user: SubjectIdentity, client_id: str) -> bool:
         """Revocation from config (``revoked``): applied to new grants and to live tokens at once. A
@@ -193,6 +204,7 @@ class Runtime:
             clock=clock,
         )
         # Kept across reloads: what this replica knows to be revoked (the replay store cannot change).
+        runtime.subject_revocations = revocations
         runtime.token_revocations = (
             previous.token_revocations if previous is not None else TokenRevocations(replay_store)
         )
@@ -204,10 +216,7 @@ class Runtime:
             tokens,
             runtime.token_revocations,
             issuer=auth.issuer,
-            is_refused=lambda p: (
-                runtime.is_revoked(p.identity, p.client_id)
-                or (revocations is not None and revocations.refuses(p.identity, p.email, p.issued_at))
-            ),
+            is_refused=runtime.refuses_holder,
         )
         runtime.token_endpoint = TokenEndpoint(
             clients,

@@ -11,6 +11,7 @@ waits as long; a later retry asks again (audited as ``approval.expired``).
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import time
 from collections.abc import Callable
@@ -107,7 +108,7 @@ class DelegatedDesk:
         request = record.request
         url = self._public_url + APPROVALS_PATH + request.approval_id
         groups = ", ".join(request.approver_groups)
-        return refusal(
+        pending = refusal(
             message,
             "approval_pending",
             f"Calling tool '{request.tool}' needs approval by a member of {groups}; "
@@ -116,6 +117,7 @@ class DelegatedDesk:
             approval_url=url,
             expires_in=max(0, int(record.expires_at - now)),
         )
+        return dataclasses.replace(pending, approval_url=url)
 
     def _event(self, event: str, binding: CallBinding, approval_id: str, **fields: object) -> None:
         self._observe(event, approval_id=approval_id, route=binding.route, target=binding.tool, **fields)

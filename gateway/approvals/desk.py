@@ -48,6 +48,7 @@ class Answered:
     response: dict[str, Any]
     reason: str  # for the audit line of the call
     asked: bool = False  # a question, not a refusal: audited as ``approval.asked`` alone
+    approval_url: str | None = None  # approval_pending: where an approver decides (gateway/approvals/http.py)
 
 
 @dataclass(frozen=True)
@@ -135,8 +136,8 @@ class ApprovalDesk:
             if isinstance(settled, Approved) and self._stateless(message):
                 # The upstream's own rounds of this call (2026-07-28) stay approved: one approval, one call.
                 return Approved(settled.raw, self._wrap_upstream_round(binding, spec.timeout_seconds))
-            if isinstance(settled, Answered) and settled.reason == "approval_pending" and self._shows_urls(message):
-                return self._park_stateless(message, binding, spec, settled)
+            if isinstance(settled, Answered) and settled.approval_url and self._shows_urls(message):
+                return self._park_stateless(message, binding, spec, settled, settled.approval_url)
             return settled
         if self._stateless(message):
             if supports_form_elicitation(self._capabilities(message)):
@@ -160,12 +161,11 @@ class ApprovalDesk:
         return isinstance(elicitation, dict) and "url" in elicitation
 
     def _park_stateless(
-        self, message: RpcMessage, binding: CallBinding, spec: ApprovalSpec, pending: Answered
+        self, message: RpcMessage, binding: CallBinding, spec: ApprovalSpec, pending: Answered, url: str
     ) -> Answered:
         """``approval_pending`` as a URL-mode elicitation: the client shows its user the approval page to
         hand to an approver; its retry (the state, stage ``parked``) is forwarded if the approval was
         granted meanwhile, and answered ``approval_pending`` (no second round) if not."""
-        url = pending.response["error"]["data"]["approval_url"]
         text = f"{pending.response['error']['message']}. Open {url} and pass it to an approver."
         inner = (message.params or {}).get("requestState")
         token, _ = self._signer.new(

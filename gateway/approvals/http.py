@@ -44,7 +44,6 @@ from gateway.approvals.store import (
 )
 from gateway.audit import AuditLog
 from gateway.oauth.access_token import InvalidToken, Principal
-from gateway.signals.revocations import SubjectRevocations
 from gateway.urls import origin_of
 
 if TYPE_CHECKING:
@@ -85,7 +84,6 @@ class ApprovalPages:
         self,
         store: ApprovalStore,
         runtime: Callable[[], Runtime],
-        revocations: SubjectRevocations,
         audit: AuditLog,
         *,
         count: Callable[[str, str], None] | None = None,
@@ -95,7 +93,6 @@ class ApprovalPages:
         self._count = count
         self._store = store
         self._runtime = runtime
-        self._revocations = revocations
         self._audit = audit
         self._clock = clock
 
@@ -178,11 +175,7 @@ class ApprovalPages:
             raise _unauthorized("the access token was not issued for a route of this gateway")
         if principal.jkt is not None:
             raise _unauthorized("a DPoP-bound access token cannot be used here (no proof can come with a form)")
-        if (
-            await runtime.token_revocations.is_revoked(principal)
-            or runtime.is_revoked(principal.identity, principal.client_id)
-            or self._revocations.refuses(principal.identity, principal.email, principal.issued_at)
-        ):
+        if runtime.refuses_holder(principal) or await runtime.token_revocations.is_revoked(principal):
             raise _unauthorized("the access token has been revoked")
         return principal
 

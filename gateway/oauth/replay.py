@@ -31,12 +31,10 @@ from collections.abc import Callable
 from typing import Protocol
 
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from gateway.redis_client import uses_redis
+from gateway.redis_client import open_redis, uses_redis
 
 log = logging.getLogger(__name__)
 
@@ -171,13 +169,7 @@ class RedisReplayStore:
         No connection is made here; the first ``first_use`` connects. Timeouts are short and redis-py's
         own retries off (``first_use`` retries once, safely) so that an unreachable Redis costs a
         token request seconds, not minutes."""
-        client = Redis.from_url(
-            url,
-            socket_connect_timeout=timeout,
-            socket_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-        )
-        return cls(client, prefix=prefix, timeout=timeout)
+        return cls(open_redis(url, timeout), prefix=prefix, timeout=timeout)
 
     @property
     def client(self) -> Redis:
