@@ -10,7 +10,6 @@ gateway tokens for the approvers, a real ``redis-server`` and two ``mcp-gateway 
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -45,12 +44,13 @@ from gateway.approvals.store import (
 from gateway.devidp import DevIdentityProvider
 from gateway.oauth.access_token import Principal
 from gateway.proxy.request_body import RpcMessage
+from tests.support.audit import audit_events
 from tests.support.harness import CLIENT_ID, CLIENT_SECRET, GatewayHarness, running_gateway
 from tests.support.loopback import free_port
 from tests.support.mcp_http import McpHttp, legacy_call, legacy_handshake, open_legacy_stream, tool_call
 from tests.support.redis_server import RedisServer, running_redis
 from tests.support.sdk import text_of
-from tests.support.serve import WAIT, config_document, served
+from tests.support.serve import config_document, served
 from tests.support.upstreams import RunningUpstream, start_upstream
 
 FORBIDDEN = -32003
@@ -134,15 +134,7 @@ async def decide(
 
 
 async def audit_lines(gw: GatewayHarness, event: str, count: int) -> list[dict[str, Any]]:
-    path = Path(gw.config.audit_sink)
-    deadline = time.monotonic() + WAIT
-    while True:
-        text = path.read_text(encoding="utf-8") if path.exists() else ""
-        lines = [line for line in map(json.loads, text.splitlines()) if line["event"] == event]
-        if len(lines) >= count:
-            return lines
-        assert time.monotonic() < deadline, f"{count} {event} lines expected after {WAIT}s: {text}"
-        await asyncio.sleep(0.02)
+    return await audit_events(Path(gw.config.audit_sink), event, count=count)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -15,7 +15,6 @@ import hashlib
 import json
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -26,6 +25,7 @@ import pytest
 import yaml
 
 from gateway.devidp import DevIdentityProvider
+from tests.support.audit import audit_events
 from tests.support.harness import GatewayHarness, running_gateway
 from tests.support.loopback import free_port
 from tests.support.mcp_http import WAIT, McpHttp, next_message, open_session, read_response, request, tool_call
@@ -149,14 +149,7 @@ def forwarded_calls(upstream: RunningUpstream) -> list[str | None]:
 
 async def drift_lines(path: Path, count: int) -> list[dict[str, Any]]:
     """The ``tool.drift`` audit lines, once there are ``count`` (a background task writes them)."""
-    deadline = time.monotonic() + WAIT
-    while True:
-        text = path.read_text(encoding="utf-8") if path.exists() else ""
-        lines = [line for line in map(json.loads, text.splitlines()) if line["event"] == "tool.drift"]
-        if len(lines) >= count:
-            return lines
-        assert time.monotonic() < deadline, f"{count} tool.drift lines expected after {WAIT}s: {text}"
-        await asyncio.sleep(0.02)
+    return await audit_events(path, "tool.drift", count=count)
 
 
 async def drift_count(http: aiohttp.ClientSession, harness: GatewayHarness, route: str, change: str) -> float:

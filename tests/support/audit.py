@@ -12,13 +12,14 @@ from typing import Any
 WAIT_SECONDS = 10.0
 
 
-async def audit_events(path: Path, *events: str) -> list[dict[str, Any]]:
-    """The audit lines whose ``event`` is one of ``events``, once each of them has appeared."""
+async def audit_events(path: Path, *events: str, count: int = 1) -> list[dict[str, Any]]:
+    """The audit lines whose ``event`` is one of ``events``, once each of them has appeared and there
+    are at least ``count`` of them."""
     deadline = time.monotonic() + WAIT_SECONDS
     while True:
         text = path.read_text(encoding="utf-8") if path.exists() else ""
-        lines = [json.loads(line) for line in text.splitlines()]
-        if set(events) <= {line["event"] for line in lines}:
-            return [line for line in lines if line["event"] in events]
-        assert time.monotonic() < deadline, f"no {events} audit lines in: {text}"
+        found = [line for line in map(json.loads, text.splitlines()) if line["event"] in events]
+        if set(events) <= {line["event"] for line in found} and len(found) >= count:
+            return found
+        assert time.monotonic() < deadline, f"not {count} of {events} audit lines in: {text}"
         await asyncio.sleep(0.02)
