@@ -36,12 +36,17 @@ from gateway.proxy.headers import (
 from gateway.proxy.jsonrpc import ResultRewriter, announces_list_changed
 from gateway.proxy.request_body import CANONICAL_CONTENT_TYPE
 from gateway.proxy.sse import EventSplitter, EventTooLarge, parse_event
+from gateway.proxy.upstream_http import ConnectionPool, UpstreamResponse
 from gateway.urls import origin_of
 
 if TYPE_CHECKING:
     from gateway.oauth.access_token import Principal
 
 log = logging.getLogger(__name__)
+
+# A response of the upstream, from the gateway's own client or (through an egress proxy) aiohttp's: both
+# offer status, headers, content_length, content.readany / read_nowait / at_eof and close.
+UpstreamAnswer = UpstreamResponse | aiohttp.ClientResponse
 
 KEEPALIVE = b": keep-alive\n\n"
 _MAX_REWRITE_BYTES = 16 * 1024 * 1024
@@ -167,17 +172,31 @@ def env_proxy_for(url: str) -> str | None:
 
 
 class _Pool:
-    """A client session whose connections at most ``size`` requests hold at once. A request waits
-    at most ``limits.upstream_pool_timeout_seconds`` for one (then 503), never the upstream timeout."""
+    """The connections of one route's upstream, of which at most ``size`` requests hold one at once. A
+    request waits at most ``limits.upstream_pool_timeout_seconds`` for one (then 503), never the
+    upstream timeout. Direct connections use the gateway's own HTTP/1.1 client (upstream_http.py);
+    through an egress proxy, aiohttp's."""
 
-    def __init__(self, size: int, limits: LimitsConfig, proxy: str | None = None) -> None:
+    def __init__(self, upstream: str, size: int, limits: LimitsConfig, proxy: str | None = None) -> None:
         self.size = size
+        self._upstream = upstream
+        encoded = urlsplit(str(URL(upstream)))
+        self._origin = f"{encoded.scheme}://{encoded.netloc}"
         self._limits = limits
         self._proxy = proxy
         self.permits = asyncio.Semaphore(size)
+        self._direct = None if proxy else ConnectionPool(upstream, limits.upstream_connect_timeout_seconds)
         self._session: aiohttp.ClientSession | None = None
 
-    def session(self) -> aiohttp.ClientSession:
+    async def request(self, method: str, target: str, headers: CIMultiDict[str], body: bytes | None) -> UpstreamAnswer:
+        """Send one request (``target``: raw path and query, sent as they are) and return its response
+        once its headers are in."""
+        if self._direct is not None:
+            return await self._direct.request(method, target, headers, body)
+        url = URL(self._origin + target, encoded=True)
+        return await self._proxied().request(method, url, headers=headers, data=body, allow_redirects=False)
+
+    def _proxied(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 # The permits are the limit; the connector's matches it, so it never makes a request wait.
@@ -193,6 +212,8 @@ class _Pool:
         return self._session
 
     async def close(self) -> None:
+        if self._direct is not None:
+            await self._direct.close()
         if self._session is not None:
             await self._session.close()
 
@@ -212,18 +233,18 @@ class Upstream:
     ) -> None:
         self.route = route
         self._metrics = metrics
-        self._base = str(URL(route.upstream))  # the upstream in encoded form, ready for raw path joins
+        self._base_path = urlsplit(str(URL(route.upstream))).path  # encoded, ready for raw path joins
         self._limits = limits
         self._header_rules = header_rules
         proxy = env_proxy_for(route.upstream)
-        self._calls = _Pool(route.max_connections, limits, proxy)
-        self._listening = _Pool(route.max_connections, limits, proxy)
+        self._calls = _Pool(route.upstream, route.max_connections, limits, proxy)
+        self._listening = _Pool(route.upstream, route.max_connections, limits, proxy)
         self._open_by_owner: dict[str, int] = {}
         # Live event streams -> whether it is a listening (GET) stream, so a drain (shutdown) or a
         # route removal can end them cleanly.
-        self.streams: dict[aiohttp.ClientResponse, bool] = {}
-        self._ended: set[aiohttp.ClientResponse] = set()
-        self._stream_requests: dict[aiohttp.ClientResponse, ForwardRequest] = {}
+        self.streams: dict[UpstreamAnswer, bool] = {}
+        self._ended: set[UpstreamAnswer] = set()
+        self._stream_requests: dict[UpstreamAnswer, ForwardRequest] = {}
         self._in_flight = 0
         self._retired = False
         # Called with the route name when a relayed event announces that the upstream's tools or prompts
@@ -284,7 +305,7 @@ class Upstream:
             except TimeoutError:
                 return self._pool_exhausted(fwd, pool)
             try:
-                return await self._forward(request, fwd, pool.session())
+                return await self._forward(request, fwd, pool)
             finally:
                 pool.permits.release()
         finally:
@@ -306,15 +327,13 @@ class Upstream:
             503, UPSTREAM_UNAVAILABLE, message, fwd.request_id, **{"Retry-After": str(RETRY_AFTER_SECONDS)}
         )
 
-    async def _forward(
-        self, request: web.Request, fwd: ForwardRequest, session: aiohttp.ClientSession
-    ) -> web.StreamResponse:
+    async def _forward(self, request: web.Request, fwd: ForwardRequest, pool: _Pool) -> web.StreamResponse:
         route = fwd.route
         # Raw path remainder and raw query, sent without re-encoding (encoded=True): aiohttp's
         # ``query_string`` is partly decoded ('%23' becomes '#', '%25' becomes '%'), which would cut
         # or change what the upstream receives (a proxy forwards path and query byte for byte).
         query = fwd.query if fwd.query is not None else request.rel_url.raw_query_string
-        url = URL(self._base + fwd.rest + (f"?{query}" if query else ""), encoded=True)
+        target = self._base_path + fwd.rest + (f"?{query}" if query else "")
         headers = upstream_request_headers(request, route, self._header_rules)
         # The body, if any, is the gateway's canonical JSON (gateway/proxy/request_body.py), never the
         # client's bytes: describe it as such, whatever the client said about its own.
@@ -335,9 +354,7 @@ class Upstream:
             # asyncio.timeout, not wait_for, on every per-request await here: on Python 3.11 wait_for
             # wraps the awaitable in a task of its own (one more task, and its callbacks, per call).
             async with asyncio.timeout(limits.upstream_timeout_seconds):
-                upstream = await session.request(
-                    request.method, url, headers=headers, data=fwd.body, allow_redirects=False
-                )
+                upstream = await pool.request(request.method, target, headers, fwd.body)
         except TimeoutError:
             log.warning("route %s: upstream did not answer within %ss", route.name, limits.upstream_timeout_seconds)
             return jsonrpc_error(504, UPSTREAM_TIMEOUT, f"upstream of route '{route.name}' timed out", fwd.request_id)
@@ -359,7 +376,7 @@ class Upstream:
             upstream.close()
 
     async def _relay_body(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, fwd: ForwardRequest
+        self, request: web.Request, upstream: UpstreamAnswer, fwd: ForwardRequest
     ) -> web.StreamResponse:
         timeout = self._limits.upstream_timeout_seconds
         is_json = upstream.headers.get("Content-Type", "").startswith("application/json")
@@ -407,18 +424,28 @@ class Upstream:
                 request.transport.close()
         return response
 
-    async def _read_whole(self, upstream: aiohttp.ClientResponse) -> bytes:
-        """The upstream's body, read up to one byte past the rewrite limit (the caller checks it)."""
+    async def _read_whole(self, upstream: UpstreamAnswer) -> bytes:
+        """The upstream's body, read up to one byte past the rewrite limit (the caller checks it).
+        What is already buffered is taken without waiting: a small JSON answer usually is, whole."""
         timeout = self._limits.upstream_timeout_seconds
-        async with asyncio.timeout(timeout):
-            body = await upstream.content.read(_MAX_REWRITE_BYTES + 1)
-        while not upstream.content.at_eof() and len(body) <= _MAX_REWRITE_BYTES:
-            async with asyncio.timeout(timeout):
-                body += await upstream.content.read(_MAX_REWRITE_BYTES + 1)
-        return body
+        content = upstream.content
+        chunks: list[bytes] = []
+        size = 0
+        while size <= _MAX_REWRITE_BYTES:
+            chunk = content.read_nowait()
+            if not chunk:
+                if content.at_eof():
+                    break
+                async with asyncio.timeout(timeout):
+                    chunk = await content.readany()
+                if not chunk:
+                    break
+            chunks.append(chunk)
+            size += len(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def _relay_body_as_event(
-        self, upstream: aiohttp.ClientResponse, fwd: ForwardRequest, response: web.StreamResponse, is_json: bool
+        self, upstream: UpstreamAnswer, fwd: ForwardRequest, response: web.StreamResponse, is_json: bool
     ) -> web.StreamResponse:
         """A JSON answer to a call whose client already reads an SSE response: one event, then the end.
         A failure is returned as the gateway's own error response, which the caller writes as an event."""
@@ -440,7 +467,7 @@ class Upstream:
         return response
 
     async def _relay_events(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, fwd: ForwardRequest
+        self, request: web.Request, upstream: UpstreamAnswer, fwd: ForwardRequest
     ) -> web.StreamResponse:
         if fwd.into is not None:
             response = fwd.into  # already open: the upstream's headers come too late to matter
@@ -470,7 +497,7 @@ class Upstream:
     async def _relay_event_loop(
         self,
         request: web.Request,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamAnswer,
         fwd: ForwardRequest,
         response: web.StreamResponse,
     ) -> web.StreamResponse:
@@ -542,7 +569,7 @@ class Upstream:
         event.data = fwd.route.path + rest + (f"?{query}" if query else "")
         return event.encode()
 
-    def _response_headers(self, upstream: aiohttp.ClientResponse, fwd: ForwardRequest) -> CIMultiDict[str]:
+    def _response_headers(self, upstream: UpstreamAnswer, fwd: ForwardRequest) -> CIMultiDict[str]:
         headers = client_response_headers(upstream.headers, fwd.extra_headers)
         if fwd.wrap_session is not None and SESSION_HEADER in headers:
             headers[SESSION_HEADER] = fwd.wrap_session(headers[SESSION_HEADER])

@@ -525,7 +525,13 @@ async def _serve(args: argparse.Namespace) -> None:
         host=args.host,
     )
     config = uvicorn.Config(
-        app, host=args.host, port=args.port, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=2
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=2,
+        http="h11",  # the same HTTP parser whether or not httptools (a gateway dependency) is installed
     )
     server = _AnnouncingServer(config, args.host)
     watchdog = asyncio.create_task(_exit_when_stdin_closes(server)) if args.exit_on_stdin_eof else None

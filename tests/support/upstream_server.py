@@ -431,6 +431,9 @@ async def _serve(args: argparse.Namespace) -> None:
         lifespan="on",
         # Open SSE streams would otherwise hold up shutdown until the client leaves.
         timeout_graceful_shutdown=2,
+        # uvicorn picks httptools when it is installed (the gateway depends on it); pinning h11 keeps
+        # the upstream's HTTP parsing, and the benchmark's direct baseline, what they were before.
+        http="h11",
     )
     server = _AnnouncingServer(config, args.host)
     watchdog = asyncio.create_task(_exit_when_stdin_closes(server)) if args.exit_on_stdin_eof else None
