@@ -1,0 +1,264 @@
+"""The gateway's own HTTP/1.1 client on the upstream hop (gateway/proxy/upstream_http.py), on the wire.
+
+The upstream here is a raw TCP server on 127.0.0.1 that records the bytes it receives and answers with
+scripted bytes: what no real MCP server can be made to send (ambiguous framing, a second response
+smuggled after the first, a protocol switch, an endless head) and what the gateway must never add to
+a request. Each test drives a real gateway through a real client, or (where the gateway would never
+send such a request) the connection pool alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+from multidict import CIMultiDict
+
+from gateway.devidp import DevIdentityProvider
+from gateway.proxy.upstream_http import MAX_HEAD_BYTES, ConnectionPool, UpstreamHTTPError
+from tests.support.harness import running_gateway
+from tests.support.mcp_http import WAIT, connect, initialize_request
+
+PROTOCOL = "2025-11-25"
+JSON = b"Content-Type: application/json\r\n"  # read whole by the gateway (to rewrite it): a failure is a 502
+
+
+def answer(name: str = "genuine", request_id: Any = 1) -> bytes:
+    """The JSON-RPC answer to ``initialize`` with ``serverInfo.name``: which response reached the client."""
+    result = {"protocolVersion": PROTOCOL, "capabilities": {}, "serverInfo": {"name": name, "version": "1"}}
+    return json.dumps({"jsonrpc": "2.0", "id": request_id, "result": result}).encode()
+
+
+def http_response(body: bytes, *headers: str, status: str = "200 OK") -> bytes:
+    lines = [f"HTTP/1.1 {status}", "Content-Type: application/json", *headers]
+    if not any(h.lower().startswith(("content-length", "transfer-encoding")) for h in headers):
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+@dataclass
+class Received:
+    connection: int
+    head: str
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        for line in self.head.split("\r\n")[1:]:
+            key, _, value = line.partition(":")
+            if key.lower() == name.lower():
+                return value.strip()
+        return None
+
+
+@dataclass
+class WireUpstream:
+    """Answers the n-th request with ``script(n, request)``: the bytes to write, and whether to close."""
+
+    script: Callable[[int, Received], tuple[bytes, bool]]
+    received: list[Received] = field(default_factory=list)
+    connections: int = 0
+    url: str = ""
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        connection = self.connections
+        try:
+            for _ in range(100):  # bounded: no test sends more on one connection
+                try:
+                    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                request = Received(connection, head[: -len("\r\n\r\n")], b"")
+                length = int(request.header("Content-Length") or 0)
+                request.body = await reader.readexactly(length) if length else b""
+                self.received.append(request)
+                data, close = self.script(len(self.received), request)
+                writer.write(data)
+                await writer.drain()
+                if close:
+                    return
+        finally:
+            writer.close()
+
+
+@asynccontextmanager
+async def wire_upstream(script: Callable[[int, Received], tuple[bytes, bool]]) -> AsyncIterator[WireUpstream]:
+    upstream = WireUpstream(script)
+    server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
+    upstream.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/mcp"
+    try:
+        yield upstream
+    finally:
+        server.close()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    # No User-Agent of the test client's own: the upstream's must then be the gateway's (none).
+    timeout = aiohttp.ClientTimeout(total=WAIT)
+    async with aiohttp.ClientSession(timeout=timeout, skip_auto_headers=("User-Agent",)) as session:
+        yield session
+
+
+async def initialize_through_gateway(
+    idp: DevIdentityProvider, http: aiohttp.ClientSession, upstream: WireUpstream, times: int = 1
+) -> list[tuple[int, dict[str, Any]]]:
+    """``times`` initialize requests through a gateway whose only route leads to ``upstream``."""
+    answers = []
+    async with running_gateway(idp, [{"name": "wire", "path": "/wire/mcp", "upstream": upstream.url}]) as gateway:
+        client = await connect(gateway, http, "wire")
+        for _ in range(times):
+            async with client.post(initialize_request()) as response:
+                answers.append((response.status, await response.json(content_type=None)))
+    return answers
+
+
+async def test_requests_share_one_connection_and_carry_only_what_the_gateway_decided(
+    idp: DevIdentityProvider, http: aiohttp.ClientSession
+) -> None:
+    async with wire_upstream(lambda n, request: (http_response(answer()), False)) as upstream:
+        answers = await initialize_through_gateway(idp, http, upstream, times=3)
+    assert [status for status, _ in answers] == [200, 200, 200]
+    assert [r.connection for r in upstream.received] == [1, 1, 1]  # keep-alive
+    first = upstream.received[0]
+    assert first.head.startswith("POST /mcp HTTP/1.1\r\n")
+    assert first.header("Host") == upstream.url.split("/")[2]
+    assert first.header("Content-Length") == str(len(first.body))
+    assert json.loads(first.body)["method"] == "initialize"
+    # What the client sent (less its token) and what the gateway states; nothing a library adds on its
+    # own (aiohttp's client added User-Agent, and Accept / Accept-Encoding when missing).
+    names = [line.partition(":")[0] for line in first.head.split("\r\n")[1:]]
+    client_sent = ["Accept", "Content-Type"]
+    gateway_states = ["Host", "Content-Length", "Accept-Encoding", "X-Forwarded-For", "X-Forwarded-Proto"]
+    assert sorted(names) == sorted([*client_sent, *gateway_states, "X-Forwarded-Host"])
+    assert first.header("Accept-Encoding") == "identity"
+
+
+async def test_a_response_smuggled_after_the_answer_is_never_read_as_the_next_answer(
+    idp: DevIdentityProvider, http: aiohttp.ClientSession
+) -> None:
+    """An upstream (or something between) that sends two responses to one request: the second must not
+    wait on the connection to be taken as the answer to the next request (a response-queue desync)."""
+
+    def script(n: int, request: Received) -> tuple[bytes, bool]:
+        if n == 1:
+            return http_response(answer()) + http_response(answer("smuggled")), False
+        return http_response(answer("second")), False
+
+    async with wire_upstream(script) as upstream:
+        answers = await initialize_through_gateway(idp, http, upstream, times=2)
+    names = [body["result"]["serverInfo"]["name"] for _, body in answers]
+    assert names == ["genuine", "second"]
+    assert [r.connection for r in upstream.received] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        b"HTTP/1.1 200 OK\r\n"
+        + JSON
+        + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n" + JSON + b"Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        b"HTTP/1.1 200 OK\r\n" + JSON + b"Transfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\nContent-Type: application/json\nContent-Length: 2\n\nhi",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        b"SSH-2.0-OpenSSH_9.6\r\n",
+    ],
+    ids=["content-length-and-chunked", "two-content-lengths", "bad-chunk-size", "bare-lf", "101", "not-http"],
+)
+async def test_a_malformed_or_ambiguous_response_is_a_502_never_a_guess(
+    idp: DevIdentityProvider, http: aiohttp.ClientSession, response: bytes
+) -> None:
+    async with wire_upstream(lambda n, request: (response, False)) as upstream:
+        [(status, body)] = await initialize_through_gateway(idp, http, upstream)
+    assert status == 502
+    assert body["error"]["code"] in (-32010, -32012)
+
+
+async def test_an_endless_response_head_is_cut_off(idp: DevIdentityProvider, http: aiohttp.ClientSession) -> None:
+    filler = "X-Filler: " + "a" * 1000
+    head = "\r\n".join(["HTTP/1.1 200 OK", *[filler] * (MAX_HEAD_BYTES // 1000 + 1)]) + "\r\n"
+    async with wire_upstream(lambda n, request: (head.encode(), False)) as upstream:
+        [(status, _)] = await initialize_through_gateway(idp, http, upstream)
+    assert status == 502
+
+
+async def test_interim_answers_are_skipped_and_close_delimited_bodies_relayed_whole(
+    idp: DevIdentityProvider, http: aiohttp.ClientSession
+) -> None:
+    def script(n: int, request: Received) -> tuple[bytes, bool]:
+        early_hints = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+        if n == 1:
+            return early_hints + http_response(answer("after-103")), False
+        # No Content-Length, no chunking: the body ends with the connection (RFC 9112 §6.3).
+        return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n" + answer("until-close"), True
+
+    async with wire_upstream(script) as upstream:
+        answers = await initialize_through_gateway(idp, http, upstream, times=3)
+    names = [body["result"]["serverInfo"]["name"] for _, body in answers]
+    assert names == ["after-103", "until-close", "until-close"]
+    assert [r.connection for r in upstream.received] == [1, 1, 2]
+
+
+async def test_connection_close_from_the_upstream_is_honoured(
+    idp: DevIdentityProvider, http: aiohttp.ClientSession
+) -> None:
+    def script(n: int, request: Received) -> tuple[bytes, bool]:
+        return http_response(answer(), "Connection: close"), False  # says close, but leaves it open
+
+    async with wire_upstream(script) as upstream:
+        answers = await initialize_through_gateway(idp, http, upstream, times=2)
+    assert [status for status, _ in answers] == [200, 200]
+    assert [r.connection for r in upstream.received] == [1, 2]
+
+
+async def test_a_truncated_body_is_never_passed_off_as_whole(
+    idp: DevIdentityProvider, http: aiohttp.ClientSession
+) -> None:
+    body = answer()
+    truncated = http_response(body)[: -len(body) // 2]
+    async with wire_upstream(lambda n, request: (truncated, True)) as upstream:
+        [(status, answer_)] = await initialize_through_gateway(idp, http, upstream)
+    assert status == 502  # the gateway reads an initialize answer whole (to rewrite it): a JSON-RPC error
+    assert answer_["error"]["code"] == -32012
+
+
+async def test_a_header_that_would_split_the_request_is_never_sent() -> None:
+    async with wire_upstream(lambda n, request: (http_response(answer()), False)) as upstream:
+        pool = ConnectionPool(upstream.url, 5.0)
+        try:
+            for name, value in (("X-Note", "a\r\nX-Injected: 1"), ("X-Note", "a\nb"), ("Bad Name", "v")):
+                with pytest.raises(UpstreamHTTPError):
+                    await pool.request("POST", "/mcp", CIMultiDict({name: value}), b"{}")
+            response = await pool.request("POST", "/mcp", CIMultiDict({"X-Note": "fine"}), b"{}")
+            assert response.status == 200
+            response.close()
+        finally:
+            await pool.close()
+    assert len(upstream.received) == 1 and upstream.received[0].header("X-Note") == "fine"
+    assert upstream.received[0].header("X-Injected") is None
+
+
+async def test_a_head_answer_has_no_body_whatever_its_content_length() -> None:
+    """llhttp cannot know the request was HEAD; the pool ends the answer at its headers and does not reuse
+    the connection (RFC 9110 §9.3.2)."""
+    responses = iter([b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", http_response(answer())])
+    async with wire_upstream(lambda n, request: (next(responses), False)) as upstream:
+        pool = ConnectionPool(upstream.url, 5.0)
+        try:
+            async with asyncio.timeout(WAIT):
+                head = await pool.request("HEAD", "/mcp", CIMultiDict(), None)
+                assert (head.status, head.content_length, await head.readany()) == (200, 10, b"")
+                head.close()
+                after = await pool.request("POST", "/mcp", CIMultiDict(), b"{}")
+                assert json.loads(await after.readany())["result"]["serverInfo"]["name"] == "genuine"
+                after.close()
+        finally:
+            await pool.close()
+    assert [r.connection for r in upstream.received] == [1, 2]
