@@ -549,11 +549,11 @@ class Gateway:
         match = runtime.routes.match_path(request.path)
         rest = upstream_path_remainder(request.rel_url.raw_path, match[0].path) if match else None
         if match is None or rest is None:
-            self.metrics.requests.labels(NO_ROUTE, "other", "404").inc()
+            self.metrics.requests_of(NO_ROUTE, "other", "404").inc()
             return _plain_error(404, "no route for this path")
         route = match[0]
         request[METHOD_CLASS] = method_class(request.method, None)
-        in_flight = self.metrics.in_flight.labels(route.name)
+        in_flight = self.metrics.in_flight_of(route.name)
         in_flight.inc()
         status = 500
         ctx = RequestContext(request, runtime, self.services, route, rest, request[REQUEST_ID], started)
@@ -569,8 +569,8 @@ class Gateway:
         finally:
             ctx.trace.finish(status)
             in_flight.dec()
-            self.metrics.requests.labels(route.name, request[METHOD_CLASS], str(status)).inc()
-            self.metrics.request_duration.labels(route.name).observe(time.monotonic() - started)
+            self.metrics.requests_of(route.name, request[METHOD_CLASS], str(status)).inc()
+            self.metrics.request_duration_of(route.name).observe(time.monotonic() - started)
 
 
 async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
