@@ -376,26 +376,29 @@ class Gateway:
 
     async def _answer_and_log(self, request: web.Request, handler: Any, request_id: str) -> web.StreamResponse:
         started = time.monotonic()
-        path = approval_http.loggable_path(request.path)
         try:
             response = await handler(request)
         except web.HTTPException as exc:
             response = _plain_error(exc.status, exc.reason)
         except asyncio.CancelledError:
+            path = approval_http.loggable_path(request.path)
             log.info("%s %s cancelled by client after %.3fs", request.method, path, time.monotonic() - started)
             raise
         except Exception:
+            path = approval_http.loggable_path(request.path)
             log.exception("unhandled error on %s %s (request %s)", request.method, path, request_id)
             response = _plain_error(500, "internal error")
-        log.log(
-            logging.DEBUG if request.path in _QUIET_PATHS else logging.INFO,
-            "%s %s -> %d in %.3fs (request %s)",
-            request.method,
-            path,
-            response.status,
-            time.monotonic() - started,
-            request_id,
-        )
+        level = logging.DEBUG if request.path in _QUIET_PATHS else logging.INFO
+        if log.isEnabledFor(level):  # the access line: its arguments only when it is written
+            log.log(
+                level,
+                "%s %s -> %d in %.3fs (request %s)",
+                request.method,
+                approval_http.loggable_path(request.path),
+                response.status,
+                time.monotonic() - started,
+                request_id,
+            )
         return response
 
     # -- endpoints the gateway answers itself ----------------------------------------------
