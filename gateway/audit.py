@@ -55,6 +55,11 @@ FIELDS = (
     "approver_groups",
 )
 _RECORD_FIELDS = FIELDS[2:]  # what callers pass; ts and event are emit's own
+# The callers' keyword sets, each with its fields in line order: a call site passes the same names every
+# time, so emit looks the order up instead of probing every field. Bounded anyway (a set not kept is
+# worked out again).
+_FIELD_ORDERS: dict[tuple[str, ...], tuple[str, ...]] = {}
+_MAX_FIELD_ORDERS = 256
 # One encoder for every line: json.dumps with any non-default option builds a new JSONEncoder per
 # call, which was a measurable part of an audit line's cost on the request path (docs/benchmarks.md).
 _encode_line = json.JSONEncoder(separators=(",", ":")).encode
@@ -100,17 +105,15 @@ class AuditLog:
         self._closing = False
 
     def emit(self, event: str, **fields: Any) -> None:
-        record: dict[str, Any] = {
-            "ts": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-            "event": event,
-        }
-        for name in _RECORD_FIELDS:
-            value = fields.get(name)
-            if value is not None:
-                record[name] = list(value) if isinstance(value, tuple | frozenset | set) else value
         if len(self._queue) >= self._max_queue:
             self.dropped += 1
             return
+        record: dict[str, Any] = {"ts": _timestamp(), "event": event}
+        for name in _in_line_order(fields):
+            value = fields[name]
+            if value is not None:
+                # Sets are not JSON; tuples are written as arrays as they are.
+                record[name] = list(value) if isinstance(value, (frozenset, set)) else value
         self._queue.append(_encode_line(record))
         if self._wakeup is not None:
             self._wakeup.set()
@@ -170,6 +173,37 @@ class AuditLog:
             stream.write(chunk)
             stream.flush()
         self.written += len(lines)
+
+
+def _in_line_order(fields: dict[str, Any]) -> tuple[str, ...]:
+    """The audit fields among ``fields``, in line order (others are not written)."""
+    names = tuple(fields)
+    order = _FIELD_ORDERS.get(names)
+    if order is None:
+        order = tuple(name for name in _RECORD_FIELDS if name in fields)
+        if len(_FIELD_ORDERS) < _MAX_FIELD_ORDERS:
+            _FIELD_ORDERS[names] = order
+    return order
+
+
+class _Timestamps:
+    """``datetime.now(UTC).isoformat(timespec="milliseconds")`` with ``Z`` for ``+00:00``, the date and time of
+    day formatted once per second: both read the system clock and truncate it to the millisecond."""
+
+    def __init__(self, clock: Callable[[], int] = time.time_ns) -> None:
+        self._clock = clock
+        self._formatted: tuple[int, str] = (-1, "")  # one attribute: never a second with another's text
+
+    def __call__(self) -> str:
+        second, nanoseconds = divmod(self._clock(), 1_000_000_000)
+        cached = self._formatted
+        if cached[0] != second:
+            cached = (second, datetime.fromtimestamp(second, UTC).isoformat(timespec="seconds").removesuffix("+00:00"))
+            self._formatted = cached
+        return f"{cached[1]}.{nanoseconds // 1_000_000:03d}Z"
+
+
+_timestamp = _Timestamps()
 
 
 def _whole_line_chunks(lines: list[str]) -> list[str]:

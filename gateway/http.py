@@ -23,10 +23,17 @@ async def read_limited(request: web.Request, limit: int, deadline_seconds: float
     more than ``deadline_seconds`` in total.
 
     aiohttp's own ``client_max_size`` covers only ``request.read()``; reading the stream ourselves
-    keeps one limit for declared and chunked bodies alike.
+    keeps one limit for declared and chunked bodies alike. A body that arrived whole with its headers (most
+    MCP requests: one small JSON message) is taken as it is, without arming a deadline that cannot expire.
     """
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge
+    content = request.content
+    if content.is_eof():  # the end of the body was received: all of it is buffered
+        body = content.read_nowait()
+        if len(body) > limit:
+            raise BodyTooLarge
+        return body
     chunks: list[bytes] = []
     size = 0
     try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from contextvars import ContextVar
 from datetime import UTC, datetime
 
@@ -21,6 +22,28 @@ LEVELS = ("debug", "info", "warning", "error")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
+# One encoder for every JSON line: json.dumps with options builds a new JSONEncoder per call, and the
+# access log writes a line per request.
+_encode_entry = json.JSONEncoder(ensure_ascii=False, default=str).encode
+
+
+class TextFormatter(logging.Formatter):
+    """``logging.Formatter`` with the date and time of day of ``asctime`` formatted once per second (the
+    access log writes a line per request); the text is the same."""
+
+    def __init__(self, fmt: str) -> None:
+        super().__init__(fmt)
+        self._formatted: tuple[int, str] = (-1, "")  # one attribute: never a second with another's text
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        cached = self._formatted
+        if cached[0] != second:
+            cached = (second, time.strftime(self.default_time_format, self.converter(record.created)))
+            self._formatted = cached
+        return self.default_msec_format % (cached[1], record.msecs)
 
 
 class JsonFormatter(logging.Formatter):
@@ -42,7 +65,7 @@ class JsonFormatter(logging.Formatter):
             entry["request_id"] = request_id
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False, default=str)
+        return _encode_entry(entry)
 
 
 def configure(level: str, log_format: str = "text", worker: int | None = None) -> None:
@@ -53,7 +76,7 @@ def configure(level: str, log_format: str = "text", worker: int | None = None) -
         handler.setFormatter(JsonFormatter(worker))
     else:
         label = "" if worker is None else f"worker {worker} "
-        handler.setFormatter(logging.Formatter(TEXT_FORMAT.replace("%(name)s", label + "%(name)s")))
+        handler.setFormatter(TextFormatter(TEXT_FORMAT.replace("%(name)s", label + "%(name)s")))
     root = logging.getLogger()
     for old in root.handlers[:]:
         root.removeHandler(old)

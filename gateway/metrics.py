@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from typing import Generic, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -179,6 +180,29 @@ class _CallbackCollector(Collector):
         yield limit
 
 
+_Metric = TypeVar("_Metric", Counter, Gauge, Histogram)
+
+
+class Children(Generic[_Metric]):
+    """``metric.labels(*values)``, remembered: the proxied path updates a few series per request, and a dict
+    lookup costs a sixth of prometheus-client's ``labels`` (which checks and converts the values each
+    time). The remembered child is the registry's own, so scrapes see the same series; label values come
+    from bounded sets (see above), so this holds no more entries than the metric has series. Only for
+    metrics whose series are never ``remove``d: a removed series would live on here, detached."""
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: _Metric) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], _Metric] = {}
+
+    def __call__(self, *values: str) -> _Metric:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
+
 class Metrics:
     def __init__(
         self,
@@ -283,6 +307,12 @@ class Metrics:
             ["route", "result"],
             registry=r,
         )
+        # The series the proxied path updates on every request (the routes' series stay after a reload
+        # removes the route, as in the metrics themselves).
+        self.requests_of = Children(self.requests)
+        self.request_duration_of = Children(self.request_duration)
+        self.in_flight_of = Children(self.in_flight)
+        self.policy_decisions_of = Children(self.policy_decisions)
         r.register(_IdpKeysCollector(key_sets))
         r.register(_CallbackCollector(audit_dropped, pools))
 

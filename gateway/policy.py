@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -234,13 +234,15 @@ class RoutePolicy:
     def rules_for(self, kind: str) -> RuleSet:
         return {"tools": self.tools, "resources": self.resources, "prompts": self.prompts}[kind]
 
-    def missing_scopes(self, method: str, scopes: Iterable[str]) -> tuple[str, ...]:
-        """RFC 6750 §3.1 ``insufficient_scope``: the scopes ``method`` needs that the token lacks."""
-        have = set(scopes)
+    def missing_scopes(self, method: str, scopes: Collection[str]) -> tuple[str, ...]:
+        """RFC 6750 §3.1 ``insufficient_scope``: the scopes ``method`` needs that the token lacks (asked on
+        every request; most routes have no ``require_scopes``)."""
+        if not self.required_scopes:
+            return ()
         missing: list[str] = []
         for pattern, needed in self.required_scopes:
             if fnmatch.fnmatchcase(method, pattern):
-                missing.extend(s for s in needed if s not in have and s not in missing)
+                missing.extend(s for s in needed if s not in scopes and s not in missing)
         return tuple(missing)
 
     @property

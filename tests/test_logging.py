@@ -10,11 +10,16 @@ put it).
 from __future__ import annotations
 
 import json
+import logging
 import re
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from gateway.devidp import DevIdentityProvider
+from gateway.logs import TEXT_FORMAT, TextFormatter
 from tests.support.loopback import free_port
 from tests.support.mcp_http import tool_call, tool_text
 from tests.support.serve import config_document, served
@@ -102,3 +107,16 @@ async def test_audit_file_survives_copytruncate_rotation(
     assert b"\x00" not in content
     (line,) = content.splitlines()
     assert json.loads(line)["request_id"] == "after-rotation"
+
+
+@pytest.mark.parametrize("fmt", [TEXT_FORMAT, TEXT_FORMAT.replace("%(name)s", "worker 3 %(name)s")])
+def test_text_lines_are_logging_s_own_text(fmt: str) -> None:
+    """The text formatter formats the date and time once per second; every line reads as the standard
+    formatter's, within a second, across seconds and days, and back after a clock step."""
+    start = datetime(2025, 12, 31, 23, 59, 58).timestamp()
+    ours, standard = TextFormatter(fmt), logging.Formatter(fmt)
+    for offset in (0.0, 0.001, 0.5, 0.9995, 1.0, 1.25, 2.0, 86_400.123, 0.75):
+        record = logging.LogRecord("gateway", logging.INFO, __file__, 1, "%s -> %d", ("POST /x", 200), None)
+        record.created = start + offset
+        record.msecs = (record.created - int(record.created)) * 1000
+        assert ours.format(record) == standard.format(record), offset

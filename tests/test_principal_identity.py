@@ -15,6 +15,8 @@ from jose import jwt
 
 from gateway.config import ConfigError, describe, parse_config
 from gateway.devidp import DevIdentityProvider
+from gateway.oauth.identity import SubjectIdentity
+from gateway.sessions import principal_key
 from tests.support.harness import GatewayHarness, make_config, running_gateway
 from tests.support.mcp_http import McpHttp, tool_call
 
@@ -158,6 +160,31 @@ async def test_draft_s6_3_a_session_of_alice_at_one_idp_is_not_alices_at_another
         async with other.post(tool_call(2, "echo", {"text": "x"})) as response:
             assert response.status == 403
         assert (await first.call(tool_call(3, "echo", {"text": "mine"})))["result"]
+
+
+@pytest.mark.parametrize(
+    ("issuer", "tenant", "subject", "client_id"),
+    [
+        ("https://idp.example.com", None, "alice", "agent"),
+        ("https://idp.example.com/t", "tenant-1", 'al"ice\\', "agent,1"),
+        ("https://idp.example.com", "t\u00e9nant", "\u00e5lice \U0001f600", "\x00\n\t\u2028"),
+        ("https://idp.example.com", None, "lone \ud800 surrogate", ""),
+    ],
+)
+def test_principal_key_is_the_json_array_of_identity_key_and_client(
+    issuer: str, tenant: str | None, subject: str, client_id: str
+) -> None:
+    """Session ids and approval bindings embed the key: its text must never change (ASCII JSON, compact)."""
+    identity = SubjectIdentity(issuer, tenant, subject)
+    key = principal_key(identity, client_id)
+    assert key == json.dumps([identity.key, client_id], separators=(",", ":"))
+    assert key.isascii()
+    assert json.loads(key) == [identity.key, client_id]
+
+
+def test_principal_key_text_is_pinned() -> None:
+    key = principal_key(SubjectIdentity("https://idp", None, "alice"), "agent")
+    assert key == '["[\\"https://idp\\",null,\\"alice\\"]","agent"]'
 
 
 async def test_user_email_from_the_id_jag_reaches_conditions(idp: DevIdentityProvider, upstream_json, http) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,12 +22,13 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
+from gateway.app import Gateway, bind_socket, start_gateway
 from gateway.devidp import DevIdentityProvider
 from gateway.oauth.identity import SubjectIdentity
 from gateway.proxy.forward import upstream_path_remainder
 from gateway.proxy.jsonrpc import EMA_EXTENSION
 from gateway.sessions import SessionCheck, principal_key
-from tests.support.harness import CLIENT_ID, GatewayHarness, running_gateway
+from tests.support.harness import CLIENT_ID, GatewayHarness, make_config, running_gateway
 from tests.support.loopback import serve_app
 from tests.support.mcp_http import (
     ACCEPT,
@@ -439,6 +441,42 @@ async def test_every_response_carries_a_request_id(gw: GatewayHarness, http: aio
             ids.append(response.headers.get("X-Request-Id"))
     assert all(i is not None and len(i) == 32 for i in ids), ids
     assert len(set(ids)) == len(ids)
+
+
+class _SelfSendingGateway(Gateway):
+    """The gateway with one more handler, which sends its answer itself (prepare, write, write_eof) before
+    returning without naming any request id: the shape of every streamed or relayed answer."""
+
+    def _add_routes(self, app: web.Application) -> None:
+        app.router.add_post("/self-sent", self._self_sent)
+        super()._add_routes(app)
+
+    @staticmethod
+    async def _self_sent(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        await response.write(b"{}")
+        await response.write_eof()
+        return response
+
+
+async def test_a_response_its_handler_sent_itself_carries_the_request_id(
+    idp: DevIdentityProvider, upstream_json: RunningUpstream, http: aiohttp.ClientSession
+) -> None:
+    sock = bind_socket("127.0.0.1", 0)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    config = make_config(url, [idp], [{"name": "json", "path": "/json/mcp", "upstream": upstream_json.mcp_url}])
+    runner, _ = await start_gateway(_SelfSendingGateway(config), sock=sock, shutdown_timeout=1.0)
+    try:
+        async with http.post(url + "/self-sent", headers={"X-Request-Id": "ingress-7"}) as response:
+            assert (response.status, await response.read()) == (200, b"{}")
+            kept = response.headers.get("X-Request-Id")
+        async with http.post(url + "/self-sent") as response:
+            fresh = response.headers.get("X-Request-Id", "")
+    finally:
+        await runner.cleanup()
+    assert kept == "ingress-7"
+    assert re.fullmatch(r"[0-9a-f]{32}", fresh), fresh
 
 
 async def test_event_streams_disable_proxy_buffering(idp: DevIdentityProvider, http: aiohttp.ClientSession) -> None:

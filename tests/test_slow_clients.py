@@ -5,6 +5,7 @@ cap are refused at once. Limits are short here; every wait is bounded by WAIT.""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -89,6 +90,31 @@ async def test_headers_in_time_then_a_slow_body_is_left_to_the_body_timeout(idp:
             await writer.drain()
             status, _ = await read_response(reader)
     assert status.split()[1] == b"408", status
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+@pytest.mark.parametrize("whole", [True, False], ids=["arrived-whole", "still-arriving"])
+async def test_a_chunked_body_over_the_limit_gets_413_whether_or_not_it_arrived_whole(
+    idp: DevIdentityProvider, whole: bool
+) -> None:
+    """A body that arrived whole with its headers is taken without arming the body deadline
+    (gateway/http.py); the size limit holds all the same. One still arriving is refused as soon as it
+    passes the limit, before its last chunk is sent."""
+    async with running_gateway(idp, DEAD_ROUTE, limits={"max_request_bytes": 1024}) as gw:
+        token = await gw.access_token("dead")
+        head = (
+            b"POST /dead/mcp HTTP/1.1\r\nHost: gateway.test\r\nAuthorization: Bearer " + token.encode() + b"\r\n"
+            b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        async with raw_connection(gw) as (reader, writer):
+            writer.write(head + chunk(b" " * 600) + chunk(b" " * 600) + (b"0\r\n\r\n" if whole else b""))
+            await writer.drain()
+            status, answer = await read_response(reader)
+    assert status.split()[1] == b"413", status
+    assert json.loads(answer)["error"]["code"] == -32600
 
 
 async def test_connections_beyond_the_cap_are_refused_at_once_and_admitted_again_below_it(

@@ -73,7 +73,7 @@ def audit_call(ctx: RequestContext, call: CallRecord) -> None:
     decision = "allow" if call.allowed else "deny"
     route = ctx.route
     if call.kind is not None:
-        ctx.services.metrics.policy_decisions.labels(route.name, call.kind, decision).inc()
+        ctx.services.metrics.policy_decisions_of(route.name, call.kind, decision).inc()
     allowed_event, denied_event = _CALL_EVENTS.get(call.kind or "", ("request.allowed", "request.denied"))
     ctx.services.audit.emit(
         allowed_event if call.allowed else denied_event,
