@@ -313,6 +313,8 @@ class Metrics:
         self.request_duration_of = Children(self.request_duration)
         self.in_flight_of = Children(self.in_flight)
         self.policy_decisions_of = Children(self.policy_decisions)
+        self.upstream_duration_of = Children(self.upstream_duration)
+        self.open_streams_of = Children(self.open_streams)
         r.register(_IdpKeysCollector(key_sets))
         r.register(_CallbackCollector(audit_dropped, pools))
 

@@ -91,7 +91,6 @@ async def _send(ctx: RequestContext, response: web.StreamResponse) -> None:
     handler returns; it then finds it sent). Streamed answers were sent as they came."""
     if response.prepared:
         return
-    response.headers.setdefault("X-Request-Id", ctx.request_id)
     try:
         await response.prepare(ctx.request)
         await response.write_eof()

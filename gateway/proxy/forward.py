@@ -366,7 +366,7 @@ class Upstream:
         finally:
             # Failures and timeouts too: a latency histogram without them looks best when things are worst.
             if self._metrics is not None:
-                self._metrics.upstream_duration.labels(route.name).observe(time.monotonic() - started)
+                self._metrics.upstream_duration_of(route.name).observe(time.monotonic() - started)
         try:
             content_type = upstream.headers.get("Content-Type", "")
             if content_type.startswith("text/event-stream"):
@@ -483,7 +483,7 @@ class Upstream:
             await response.write(sse_event(message))
         self.streams[upstream] = request.method == "GET"
         self._stream_requests[upstream] = fwd
-        gauge = self._metrics.open_streams.labels(fwd.route.name) if self._metrics is not None else None
+        gauge = self._metrics.open_streams_of(fwd.route.name) if self._metrics is not None else None
         if gauge is not None:
             gauge.inc()
         try:
