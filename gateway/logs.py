@@ -77,6 +77,12 @@ def configure(level: str, log_format: str = "text", worker: int | None = None) -
     else:
         label = "" if worker is None else f"worker {worker} "
         handler.setFormatter(TextFormatter(TEXT_FORMAT.replace("%(name)s", label + "%(name)s")))
+    # Neither format names the caller's file, line, function, thread or process, and the access log
+    # writes a record per request: skip working them out (the logging HOWTO, "Optimization").
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     root = logging.getLogger()
     for old in root.handlers[:]:
         root.removeHandler(old)

@@ -299,11 +299,14 @@ class Upstream:
         self._in_flight += 1
         try:
             pool = self._listening if request.method == "GET" else self._calls
-            try:
-                async with asyncio.timeout(self._limits.upstream_pool_timeout_seconds):
-                    await pool.permits.acquire()
-            except TimeoutError:
-                return self._pool_exhausted(fwd, pool)
+            if pool.permits.locked():  # all in use: wait for one, within the pool timeout
+                try:
+                    async with asyncio.timeout(self._limits.upstream_pool_timeout_seconds):
+                        await pool.permits.acquire()
+                except TimeoutError:
+                    return self._pool_exhausted(fwd, pool)
+            else:
+                await pool.permits.acquire()  # free: taken at once, no timer to arm
             try:
                 return await self._forward(request, fwd, pool)
             finally:
