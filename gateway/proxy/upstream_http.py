@@ -337,7 +337,8 @@ class ConnectionPool:
         now = time.monotonic()
         while self._idle:
             connection = self._idle.pop()  # the most recently used: the least likely to be timing out
-            if not connection.closed and now - connection.idle_since < IDLE_SECONDS:
+            closing = connection.closed or connection.transport is None or connection.transport.is_closing()
+            if not closing and now - connection.idle_since < IDLE_SECONDS:
                 return connection
             connection.close()
         return None
