@@ -179,7 +179,6 @@ class _Pool:
 
     def __init__(self, upstream: str, size: int, limits: LimitsConfig, proxy: str | None = None) -> None:
         self.size = size
-        self._upstream = upstream
         encoded = urlsplit(str(URL(upstream)))
         self._origin = f"{encoded.scheme}://{encoded.netloc}"
         self._limits = limits
