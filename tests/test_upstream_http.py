@@ -14,16 +14,20 @@ import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from multidict import CIMultiDict
 
+from gateway.app import bind_socket
 from gateway.devidp import DevIdentityProvider
 from gateway.proxy.upstream_http import MAX_HEAD_BYTES, ConnectionPool, UpstreamHTTPError
 from tests.support.harness import running_gateway
 from tests.support.mcp_http import WAIT, connect, initialize_request
+from tests.support.tls import ServerCertificate, issue_server_certificate
 
 PROTOCOL = "2025-11-25"
 JSON = b"Content-Type: application/json\r\n"  # read whole by the gateway (to rewrite it): a failure is a 502
@@ -262,3 +266,58 @@ async def test_a_head_answer_has_no_body_whatever_its_content_length() -> None:
         finally:
             await pool.close()
     assert [r.connection for r in upstream.received] == [1, 2]
+
+
+@asynccontextmanager
+async def https_upstream(certificate: ServerCertificate) -> AsyncIterator[tuple[str, list[str]]]:
+    """A real HTTPS server on loopback answering ``initialize``; yields its URL and the methods it saw."""
+    seen: list[str] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        message = await request.json()
+        seen.append(message["method"])
+        return web.json_response(json.loads(answer("over-tls", message["id"])))
+
+    app = web.Application()
+    app.router.add_post("/mcp", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    sock = bind_socket("127.0.0.1", 0)
+    await web.SockSite(runner, sock, ssl_context=certificate.server_context()).start()
+    try:
+        yield f"https://127.0.0.1:{sock.getsockname()[1]}/mcp", seen
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("names", "trusted", "reached"),
+    [(["127.0.0.1"], True, True), (["127.0.0.1"], False, False), (["localhost"], True, False)],
+    ids=["trusted-certificate", "unknown-authority", "certificate-for-another-name"],
+)
+async def test_an_https_upstream_is_reached_only_through_a_verified_certificate(
+    idp: DevIdentityProvider,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    names: list[str],
+    trusted: bool,
+    reached: bool,
+) -> None:
+    """The client's token is gone by the time a request goes upstream, but what it carries (the body, the
+    identity header, per-user credentials) must reach the configured server and no other: the upstream's
+    certificate chain and name are verified (RFC 9110 §4.3.4), with the system's trust store, which
+    ``SSL_CERT_FILE`` points at our test CA here."""
+    certificate = issue_server_certificate(tmp_path, names)
+    if trusted:
+        monkeypatch.setenv("SSL_CERT_FILE", str(certificate.ca_file))
+    async with https_upstream(certificate) as (url, seen):
+        routes = [{"name": "tls", "path": "/tls/mcp", "upstream": url}]
+        async with running_gateway(idp, routes) as gateway:
+            client = await connect(gateway, http, "tls")
+            async with client.post(initialize_request()) as response:
+                status, body = response.status, await response.json(content_type=None)
+    if reached:
+        assert (status, body["result"]["serverInfo"]["name"], seen) == (200, "over-tls", ["initialize"])
+    else:
+        assert (status, body["error"]["code"], seen) == (502, -32010, [])
