@@ -294,16 +294,22 @@ class Gateway:
 
 @contextlib.asynccontextmanager
 async def gateway(
-    work: Path, idps: dict[str, DevIdentityProvider], urls: dict[str, str], name: str = "gateway", loop: str = "auto"
+    work: Path,
+    idps: dict[str, DevIdentityProvider],
+    urls: dict[str, str],
+    name: str = "gateway",
+    loop: str = "auto",
+    source: Path = REPO,
 ) -> AsyncIterator[Gateway]:
-    """``mcp-gateway serve`` on ``loop`` (MCP_GATEWAY_EVENT_LOOP: auto is uvloop when installed)."""
+    """``mcp-gateway serve`` on ``loop`` (MCP_GATEWAY_EVENT_LOOP: auto is uvloop when installed), with the
+    ``gateway`` package of the checkout at ``source`` (bench/ab.py serves other commits' checkouts)."""
     port = free_port()
     config = work / f"{name}.yaml"
     config.write_text(yaml.safe_dump(gateway_document(port, list(idps.values()), urls, work / f"{name}-audit.jsonl")))
     log = work / f"{name}.log"
     argv = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
-    env = {**os.environ, "MCP_GATEWAY_EVENT_LOOP": loop}
-    with process(argv, log, cwd=REPO, env=env) as child:
+    env = {**os.environ, "MCP_GATEWAY_EVENT_LOOP": loop, "PYTHONPATH": str(source)}
+    with process(argv, log, cwd=source, env=env) as child:
         base = f"http://127.0.0.1:{port}"
         await wait_http(base + "/readyz", child, log, lambda status: status == 200)
         target = Target(name, {"json": base + "/json/mcp", "sse": base + "/sse/mcp"}, pid=child.pid)
