@@ -308,7 +308,8 @@ async def gateway(
     config.write_text(yaml.safe_dump(gateway_document(port, list(idps.values()), urls, work / f"{name}-audit.jsonl")))
     log = work / f"{name}.log"
     argv = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
-    env = {**os.environ, "MCP_GATEWAY_EVENT_LOOP": loop, "PYTHONPATH": str(source)}
+    path = os.pathsep.join(p for p in (str(source), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "MCP_GATEWAY_EVENT_LOOP": loop, "PYTHONPATH": path}
     with process(argv, log, cwd=source, env=env) as child:
         base = f"http://127.0.0.1:{port}"
         await wait_http(base + "/readyz", child, log, lambda status: status == 200)
