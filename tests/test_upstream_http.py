@@ -233,6 +233,21 @@ async def test_a_truncated_body_is_never_passed_off_as_whole(
     assert answer_["error"]["code"] == -32012
 
 
+async def test_a_truncated_chunked_body_is_never_passed_off_as_whole_whatever_field_lines_carry_its_coding(
+    idp: DevIdentityProvider, http: aiohttp.ClientSession
+) -> None:
+    """Transfer-Encoding split over two field lines is one list (RFC 9110 §5.3), chunked when its last
+    coding is (RFC 9112 §6.3), as llhttp frames it: a close mid-body is then a truncation, not the end
+    of a body delimited by the close."""
+    body = answer()
+    chunked = f"{len(body):x}\r\n".encode() + body[: len(body) // 2]
+    head = b"HTTP/1.1 200 OK\r\n" + JSON + b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
+    async with wire_upstream(lambda n, request: (head + chunked, True)) as upstream:
+        [(status, answer_)] = await initialize_through_gateway(idp, http, upstream)
+    assert status == 502
+    assert answer_["error"]["code"] == -32012
+
+
 async def test_a_header_that_would_split_the_request_is_never_sent() -> None:
     async with wire_upstream(lambda n, request: (http_response(answer()), False)) as upstream:
         pool = ConnectionPool(upstream.url, 5.0)

@@ -278,10 +278,11 @@ class _Connection(asyncio.Protocol):
 
     def _until_close(self, response: UpstreamResponse) -> bool:
         """Whether the body runs to the end of the connection (RFC 9112 §6.3): no Content-Length and
-        no chunked framing on a status that has a body."""
+        no chunked framing on a status that has a body. Transfer-Encoding field lines form one list (RFC
+        9110 §5.3), read as llhttp reads it: its last coding decides."""
         if response.status in (204, 304) or "Content-Length" in response.headers:
             return False
-        codings = response.headers.get("Transfer-Encoding", "")
+        codings = ",".join(response.headers.getall("Transfer-Encoding", ()))
         return codings.rsplit(",", 1)[-1].strip().lower() != "chunked"
 
     def _fail_head(self, error: BaseException) -> None:
