@@ -283,6 +283,25 @@ async def test_a_head_answer_has_no_body_whatever_its_content_length() -> None:
     assert [r.connection for r in upstream.received] == [1, 2]
 
 
+async def test_endless_trailers_are_cut_off_like_an_endless_head() -> None:
+    """After the last chunk come trailer fields (RFC 9112 §7.1.2), which llhttp hands over as headers: an
+    upstream that never ends them must not make the gateway hold them without bound. A megabyte of them
+    takes several reads (asyncio reads at most 256 KiB at once)."""
+    trailers = b"".join(b"X-Trailer-%d: %s\r\n" % (i, b"a" * 1000) for i in range(1000))
+    response = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n" + trailers
+    async with wire_upstream(lambda n, request: (response, False)) as upstream:
+        pool = ConnectionPool(upstream.url, 5.0)
+        try:
+            async with asyncio.timeout(WAIT):
+                streamed = await pool.request("GET", "/mcp", CIMultiDict(), None)
+                assert await streamed.readany() == b"hello"
+                with pytest.raises(UpstreamHTTPError):
+                    await streamed.readany()
+            streamed.close()
+        finally:
+            await pool.close()
+
+
 @asynccontextmanager
 async def https_upstream(certificate: ServerCertificate) -> AsyncIterator[tuple[str, list[str]]]:
     """A real HTTPS server on loopback answering ``initialize``; yields its URL and the methods it saw."""

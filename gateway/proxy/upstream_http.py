@@ -147,6 +147,7 @@ class _Connection(asyncio.Protocol):
         self._response: UpstreamResponse | None = None  # headers done, body in progress or unclaimed
         self._raw_headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
+        self._since_body = 0  # bytes read after the head since the last read with body bytes in it
         self._in_message = False
         self._skip_body = False
         self._keep_alive = False
@@ -161,6 +162,8 @@ class _Connection(asyncio.Protocol):
         if self._head is None and (self._response is None or self._response._complete):
             self._broken(UpstreamHTTPError("upstream sent bytes with no request outstanding"))
             return
+        if self._head is None:
+            self._since_body += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -177,6 +180,11 @@ class _Connection(asyncio.Protocol):
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._broken(UpstreamHTTPError(f"upstream response head over {MAX_HEAD_BYTES} bytes"))
+        elif self._in_message and self._since_body > MAX_HEAD_BYTES:
+            # Trailer fields (RFC 9112 §7.1.2) and chunk extensions (§7.1.1) have no end of their own: the
+            # same limit as the head, counted from the read with the last body byte (httptools holds a
+            # field until it ends).
+            self._broken(UpstreamHTTPError(f"upstream sent over {MAX_HEAD_BYTES} bytes of chunk framing or trailers"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -198,7 +206,8 @@ class _Connection(asyncio.Protocol):
         self._raw_headers = []
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._raw_headers.append((name, value))
+        if self._head is not None:  # not a trailer field (RFC 9112 §7.1.2): the gateway relays none
+            self._raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -224,6 +233,7 @@ class _Connection(asyncio.Protocol):
             head.set_result(response)
 
     def on_body(self, body: bytes) -> None:
+        self._since_body = 0
         if self._response is not None and not self._skip_body:
             self._response._feed(body)
 
@@ -242,6 +252,7 @@ class _Connection(asyncio.Protocol):
         self._head = loop.create_future()
         self._response = None
         self._head_bytes = 0
+        self._since_body = 0
         self._skip_body = skip_body
         self.transport.write(head + body if body else head)
         try:
