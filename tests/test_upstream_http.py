@@ -248,6 +248,21 @@ async def test_a_truncated_chunked_body_is_never_passed_off_as_whole_whatever_fi
     assert answer_["error"]["code"] == -32012
 
 
+async def test_an_upstream_at_the_root_gets_a_request_target_that_starts_with_a_slash(
+    idp: DevIdentityProvider, http: aiohttp.ClientSession
+) -> None:
+    """Route path asked with a query, upstream with no path: the origin-form target is '/?query' (RFC 9112
+    §3.2.1), never '?query'."""
+    async with wire_upstream(lambda n, request: (http_response(answer()), False)) as upstream:
+        upstream.url = upstream.url.removesuffix("/mcp")
+        async with running_gateway(idp, [{"name": "wire", "path": "/wire/mcp", "upstream": upstream.url}]) as gateway:
+            client = await connect(gateway, http, "wire")
+            client.url += "?tenant=a"
+            async with client.post(initialize_request()) as response:
+                assert response.status == 200
+    assert upstream.received[0].head.startswith("POST /?tenant=a HTTP/1.1\r\n")
+
+
 async def test_a_header_that_would_split_the_request_is_never_sent() -> None:
     async with wire_upstream(lambda n, request: (http_response(answer()), False)) as upstream:
         pool = ConnectionPool(upstream.url, 5.0)

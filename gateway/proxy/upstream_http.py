@@ -369,7 +369,9 @@ class ConnectionPool:
         return connection
 
     def _head(self, method: str, target: str, headers: CIMultiDict[str], body: bytes | None) -> bytes:
-        lines = [f"{method} {target or '/'} HTTP/1.1", f"Host: {self._host_header}"]
+        # Origin-form (RFC 9112 §3.2.1): an upstream at the root with a query gets '/?query', not '?query'.
+        path = target if target.startswith("/") else "/" + target
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {self._host_header}"]
         lines += [f"{name}: {value}" for name, value in headers.items()]
         if body is not None:
             lines.append(f"Content-Length: {len(body)}")
