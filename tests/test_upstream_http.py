@@ -173,8 +173,19 @@ async def test_a_response_smuggled_after_the_answer_is_never_read_as_the_next_an
         b"HTTP/1.1 200 OK\nContent-Type: application/json\nContent-Length: 2\n\nhi",
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
         b"SSH-2.0-OpenSSH_9.6\r\n",
+        http_response(answer(), status="000 Zero"),  # RFC 9110 §15: valid status codes are 100 to 599
+        http_response(answer(), status="600 Beyond"),
     ],
-    ids=["content-length-and-chunked", "two-content-lengths", "bad-chunk-size", "bare-lf", "101", "not-http"],
+    ids=[
+        "content-length-and-chunked",
+        "two-content-lengths",
+        "bad-chunk-size",
+        "bare-lf",
+        "101",
+        "not-http",
+        "status-000",
+        "status-600",
+    ],
 )
 async def test_a_malformed_or_ambiguous_response_is_a_502_never_a_guess(
     idp: DevIdentityProvider, http: aiohttp.ClientSession, response: bytes

@@ -211,6 +211,8 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
+        if not 100 <= status <= 599:  # llhttp takes any three digits; RFC 9110 §15 allows 100 to 599
+            raise UpstreamHTTPError(f"upstream answered with status {status}, not an HTTP status code")
         if 100 <= status < 200:
             self._raw_headers = []  # interim answer (103 Early Hints, say): the real one follows
             return
