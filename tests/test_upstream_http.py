@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import struct
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -68,6 +70,7 @@ class WireUpstream:
     received: list[Received] = field(default_factory=list)
     connections: int = 0
     url: str = ""
+    reset: bool = False  # end connections with a TCP RST (SO_LINGER 0), not a FIN
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -88,7 +91,11 @@ class WireUpstream:
                 if close:
                     return
         finally:
-            writer.close()
+            if self.reset:
+                writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                writer.transport.abort()
+            else:
+                writer.close()
 
 
 @asynccontextmanager
@@ -241,6 +248,20 @@ async def test_a_truncated_body_is_never_passed_off_as_whole(
     async with wire_upstream(lambda n, request: (truncated, True)) as upstream:
         [(status, answer_)] = await initialize_through_gateway(idp, http, upstream)
     assert status == 502  # the gateway reads an initialize answer whole (to rewrite it): a JSON-RPC error
+    assert answer_["error"]["code"] == -32012
+
+
+async def test_a_body_delimited_by_the_close_is_not_whole_when_the_connection_is_reset(
+    idp: DevIdentityProvider, http: aiohttp.ClientSession
+) -> None:
+    """A body with no Content-Length and no chunking ends with the connection (RFC 9112 §6.3), but only a
+    FIN is that end: a reset is an abort (RFC 9293 §3.10.7.4), and what came before it may be partial."""
+    body = answer()
+    partial = b"HTTP/1.1 200 OK\r\n" + JSON + b"\r\n" + body[: len(body) // 2]
+    async with wire_upstream(lambda n, request: (partial, True)) as upstream:
+        upstream.reset = True
+        [(status, answer_)] = await initialize_through_gateway(idp, http, upstream)
+    assert status == 502
     assert answer_["error"]["code"] == -32012
 
 

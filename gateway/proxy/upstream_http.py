@@ -190,8 +190,10 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         response = self._response
         if response is not None and not response._complete:
-            if self._in_message and self._until_close(response):
-                response._end()  # a body delimited by the end of the connection (RFC 9112 §6.3 item 8)
+            if exc is None and self._in_message and self._until_close(response):
+                # A body delimited by the end of the connection (RFC 9112 §6.3 item 8): its orderly end
+                # only; a reset (exc) aborts the connection, and what came before may be partial.
+                response._end()
             else:
                 response._fail(UpstreamHTTPError("upstream closed the connection mid-response"))
         self._fail_head(aiohttp.ServerDisconnectedError())
