@@ -211,6 +211,18 @@ async def test_an_endless_response_head_is_cut_off(idp: DevIdentityProvider, htt
     assert status == 502
 
 
+async def test_a_head_over_the_limit_is_refused_even_when_it_arrives_whole(
+    idp: DevIdentityProvider, http: aiohttp.ClientSession
+) -> None:
+    """Not only a head that never ends: one that ends within a read past the limit is refused too."""
+    fields = [f"X-Filler-{i}: " + "a" * 1000 for i in range(MAX_HEAD_BYTES // 1000 + 16)]
+    response = http_response(answer(), *fields)
+    async with wire_upstream(lambda n, request: (response, False)) as upstream:
+        [(status, answer_)] = await initialize_through_gateway(idp, http, upstream)
+    assert status == 502
+    assert answer_["error"]["code"] == -32010
+
+
 async def test_interim_answers_are_skipped_and_close_delimited_bodies_relayed_whole(
     idp: DevIdentityProvider, http: aiohttp.ClientSession
 ) -> None:

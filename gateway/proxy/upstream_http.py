@@ -147,6 +147,7 @@ class _Connection(asyncio.Protocol):
         self._response: UpstreamResponse | None = None  # headers done, body in progress or unclaimed
         self._raw_headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
+        self._field_bytes = 0  # names and values of the head's fields (a head can end mid-read)
         self._since_body = 0  # bytes read after the head since the last read with body bytes in it
         self._in_message = False
         self._skip_body = False
@@ -209,9 +210,12 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._head is not None:  # not a trailer field (RFC 9112 §7.1.2): the gateway relays none
+            self._field_bytes += len(name) + len(value)
             self._raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self._field_bytes > MAX_HEAD_BYTES:
+            raise UpstreamHTTPError(f"upstream response head over {MAX_HEAD_BYTES} bytes")
         status = self._parser.get_status_code()
         if not 100 <= status <= 599:  # llhttp takes any three digits; RFC 9110 §15 allows 100 to 599
             raise UpstreamHTTPError(f"upstream answered with status {status}, not an HTTP status code")
@@ -256,6 +260,7 @@ class _Connection(asyncio.Protocol):
         self._head = loop.create_future()
         self._response = None
         self._head_bytes = 0
+        self._field_bytes = 0
         self._since_body = 0
         self._skip_body = skip_body
         self.transport.write(head + body if body else head)
