@@ -414,3 +414,18 @@ async def test_an_https_upstream_is_reached_only_through_a_verified_certificate(
         assert (status, body["result"]["serverInfo"]["name"], seen) == (200, "over-tls", ["initialize"])
     else:
         assert (status, body["error"]["code"], seen) == (502, -32010, [])
+
+
+@pytest.mark.parametrize(
+    ("upstream", "host"),
+    [
+        ("http://bücher.example:8080/mcp", "xn--bcher-kva.example:8080"),
+        ("https://mcp.example:443/mcp", "mcp.example"),
+        ("http://[::1]:8080/mcp", "[::1]:8080"),
+    ],
+    ids=["international-name", "default-port", "ipv6"],
+)
+def test_the_host_line_is_the_ascii_authority_without_a_default_port(upstream: str, host: str) -> None:
+    """RFC 9112 §3.2 (no name here resolves, so the request line and Host are checked as written)."""
+    head = ConnectionPool(upstream, 5.0)._head("POST", "/mcp", CIMultiDict(), b"{}")
+    assert head.split(b"\r\n")[:2] == [b"POST /mcp HTTP/1.1", f"Host: {host}".encode()]

@@ -29,11 +29,11 @@ import ssl
 import time
 from collections import deque
 from typing import cast
-from urllib.parse import urlsplit
 
 import aiohttp
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 # A connection idle longer than this is not reused: common servers close idle keep-alive connections
 # after 5 s (uvicorn, which serves the Python MCP SDK, and Node's http server), and a request written
@@ -322,14 +322,17 @@ class ConnectionPool:
     by the caller (forward.py ``_Pool.permits``); the pool keeps at most that many connections."""
 
     def __init__(self, upstream: str, connect_timeout: float) -> None:
-        parts = urlsplit(upstream)
-        self._host = parts.hostname or ""
-        self._port = parts.port or _DEFAULT_PORTS[parts.scheme]
-        self._ssl: ssl.SSLContext | None = ssl.create_default_context() if parts.scheme == "https" else None
-        self._host_header = parts.netloc  # host[:port] exactly as configured (lower-cased by the config)
+        url = URL(upstream)
+        self._host = url.raw_host or ""  # ASCII: an internationalised name in its IDNA (xn--) form
+        self._port = url.port or _DEFAULT_PORTS[url.scheme]
+        self._ssl: ssl.SSLContext | None = ssl.create_default_context() if url.scheme == "https" else None
+        # RFC 9112 §3.2: the authority in ASCII, brackets around an IPv6 address, no default port (what
+        # aiohttp's client sent, and what servers checking Host against a list of names expect).
+        self._host_header = url.host_port_subcomponent
         self._connect_timeout = connect_timeout
         self._idle: list[_Connection] = []
         self._all: set[_Connection] = set()
+        self._closed = False
 
     async def request(
         self, method: str, target: str, headers: CIMultiDict[str], body: bytes | None
@@ -350,6 +353,7 @@ class ConnectionPool:
             self._idle.remove(connection)
 
     async def close(self) -> None:
+        self._closed = True
         for connection in list(self._all):
             connection.close()
         self._idle.clear()
@@ -374,6 +378,9 @@ class ConnectionPool:
                 ssl=self._ssl,
                 server_hostname=self._host if self._ssl is not None else None,
             )
+        if self._closed:  # the pool closed (a reload, shutdown) while this connection was being opened
+            connection.close()
+            raise UpstreamHTTPError("the upstream's connection pool was closed")
         self._all.add(connection)
         return connection
 
