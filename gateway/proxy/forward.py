@@ -36,7 +36,7 @@ from gateway.proxy.headers import (
 from gateway.proxy.jsonrpc import ResultRewriter, announces_list_changed
 from gateway.proxy.request_body import CANONICAL_CONTENT_TYPE
 from gateway.proxy.sse import EventSplitter, EventTooLarge, parse_event
-from gateway.proxy.upstream_http import ConnectionPool, UpstreamResponse
+from gateway.proxy.upstream_http import ConnectionPool, UpstreamHTTPError, UpstreamResponse
 from gateway.urls import origin_of
 
 if TYPE_CHECKING:
@@ -360,6 +360,10 @@ class Upstream:
         except TimeoutError:
             log.warning("route %s: upstream did not answer within %ss", route.name, limits.upstream_timeout_seconds)
             return jsonrpc_error(504, UPSTREAM_TIMEOUT, f"upstream of route '{route.name}' timed out", fwd.request_id)
+        except UpstreamHTTPError as exc:
+            log.warning("route %s: upstream broke HTTP: %s", route.name, exc)
+            text = f"upstream of route '{route.name}' answered with a malformed response"
+            return jsonrpc_error(502, UPSTREAM_PROTOCOL, text, fwd.request_id)
         except (aiohttp.ClientError, OSError) as exc:
             log.warning("route %s: upstream unreachable: %s", route.name, type(exc).__name__)
             return jsonrpc_error(

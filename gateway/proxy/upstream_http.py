@@ -229,6 +229,11 @@ class _Connection(asyncio.Protocol):
             )
         )
         self._raw_headers = []
+        codings = [c.strip().lower() for v in headers.getall("Transfer-Encoding", ()) for c in v.split(",")]
+        if codings and codings != ["chunked"]:
+            # The only transfer coding the gateway undoes (RFC 9112 §7); any other would reach the client
+            # still applied, with the header that names it dropped as hop-by-hop: a body it cannot read.
+            raise UpstreamHTTPError("upstream used a transfer coding other than chunked")
         self._keep_alive = self._parser.should_keep_alive()
         response = UpstreamResponse(self, status, headers)
         self._response = response
@@ -297,13 +302,11 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
     def _until_close(self, response: UpstreamResponse) -> bool:
-        """Whether the body runs to the end of the connection (RFC 9112 §6.3): no Content-Length and
-        no chunked framing on a status that has a body. Transfer-Encoding field lines form one list (RFC
-        9110 §5.3), read as llhttp reads it: its last coding decides."""
-        if response.status in (204, 304) or "Content-Length" in response.headers:
-            return False
-        codings = ",".join(response.headers.getall("Transfer-Encoding", ()))
-        return codings.rsplit(",", 1)[-1].strip().lower() != "chunked"
+        """Whether the body runs to the end of the connection (RFC 9112 §6.3): no Content-Length and no
+        chunked framing (the only transfer coding let through) on a status that has a body."""
+        return response.status not in (204, 304) and not (
+            "Content-Length" in response.headers or "Transfer-Encoding" in response.headers
+        )
 
     def _fail_head(self, error: BaseException) -> None:
         head, self._head = self._head, None
