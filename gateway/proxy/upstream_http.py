@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import ssl
 import time
 from collections import deque
 from typing import cast
 
+import aiohappyeyeballs
 import aiohttp
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -43,6 +45,7 @@ MAX_HEAD_BYTES = 64 * 1024  # status line and headers of one response (aiohttp's
 _HIGH_WATER = 256 * 1024  # unread body bytes at which reading from the upstream pauses (back-pressure)
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 §5.1 field-name
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_HAPPY_EYEBALLS_DELAY = 0.25  # RFC 8305 §5's recommended connection attempt delay
 
 
 class UpstreamHTTPError(aiohttp.ClientError):
@@ -374,10 +377,13 @@ class ConnectionPool:
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self._connect_timeout):
+            addresses = await loop.getaddrinfo(self._host, self._port, type=socket.SOCK_STREAM)
+            # Happy Eyeballs (RFC 8305), as aiohttp's client did: a name with an unreachable IPv6 address
+            # falls back to IPv4 after 250 ms instead of spending the whole connect timeout on it.
+            sock = await aiohappyeyeballs.start_connection(addresses, happy_eyeballs_delay=_HAPPY_EYEBALLS_DELAY)
             _, connection = await loop.create_connection(
                 lambda: _Connection(self),
-                self._host,
-                self._port,
+                sock=sock,
                 ssl=self._ssl,
                 server_hostname=self._host if self._ssl is not None else None,
             )
