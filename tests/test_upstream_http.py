@@ -243,6 +243,20 @@ async def test_interim_answers_are_skipped_and_close_delimited_bodies_relayed_wh
     assert [r.connection for r in upstream.received] == [1, 1, 2]
 
 
+async def test_a_coding_list_that_is_not_plain_chunked_is_refused_not_framed_two_ways(
+    idp: DevIdentityProvider, http: aiohttp.ClientSession
+) -> None:
+    """``, chunked ,`` is chunked by RFC 9110 §5.6.1 (empty list elements are ignored), but llhttp frames
+    that body as delimited by the close: the gateway would wait for an end the upstream never sends, or
+    read it differently from its parser. Only a plain ``chunked`` is let through."""
+    body = answer("chunked")
+    data = b"HTTP/1.1 200 OK\r\n" + JSON + b"Transfer-Encoding: , chunked ,\r\n\r\n"
+    data += f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+    async with wire_upstream(lambda n, request: (data, False)) as upstream:
+        [(status, answer_)] = await initialize_through_gateway(idp, http, upstream)
+    assert (status, answer_["error"]["code"]) == (502, -32012)
+
+
 async def test_connection_close_from_the_upstream_is_honoured(
     idp: DevIdentityProvider, http: aiohttp.ClientSession
 ) -> None:

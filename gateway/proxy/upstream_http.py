@@ -234,8 +234,10 @@ class _Connection(asyncio.Protocol):
         self._raw_headers = []
         codings = [c.strip().lower() for v in headers.getall("Transfer-Encoding", ()) for c in v.split(",")]
         if codings and codings != ["chunked"]:
-            # The only transfer coding the gateway undoes (RFC 9112 §7); any other would reach the client
-            # still applied, with the header that names it dropped as hop-by-hop: a body it cannot read.
+            # Plain ``chunked`` is the only transfer coding the gateway undoes (RFC 9112 §7); any other would
+            # reach the client still applied, with the header that names it dropped as hop-by-hop. And only
+            # that exact list is sure to be framed by llhttp as this code assumes (empty list elements,
+            # which RFC 9110 §5.6.1 says to ignore, make llhttp read the body to the close instead).
             raise UpstreamHTTPError("upstream used a transfer coding other than chunked")
         self._keep_alive = self._parser.should_keep_alive()
         response = UpstreamResponse(self, status, headers)
