@@ -23,7 +23,6 @@ import sys
 import warnings
 from typing import Annotated, Any
 
-import uvicorn
 from mcp.server import ServerRequestContext
 from mcp.server.caching import CacheHint
 from mcp.server.mcpserver import Context, MCPServer, RequestStateSecurity
@@ -61,7 +60,7 @@ from mcp.types import (
 )
 from pydantic import BaseModel, Field
 
-from tests.support.upstream_server import _AnnouncingServer, _exit_when_stdin_closes
+from tests.support.upstream_server import serve_until_stopped
 
 MCP_PATH = "/mcp"
 # A 1x1 PNG and a minimal WAV: the suite checks the content type and that data is base64.
@@ -524,22 +523,7 @@ async def _serve(args: argparse.Namespace) -> None:
         retry_interval=100,  # ms: the SSE polling scenario waits for the client to come back this soon
         host=args.host,
     )
-    config = uvicorn.Config(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        access_log=False,
-        timeout_graceful_shutdown=2,
-        http="h11",  # the same HTTP parser whether or not httptools (a gateway dependency) is installed
-    )
-    server = _AnnouncingServer(config, args.host)
-    watchdog = asyncio.create_task(_exit_when_stdin_closes(server)) if args.exit_on_stdin_eof else None
-    try:
-        await server.serve()
-    finally:
-        if watchdog is not None:
-            watchdog.cancel()
+    await serve_until_stopped(app, args)
 
 
 def main(argv: list[str] | None = None) -> None:

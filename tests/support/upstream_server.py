@@ -422,18 +422,24 @@ async def _serve(args: argparse.Namespace) -> None:
     app, _hooks = build_app(
         args.transport, args.host, stateless=args.stateless, log_level=cast(LogLevel, args.log_level.upper())
     )
+    await serve_until_stopped(app, args, lifespan="on")
+
+
+async def serve_until_stopped(app: Any, args: argparse.Namespace, **options: Any) -> None:
+    """Serve ``app`` with uvicorn on ``args.host``/``args.port``, announce the URL, and stop when told to
+    (or, with ``--exit-on-stdin-eof``, when the launcher goes away). Shared by the conformance server."""
     config = uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
         log_level=args.log_level,
         access_log=False,
-        lifespan="on",
         # Open SSE streams would otherwise hold up shutdown until the client leaves.
         timeout_graceful_shutdown=2,
         # uvicorn picks httptools when it is installed (the gateway depends on it); pinning h11 keeps
         # the upstream's HTTP parsing, and the benchmark's direct baseline, what they were before.
         http="h11",
+        **options,
     )
     server = _AnnouncingServer(config, args.host)
     watchdog = asyncio.create_task(_exit_when_stdin_closes(server)) if args.exit_on_stdin_eof else None
